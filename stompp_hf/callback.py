@@ -1,0 +1,108 @@
+"""`StoMPPCallback`: drives StoMPP progression from a Transformers `Trainer` (DESIGN.md §3.2)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
+
+from .progression import ProgressionController
+
+logger = logging.getLogger(__name__)
+
+MASKS_FILE = "stompp_masks.safetensors"
+STATE_FILE = "stompp_state.json"
+
+
+class StoMPPCallback(TrainerCallback, ExportableState):
+    """Advance the masks of a StoMPP model once per optimizer step and log its progress.
+
+    Args:
+        progression_steps: optimizer steps over which all stages progress; the rest of training is fully binary.
+            Defaults to `state.max_steps` (binary exactly at the last step).
+        progression_fraction: alternatively, the fraction of `state.max_steps` used for progression (0, 1].
+    """
+
+    def __init__(self, progression_steps: int | None = None, progression_fraction: float | None = None) -> None:
+        if progression_steps is not None and progression_fraction is not None:
+            raise ValueError("Pass at most one of `progression_steps` and `progression_fraction`.")
+        if progression_steps is not None and (not isinstance(progression_steps, int) or progression_steps < 1):
+            raise ValueError(f"`progression_steps` must be an int >= 1, but got {progression_steps!r}.")
+        if progression_fraction is not None and not 0.0 < progression_fraction <= 1.0:
+            raise ValueError(f"`progression_fraction` must be in (0, 1], but got {progression_fraction!r}.")
+        self.progression_steps = progression_steps
+        self.progression_fraction = progression_fraction
+        self.controller: ProgressionController | None = None
+        self.step = 0
+
+    def _total_steps(self, max_steps: int) -> int:
+        if self.progression_steps is not None:
+            return self.progression_steps
+        if self.progression_fraction is not None:
+            return max(1, int(max_steps * self.progression_fraction))
+        return max_steps
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
+                       **kwargs) -> None:
+        if model is None:
+            raise ValueError("StoMPPCallback needs the model; it is passed by `Trainer`.")
+        model = getattr(model, "module", model)  # unwrap DDP
+        total = self._total_steps(state.max_steps)
+        self.controller = ProgressionController(model, total)
+        if self.controller.stages_short_of_steps:
+            logger.warning(
+                f"StoMPP progression has {total} steps for {self.controller.num_stages} stages: several stages "
+                "will freeze within one step. Train longer or use `granularity='block'`."
+            )
+        if state.global_step > 0:
+            self._restore(args, state.global_step)
+
+    def _restore(self, args: TrainingArguments, step: int) -> None:
+        """Restore the masks of `step`: deterministic replay, checked against the checkpoint's mask file if any."""
+        self.controller.restore(step)
+        folder = os.path.join(args.output_dir, f"checkpoint-{step}")
+        path = os.path.join(folder, MASKS_FILE)
+        if os.path.isfile(path):
+            saved = load_file(path)
+            current = self.controller.mask_state_dict()
+            if set(saved) != set(current) or any(not saved[k].equal(current[k].cpu()) for k in saved):
+                raise RuntimeError(
+                    f"The StoMPP masks in {path} differ from the replayed masks of step {step}: the checkpoint was "
+                    "written with another StoMPP config or seed."
+                )
+        self.step = step
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        self.controller.advance(state.global_step)
+        self.step = state.global_step
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None,
+               **kwargs) -> None:
+        if self.controller is None or logs is None or "loss" not in logs:
+            return
+        stats = self.controller.stats()
+        logs.update(stats)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if self.controller is None or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            return
+        masks = {k: v.contiguous().cpu() for k, v in self.controller.mask_state_dict().items()}
+        save_file(masks, os.path.join(folder, MASKS_FILE))
+        with open(os.path.join(folder, STATE_FILE), "w") as f:
+            json.dump({"step": self.controller.step, "total_steps": self.controller.total_steps,
+                       "num_stages": self.controller.num_stages, **self.controller.stats()}, f, indent=2)
+
+    def state(self) -> dict:
+        return {
+            "args": {"progression_steps": self.progression_steps, "progression_fraction": self.progression_fraction},
+            "attributes": {"step": self.step},
+        }

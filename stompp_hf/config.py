@@ -1,0 +1,165 @@
+"""`StoMPPConfig`: every StoMPP training option, validated at construction (DESIGN.md §3.1)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+RULES = ("stompp", "stompp_ste", "ste", None)
+SCHEDULES = ("cubic", "quadratic", "linear", "cosine", "flipped_quadratic")
+ORDERS = ("forward", "global", "reverse")
+POLICIES = ("stochastic", "deterministic")
+GRANULARITIES = ("block", "module")
+WEIGHT_SCALES = ("channel", "none")
+ACTIVATION_SCALES = ("tensor", "none")
+COMPENSATIONS = (None, "surge")
+
+_CHOICES: dict[str, tuple] = {
+    "weights": RULES,
+    "activations": RULES,
+    "schedule": SCHEDULES,
+    "order": ORDERS,
+    "policy": POLICIES,
+    "granularity": GRANULARITIES,
+    "weight_scale": WEIGHT_SCALES,
+    "activation_scale": ACTIVATION_SCALES,
+    "compensation": COMPENSATIONS,
+}
+
+
+def _fmt(values: tuple) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+@dataclass
+class StoMPPConfig(QuantizationConfigMixin):
+    """Configuration of StoMPP binarized training.
+
+    Pass it to `from_pretrained(..., quantization_config=StoMPPConfig())` or to `prepare_model`. Every binarized
+    tensor `u` is computed as `M * scale * sign(u) + (1 - M) * smooth(u)` with a boolean mask `M` that a
+    `StoMPPCallback` (or `ProgressionController`) advances stage by stage over training.
+    """
+
+    weights: str | None = field(
+        default="stompp",
+        metadata={"help": "Training rule for weights: 'stompp', 'stompp_ste', 'ste' or None (full precision)."},
+    )
+    activations: str | None = field(
+        default="stompp",
+        metadata={
+            "help": "Training rule for the inputs of binarized layers; None keeps them full precision (a BWN)."
+        },
+    )
+    schedule: str = field(
+        default="cubic", metadata={"help": "Shape of the frozen fraction p(tau) within a stage."}
+    )
+    refresh_rate: int = field(
+        default=100, metadata={"help": "r: every optimizer step re-draws floor(n / r) entries of a mask."}
+    )
+    order: str = field(
+        default="forward",
+        metadata={"help": "Stage order: 'forward' (input to output), 'reverse', or 'global' (all at once)."},
+    )
+    policy: str = field(
+        default="stochastic",
+        metadata={
+            "help": "'stochastic' draws masks from Bernoulli(p); 'deterministic' freezes the p-fraction of weights "
+            "closest to +-scale (weights only, so `activations` must be None)."
+        },
+    )
+    granularity: str = field(
+        default="block", metadata={"help": "A stage is a 'block' (e.g. one encoder layer) or a single 'module'."}
+    )
+    weight_scale: str = field(
+        default="channel",
+        metadata={"help": "'channel' multiplies sign(W) by the per-output-channel mean |W|; 'none' uses +-1."},
+    )
+    activation_scale: str = field(
+        default="tensor",
+        metadata={
+            "help": "'tensor' binarizes inputs to beta * sign(x) with beta a running mean of |x| (a buffer); "
+            "'none' uses +-1 and clips at 1."
+        },
+    )
+    compensation: str | None = field(
+        default=None, metadata={"help": "None, or 'surge' for the SURGE dual-path gradient compensator."}
+    )
+    modules_to_not_convert: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names or regular expressions kept in full precision. None uses model-aware defaults "
+            "(classifier / output head, `_keep_in_fp32_modules`; for plain modules the first and last layer)."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seeds every mask draw; identical on all distributed ranks."})
+    quant_method: str = field(default="stompp", metadata={"help": "Always 'stompp'."})
+
+    def __post_init__(self) -> None:
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; raise a `ValueError` naming the field, the accepted values and the value received."""
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"`{name}` must be one of {_fmt(choices)}, but got {value!r}.")
+        if self.quant_method != "stompp":
+            raise ValueError(f"`quant_method` must be 'stompp', but got {self.quant_method!r}.")
+        if isinstance(self.refresh_rate, bool) or not isinstance(self.refresh_rate, int) or self.refresh_rate < 1:
+            raise ValueError(f"`refresh_rate` must be an int >= 1, but got {self.refresh_rate!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"`seed` must be an int, but got {self.seed!r}.")
+        if self.weights is None and self.activations is None:
+            raise ValueError(
+                "`weights` and `activations` cannot both be None: at least one tensor must be binarized, "
+                "but got weights=None, activations=None."
+            )
+        if self.policy == "deterministic" and self.activations is not None:
+            raise ValueError(
+                "`policy` 'deterministic' is only valid for binary-weight networks (`activations=None`), "
+                f"but got activations={self.activations!r}."
+            )
+        if self.policy == "deterministic" and self.weights not in ("stompp", "stompp_ste"):
+            raise ValueError(
+                "`policy` 'deterministic' needs a progressive weight rule ('stompp' or 'stompp_ste'), "
+                f"but got weights={self.weights!r}."
+            )
+        if self.modules_to_not_convert is not None:
+            if isinstance(self.modules_to_not_convert, str) or not all(
+                isinstance(m, str) for m in self.modules_to_not_convert
+            ):
+                raise ValueError(
+                    "`modules_to_not_convert` must be a list of module names / patterns or None, "
+                    f"but got {self.modules_to_not_convert!r}."
+                )
+            self.modules_to_not_convert = list(self.modules_to_not_convert)
+        if self.compensation == "surge":
+            raise NotImplementedError(
+                "`compensation='surge'` (the SURGE dual-path gradient compensator) is not implemented yet; "
+                "use compensation=None."
+            )
+
+    @property
+    def progressive(self) -> bool:
+        """Whether any tensor follows a progressive (masked) rule and so needs a schedule."""
+        return "stompp" in (self.weights, self.activations) or "stompp_ste" in (self.weights, self.activations)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        defaults = StoMPPConfig()
+        diff = {k: v for k, v in self.to_dict().items() if v != getattr(defaults, k)}
+        diff["quant_method"] = self.quant_method
+        return diff
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            raise ValueError(f"Unknown StoMPPConfig field(s) {unknown}; accepted fields are {sorted(known)}.")
+        return super().from_dict(dict(config_dict), return_unused_kwargs=return_unused_kwargs, **kwargs)
