@@ -80,4 +80,4 @@ def masked_binarize(
             # Every entry frozen and no STE: the value is a constant, so no graph is needed at all.
             return (binary_sign(u) * scale).detach()
         mask = torch.ones((), dtype=torch.bool, device=u.device)
-    return _MaskedBinarize.apply(u, mask, scale, bound, clip_smooth, rule == "stompp_ste")
+    return _MaskedBinarize.apply(u, mask, scale, bound, clip_smooth, rule != "stompp")

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+from transformers import AutoConfig, BertForSequenceClassification
+
+from stompp_hf import StoMPPConfig
+
+INVALID = [
+    ("weights", "sign", "`weights` must be one of 'stompp', 'stompp_ste', 'ste', None, but got 'sign'."),
+    ("activations", "binary", "`activations` must be one of 'stompp', 'stompp_ste', 'ste', None, but got 'binary'."),
+    ("schedule", "exp", "`schedule` must be one of 'cubic', 'quadratic', 'linear', 'cosine', 'flipped_quadratic', "
+                        "but got 'exp'."),
+    ("order", "backward", "`order` must be one of 'forward', 'global', 'reverse', but got 'backward'."),
+    ("policy", "greedy", "`policy` must be one of 'stochastic', 'deterministic', but got 'greedy'."),
+    ("granularity", "layer", "`granularity` must be one of 'block', 'module', but got 'layer'."),
+    ("weight_scale", "tensor", "`weight_scale` must be one of 'channel', 'none', but got 'tensor'."),
+    ("activation_scale", "channel", "`activation_scale` must be one of 'tensor', 'none', but got 'channel'."),
+    ("compensation", "lsq", "`compensation` must be one of None, 'surge', but got 'lsq'."),
+    ("refresh_rate", 0, "`refresh_rate` must be an int >= 1, but got 0."),
+    ("refresh_rate", 2.5, "`refresh_rate` must be an int >= 1, but got 2.5."),
+    ("seed", "1", "`seed` must be an int, but got '1'."),
+    ("modules_to_not_convert", "classifier", "`modules_to_not_convert` must be a list of module names / patterns or "
+                                             "None, but got 'classifier'."),
+    ("quant_method", "bitnet", "`quant_method` must be 'stompp', but got 'bitnet'."),
+]
+
+
+@pytest.mark.parametrize("field,value,message", INVALID, ids=[f"{f}={v!r}" for f, v, _ in INVALID])
+def test_invalid_value_raises_naming_field(field, value, message):
+    with pytest.raises(ValueError) as info:
+        StoMPPConfig(**{field: value})
+    assert str(info.value) == message
+
+
+def test_invalid_combinations():
+    with pytest.raises(ValueError, match="`weights` and `activations` cannot both be None"):
+        StoMPPConfig(weights=None, activations=None)
+    with pytest.raises(ValueError, match=r"`policy` 'deterministic' is only valid for binary-weight networks"):
+        StoMPPConfig(policy="deterministic")
+    with pytest.raises(ValueError, match=r"needs a progressive weight rule"):
+        StoMPPConfig(policy="deterministic", activations=None, weights="ste")
+    with pytest.raises(NotImplementedError, match="SURGE"):
+        StoMPPConfig(compensation="surge")
+    with pytest.raises(ValueError, match=r"Unknown StoMPPConfig field\(s\) \['bits'\]"):
+        StoMPPConfig.from_dict({"quant_method": "stompp", "bits": 1})
+
+
+def test_defaults_are_the_papers():
+    c = StoMPPConfig()
+    assert (c.weights, c.activations, c.schedule, c.refresh_rate, c.order) == ("stompp", "stompp", "cubic", 100,
+                                                                               "forward")
+    assert (c.policy, c.granularity, c.weight_scale, c.activation_scale) == ("stochastic", "block", "channel",
+                                                                             "tensor")
+    assert c.compensation is None and c.modules_to_not_convert is None and c.seed == 0
+    assert c.quant_method == "stompp"
+
+
+def test_dict_round_trip():
+    c = StoMPPConfig(weights="ste", activations="stompp_ste", schedule="cosine", refresh_rate=10, order="reverse",
+                     granularity="module", weight_scale="none", activation_scale="none",
+                     modules_to_not_convert=["pooler"], seed=7)
+    again = StoMPPConfig.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert again == c
+
+
+def test_round_trip_through_save_pretrained(tiny_bert_dir, tmp_path):
+    config = StoMPPConfig(schedule="linear", refresh_rate=50, seed=3, activations="stompp_ste")
+    model = BertForSequenceClassification.from_pretrained(tiny_bert_dir, quantization_config=config)
+    out = tmp_path / "saved"
+    model.save_pretrained(out)
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert StoMPPConfig.from_dict(saved) == config
+    loaded = AutoConfig.from_pretrained(out).quantization_config
+    assert StoMPPConfig.from_dict(loaded) == config
+    reloaded = BertForSequenceClassification.from_pretrained(out)
+    assert reloaded.config.quantization_config == config

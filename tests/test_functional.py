@@ -1,0 +1,84 @@
+"""The masked binarize on hand-computed values: forward, and the gradient of every rule (DESIGN.md §1)."""
+
+import pytest
+import torch
+
+from stompp_hf import binary_sign, masked_binarize
+
+U = torch.tensor([-2.0, -0.5, 0.0, 0.25, 1.5, -0.75])
+MASK = torch.tensor([True, False, True, False, True, True])
+G = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+
+
+def run(rule, clip_smooth, mask=MASK, scale=1.0, bound=1.0):
+    u = U.clone().requires_grad_(True)
+    out = masked_binarize(u, mask, rule=rule, scale=scale, bound=bound, clip_smooth=clip_smooth)
+    if not out.requires_grad:  # an all-frozen "stompp" tensor is a constant: no gradient reaches u at all
+        return out, torch.zeros_like(U)
+    out.backward(G)
+    return out.detach(), u.grad
+
+
+def test_sign_of_zero_is_plus_one():
+    assert torch.equal(binary_sign(torch.tensor([-0.0, 0.0, -1e-8, 3.0])), torch.tensor([1.0, 1.0, -1.0, 1.0]))
+
+
+def test_input_forward_and_stompp_gradient():
+    out, grad = run("stompp", clip_smooth=True)
+    # frozen -> sign, continuous -> clip(u, -1, 1)
+    assert torch.equal(out, torch.tensor([-1.0, -0.5, 1.0, 0.25, 1.0, -1.0]))
+    # frozen entries: exactly 0; continuous: g * 1{|u| <= 1}
+    assert torch.equal(grad, torch.tensor([0.0, 2.0, 0.0, 4.0, 0.0, 0.0]))
+
+
+def test_input_stompp_ste_gradient():
+    out, grad = run("stompp_ste", clip_smooth=True)
+    assert torch.equal(out, torch.tensor([-1.0, -0.5, 1.0, 0.25, 1.0, -1.0]))
+    # frozen entries get the clipped STE g * 1{|u| <= 1}: u=-2 -> 0, u=0 -> 3, u=1.5 -> 0, u=-0.75 -> 6
+    assert torch.equal(grad, torch.tensor([0.0, 2.0, 3.0, 4.0, 0.0, 6.0]))
+
+
+def test_weight_forward_and_gradients():
+    out, grad = run("stompp", clip_smooth=False)
+    # weights: smooth is the identity, so continuous entries pass through unclipped with gradient g
+    assert torch.equal(out, torch.tensor([-1.0, -0.5, 1.0, 0.25, 1.0, -1.0]))
+    assert torch.equal(grad, torch.tensor([0.0, 2.0, 0.0, 4.0, 0.0, 0.0]))
+    mask = torch.tensor([False, False, False, False, True, False])
+    out, grad = run("stompp", clip_smooth=False, mask=mask)
+    assert torch.equal(out, torch.tensor([-2.0, -0.5, 0.0, 0.25, 1.0, -0.75]))
+    assert torch.equal(grad, torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 6.0]))
+    _, grad = run("stompp_ste", clip_smooth=False)
+    assert torch.equal(grad, torch.tensor([0.0, 2.0, 3.0, 4.0, 0.0, 6.0]))
+
+
+def test_plain_ste_ignores_mask():
+    out, grad = run("ste", clip_smooth=True, mask=torch.zeros(6, dtype=torch.bool))
+    assert torch.equal(out, torch.tensor([-1.0, -1.0, 1.0, 1.0, 1.0, -1.0]))
+    assert torch.equal(grad, torch.tensor([0.0, 2.0, 3.0, 4.0, 0.0, 6.0]))
+
+
+def test_scale_is_a_constant_and_bound_clips():
+    scale = torch.tensor(0.5, requires_grad=True)
+    u = U.clone().requires_grad_(True)
+    out = masked_binarize(u, MASK, rule="stompp", scale=scale, bound=scale, clip_smooth=True)
+    out.backward(G)
+    assert torch.equal(out.detach(), torch.tensor([-0.5, -0.5, 0.5, 0.25, 0.5, -0.5]))
+    assert torch.equal(u.grad, torch.tensor([0.0, 2.0, 0.0, 4.0, 0.0, 0.0]))
+    assert scale.grad is None
+
+
+def test_per_channel_weight_scale_broadcasts():
+    w = torch.tensor([[0.1, -0.3], [0.02, 0.06]], requires_grad=True)
+    alpha = w.detach().abs().mean(dim=1, keepdim=True)  # [[0.2], [0.04]]
+    out = masked_binarize(w, True, rule="stompp_ste", scale=alpha, clip_smooth=False)
+    assert torch.allclose(out, torch.tensor([[0.2, -0.2], [0.04, 0.04]]), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rule", ["stompp", "stompp_ste"])
+@pytest.mark.parametrize("clip_smooth", [True, False])
+def test_constant_masks_match_materialized_masks(rule, clip_smooth):
+    for constant in (True, False):
+        fast_out, fast_grad = run(rule, clip_smooth, mask=constant)
+        full_out, full_grad = run(rule, clip_smooth, mask=torch.full((6,), constant))
+        assert torch.equal(fast_out, full_out)
+        assert torch.equal(fast_grad, full_grad)
