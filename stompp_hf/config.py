@@ -49,13 +49,9 @@ class StoMPPConfig(QuantizationConfigMixin):
     )
     activations: str | None = field(
         default="stompp",
-        metadata={
-            "help": "Training rule for the inputs of binarized layers; None keeps them full precision (a BWN)."
-        },
+        metadata={"help": "Training rule for the inputs of binarized layers; None keeps them full precision (a BWN)."},
     )
-    schedule: str = field(
-        default="cubic", metadata={"help": "Shape of the frozen fraction p(tau) within a stage."}
-    )
+    schedule: str = field(default="cubic", metadata={"help": "Shape of the frozen fraction p(tau) within a stage."})
     refresh_rate: int = field(
         default=100, metadata={"help": "r: every optimizer step re-draws floor(n / r) entries of a mask."}
     )

@@ -50,7 +50,7 @@ def default_modules_to_not_convert(model: nn.Module) -> list[str]:
 
 
 def name_matches(name: str, patterns: Iterable[str]) -> bool:
-    """True if `name` or one of its ancestors equals a pattern, ends with `.pattern`, or fully matches it as a regex."""
+    """True if `name` or an ancestor equals a pattern, ends with `.pattern`, or fully matches it as a regex."""
     parts = name.split(".")
     prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
     for pattern in patterns:
@@ -80,16 +80,14 @@ def _stage_keys(model: nn.Module, names: list[str], granularity: str) -> list[st
         for container in containers:  # named_modules lists outer containers first
             prefix = f"{container}." if container else ""
             if name.startswith(prefix) and name != container:
-                child = name[len(prefix):].split(".", 1)[0]
+                child = name[len(prefix) :].split(".", 1)[0]
                 key = prefix + child
                 break
         keys.append(key)
     return keys
 
 
-def convert_model(
-    model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | None = None
-) -> dict[str, StoMPPMixin]:
+def convert_model(model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | None = None) -> dict[str, StoMPPMixin]:
     """Swap every eligible layer of `model` for its StoMPP module in place; return them by name.
 
     Eligible: `nn.Linear` / `nn.Conv2d` not matched by `config.modules_to_not_convert` (or the model-aware
@@ -132,7 +130,9 @@ def stompp_modules(model: nn.Module) -> dict[str, StoMPPMixin]:
     return {n: m for n, m in model.named_modules() if isinstance(m, StoMPPMixin)}
 
 
-def prepare_model(model: nn.Module, config: StoMPPConfig | None = None, filter_fn: FilterFn | None = None) -> nn.Module:
+def prepare_model(
+    model: nn.Module, config: StoMPPConfig | None = None, filter_fn: FilterFn | None = None
+) -> nn.Module:
     """Convert any `nn.Module` (timm CNN, custom model, Transformers model) for StoMPP training; return it.
 
     The config is attached as `model.stompp_config`, which is where `StoMPPCallback` finds it.

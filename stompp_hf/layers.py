@@ -107,8 +107,14 @@ class StoMPPMixin:
     input_binarizer: Binarizer | None
     stompp_stage: int
 
-    def _init_stompp(self, weights: str | None, activations: str | None, weight_scale: str, activation_scale: str,
-                     input_shape: tuple[int, ...] | None) -> None:
+    def _init_stompp(
+        self,
+        weights: str | None,
+        activations: str | None,
+        weight_scale: str,
+        activation_scale: str,
+        input_shape: tuple[int, ...] | None,
+    ) -> None:
         self.stompp_stage = 0
         w = None
         if weights is not None:
@@ -129,8 +135,9 @@ class StoMPPMixin:
         new._parameters = dict(module._parameters)
         new._buffers = dict(module._buffers)
         new._modules = dict(module._modules)
-        new._init_stompp(config.weights, config.activations, config.weight_scale, config.activation_scale,
-                         cls._input_shape(module))
+        new._init_stompp(
+            config.weights, config.activations, config.weight_scale, config.activation_scale, cls._input_shape(module)
+        )
         new.stompp_stage = stage
         return new
 

@@ -54,7 +54,9 @@ class ProgressionController:
             raise ValueError(f"{type(model).__name__} has no StoMPP modules; convert it first.")
         self.num_stages = 1 + max(m.stompp_stage for m in modules.values())
         if total_steps < 1:
-            raise ValueError(f"StoMPP needs at least one training step to progress, but got total_steps={total_steps}.")
+            raise ValueError(
+                f"StoMPP needs at least one training step to progress, but got total_steps={total_steps}."
+            )
         self.total_steps = int(total_steps)
         self.schedule = get_schedule(self.config.schedule)
         self.tensors: list[_Tensor] = []

@@ -11,8 +11,15 @@ import stompp_hf  # noqa: F401  (registers the quantizer)
 
 
 def tiny_bert_config(**overrides) -> BertConfig:
-    kwargs = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  max_position_embeddings=64, num_labels=2)
+    kwargs = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     kwargs.update(overrides)
     return BertConfig(**kwargs)
 

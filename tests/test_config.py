@@ -8,8 +8,11 @@ from stompp_hf import StoMPPConfig
 INVALID = [
     ("weights", "sign", "`weights` must be one of 'stompp', 'stompp_ste', 'ste', None, but got 'sign'."),
     ("activations", "binary", "`activations` must be one of 'stompp', 'stompp_ste', 'ste', None, but got 'binary'."),
-    ("schedule", "exp", "`schedule` must be one of 'cubic', 'quadratic', 'linear', 'cosine', 'flipped_quadratic', "
-                        "but got 'exp'."),
+    (
+        "schedule",
+        "exp",
+        "`schedule` must be one of 'cubic', 'quadratic', 'linear', 'cosine', 'flipped_quadratic', but got 'exp'.",
+    ),
     ("order", "backward", "`order` must be one of 'forward', 'global', 'reverse', but got 'backward'."),
     ("policy", "greedy", "`policy` must be one of 'stochastic', 'deterministic', but got 'greedy'."),
     ("granularity", "layer", "`granularity` must be one of 'block', 'module', but got 'layer'."),
@@ -19,8 +22,11 @@ INVALID = [
     ("refresh_rate", 0, "`refresh_rate` must be an int >= 1, but got 0."),
     ("refresh_rate", 2.5, "`refresh_rate` must be an int >= 1, but got 2.5."),
     ("seed", "1", "`seed` must be an int, but got '1'."),
-    ("modules_to_not_convert", "classifier", "`modules_to_not_convert` must be a list of module names / patterns or "
-                                             "None, but got 'classifier'."),
+    (
+        "modules_to_not_convert",
+        "classifier",
+        "`modules_to_not_convert` must be a list of module names / patterns or None, but got 'classifier'.",
+    ),
     ("quant_method", "bitnet", "`quant_method` must be 'stompp', but got 'bitnet'."),
 ]
 
@@ -47,18 +53,36 @@ def test_invalid_combinations():
 
 def test_defaults_are_the_papers():
     c = StoMPPConfig()
-    assert (c.weights, c.activations, c.schedule, c.refresh_rate, c.order) == ("stompp", "stompp", "cubic", 100,
-                                                                               "forward")
-    assert (c.policy, c.granularity, c.weight_scale, c.activation_scale) == ("stochastic", "block", "channel",
-                                                                             "tensor")
+    assert (c.weights, c.activations, c.schedule, c.refresh_rate, c.order) == (
+        "stompp",
+        "stompp",
+        "cubic",
+        100,
+        "forward",
+    )
+    assert (c.policy, c.granularity, c.weight_scale, c.activation_scale) == (
+        "stochastic",
+        "block",
+        "channel",
+        "tensor",
+    )
     assert c.compensation is None and c.modules_to_not_convert is None and c.seed == 0
     assert c.quant_method == "stompp"
 
 
 def test_dict_round_trip():
-    c = StoMPPConfig(weights="ste", activations="stompp_ste", schedule="cosine", refresh_rate=10, order="reverse",
-                     granularity="module", weight_scale="none", activation_scale="none",
-                     modules_to_not_convert=["pooler"], seed=7)
+    c = StoMPPConfig(
+        weights="ste",
+        activations="stompp_ste",
+        schedule="cosine",
+        refresh_rate=10,
+        order="reverse",
+        granularity="module",
+        weight_scale="none",
+        activation_scale="none",
+        modules_to_not_convert=["pooler"],
+        seed=7,
+    )
     again = StoMPPConfig.from_dict(json.loads(json.dumps(c.to_dict())))
     assert again == c
 

@@ -16,12 +16,30 @@ from .conftest import tiny_bert_config
 # (name, config builder, expected converted count, expected full-precision linears, expected stage count)
 ENCODERS = [
     ("bert", lambda: tiny_bert_config(), 2 * 6 + 1, {"classifier"}, 3),
-    ("roberta", lambda: RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=64, max_position_embeddings=72, num_labels=2),
-     2 * 6 + 1, {"classifier.out_proj"}, 3),
-    ("distilbert", lambda: DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                            max_position_embeddings=64, num_labels=2),
-     2 * 6 + 1, {"classifier"}, 3),
+    (
+        "roberta",
+        lambda: RobertaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=72,
+            num_labels=2,
+        ),
+        2 * 6 + 1,
+        {"classifier.out_proj"},
+        3,
+    ),
+    (
+        "distilbert",
+        lambda: DistilBertConfig(
+            vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=2
+        ),
+        2 * 6 + 1,
+        {"classifier"},
+        3,
+    ),
 ]
 
 
@@ -56,7 +74,8 @@ def test_bert_stages_follow_encoder_blocks(tiny_bert_dir):
     assert stages["bert.encoder.layer.1.attention.self.key"] == 1
     assert stages["bert.pooler.dense"] == 2
     per_module = BertForSequenceClassification.from_pretrained(
-        tiny_bert_dir, quantization_config=StoMPPConfig(granularity="module"))
+        tiny_bert_dir, quantization_config=StoMPPConfig(granularity="module")
+    )
     assert [m.stompp_stage for m in stompp_modules(per_module).values()] == list(range(13))
 
 
@@ -92,8 +111,9 @@ def test_conversion_that_matches_nothing_raises():
     with pytest.raises(ValueError, match=r"converted no module of Sequential.*modules_to_not_convert=\['0', '2'\]"):
         prepare_model(model, StoMPPConfig(modules_to_not_convert=["0", "2"]))
     with pytest.raises(ValueError, match=r"accepted by filter_fn"):
-        prepare_model(nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]), StoMPPConfig(),
-                      filter_fn=lambda m, n: False)
+        prepare_model(
+            nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]), StoMPPConfig(), filter_fn=lambda m, n: False
+        )
     with pytest.raises(ValueError, match="already converted"):
         model = prepare_model(nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]))
         prepare_model(model)
