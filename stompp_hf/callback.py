@@ -38,6 +38,7 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         self.progression_fraction = progression_fraction
         self.controller: ProgressionController | None = None
         self.step = 0
+        self._tb_writer = None
 
     def _total_steps(self, max_steps: int) -> int:
         if self.progression_steps is not None:
@@ -90,6 +91,22 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)
+        # Reporting callbacks run before user callbacks, so they never see these keys: write them ourselves.
+        if "tensorboard" in (args.report_to or []) and state.is_world_process_zero:
+            if self._tb_writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # Same folder as Transformers' TensorBoardCallback when TENSORBOARD_LOGGING_DIR is set.
+                log_dir = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs", "stompp")
+                self._tb_writer = SummaryWriter(log_dir=log_dir, filename_suffix=".stompp")
+            for key, value in stats.items():
+                self._tb_writer.add_scalar(f"train/{key}", value, state.global_step)
+            self._tb_writer.flush()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+            self._tb_writer = None
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if self.controller is None or not state.is_world_process_zero:

@@ -49,7 +49,3 @@ class StoMPPHfQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         return True
-
-    @property
-    def is_compileable(self) -> bool:
-        return True

@@ -66,7 +66,7 @@ class ProgressionController:
                 if binarizer.progressive:
                     self.tensors.append(_Tensor(len(self.tensors), module.stompp_stage, module, binarizer))
         self.step = 0
-        self._apply(0, fresh=True)
+        self._apply(0)
 
     @property
     def stages_short_of_steps(self) -> bool:
@@ -96,7 +96,7 @@ class ProgressionController:
 
     def restore(self, step: int) -> None:
         """Rebuild the exact masks of `step`, replaying only the draws of the stages transitioning at `step`."""
-        self._apply(0, fresh=True)
+        self._apply(0)
         for stage in range(self.num_stages):
             tau = self.stage_progress(stage, step)
             if 0.0 < tau < 1.0 and self.config.policy == "stochastic":
@@ -106,7 +106,7 @@ class ProgressionController:
         self._apply(step)
         self.step = step
 
-    def _apply(self, step: int, fresh: bool = False, stages: set[int] | None = None) -> None:
+    def _apply(self, step: int, stages: set[int] | None = None) -> None:
         refresh_rate = self.config.refresh_rate
         for t in self.tensors:
             if stages is not None and t.stage not in stages:
@@ -119,8 +119,6 @@ class ProgressionController:
                 mask.fill(False)
             elif tau >= 1.0:
                 mask.fill(True)
-            elif fresh:
-                mask.fill(False)
             else:
                 p = self.schedule(tau)
                 device = self._device(t)

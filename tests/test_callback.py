@@ -29,6 +29,7 @@ def train(model_dir, tmp_path, config, max_steps=12, accumulation=1, callback=No
     model = BertForSequenceClassification.from_pretrained(model_dir, quantization_config=config)
     recorder = MaskRecorder()
     args.setdefault("save_strategy", "no")
+    args.setdefault("report_to", [])
     targs = TrainingArguments(
         str(tmp_path / "run"),
         max_steps=max_steps,
@@ -36,7 +37,6 @@ def train(model_dir, tmp_path, config, max_steps=12, accumulation=1, callback=No
         gradient_accumulation_steps=accumulation,
         learning_rate=1e-3,
         logging_steps=1,
-        report_to=[],
         disable_tqdm=True,
         seed=0,
         **args,
@@ -115,6 +115,22 @@ def test_progress_is_logged(tiny_bert_dir, tmp_path):
     assert [h["stompp/stage"] for h in logs] == [1.0, 2.0, 3.0, 3.0, 3.0, 3.0]
     assert logs[-1]["stompp/weight_frozen_fraction"] == 1.0 and logs[-1]["stompp/input_frozen_fraction"] == 1.0
     assert logs[0]["stompp/num_stages"] == 3.0
+
+
+def test_progress_reaches_tensorboard(tiny_bert_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logdir))
+    train(tiny_bert_dir, tmp_path, StoMPPConfig(), max_steps=4, report_to=["tensorboard"])
+    tags = set()
+    for root, _, files in os.walk(logdir):
+        for f in files:
+            if "tfevents" in f:
+                acc = EventAccumulator(os.path.join(root, f))
+                acc.Reload()
+                tags.update(acc.Tags()["scalars"])
+    assert {"train/stompp/stage", "train/stompp/weight_frozen_fraction", "train/loss"} <= tags
 
 
 def test_checkpoint_resume_restores_position_and_masks(tiny_bert_dir, tmp_path):

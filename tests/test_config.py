@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoConfig, BertForSequenceClassification
 
 from stompp_hf import StoMPPConfig
@@ -90,6 +91,9 @@ def test_dict_round_trip():
 def test_round_trip_through_save_pretrained(tiny_bert_dir, tmp_path):
     config = StoMPPConfig(schedule="linear", refresh_rate=50, seed=3, activations="stompp_ste")
     model = BertForSequenceClassification.from_pretrained(tiny_bert_dir, quantization_config=config)
+    model.train()
+    with pytest.warns(UserWarning, match="without a StoMPPCallback"):
+        model(input_ids=torch.randint(5, 60, (4, 8)))  # measures the activation scales
     out = tmp_path / "saved"
     model.save_pretrained(out)
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -98,3 +102,10 @@ def test_round_trip_through_save_pretrained(tiny_bert_dir, tmp_path):
     assert StoMPPConfig.from_dict(loaded) == config
     reloaded = BertForSequenceClassification.from_pretrained(out)
     assert reloaded.config.quantization_config == config
+    # a latent (still progressing) checkpoint reloads as StoMPP modules with the same weights and scales
+    before, after = model.state_dict(), reloaded.state_dict()
+    assert before.keys() == after.keys()
+    assert any(k.endswith("input_binarizer.scale") for k in after)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert all(float(v) > 0 for k, v in after.items() if k.endswith("input_binarizer.scale"))
