@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from transformers.quantizers import HfQuantizer, register_quantizer
 
 from .conversion import convert_model
-from .layers import Binarizer, StoMPPMixin
+from .layers import StoMPPMixin
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -34,9 +34,8 @@ class StoMPPHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, StoMPPMixin):
                 for binarizer in module.binarizers():
-                    if isinstance(binarizer, Binarizer) and binarizer.scale is not None:
-                        if not getattr(binarizer.scale, "_is_hf_initialized", False):
-                            binarizer.scale.zero_()
+                    if binarizer.scale is not None and not getattr(binarizer.scale, "_is_hf_initialized", False):
+                        binarizer.scale.zero_()
         return model
 
     def is_serializable(self) -> bool:
