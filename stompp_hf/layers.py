@@ -35,7 +35,7 @@ class Binarizer(nn.Module):
         self.rule = rule
         self.kind = kind
         self.scale_mode = scale_mode
-        self.mask = MaskState(shape) if shape is not None else None
+        self.mask = self._new_mask(shape) if shape is not None else None
         # Set by `binarized(model)`: evaluate as if every entry were frozen, without touching any state.
         self.force_frozen = False
         # Set by `ProgressionController`; a progressive tensor trained without one never advances its mask.
@@ -52,11 +52,20 @@ class Binarizer(nn.Module):
     def progressive(self) -> bool:
         return self.rule in ("stompp", "stompp_ste")
 
+    def _new_mask(self, shape: tuple[int, ...]) -> MaskState:
+        mask = MaskState(shape)
+        mask.fill(self.rule == "ste")  # plain STE is hard sign from step 0; progressive rules start continuous
+        return mask
+
+    def weight_scale(self, w: torch.Tensor) -> torch.Tensor | float:
+        """alpha: the per-output-channel mean |W| (`'channel'`), or 1."""
+        if self.scale_mode == "channel":
+            return w.detach().abs().mean(dim=tuple(range(1, w.ndim)), keepdim=True)
+        return 1.0
+
     def ensure_mask(self, feature_shape: tuple[int, ...]) -> MaskState:
         if self.mask is None:
-            self.mask = MaskState(feature_shape)
-            if self.rule == "ste":
-                self.mask.fill(True)
+            self.mask = self._new_mask(feature_shape)
         elif self.mask.shape != tuple(feature_shape):
             raise ValueError(
                 f"Binarized input has per-sample shape {tuple(feature_shape)} but this layer's input mask was "
@@ -89,10 +98,7 @@ class Binarizer(nn.Module):
             bound = scale
         else:
             mask_state = self.mask
-            if self.scale_mode == "channel":
-                scale = u.detach().abs().mean(dim=tuple(range(1, u.ndim)), keepdim=True)
-            else:
-                scale = 1.0
+            scale = self.weight_scale(u)
             bound = 1.0
         mask = True if self.force_frozen else mask_state.as_mask()
         return masked_binarize(u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input")
@@ -116,14 +122,8 @@ class StoMPPMixin:
         input_shape: tuple[int, ...] | None,
     ) -> None:
         self.stompp_stage = 0
-        w = None
-        if weights is not None:
-            w = Binarizer(weights, "weight", weight_scale, tuple(self.weight.shape))
-            if weights == "ste":
-                w.mask.fill(True)
+        w = Binarizer(weights, "weight", weight_scale, tuple(self.weight.shape)) if weights is not None else None
         a = Binarizer(activations, "input", activation_scale, input_shape) if activations is not None else None
-        if a is not None and activations == "ste" and a.mask is not None:
-            a.mask.fill(True)
         self.weight_binarizer = w
         self.input_binarizer = a
 

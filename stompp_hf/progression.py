@@ -124,10 +124,7 @@ class ProgressionController:
                 device = self._device(t)
                 if self.config.policy == "deterministic":
                     weight = t.module.weight.detach()
-                    scale = weight.abs().mean(dim=tuple(range(1, weight.ndim)), keepdim=True)
-                    if self.config.weight_scale == "none":
-                        scale = torch.ones_like(scale)
-                    mask.set_closest((weight.abs() - scale).abs(), p)
+                    mask.set_closest((weight.abs() - t.binarizer.weight_scale(weight)).abs(), p)
                 else:
                     gen = make_generator(device, self.config.seed, t.stage, step, t.index)
                     mask.soft_refresh(p, refresh_rate, gen, device)
