@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from .hf_quantizer import KEEP_LATENT_ATTR
 from .progression import ProgressionController
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         self.controller: ProgressionController | None = None
         self.step = 0
         self._tb_writer = None
+        self._model = None
 
     def _total_steps(self, max_steps: int) -> int:
         if self.progression_steps is not None:
@@ -53,6 +55,9 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         if model is None:
             raise ValueError("StoMPPCallback needs the model; it is passed by `Trainer`.")
         model = getattr(model, "module", model)  # unwrap DDP
+        # Checkpoints written while training keep latent weights (resumable); `save_model` after training packs.
+        setattr(model, KEEP_LATENT_ATTR, True)
+        self._model = model
         total = self._total_steps(state.max_steps)
         self.controller = ProgressionController(model, total)
         if self.controller.stages_short_of_steps:
@@ -104,6 +109,8 @@ class StoMPPCallback(TrainerCallback, ExportableState):
             self._tb_writer.flush()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if self._model is not None:
+            setattr(self._model, KEEP_LATENT_ATTR, False)
         if self._tb_writer is not None:
             self._tb_writer.close()
             self._tb_writer = None

@@ -16,6 +16,7 @@ GRANULARITIES = ("block", "module")
 WEIGHT_SCALES = ("channel", "none")
 ACTIVATION_SCALES = ("tensor", "none")
 COMPENSATIONS = (None, "surge")
+EXPORT_DTYPES = (None, "float32", "float16", "bfloat16")
 
 _CHOICES: dict[str, tuple] = {
     "weights": RULES,
@@ -27,6 +28,7 @@ _CHOICES: dict[str, tuple] = {
     "weight_scale": WEIGHT_SCALES,
     "activation_scale": ACTIVATION_SCALES,
     "compensation": COMPENSATIONS,
+    "export_dtype": EXPORT_DTYPES,
 }
 
 
@@ -91,6 +93,20 @@ class StoMPPConfig(QuantizationConfigMixin):
         },
     )
     seed: int = field(default=0, metadata={"help": "Seeds every mask draw; identical on all distributed ranks."})
+    export_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype of the full-precision remainder (embeddings, norms, head, per-channel weight scales) in "
+            "a packed checkpoint: 'float32', 'float16', 'bfloat16', or None to keep the training dtype."
+        },
+    )
+    packed: bool = field(
+        default=False,
+        metadata={
+            "help": "Written by `save_pretrained`, not a training option: True when the checkpoint holds packed "
+            "1-bit weights (loaded as BinaryLinear / BinaryConv2d), False when it holds latent weights."
+        },
+    )
     quant_method: str = field(default="stompp", metadata={"help": "Always 'stompp'."})
 
     def __post_init__(self) -> None:
@@ -106,6 +122,8 @@ class StoMPPConfig(QuantizationConfigMixin):
             raise ValueError(f"`quant_method` must be 'stompp', but got {self.quant_method!r}.")
         if isinstance(self.refresh_rate, bool) or not isinstance(self.refresh_rate, int) or self.refresh_rate < 1:
             raise ValueError(f"`refresh_rate` must be an int >= 1, but got {self.refresh_rate!r}.")
+        if not isinstance(self.packed, bool):
+            raise ValueError(f"`packed` must be a bool, but got {self.packed!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an int, but got {self.seed!r}.")
         if self.weights is None and self.activations is None:

@@ -87,15 +87,14 @@ def _stage_keys(model: nn.Module, names: list[str], granularity: str) -> list[st
     return keys
 
 
-def convert_model(model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | None = None) -> dict[str, StoMPPMixin]:
-    """Swap every eligible layer of `model` for its StoMPP module in place; return them by name.
-
-    Eligible: `nn.Linear` / `nn.Conv2d` not matched by `config.modules_to_not_convert` (or the model-aware
-    defaults when it is None) and accepted by `filter_fn(module, name)`. Parameters are reused, never copied.
-    Stages are assigned in registration order (the execution order of the encoder / residual stacks).
+def select_modules(
+    model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | None = None
+) -> list[tuple[str, nn.Module]]:
+    """The layers `convert_model` binarizes: `nn.Linear` / `nn.Conv2d` not matched by
+    `config.modules_to_not_convert` (or the model-aware defaults when it is None) and accepted by `filter_fn`.
 
     Raises:
-        ValueError: if nothing was converted, naming the patterns that excluded layers.
+        ValueError: if nothing is selected, naming the patterns that excluded layers.
     """
     skip = config.modules_to_not_convert
     if skip is None:
@@ -112,6 +111,16 @@ def convert_model(model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | 
             + (" and accepted by filter_fn" if filter_fn is not None else "")
             + f" (found {len(_eligible(model))} such layers in total)."
         )
+    return targets
+
+
+def convert_model(model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | None = None) -> dict[str, StoMPPMixin]:
+    """Swap every layer `select_modules` picks for its StoMPP module in place; return them by name.
+
+    Parameters are reused, never copied. Stages are assigned in registration order (the execution order of the
+    encoder / residual stacks).
+    """
+    targets = select_modules(model, config, filter_fn)
     keys = _stage_keys(model, [n for n, _ in targets], config.granularity)
     stage_of: dict[str, int] = {}
     converted: dict[str, StoMPPMixin] = {}

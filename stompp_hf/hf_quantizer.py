@@ -1,42 +1,98 @@
-"""The `HfQuantizer` for `quant_method="stompp"`: flags and environment checks, delegating to `conversion`."""
+"""The `HfQuantizer` for `quant_method="stompp"`: thin glue delegating to `conversion` and `export`.
+
+* Loading a full-precision checkpoint, or a latent StoMPP checkpoint (`packed=False`): swap eligible layers for
+  `StoMPPLinear` / `StoMPPConv2d` before the weights load.
+* Loading a packed checkpoint (`packed=True`): swap exactly the layers the checkpoint packed (read from the
+  safetensors headers, shapes checked) for `BinaryLinear` / `BinaryConv2d`, whose buffers then load as stored.
+* Saving (`get_state_dict_and_metadata`): a fully binary model outside training writes the packed state dict;
+  otherwise the latent weights, so training can resume. `quantization_config.packed` records which.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from transformers.quantizers import HfQuantizer, register_quantizer
 
 from .conversion import convert_model
-from .layers import StoMPPMixin
+from .export import binarization_progress, convert_to_packed, packed_state_dict, read_checkpoint_shapes
+from .layers import BinaryMixin, StoMPPMixin
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+logger = logging.getLogger(__name__)
+
+#: Set on a model by `StoMPPCallback` while `Trainer.train` runs: checkpoints then keep latent weights to resume.
+KEEP_LATENT_ATTR = "_stompp_keep_latent"
+
 
 @register_quantizer("stompp")
 class StoMPPHfQuantizer(HfQuantizer):
-    """Swaps every eligible `nn.Linear` for `StoMPPLinear` before the weights load; QAT-trainable with `Trainer`."""
+    """Binarizes eligible layers for StoMPP training, and saves / reloads fully binary models as packed 1-bit."""
 
     requires_calibration = False
 
-    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> None:
+    @property
+    def loads_packed(self) -> bool:
+        return self.pre_quantized and self.quantization_config.packed
+
+    def _process_model_before_weight_loading(
+        self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs
+    ) -> None:
         config = self.quantization_config
-        convert_model(model, config)
+        if self.loads_packed:
+            shapes = read_checkpoint_shapes(checkpoint_files) if checkpoint_files else None
+            convert_to_packed(model, config, shapes, base_model_prefix=getattr(model, "base_model_prefix", None))
+        else:
+            convert_model(model, config)
+            if not self.pre_quantized:
+                # A full-precision checkpoint has no activation scales yet: they are measured in training.
+                ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+                model._keys_to_ignore_on_load_missing = ignore | {r"input_binarizer\.scale$"}
         model.stompp_config = config
-        if not self.pre_quantized:
-            # A full-precision checkpoint has no activation scales yet: they are measured in training, not missing.
-            ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
-            model._keys_to_ignore_on_load_missing = ignore | {r"input_binarizer\.scale$"}
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
-        # An activation scale missing from the checkpoint (loading a full-precision model) was materialized as
-        # uninitialized memory by `from_pretrained`; reset it to "not yet measured".
-        for module in model.modules():
+        for name, module in model.named_modules():
             if isinstance(module, StoMPPMixin):
+                # An activation scale missing from the checkpoint (loading a full-precision model) was materialized
+                # as uninitialized memory by `from_pretrained`; reset it to "not yet measured".
                 for binarizer in module.binarizers():
                     if binarizer.scale is not None and not getattr(binarizer.scale, "_is_hf_initialized", False):
                         binarizer.scale.zero_()
+            elif isinstance(module, BinaryMixin):
+                missing = [k for k, v in module.named_buffers() if not getattr(v, "_is_hf_initialized", False)]
+                if missing:
+                    raise ValueError(
+                        f"The packed checkpoint has no {', '.join(f'`{name}.{k}`' for k in missing)}: it is "
+                        "incomplete or does not match this model."
+                    )
         return model
+
+    def get_state_dict_and_metadata(self, model: PreTrainedModel):
+        config = self.quantization_config
+        progress = binarization_progress(model)
+        if getattr(model, KEEP_LATENT_ATTR, False) and any(isinstance(m, StoMPPMixin) for m in model.modules()):
+            config.packed = False
+            logger.info("StoMPP: training in progress, saved latent full-precision weights (resumable checkpoint).")
+            return None, {"stompp_format": "latent"}
+        if not progress.complete:
+            config.packed = False
+            logger.warning(
+                f"StoMPP: {progress.total - progress.frozen} of {progress.total} binarized tensors are still in "
+                f"progression (first unfinished layer: `{progress.unfinished[0]}`), so this is a latent checkpoint "
+                "(full-precision weights, resumable), not a packed 1-bit one. Finish the progression to export "
+                "packed."
+            )
+            return None, {"stompp_format": "latent"}
+        state_dict = packed_state_dict(model, config.export_dtype)
+        config.packed = True
+        logger.info(
+            f"StoMPP: wrote a packed 1-bit checkpoint ({progress.total} binarized tensors, remainder in "
+            f"{config.export_dtype or 'the training dtype'})."
+        )
+        return state_dict, {"stompp_format": "packed"}
 
     def is_serializable(self) -> bool:
         return True

@@ -1,19 +1,25 @@
-"""Training modules: `StoMPPLinear` and `StoMPPConv2d`, built on one shared `Binarizer`.
+"""Training modules `StoMPPLinear` / `StoMPPConv2d` (one shared `Binarizer`) and their packed inference twins.
 
 A swap reuses the wrapped layer's Parameters (no copy, safe on the meta device): the new module *is* an
 `nn.Linear` / `nn.Conv2d` whose forward binarizes its weight and input through `masked_binarize`.
+
+`BinaryLinear` / `BinaryConv2d` hold a fully binarized layer as 1-bit packed weights (`weight_packed`, uint8, 8
+signs per byte) plus the per-output-channel scale (`weight_scale`) and the activation scale (`input_scale`). They
+compute exactly what the frozen training module computes (same sign convention, same operations in the same
+order), so logits match the trained model bit for bit.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import masked_binarize
-from .masks import MaskState
+from .functional import binary_sign, masked_binarize
+from .masks import MaskState, pack_signs, unpack_signs
 
 #: Momentum of the running mean of |x| that sets the activation scale beta.
 ACTIVATION_SCALE_MOMENTUM = 0.1
@@ -151,6 +157,23 @@ class StoMPPMixin:
     def binarized_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_binarizer(x, self.feature_ndim) if self.input_binarizer is not None else x
 
+    def binary_flags(self) -> dict[str, bool]:
+        """The `BinaryMixin` flags describing this module once packed."""
+        w, a = self.weight_binarizer, self.input_binarizer
+        return {
+            "binary_weights": w is not None,
+            "weight_scale": w is not None and w.scale_mode == "channel",
+            "binary_inputs": a is not None,
+            "input_scale": a is not None and a.scale is not None,
+        }
+
+    @property
+    def fully_frozen(self) -> bool:
+        """True when every binarized tensor of this module is frozen to sign (the module can be packed)."""
+        return all(
+            b.rule == "ste" or (b.mask is not None and b.mask.frozen_fraction == 1.0) for b in self.binarizers()
+        )
+
     def binarizers(self) -> list[Binarizer]:
         return [b for b in (self.weight_binarizer, self.input_binarizer) if b is not None]
 
@@ -212,3 +235,248 @@ class StoMPPConv2d(StoMPPMixin, nn.Conv2d):
 
 #: Training module for each convertible layer type, most specific first.
 STOMPP_MODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: StoMPPLinear, nn.Conv2d: StoMPPConv2d}
+
+
+class BinaryMixin:
+    """Packed inference state shared by `BinaryLinear` and `BinaryConv2d`.
+
+    Buffers (the names a packed checkpoint stores under the module's prefix):
+        weight_packed: uint8 `[out, ceil(K / 8)]`, K = prod(weight_shape[1:]); bit set = +1 (see `pack_signs`).
+        weight_scale: `[out]`, the per-output-channel alpha (only with `weight_scale="channel"`).
+        input_scale: scalar float32 beta (only with binarized inputs and `activation_scale="tensor"`).
+    A layer whose weights stay full precision (`weights=None`, a binary-activation-only network) keeps `weight`.
+
+    Args:
+        unpack_cache: keep the unpacked float weight resident after the first forward (faster, but costs the
+            memory of a float copy); by default every forward unpacks and the float copy is freed.
+    """
+
+    weight_shape: tuple[int, ...]
+    binary_inputs: bool
+    unpack_cache: bool
+
+    def _init_binary(
+        self,
+        weight_shape: tuple[int, ...],
+        *,
+        bias: bool,
+        binary_weights: bool,
+        weight_scale: bool,
+        binary_inputs: bool,
+        input_scale: bool,
+        unpack_cache: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        out = weight_shape[0]
+        self.weight_shape = tuple(weight_shape)
+        self.binary_inputs = binary_inputs
+        self.unpack_cache = unpack_cache
+        self._unpacked: tuple[int, torch.Tensor] | None = None
+        factory = {"dtype": dtype, "device": device}
+        if binary_weights:
+            nbytes = (math.prod(weight_shape[1:]) + 7) // 8
+            self.register_buffer("weight_packed", torch.zeros(out, nbytes, dtype=torch.uint8, device=device))
+            self.register_buffer("weight_scale", torch.ones(out, **factory) if weight_scale else None)
+            self.weight = None
+        else:
+            self.register_buffer("weight_packed", None)
+            self.register_buffer("weight_scale", None)
+            self.weight = nn.Parameter(torch.empty(weight_shape, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out, **factory), requires_grad=False) if bias else None
+        scale = torch.ones((), dtype=torch.float32, device=device) if binary_inputs and input_scale else None
+        self.register_buffer("input_scale", scale)
+
+    @classmethod
+    def flags_from_config(cls, config) -> dict[str, bool]:
+        return {
+            "binary_weights": config.weights is not None,
+            "weight_scale": config.weight_scale == "channel",
+            "binary_inputs": config.activations is not None,
+            "input_scale": config.activation_scale == "tensor",
+        }
+
+    @property
+    def binary_weights(self) -> bool:
+        return self.weight_packed is not None
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight_shape={self.weight_shape}, bias={self.bias is not None}, binary_weights={self.binary_weights}, "
+            f"binary_inputs={self.binary_inputs}, unpack_cache={self.unpack_cache}"
+        )
+
+    def unpacked_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight the layer multiplies with: alpha * sign(W) (or +-1), or the full-precision `weight`."""
+        if self.weight_packed is None:
+            return self.weight
+        version = self.weight_packed._version
+        if self._unpacked is not None and self._unpacked[0] == version:
+            return self._unpacked[1]
+        positive = unpack_signs(self.weight_packed, math.prod(self.weight_shape[1:])).view(self.weight_shape)
+        if self.weight_scale is not None:
+            alpha = self.weight_scale.view(-1, *([1] * (len(self.weight_shape) - 1)))
+            weight = torch.where(positive, alpha, -alpha)
+        else:
+            one = torch.ones((), dtype=dtype or torch.get_default_dtype(), device=positive.device)
+            weight = torch.where(positive, one, -one)
+        if self.unpack_cache:
+            self._unpacked = (version, weight)
+        return weight
+
+    def binarize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """beta * sign(x) (or sign(x)), with sign(0) = +1 exactly as in training."""
+        if not self.binary_inputs:
+            return x
+        sign = binary_sign(x)
+        return sign * self.input_scale.to(x.dtype) if self.input_scale is not None else sign
+
+    @classmethod
+    def from_module(cls, module: nn.Module, config, unpack_cache: bool = False):
+        """An empty packed module shaped like `module` (an `nn.Linear` / `nn.Conv2d`, on any device incl. meta)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_stompp(cls, module: StoMPPMixin, unpack_cache: bool = False):
+        """Pack a fully frozen training module: the result computes the frozen module's outputs bit for bit."""
+        new = cls._empty_like(module, unpack_cache=unpack_cache, **module.binary_flags())
+        with torch.no_grad():
+            w = module.weight.detach()
+            if module.weight_binarizer is not None:
+                new.weight_packed.copy_(pack_signs((w >= 0).reshape(w.shape[0], -1)))
+                if new.weight_scale is not None:
+                    new.weight_scale.copy_(module.weight_binarizer.weight_scale(w).reshape(-1))
+            else:
+                new.weight.copy_(w)
+            if new.bias is not None:
+                new.bias.copy_(module.bias.detach())
+            if new.input_scale is not None:
+                new.input_scale.copy_(module.input_binarizer.scale)
+        return new
+
+
+class BinaryLinear(BinaryMixin, nn.Module):
+    """Packed 1-bit inference twin of `StoMPPLinear`: `linear(beta * sign(x), alpha * sign(W), b)`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        binary_weights: bool = True,
+        weight_scale: bool = True,
+        binary_inputs: bool = True,
+        input_scale: bool = True,
+        unpack_cache: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_binary(
+            (out_features, in_features),
+            bias=bias,
+            binary_weights=binary_weights,
+            weight_scale=weight_scale,
+            binary_inputs=binary_inputs,
+            input_scale=input_scale,
+            unpack_cache=unpack_cache,
+            dtype=dtype,
+            device=device,
+        )
+
+    @classmethod
+    def _empty_like(cls, module: nn.Linear, **kwargs) -> BinaryLinear:
+        w = module.weight
+        return cls(
+            module.in_features, module.out_features, module.bias is not None, dtype=w.dtype, device=w.device, **kwargs
+        )
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, config, unpack_cache: bool = False) -> BinaryLinear:
+        return cls._empty_like(module, unpack_cache=unpack_cache, **cls.flags_from_config(config))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.binarize_input(x), self.unpacked_weight(x.dtype), self.bias)
+
+
+class BinaryConv2d(BinaryMixin, nn.Module):
+    """Packed 1-bit inference twin of `StoMPPConv2d`; padding is applied to the binarized input, as in training."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        binary_weights: bool = True,
+        weight_scale: bool = True,
+        binary_inputs: bool = True,
+        input_scale: bool = True,
+        unpack_cache: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        # Reuse nn.Conv2d's argument normalisation (tuples, 'same' padding, reversed padding for padding_mode).
+        ref = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False, padding_mode, "meta"
+        )
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, name, getattr(ref, name))
+        self.padding_mode = padding_mode
+        self._reversed_padding_repeated_twice = ref._reversed_padding_repeated_twice
+        self._init_binary(
+            tuple(ref.weight.shape),
+            bias=bias,
+            binary_weights=binary_weights,
+            weight_scale=weight_scale,
+            binary_inputs=binary_inputs,
+            input_scale=input_scale,
+            unpack_cache=unpack_cache,
+            dtype=dtype,
+            device=device,
+        )
+
+    @classmethod
+    def _empty_like(cls, module: nn.Conv2d, **kwargs) -> BinaryConv2d:
+        w = module.weight
+        return cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            dtype=w.dtype,
+            device=w.device,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_module(cls, module: nn.Conv2d, config, unpack_cache: bool = False) -> BinaryConv2d:
+        return cls._empty_like(module, unpack_cache=unpack_cache, **cls.flags_from_config(config))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.binarize_input(x)
+        weight = self.unpacked_weight(x.dtype)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+#: Packed inference module for each convertible layer type (keys as in `STOMPP_MODULES`).
+BINARY_MODULES: dict[type[nn.Module], type[BinaryMixin]] = {nn.Linear: BinaryLinear, nn.Conv2d: BinaryConv2d}

@@ -1,0 +1,209 @@
+"""Packed 1-bit export: state dicts, in-memory packing, checkpoint inspection and reload of packed modules.
+
+A packed checkpoint stores, for every binarized layer `name`:
+
+    name.weight_packed   uint8 [out, ceil(K / 8)]   sign(W) row by row, 8 per byte, bit set = +1 (sign(0) = +1)
+    name.weight_scale    [out]                      alpha, the per-output-channel mean |W| (weight_scale="channel")
+    name.input_scale     [] float32                 beta, the activation scale (activation_scale="tensor")
+    name.bias            [out]                      unchanged
+
+and every other tensor as usual (in `export_dtype` when set). This module knows nothing of Transformers: the
+quantizer (`hf_quantizer.py`) calls it from `save_pretrained` / `from_pretrained`, and timm or plain models use
+`packed_state_dict` / `pack_model` / `convert_to_packed` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .conversion import _eligible, select_modules, stompp_modules
+from .layers import BINARY_MODULES, BinaryMixin, StoMPPMixin
+
+logger = logging.getLogger(__name__)
+
+PACKED_SUFFIXES = ("weight_packed", "weight_scale", "input_scale")
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Progress:
+    """How far a StoMPP model is from fully binary: frozen vs all binarized tensors, and what is left."""
+
+    frozen: int
+    total: int
+    unfinished: list[str]
+
+    @property
+    def complete(self) -> bool:
+        return self.frozen == self.total
+
+
+def binarization_progress(model: nn.Module) -> Progress:
+    """Count the binarized tensors of `model` that are fully frozen (packed modules count as frozen)."""
+    frozen = total = 0
+    unfinished = []
+    for name, module in model.named_modules():
+        if isinstance(module, StoMPPMixin):
+            n = len(module.binarizers())
+            total += n
+            if module.fully_frozen:
+                frozen += n
+            else:
+                unfinished.append(name)
+        elif isinstance(module, BinaryMixin):
+            n = int(module.binary_weights) + int(module.binary_inputs)
+            total += n
+            frozen += n
+    return Progress(frozen, total, unfinished)
+
+
+def _check_packable(name: str, module: StoMPPMixin) -> None:
+    if not module.fully_frozen:
+        raise ValueError(
+            f"Cannot pack `{name}`: its masks are not all frozen (weight {module.weight_frozen_fraction}, "
+            f"input {module.input_frozen_fraction}); finish the StoMPP progression first."
+        )
+    a = module.input_binarizer
+    if a is not None and a.scale is not None and not bool(a.scale > 0):
+        raise ValueError(
+            f"Cannot pack `{name}`: its activation scale beta was never measured (it is set by forward passes in "
+            "training mode). Train the model, or run a few batches through it in `model.train()` first."
+        )
+
+
+def pack_module(name: str, module: StoMPPMixin, unpack_cache: bool = False) -> BinaryMixin:
+    """The packed inference twin of one fully frozen training module."""
+    _check_packable(name, module)
+    binary_cls = next(b for t, b in BINARY_MODULES.items() if isinstance(module, t))
+    return binary_cls.from_stompp(module, unpack_cache=unpack_cache)
+
+
+def pack_model(model: nn.Module, unpack_cache: bool = False) -> dict[str, BinaryMixin]:
+    """Replace every (fully frozen) StoMPP module of `model` by its packed inference module, in place."""
+    packed = {}
+    for name, module in stompp_modules(model).items():
+        new = pack_module(name, module, unpack_cache=unpack_cache)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        packed[name] = new
+    return packed
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
+
+
+def packed_state_dict(model: nn.Module, export_dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of the packed checkpoint of `model`, without modifying the model.
+
+    Every StoMPP module is replaced by its packed buffers (it must be fully frozen); floating-point tensors other
+    than the activation scales are cast to `export_dtype` ('float32', 'float16', 'bfloat16'; None keeps them).
+    """
+    dtype = EXPORT_DTYPES[export_dtype] if export_dtype is not None else None
+    state = model.state_dict()
+    for name, module in stompp_modules(model).items():
+        for key in module.state_dict():
+            del state[f"{name}.{key}"]
+        for key, value in pack_module(name, module).state_dict().items():
+            state[f"{name}.{key}"] = value
+    return {k: v if k.endswith(".input_scale") else _cast(v, dtype) for k, v in state.items()}
+
+
+def packed_bits_per_weight(state_dict: Mapping[str, torch.Tensor], weight_counts: Mapping[str, int]) -> float:
+    """Bits per binarized weight in a packed state dict: (packed bytes + scale bytes) * 8 / weights."""
+    nbytes = sum(
+        state_dict[f"{n}.{s}"].numel() * state_dict[f"{n}.{s}"].element_size()
+        for n in weight_counts
+        for s in ("weight_packed", "weight_scale")
+        if f"{n}.{s}" in state_dict
+    )
+    return 8 * nbytes / sum(weight_counts.values())
+
+
+def read_checkpoint_shapes(files: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of safetensors checkpoint files, read from their headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in files:
+        if not str(path).endswith(".safetensors"):
+            continue
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _lookup(shapes: Mapping[str, tuple[int, ...]], name: str, prefix: str | None) -> str | None:
+    """The checkpoint key of `name.weight_packed`, allowing for a base-model prefix added or stripped on load."""
+    candidates = [f"{name}.weight_packed"]
+    if prefix:
+        candidates.append(f"{prefix}.{name}.weight_packed")
+        if name.startswith(prefix + "."):
+            candidates.append(f"{name[len(prefix) + 1 :]}.weight_packed")
+    return next((c for c in candidates if c in shapes), None)
+
+
+def convert_to_packed(
+    model: nn.Module,
+    config,
+    checkpoint_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    base_model_prefix: str | None = None,
+    unpack_cache: bool = False,
+) -> dict[str, BinaryMixin]:
+    """Swap the layers a packed checkpoint binarized for empty `BinaryLinear` / `BinaryConv2d`, before loading.
+
+    With `checkpoint_shapes` (tensor name -> shape, from `read_checkpoint_shapes`) the checkpoint decides which
+    layers are packed and every packed tensor's shape is checked against the model built from its config. Without
+    it the layers are chosen as training chose them (`config.modules_to_not_convert` or the model-aware defaults).
+
+    Raises:
+        ValueError: naming the tensor, when a packed tensor's shape disagrees with the model's layer.
+    """
+    if checkpoint_shapes is None:
+        names = [n for n, _ in select_modules(model, config)]
+    else:
+        names = [n for n, _ in _eligible(model) if _lookup(checkpoint_shapes, n, base_model_prefix) is not None]
+    converted = {}
+    for name in names:
+        module = model.get_submodule(name)
+        binary_cls = BINARY_MODULES[type(module)]
+        new = binary_cls.from_module(module, config, unpack_cache=unpack_cache)
+        if checkpoint_shapes is not None:
+            key = _lookup(checkpoint_shapes, name, base_model_prefix)
+            _check_shapes(new, name, key[: -len("weight_packed")], checkpoint_shapes)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        converted[name] = new
+    if checkpoint_shapes is not None and not converted:
+        raise ValueError(
+            "The checkpoint is marked as a packed StoMPP checkpoint (`quantization_config.packed=True`) but holds no "
+            "`*.weight_packed` tensor matching a linear or conv layer of this model."
+        )
+    return converted
+
+
+def _check_shapes(module: BinaryMixin, name: str, key_prefix: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items() if k != "bias"}
+    for suffix, shape in expected.items():
+        key = key_prefix + suffix
+        if key not in shapes:
+            raise ValueError(
+                f"Packed checkpoint is missing `{key}` for layer `{name}` (expected shape {shape}); the checkpoint "
+                "and its quantization_config disagree."
+            )
+        if tuple(shapes[key]) != shape:
+            k = math.prod(module.weight_shape[1:])
+            raise ValueError(
+                f"Packed checkpoint tensor `{key}` has shape {tuple(shapes[key])}, but layer `{name}` built from the "
+                f"model config (weight {module.weight_shape}, {k} inputs per output) needs {shape}. The checkpoint "
+                "does not match this model config."
+            )
