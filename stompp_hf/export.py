@@ -207,3 +207,14 @@ def _check_shapes(module: BinaryMixin, name: str, key_prefix: str, shapes: Mappi
                 f"model config (weight {module.weight_shape}, {k} inputs per output) needs {shape}. The checkpoint "
                 "does not match this model config."
             )
+
+
+def set_unpack_cache(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the unpacked-weight cache of every packed module on (speed) or off (memory); return how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, BinaryMixin):
+            module.unpack_cache = enabled
+            module._unpacked = None
+            count += 1
+    return count
