@@ -7,10 +7,12 @@ from transformers.quantizers import register_quantization_config
 
 from .config import StoMPPConfig
 from .conversion import convert_model, prepare_model, stompp_modules
+from .export import pack_model, packed_state_dict, set_unpack_cache
 from .functional import binary_sign, masked_binarize
-from .layers import Binarizer, StoMPPConv2d, StoMPPLinear
+from .layers import Binarizer, BinaryConv2d, BinaryLinear, StoMPPConv2d, StoMPPLinear
 from .progression import ProgressionController, binarized, find_config
 from .schedules import SCHEDULES, register_schedule
+from .sizes import ModelSummary, summary
 
 StoMPPConfig = register_quantization_config("stompp")(StoMPPConfig)
 
@@ -21,7 +23,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SCHEDULES",
+    "BinaryConv2d",
+    "BinaryLinear",
     "Binarizer",
+    "ModelSummary",
     "ProgressionController",
     "StoMPPCallback",
     "StoMPPConfig",
@@ -33,7 +38,11 @@ __all__ = [
     "convert_model",
     "find_config",
     "masked_binarize",
+    "pack_model",
+    "packed_state_dict",
     "prepare_model",
     "register_schedule",
+    "set_unpack_cache",
     "stompp_modules",
+    "summary",
 ]
