@@ -16,6 +16,7 @@ from .sizes import ModelSummary, summary
 
 StoMPPConfig = register_quantization_config("stompp")(StoMPPConfig)
 
+from . import hub  # noqa: E402,F401  (wraps Trainer.create_model_card for StoMPP models)
 from .callback import StoMPPCallback  # noqa: E402
 from .hf_quantizer import StoMPPHfQuantizer  # noqa: E402
 

@@ -151,4 +151,10 @@ def prepare_model(
         raise ValueError(f"{type(model).__name__} is already converted for StoMPP training.")
     convert_model(model, config, filter_fn)
     model.stompp_config = config
+    if _is_hf_model(model) and hasattr(model, "save_pretrained"):
+        # A Transformers model: also attach the quantizer, so `save_pretrained` / `push_to_hub` work as after
+        # `from_pretrained(..., quantization_config=config)`.
+        from .hf_quantizer import attach_quantizer
+
+        attach_quantizer(model, config)
     return model

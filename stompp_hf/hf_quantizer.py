@@ -54,6 +54,9 @@ class StoMPPHfQuantizer(HfQuantizer):
         model.stompp_config = config
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
+        from .hub import attach_hub_support
+
+        attach_hub_support(model)
         for name, module in model.named_modules():
             if isinstance(module, StoMPPMixin):
                 # An activation scale missing from the checkpoint (loading a full-precision model) was materialized
@@ -104,3 +107,15 @@ class StoMPPHfQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         return True
+
+
+def attach_quantizer(model: PreTrainedModel, config) -> None:
+    """Give a Transformers model converted by `prepare_model` what `from_pretrained` gives a loaded one: the
+    quantizer (so `save_pretrained` packs and writes `quantization_config`), the config, and Hub support."""
+    from .hub import attach_hub_support
+
+    model.hf_quantizer = StoMPPHfQuantizer(config, pre_quantized=False)
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = "stompp"
+    attach_hub_support(model)

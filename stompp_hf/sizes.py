@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .conversion import _stage_keys
-from .export import EXPORT_DTYPES
+from .export import EXPORT_DTYPES, binarization_progress
 from .layers import BinaryConv2d, BinaryLinear, BinaryMixin, StoMPPMixin
 
 
@@ -279,8 +279,10 @@ def summary(model: nn.Module, example_inputs=None, export_dtype: str | None = No
 
     if any(isinstance(m, BinaryMixin) for m in converted.values()):
         fmt = "packed 1-bit checkpoint"
+    elif binarization_progress(model).complete:
+        fmt = "packed 1-bit export"
     else:
-        fmt = "projected packed 1-bit export"
+        fmt = "projected packed 1-bit export; still in progression"
     fmt += f", remainder in {export_dtype or 'training dtype'}"
     ordered = sorted(rows.values(), key=lambda r: first[r.group])
     result = ModelSummary(type(model).__name__, fmt, ordered, mac_unit)
