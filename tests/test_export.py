@@ -1,0 +1,543 @@
+"""Packed 1-bit export: sign packing, packed modules, bit-exact save -> reload, sizes, errors, Trainer checkpoints."""
+
+import json
+import logging
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    RobertaConfig,
+    Trainer,
+    TrainingArguments,
+)
+
+from stompp_hf import (
+    BinaryConv2d,
+    BinaryLinear,
+    ProgressionController,
+    StoMPPCallback,
+    StoMPPConfig,
+    StoMPPConv2d,
+    StoMPPLinear,
+    stompp_modules,
+    summary,
+)
+from stompp_hf.export import pack_module
+from stompp_hf.masks import pack_signs, unpack_signs
+
+from .conftest import tiny_bert_config, toy_dataset
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def safetensors_tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def file_tensor_bytes(path) -> int:
+    return sum(t.numel() * t.element_size() for t in safetensors_tensors(path).values())
+
+
+def read_config(folder) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def load_stompp(folder, config: StoMPPConfig, **kwargs):
+    return AutoModelForSequenceClassification.from_pretrained(str(folder), quantization_config=config, **kwargs)
+
+
+def fp_checkpoint(tmp_path, make_config=tiny_bert_config, seed=0):
+    """A saved full-precision classifier built from `make_config()`."""
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(make_config())
+    path = tmp_path / "fp"
+    model.save_pretrained(path)
+    return path
+
+
+def batches(n, vocab=64, batch=4, seq_len=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        yield torch.randint(5, vocab, (batch, seq_len), generator=g), torch.randint(0, 2, (batch,), generator=g)
+
+
+def train_to_freeze(model, total_steps=4, train_steps=None, vocab=64, lr=0.05):
+    """SGD steps under a ProgressionController; `train_steps < total_steps` stops mid-progression."""
+    torch.manual_seed(0)
+    ctl = ProgressionController(model, total_steps)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step, (ids, labels) in enumerate(batches(train_steps or total_steps, vocab=vocab), start=1):
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ctl.advance(step)
+    model.eval()
+    return ctl
+
+
+def eval_ids(vocab=64, seed=123):
+    return torch.randint(5, vocab, (3, 8), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, ids):
+    model.eval()
+    return model(input_ids=ids).logits
+
+
+def assert_packed_checkpoint(folder, trained):
+    """config.json says packed, every binarized layer is uint8 `weight_packed` and has no float `weight`."""
+    assert read_config(folder)["quantization_config"]["packed"] is True
+    tensors = safetensors_tensors(folder / "model.safetensors")
+    names = list(stompp_modules(trained))
+    assert names
+    for name, module in stompp_modules(trained).items():
+        packed = tensors[f"{name}.weight_packed"]
+        k = math.prod(module.weight.shape[1:])
+        assert packed.dtype == torch.uint8 and tuple(packed.shape) == (module.weight.shape[0], (k + 7) // 8)
+        assert f"{name}.weight" not in tensors
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. pack_signs / unpack_signs
+
+
+@pytest.mark.parametrize("k", [1, 7, 8, 13, 16, 64, 67])
+def test_pack_unpack_round_trip(k):
+    g = torch.Generator().manual_seed(k)
+    positive = torch.rand(5, k, generator=g) < 0.5
+    packed = pack_signs(positive)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (5, (k + 7) // 8)
+    assert torch.equal(unpack_signs(packed, k), positive)
+    if k % 8:  # the short last byte is zero-padded
+        assert int(packed[:, -1].max()) < (1 << (k % 8))
+
+
+def test_pack_signs_hand_computed_bytes():
+    row = torch.tensor([[True, False, False, True, True, True, False, False, True]])  # + - - + + + - - +
+    packed = pack_signs(row)
+    assert packed.tolist() == [[0b00111001, 0b00000001]]
+    assert torch.equal(unpack_signs(torch.tensor([[0b00111001, 0b00000001]], dtype=torch.uint8), 9), row)
+    assert pack_signs(torch.ones(2, 8, dtype=torch.bool)).tolist() == [[255], [255]]
+    assert pack_signs(torch.zeros(1, 3, dtype=torch.bool)).tolist() == [[0]]
+
+
+def test_pack_signs_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D bool tensor"):
+        pack_signs(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="2-D bool tensor"):
+        pack_signs(torch.ones(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"unpack_signs expects uint8 \[rows, 2\]"):
+        unpack_signs(torch.zeros(2, 3, dtype=torch.uint8), 13)
+    with pytest.raises(ValueError, match="unpack_signs expects uint8"):
+        unpack_signs(torch.zeros(2, 2, dtype=torch.int64), 13)
+    with pytest.raises(ValueError, match="unpack_signs expects uint8"):
+        unpack_signs(torch.zeros(2, dtype=torch.uint8), 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. BinaryLinear / BinaryConv2d equal the frozen training modules
+
+RULES = ["stompp", "stompp_ste", "ste", None]
+COMBOS = [(w, a) for w in RULES for a in RULES if (w, a) != (None, None)]
+LAYERS = {
+    # kind: (layer factory, input shape)
+    "linear": (lambda: nn.Linear(13, 6), (5, 13)),
+    "conv": (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1), (2, 3, 7, 7)),
+    "conv_reflect_groups": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"), (2, 4, 5, 6)),
+}
+
+
+def with_zeros(shape, seed):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x[x.abs() < 0.4] = 0.0  # exact zeros: sign(0) = +1 must agree between training and packed modules
+    x.view(-1)[0] = -0.0
+    assert int((x == 0).sum()) > 0
+    return x
+
+
+def frozen_training_module(kind, weights, activations, scales):
+    torch.manual_seed(0)
+    make_layer, shape = LAYERS[kind]
+    layer = make_layer()
+    with torch.no_grad():
+        layer.weight.view(-1)[::5] = 0.0
+    config = StoMPPConfig(
+        weights=weights,
+        activations=activations,
+        weight_scale="channel" if scales else "none",
+        activation_scale="tensor" if scales else "none",
+    )
+    cls = StoMPPLinear if isinstance(layer, nn.Linear) else StoMPPConv2d
+    module = cls.from_module(layer, config)
+    for b in module.binarizers():
+        b.controlled = True
+    module.train()
+    with torch.no_grad():
+        module(torch.randn(shape, generator=torch.Generator().manual_seed(1)))  # measures beta, sizes input masks
+        module(torch.randn(shape, generator=torch.Generator().manual_seed(2)))
+    for b in module.binarizers():
+        b.mask.fill(True)
+    assert module.fully_frozen
+    module.eval()
+    return module, layer, shape
+
+
+@pytest.mark.parametrize("scales", [True, False], ids=["scaled", "unscaled"])
+@pytest.mark.parametrize("weights,activations", COMBOS, ids=[f"W{w}-A{a}" for w, a in COMBOS])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_binary_module_equals_frozen_training_module(kind, weights, activations, scales):
+    module, layer, shape = frozen_training_module(kind, weights, activations, scales)
+    binary_cls = BinaryLinear if kind == "linear" else BinaryConv2d
+    x = with_zeros(shape, seed=3)
+    with torch.no_grad():
+        expected = module(x)
+        fp = (
+            layer._conv_forward(x, layer.weight, layer.bias)
+            if kind != "linear"
+            else nn.functional.linear(x, layer.weight, layer.bias)
+        )
+        assert not torch.equal(expected, fp)  # the frozen module really is binarized
+
+        packed = binary_cls.from_stompp(module)
+        assert type(packed) is binary_cls
+        assert torch.equal(packed(x), expected)
+        assert packed._unpacked is None  # no float copy is kept without the cache
+        assert torch.equal(pack_module("layer", module)(x), expected)
+
+        cached = binary_cls.from_stompp(module, unpack_cache=True)
+        assert torch.equal(cached(x), expected)
+        assert torch.equal(cached(x), expected)
+
+    params = dict(packed.named_parameters())
+    state = packed.state_dict()
+    expected_keys = {"bias"}
+    if weights is not None:
+        k = math.prod(module.weight.shape[1:])
+        assert packed.weight is None and "weight" not in params and "weight" not in state
+        assert set(params) == {"bias"}
+        assert state["weight_packed"].dtype == torch.uint8
+        assert tuple(state["weight_packed"].shape) == (module.weight.shape[0], (k + 7) // 8)
+        assert cached._unpacked is not None and cached.unpacked_weight() is cached._unpacked[1]
+        expected_keys.add("weight_packed")
+        if scales:
+            expected_keys.add("weight_scale")
+    else:
+        assert torch.equal(params["weight"], module.weight) and packed.weight_packed is None
+        expected_keys.add("weight")
+    if activations is not None and scales:
+        assert state["input_scale"].dtype == torch.float32 and float(state["input_scale"]) > 0
+        assert torch.equal(state["input_scale"], module.input_binarizer.scale)
+        expected_keys.add("input_scale")
+    assert set(state) == expected_keys
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. bit-exact save -> reload of tiny encoders
+
+ENCODERS = {
+    "bert": tiny_bert_config,
+    "roberta": lambda: RobertaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=72,
+        num_labels=2,
+    ),
+    "distilbert": lambda: DistilBertConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=2
+    ),
+}
+CONFIGS = {
+    "stompp": dict(),
+    "stompp_ste": dict(weights="stompp_ste", activations="stompp_ste"),
+    "bwn": dict(activations=None),
+    "bwn_deterministic": dict(activations=None, policy="deterministic"),
+}
+CASES = [(e, "stompp") for e in ENCODERS] + [("bert", c) for c in CONFIGS if c != "stompp"]
+
+
+@pytest.mark.parametrize("encoder,rules", CASES, ids=[f"{e}-{c}" for e, c in CASES])
+def test_packed_save_reload_is_bit_exact(tmp_path, encoder, rules):
+    model = load_stompp(fp_checkpoint(tmp_path, ENCODERS[encoder]), StoMPPConfig(**CONFIGS[rules]))
+    train_to_freeze(model)
+    assert all(m.fully_frozen for m in stompp_modules(model).values())
+    ids = eval_ids()
+    expected = logits(model, ids)
+    out = tmp_path / "packed"
+    model.save_pretrained(out)
+
+    assert_packed_checkpoint(out, model)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out))
+    assert not stompp_modules(reloaded)
+    binary = {n for n, m in reloaded.named_modules() if isinstance(m, BinaryLinear)}
+    assert binary == set(stompp_modules(model))
+    assert torch.equal(logits(reloaded, ids), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. the real packaged MiniLM (2 layers) on real sentences
+
+
+@pytest.mark.slow
+def test_minilm_packed_reload_is_bit_exact(tmp_path):
+    from stompp_hf.assets import load_rotten_tomatoes, minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    train_rows, val_rows = load_rotten_tomatoes(n_train=24, n_validation=8)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        minilm_path(), num_labels=2, num_hidden_layers=2, quantization_config=StoMPPConfig()
+    )
+    ctl = ProgressionController(model, 3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for step in range(1, 4):
+        rows = train_rows[8 * (step - 1) : 8 * step]
+        enc = tokenizer(
+            [r["sentence"] for r in rows], padding=True, truncation=True, max_length=32, return_tensors="pt"
+        )
+        loss = model(**enc, labels=torch.tensor([r["label"] for r in rows])).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ctl.advance(step)
+    assert all(m.fully_frozen for m in stompp_modules(model).values())
+
+    model.eval()
+    enc = tokenizer(
+        [r["sentence"] for r in val_rows], padding=True, truncation=True, max_length=32, return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = model(**enc).logits
+    out = tmp_path / "minilm-packed"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    assert_packed_checkpoint(out, model)
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert sum(isinstance(m, BinaryLinear) for m in reloaded.modules()) == 2 * 6 + 1
+    with torch.no_grad():
+        assert torch.equal(reloaded(**enc).logits, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. bits per binarized weight
+
+
+@pytest.mark.parametrize("weight_scale,bound", [("channel", 1.05), ("none", 1.0)])
+def test_packed_bits_per_weight(tmp_path, weight_scale, bound):
+    def make_config():
+        return tiny_bert_config(
+            hidden_size=640, num_hidden_layers=1, intermediate_size=640, num_attention_heads=2, vocab_size=32
+        )
+
+    model = load_stompp(fp_checkpoint(tmp_path, make_config), StoMPPConfig(weight_scale=weight_scale))
+    train_to_freeze(model, total_steps=2, vocab=32)
+    model.save_pretrained(tmp_path / "packed")
+    tensors = assert_packed_checkpoint(tmp_path / "packed", model)
+    n_weights = sum(m.weight.numel() for m in stompp_modules(model).values())
+    assert n_weights == 7 * 640 * 640
+    nbytes = sum(
+        t.numel() * t.element_size() for k, t in tensors.items() if k.endswith((".weight_packed", ".weight_scale"))
+    )
+    bits = 8 * nbytes / n_weights
+    assert bits <= bound
+    if weight_scale == "none":
+        assert bits == 1.0
+        assert not any(k.endswith(".weight_scale") for k in tensors)
+    else:
+        assert bits > 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. export_dtype
+
+
+def test_export_dtype_float16(tmp_path):
+    fp = fp_checkpoint(tmp_path)
+    models = {}
+    for dtype in ("float16", None):
+        model = load_stompp(fp, StoMPPConfig(export_dtype=dtype))
+        train_to_freeze(model)
+        model.save_pretrained(tmp_path / str(dtype))
+        models[dtype] = model
+    out16 = tmp_path / "float16"
+    assert read_config(out16)["quantization_config"]["export_dtype"] == "float16"
+    tensors = assert_packed_checkpoint(out16, models["float16"])
+    for key, t in tensors.items():
+        if key.endswith(".input_scale"):
+            assert t.dtype == torch.float32, key
+        elif key.endswith(".weight_packed"):
+            assert t.dtype == torch.uint8, key
+        elif t.is_floating_point():
+            assert t.dtype == torch.float16, key
+    assert any(k.endswith(".weight_scale") for k in tensors) and "bert.embeddings.word_embeddings.weight" in tensors
+    assert (out16 / "model.safetensors").stat().st_size < (tmp_path / "None" / "model.safetensors").stat().st_size
+    assert file_tensor_bytes(out16 / "model.safetensors") == summary(models["float16"], print_fn=None).total.nbytes
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out16))
+    assert reloaded.bert.embeddings.word_embeddings.weight.dtype == torch.float32
+    ids = eval_ids()
+    expected = logits(models["float16"], ids)
+    got = logits(reloaded, ids)
+    assert got.dtype == torch.float32
+    assert not torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. errors and the latent fallback
+
+
+def test_packed_checkpoint_with_edited_config_names_the_tensor(tmp_path):
+    model = load_stompp(fp_checkpoint(tmp_path), StoMPPConfig())
+    train_to_freeze(model)
+    out = tmp_path / "packed"
+    model.save_pretrained(out)
+    config = read_config(out)
+    config["intermediate_size"] = 48
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"`bert\.encoder\.layer\.0\.intermediate\.dense\.weight_packed`"):
+        AutoModelForSequenceClassification.from_pretrained(str(out))
+
+
+def test_saving_mid_progression_writes_latent_checkpoint(tmp_path, caplog):
+    model = load_stompp(fp_checkpoint(tmp_path), StoMPPConfig())
+    train_to_freeze(model, total_steps=6, train_steps=2)
+    assert not all(m.fully_frozen for m in stompp_modules(model).values())
+    out = tmp_path / "latent"
+    with caplog.at_level(logging.WARNING, logger="stompp_hf.hf_quantizer"):
+        model.save_pretrained(out)
+    warnings = [r for r in caplog.records if r.name == "stompp_hf.hf_quantizer" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "latent checkpoint" in warnings[0].getMessage()
+    assert read_config(out)["quantization_config"]["packed"] is False
+    tensors = safetensors_tensors(out / "model.safetensors")
+    assert not any(k.endswith("weight_packed") for k in tensors)
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out))
+    assert set(stompp_modules(reloaded)) == set(stompp_modules(model))
+    assert all(isinstance(m, StoMPPLinear) for m in stompp_modules(reloaded).values())
+    state = model.state_dict()
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert float(reloaded.bert.pooler.dense.input_binarizer.scale) > 0
+
+
+def test_packing_requires_measured_beta_and_frozen_masks(tmp_path):
+    module = StoMPPLinear.from_module(nn.Linear(8, 4), StoMPPConfig())
+    module.weight_binarizer.mask.fill(True)
+    module.input_binarizer.mask.fill(True)
+    assert module.fully_frozen
+    with pytest.raises(ValueError, match="activation scale beta was never measured"):
+        pack_module("layer", module)
+
+    module = StoMPPLinear.from_module(nn.Linear(8, 4), StoMPPConfig())
+    module.input_binarizer.scale.fill_(0.5)
+    with pytest.raises(ValueError, match="masks are not all frozen"):
+        pack_module("layer", module)
+
+    # the same through save_pretrained: every mask frozen, but never run in training mode
+    model = load_stompp(fp_checkpoint(tmp_path), StoMPPConfig())
+    ProgressionController(model, 1).advance(1)
+    assert all(m.fully_frozen for m in stompp_modules(model).values())
+    with pytest.raises(ValueError, match="activation scale beta was never measured"):
+        model.save_pretrained(tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Trainer: latent checkpoints while training, packed save_model after, resume
+
+
+def trainer_for(model, output_dir, **kwargs):
+    args = TrainingArguments(
+        str(output_dir),
+        max_steps=6,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        **kwargs,
+    )
+    return Trainer(model=model, args=args, train_dataset=toy_dataset(), callbacks=[StoMPPCallback()])
+
+
+def test_trainer_checkpoints_are_latent_and_save_model_is_packed(tmp_path):
+    run = tmp_path / "run"
+    model = load_stompp(fp_checkpoint(tmp_path), StoMPPConfig())
+    trainer = trainer_for(model, run, save_strategy="steps", save_steps=3)
+    trainer.train()
+    assert all(m.fully_frozen for m in stompp_modules(model).values())
+
+    for step in (3, 6):  # the checkpoint of the last step too is written while training runs
+        ckpt = run / f"checkpoint-{step}"
+        tensors = safetensors_tensors(ckpt / "model.safetensors")
+        assert not any(k.endswith(("weight_packed", "weight_scale", "input_scale")) for k in tensors)
+        for name in stompp_modules(model):
+            assert tensors[f"{name}.weight"].dtype == torch.float32
+        assert read_config(ckpt)["quantization_config"]["packed"] is False
+
+    ids = eval_ids()
+    expected = logits(model, ids)
+    trainer.save_model(str(tmp_path / "final"))
+    assert_packed_checkpoint(tmp_path / "final", model)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "final"))
+    assert torch.equal(logits(reloaded, ids), expected)
+
+    # resume from the mid-training latent checkpoint
+    resumed = BertForSequenceClassification.from_pretrained(str(run / "checkpoint-3"))
+    assert all(isinstance(m, StoMPPLinear) for m in stompp_modules(resumed).values())
+    trainer = trainer_for(resumed, run, save_strategy="no")
+    trainer.train(resume_from_checkpoint=str(run / "checkpoint-3"))
+    assert trainer.state.global_step == 6
+    assert all(m.fully_frozen for m in stompp_modules(resumed).values())
+    trainer.save_model(str(tmp_path / "resumed"))
+    assert_packed_checkpoint(tmp_path / "resumed", resumed)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "resumed"))
+    resumed_logits = logits(resumed, ids)
+    assert torch.equal(logits(reloaded, ids), resumed_logits)
+    torch.testing.assert_close(resumed_logits, expected)  # the resumed run ends where the uninterrupted one did
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. summary
+
+
+def test_summary_matches_saved_packed_checkpoint(tmp_path):
+    model = load_stompp(fp_checkpoint(tmp_path), StoMPPConfig())
+    train_to_freeze(model)
+    projected = summary(model, print_fn=None)
+    out = tmp_path / "packed"
+    model.save_pretrained(out)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out))
+    actual = summary(reloaded, print_fn=None)
+
+    assert projected.total.nbytes == actual.total.nbytes == file_tensor_bytes(out / "model.safetensors")
+    n_binarized = sum(m.weight.numel() for m in stompp_modules(model).values())
+    assert projected.total.binarized == actual.total.binarized == n_binarized
+    assert projected.total.params == actual.total.params == sum(p.numel() for p in model.parameters())
+
+    result = subprocess.run(
+        [sys.executable, "-m", "stompp_hf", "summary", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "total" in result.stdout
