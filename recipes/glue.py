@@ -1,0 +1,364 @@
+"""Fine-tune a BERT-family model on a GLUE task with StoMPP binarization, evaluate it, export it packed.
+
+    # The main job, fully offline: the packaged all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets as
+    # an SST-2-style task, W1A1 with StoMPP + STE on frozen entries.
+    python recipes/glue.py --task_name sst2 --output_dir outputs/glue-sst2
+
+    # Online users: any Hub model and the real GLUE data.
+    python recipes/glue.py --model_name_or_path google-bert/bert-base-uncased --task_name mrpc \\
+        --dataset_name nyu-mll/glue --output_dir outputs/mrpc
+
+    # Local files in the GLUE layout (csv / tsv / json / jsonl / parquet, or a folder saved by `datasets`).
+    python recipes/glue.py --task_name rte --train_file train.tsv --validation_file dev.tsv ...
+
+    # Or one JSON file holding all arguments (see recipes/experiments/glue/).
+    python recipes/glue.py recipes/experiments/glue/stompp_ste_w1a1.json
+
+Writes to `--output_dir`: the final checkpoint (packed 1-bit once every tensor is frozen) with its tokenizer,
+`all_results.json`, `curves.png` (loss, and accuracy of the network as trained and of `binarized(model)` over
+steps) and the model card `README.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+import stompp_hf
+from stompp_hf import StoMPPCallback, StoMPPConfig, binarized
+from stompp_hf.assets import load_rotten_tomatoes, minilm_path
+from stompp_hf.hub import model_card
+from stompp_hf.metrics import glue_main_metric, load_glue_metric
+
+logger = logging.getLogger("recipes.glue")
+
+#: Text columns of each GLUE task (second is None for single-sentence tasks) and its number of labels (1 = regression).
+TASKS: dict[str, tuple[str, str | None, int]] = {
+    "cola": ("sentence", None, 2),
+    "sst2": ("sentence", None, 2),
+    "mrpc": ("sentence1", "sentence2", 2),
+    "qqp": ("question1", "question2", 2),
+    "stsb": ("sentence1", "sentence2", 1),
+    "mnli": ("premise", "hypothesis", 3),
+    "qnli": ("question", "sentence", 2),
+    "rte": ("sentence1", "sentence2", 2),
+    "wnli": ("sentence1", "sentence2", 2),
+}
+#: Evaluation splits of each task in the GLUE layout.
+EVAL_SPLITS = {"mnli": ["validation_matched", "validation_mismatched"]}
+EMBEDDED_DATASET = "rotten_tomatoes_sst2_standin"
+
+
+def _none(value: str | None) -> str | None:
+    return None if value is None or str(value).lower() in ("none", "null", "") else value
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or folder. Default: the packaged all-MiniLM-L6-v2 (offline)."}
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    num_hidden_layers: int | None = field(
+        default=None, metadata={"help": "Keep only the first N encoder layers (fast experiments and tests)."}
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Re-initialise a checkpoint's head whose number of labels differs."}
+    )
+
+
+@dataclass
+class DataArguments:
+    task_name: str = field(default="sst2", metadata={"help": f"GLUE task: {', '.join(TASKS)}."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub dataset with the GLUE layout (e.g. nyu-mll/glue), or a local folder (saved by `datasets` "
+            "or holding data files). Default: local files if given; for sst2 without any, the packaged Rotten "
+            "Tomatoes stand-in; otherwise nyu-mll/glue."
+        },
+    )
+    train_file: str | None = field(default=None, metadata={"help": "csv / tsv / json / jsonl / parquet."})
+    validation_file: str | None = field(default=None, metadata={"help": "Same formats (mnli: the matched set)."})
+    validation_mismatched_file: str | None = field(default=None, metadata={"help": "mnli only."})
+    max_seq_length: int = field(default=128, metadata={"help": "Truncate to this many tokens."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap the training set."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap each evaluation set."})
+    embedded_train_samples: int = field(
+        default=3000, metadata={"help": "Training snippets of the Rotten Tomatoes stand-in (stratified)."}
+    )
+    embedded_eval_samples: int = field(
+        default=1000, metadata={"help": "Validation snippets of the Rotten Tomatoes stand-in (balanced, fixed)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.task_name not in TASKS:
+            raise ValueError(f"`task_name` must be one of {', '.join(TASKS)}, but got {self.task_name!r}.")
+        self.dataset_name = _none(self.dataset_name)
+
+
+@dataclass
+class StoMPPArguments:
+    binarize: bool = field(default=True, metadata={"help": "False trains the full-precision baseline."})
+    weights: str | None = field(
+        default="stompp_ste", metadata={"help": "'stompp', 'stompp_ste' (StoMPP + STE on frozen), 'ste' or 'none'."}
+    )
+    activations: str | None = field(default="stompp_ste", metadata={"help": "Same values; 'none' = BWN."})
+    schedule: str = field(default="cubic", metadata={"help": "p(tau) shape."})
+    refresh_rate: int = field(default=100, metadata={"help": "Soft refresh rate r."})
+    order: str = field(default="forward", metadata={"help": "'forward', 'global' or 'reverse'."})
+    policy: str = field(default="stochastic", metadata={"help": "'stochastic' or 'deterministic' (BWN)."})
+    granularity: str = field(default="block", metadata={"help": "'block' or 'module'."})
+    weight_scale: str = field(default="channel", metadata={"help": "'channel' or 'none'."})
+    activation_scale: str = field(default="tensor", metadata={"help": "'tensor' or 'none'."})
+    export_dtype: str | None = field(default=None, metadata={"help": "Packed remainder dtype, e.g. 'float16'."})
+    progression_fraction: float = field(
+        default=0.7, metadata={"help": "Share of training steps spent progressing; the rest trains fully binary."}
+    )
+    eval_binarized: bool = field(
+        default=True, metadata={"help": "Also evaluate `binarized(model)` at every evaluation (the paper's curve)."}
+    )
+
+    def config(self, seed: int) -> StoMPPConfig | None:
+        if not self.binarize:
+            return None
+        return StoMPPConfig(
+            weights=_none(self.weights),
+            activations=_none(self.activations),
+            schedule=self.schedule,
+            refresh_rate=self.refresh_rate,
+            order=self.order,
+            policy=self.policy,
+            granularity=self.granularity,
+            weight_scale=self.weight_scale,
+            activation_scale=self.activation_scale,
+            export_dtype=_none(self.export_dtype),
+            seed=seed,
+        )
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, StoMPPArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def _uses_embedded(data: DataArguments) -> bool:
+    return data.task_name == "sst2" and data.dataset_name is None and data.train_file is None
+
+
+def load_raw_datasets(data: DataArguments) -> DatasetDict:
+    """The task's splits in the GLUE layout: Hub, local folder, local files, or the embedded stand-in."""
+    if data.train_file is not None or data.validation_file is not None:
+        files = {"train": data.train_file, "validation": data.validation_file}
+        if data.task_name == "mnli":
+            files = {
+                "train": data.train_file,
+                "validation_matched": data.validation_file,
+                "validation_mismatched": data.validation_mismatched_file,
+            }
+        files = {k: v for k, v in files.items() if v is not None}
+        ext = next(iter(files.values())).rsplit(".", 1)[-1].lower()
+        if ext == "tsv":
+            return load_dataset("csv", data_files=files, delimiter="\t")
+        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+        if builder is None:
+            raise ValueError(f"Unsupported data file extension {ext!r}: use csv, tsv, json, jsonl or parquet.")
+        return load_dataset(builder, data_files=files)
+    if data.dataset_name is not None:
+        if os.path.isdir(data.dataset_name):
+            if os.path.isfile(os.path.join(data.dataset_name, "dataset_dict.json")):
+                return load_from_disk(data.dataset_name)
+            return load_dataset(data.dataset_name)
+        return load_dataset(data.dataset_name, data.task_name)
+    if data.task_name == "sst2":
+        train, validation = load_rotten_tomatoes(data.embedded_train_samples, data.embedded_eval_samples)
+        return DatasetDict({"train": Dataset.from_list(train), "validation": Dataset.from_list(validation)})
+    return load_dataset("nyu-mll/glue", data.task_name)
+
+
+def eval_split_names(task: str, raw: DatasetDict) -> list[str]:
+    names = [s for s in EVAL_SPLITS.get(task, ["validation"]) if s in raw]
+    if not names:
+        raise ValueError(f"No evaluation split for {task}: expected {EVAL_SPLITS.get(task, ['validation'])}.")
+    return names
+
+
+def preprocess(raw: DatasetDict, task: str, tokenizer, max_seq_length: int) -> DatasetDict:
+    """Tokenize the task's text columns; labels become `labels` (float for the regression task stsb)."""
+    first, second, num_labels = TASKS[task]
+    missing = [c for c in (first, second, "label") if c is not None and c not in raw[next(iter(raw))].column_names]
+    if missing:
+        raise ValueError(f"The {task} data needs columns {missing}; found {raw[next(iter(raw))].column_names}.")
+
+    def encode(batch: dict[str, list]) -> dict[str, Any]:
+        texts = (batch[first],) if second is None else (batch[first], batch[second])
+        out = tokenizer(*texts, truncation=True, max_length=max_seq_length)
+        out["labels"] = [float(x) for x in batch["label"]] if num_labels == 1 else [int(x) for x in batch["label"]]
+        return out
+
+    return DatasetDict(
+        {name: split.map(encode, batched=True, remove_columns=split.column_names) for name, split in raw.items()}
+    )
+
+
+class GlueTrainer(Trainer):
+    """`Trainer` whose evaluation also reports the fully binarized network (`eval_binarized_*`) for StoMPP models."""
+
+    def __init__(self, *args, eval_binarized: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_binarized = eval_binarized
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.eval_binarized and stompp_hf.hub.is_stompp_model(model) and "binarized" not in metric_key_prefix:
+            with binarized(model):
+                metrics.update(super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_binarized"))
+        return metrics
+
+
+def plot_curves(log_history: list[dict], path: str, metric: str) -> str | None:
+    """Loss, and `metric` of the network as trained and binarized, over steps; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no curves.png (pip install matplotlib).")
+        return None
+    loss = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    trained = [(e["step"], e[f"eval_{metric}"]) for e in log_history if f"eval_{metric}" in e]
+    binary = [(e["step"], e[f"eval_binarized_{metric}"]) for e in log_history if f"eval_binarized_{metric}" in e]
+    frozen = [
+        (e["step"], e["stompp/weight_frozen_fraction"]) for e in log_history if "stompp/weight_frozen_fraction" in e
+    ]
+    fig, (ax_metric, ax_loss) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    if trained:
+        ax_metric.plot(*zip(*trained), marker="o", label="as trained (masked)")
+    if binary:
+        ax_metric.plot(*zip(*binary), marker="s", label="binarized(model)")
+    ax_metric.set_ylabel(metric)
+    ax_metric.legend(loc="lower right")
+    ax_metric.grid(alpha=0.3)
+    if frozen:
+        twin = ax_metric.twinx()
+        twin.plot(*zip(*frozen), color="gray", alpha=0.4, label="frozen fraction")
+        twin.set_ylabel("frozen fraction of weights", color="gray")
+        twin.set_ylim(0, 1.05)
+    if loss:
+        ax_loss.plot(*zip(*loss), label="training loss")
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data, stompp_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+    task = data.task_name
+    embedded = _uses_embedded(data)
+    model_path = model_args.model_name_or_path or minilm_path()
+
+    raw = load_raw_datasets(data)
+    if data.max_train_samples is not None and "train" in raw:
+        raw["train"] = raw["train"].select(range(min(data.max_train_samples, len(raw["train"]))))
+    eval_names = eval_split_names(task, raw)
+    if data.max_eval_samples is not None:
+        for name in eval_names:
+            raw[name] = raw[name].select(range(min(data.max_eval_samples, len(raw[name]))))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
+    datasets = preprocess(raw, task, tokenizer, data.max_seq_length)
+    num_labels = TASKS[task][2]
+    config = stompp_args.config(training_args.seed)
+    extra = {"num_hidden_layers": model_args.num_hidden_layers} if model_args.num_hidden_layers else {}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path,
+        num_labels=num_labels,
+        quantization_config=config,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **extra,
+    )
+
+    metric = load_glue_metric(task)
+    main_metric = glue_main_metric(task)
+
+    def compute_metrics(pred) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        preds = np.squeeze(logits, -1) if num_labels == 1 else np.argmax(logits, axis=-1)
+        return metric.compute(predictions=preds, references=pred.label_ids)
+
+    callbacks = [StoMPPCallback(progression_fraction=stompp_args.progression_fraction)] if config else []
+    trainer = GlueTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets.get("train"),
+        eval_dataset=datasets[eval_names[0]],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
+        eval_binarized=stompp_args.eval_binarized,
+    )
+
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()  # packed 1-bit once the progression is complete
+    results: dict[str, Any] = {
+        f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()
+    }
+    results["train_steps"] = trainer.state.global_step
+    for name in eval_names:
+        prefix = "eval" if name == eval_names[0] else f"eval_{name.removeprefix('validation_')}"
+        results.update(trainer.evaluate(datasets[name], metric_key_prefix=prefix))
+    results.update({"task": task, "dataset": EMBEDDED_DATASET if embedded else (data.dataset_name or "local files")})
+    if trainer.is_world_process_zero():
+        trainer.save_metrics("all", results)
+        trainer.save_state()
+        curves = plot_curves(
+            trainer.state.log_history, os.path.join(training_args.output_dir, "curves.png"), main_metric
+        )
+        if config is not None:
+            card_metrics = {k: v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)}
+            model_card(
+                model,
+                model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+                task="text-classification",
+                dataset=EMBEDDED_DATASET if embedded else (data.dataset_name or task),
+                metrics={k: v for k, v in card_metrics.items() if not k.endswith(("runtime", "per_second"))},
+            ).save(os.path.join(training_args.output_dir, "README.md"))
+        print(json.dumps({k: v for k, v in results.items() if "per_second" not in k}, indent=2))
+        print(
+            f"\nOutputs in {training_args.output_dir}: checkpoint + tokenizer, all_results.json"
+            + (f", {os.path.basename(curves)}" if curves else "")
+            + (", README.md (model card)" if config else "")
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()

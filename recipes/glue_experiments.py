@@ -1,0 +1,109 @@
+"""Run GLUE experiment configs over seeds and write a Markdown results table.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python recipes/glue_experiments.py \\
+        recipes/experiments/glue/{fp,ste_w1a1,stompp_w1a1,stompp_ste_w1a1,stompp_bwn}.json \\
+        --seeds 0 1 --table benchmarks/results/glue_sst2.md
+
+Each (config, seed) runs `recipes/glue.py` in its own process with `seed` and `output_dir` (suffixed `-seed<N>`)
+overridden; a run whose `all_results.json` exists is reused, so an interrupted table resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_one(config_path: str, seed: int, force: bool = False) -> dict:
+    with open(config_path) as f:
+        config = json.load(f)
+    config["seed"] = seed
+    config["output_dir"] = f"{config['output_dir']}-seed{seed}"
+    results_path = os.path.join(config["output_dir"], "all_results.json")
+    if os.path.isfile(results_path) and not force:
+        print(f"[reuse] {results_path}", flush=True)
+    else:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tmp:
+            json.dump(config, tmp)
+        start = time.time()
+        print(f"[run] {os.path.basename(config_path)} seed {seed} -> {config['output_dir']}", flush=True)
+        try:
+            subprocess.run([sys.executable, os.path.join(HERE, "glue.py"), tmp.name], check=True)
+        finally:
+            os.unlink(tmp.name)
+        print(f"[done] {time.time() - start:.0f} s", flush=True)
+    with open(results_path) as f:
+        return json.load(f)
+
+
+def _stats(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    mean = 100 * statistics.mean(values)
+    spread = 100 * (max(values) - min(values)) / 2
+    return f"{mean:.1f} ± {spread:.1f}"
+
+
+def write_table(rows: list[tuple[str, list[dict]]], path: str, command: str, metric: str) -> str:
+    lines = [
+        "# GLUE results",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Metric: `{metric}` in %, mean ± half-range over seeds (each seed a separate run).",
+        "'as trained' evaluates the network as it ends training (masked, identical to binarized once the",
+        "progression is complete); 'binarized' evaluates `binarized(model)` (every mask forced to 1).",
+        "",
+        "| experiment | seeds | steps | as trained | binarized | per-seed binarized | train time (s) |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for name, results in rows:
+        trained = [r[f"eval_{metric}"] for r in results if f"eval_{metric}" in r]
+        binary = [r[f"eval_binarized_{metric}"] for r in results if f"eval_binarized_{metric}" in r]
+        steps = sorted({r.get("train_steps", r.get("global_step", "?")) for r in results}, key=str)
+        runtime = statistics.mean(r.get("train_runtime", float("nan")) for r in results)
+        per_seed = ", ".join(f"{100 * v:.1f}" for v in binary) if binary else "n/a (full precision)"
+        lines.append(
+            f"| {name} | {len(results)} | {', '.join(map(str, steps))} | {_stats(trained)} | "
+            f"{_stats(binary)} | {per_seed} | {runtime:.0f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="+", help="Experiment JSON files (arguments of recipes/glue.py).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--table", default="benchmarks/results/glue_sst2.md")
+    parser.add_argument("--metric", default="accuracy")
+    parser.add_argument("--force", action="store_true", help="Re-run even when results exist.")
+    args = parser.parse_args(argv)
+    command = "HF_HUB_OFFLINE=1 .venv/bin/python recipes/glue_experiments.py " + " ".join(
+        [*args.configs, "--seeds", *map(str, args.seeds), "--table", args.table]
+    )
+    rows = []
+    for config in args.configs:
+        name = os.path.splitext(os.path.basename(config))[0]
+        rows.append((name, [run_one(config, seed, args.force) for seed in args.seeds]))
+        write_table(rows, args.table, command, args.metric)  # partial table after every experiment
+    print(write_table(rows, args.table, command, args.metric))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The GLUE recipe on tiny local GLUE-format files: every task's preprocessing, an end-to-end run, the presets."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer, BertForSequenceClassification
+
+from stompp_hf.assets import minilm_path
+
+from .conftest import tiny_bert_config
+
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+sys.path.insert(0, RECIPES)
+import glue  # noqa: E402
+
+ROWS = {
+    "cola": [{"sentence": "the cat sat .", "label": 1}, {"sentence": "sat the cat on .", "label": 0}],
+    "sst2": [{"sentence": "a gorgeous film", "label": 1}, {"sentence": "dull and tired", "label": 0}],
+    "mrpc": [{"sentence1": "he left .", "sentence2": "he went away .", "label": 1}],
+    "qqp": [{"question1": "how to cook rice ?", "question2": "what is a cat ?", "label": 0}],
+    "stsb": [{"sentence1": "a man plays .", "sentence2": "a man is playing .", "label": 4.6}],
+    "mnli": [{"premise": "it rains .", "hypothesis": "the ground is wet .", "label": 0}],
+    "qnli": [{"question": "who wrote it ?", "sentence": "it was written by ann .", "label": 0}],
+    "rte": [{"sentence1": "ann owns a car .", "sentence2": "ann has a car .", "label": 0}],
+    "wnli": [{"sentence1": "the cup fell , it broke .", "sentence2": "the cup broke .", "label": 1}],
+}
+
+
+def _write(path: str, rows: list[dict], fmt: str) -> str:
+    if fmt == "jsonl":
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    else:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+def _files(tmp_path, task: str, fmt: str, repeat: int = 1) -> dict[str, str]:
+    rows = ROWS[task] * repeat
+    files = {"train_file": _write(str(tmp_path / f"train.{fmt}"), rows, fmt)}
+    files["validation_file"] = _write(str(tmp_path / f"dev.{fmt}"), rows, fmt)
+    if task == "mnli":
+        files["validation_mismatched_file"] = _write(str(tmp_path / f"dev_mm.{fmt}"), rows, fmt)
+    return files
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+@pytest.mark.parametrize("task", sorted(glue.TASKS))
+def test_every_task_preprocesses_local_files(task, tmp_path, tokenizer):
+    fmt = {"sst2": "tsv", "mnli": "jsonl", "stsb": "csv"}.get(task, "tsv")
+    data = glue.DataArguments(task_name=task, **_files(tmp_path, task, fmt))
+    raw = glue.load_raw_datasets(data)
+    names = glue.eval_split_names(task, raw)
+    assert names == (["validation_matched", "validation_mismatched"] if task == "mnli" else ["validation"])
+    encoded = glue.preprocess(raw, task, tokenizer, max_seq_length=16)
+    first, second, num_labels = glue.TASKS[task]
+    row = ROWS[task][0]
+    example = encoded["train"][0]
+    expected = tokenizer(row[first], row[second], truncation=True, max_length=16) if second else tokenizer(row[first])
+    assert example["input_ids"] == expected["input_ids"]
+    if second is not None:  # pair tasks: both segments present
+        assert 1 in example["token_type_ids"]
+    if num_labels == 1:
+        assert example["labels"] == pytest.approx(4.6)
+    else:
+        assert example["labels"] == row["label"] and isinstance(example["labels"], int)
+
+
+def test_missing_columns_and_bad_task_are_clear(tmp_path, tokenizer):
+    data = glue.DataArguments(task_name="rte", **_files(tmp_path, "sst2", "tsv"))
+    with pytest.raises(ValueError, match="needs columns"):
+        glue.preprocess(glue.load_raw_datasets(data), "rte", tokenizer, 16)
+    with pytest.raises(ValueError, match="task_name"):
+        glue.DataArguments(task_name="squad")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-minilm")
+    torch.manual_seed(0)
+    config = tiny_bert_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _run(tmp_path, tiny_model_dir, task: str, *extra: str) -> tuple[str, dict]:
+    out = str(tmp_path / f"out-{task}")
+    files = _files(tmp_path, task, "csv", repeat=8)
+    argv = [
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--task_name",
+        task,
+        *[x for k, v in files.items() for x in (f"--{k}", v)],
+        "--output_dir",
+        out,
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+        *extra,
+    ]
+    return out, glue.main(argv)
+
+
+def test_recipe_end_to_end_on_local_files(tmp_path, tiny_model_dir):
+    out, results = _run(tmp_path, tiny_model_dir, "rte", "--progression_fraction", "0.5")
+    files = set(os.listdir(out))
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "all_results.json",
+        "curves.png",
+        "README.md",
+    } <= files
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["quantization_config"]["packed"] is True  # the final checkpoint is packed 1-bit
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert any(k.endswith("weight_packed") for k in f.keys())
+    saved = json.load(open(os.path.join(out, "all_results.json")))
+    assert saved["train_steps"] == 4 and saved["task"] == "rte"
+    assert 0.0 <= saved["eval_accuracy"] <= 1.0 and "eval_binarized_accuracy" in saved
+    # Progression is complete: the network as trained is the binarized one.
+    assert saved["eval_accuracy"] == saved["eval_binarized_accuracy"]
+    card = open(os.path.join(out, "README.md")).read()
+    assert "stompp" in card and "eval_accuracy" in card
+    with open(os.path.join(out, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recipe_regression_and_mnli(tmp_path, tiny_model_dir):
+    _, results = _run(
+        tmp_path, tiny_model_dir, "stsb", "--eval_binarized", "false", "--ignore_mismatched_sizes", "true"
+    )
+    assert {"eval_pearson", "eval_spearmanr"} <= set(results)
+    _, results = _run(tmp_path, tiny_model_dir, "mnli", "--binarize", "false", "--ignore_mismatched_sizes", "true")
+    assert "eval_accuracy" in results and "eval_mismatched_accuracy" in results
+
+
+def test_presets_parse():
+    demo = glue.parse_args([os.path.join(RECIPES, "experiments", "glue", "demo.json")])
+    model_args, data, stompp_args, training = demo
+    assert model_args.model_name_or_path is None and data.task_name == "sst2" and glue._uses_embedded(data)
+    assert stompp_args.binarize and stompp_args.config(0).weights == "stompp_ste"
+    assert training.output_dir == "outputs/demo"
+    experiments = sorted(glob.glob(os.path.join(RECIPES, "experiments", "glue", "*.json")))
+    assert len(experiments) >= 6
+    configs = {os.path.basename(p): glue.parse_args([p])[2].config(0) for p in experiments}
+    assert configs["fp.json"] is None
+    assert configs["stompp_bwn.json"].activations is None
+    assert configs["ste_w1a1.json"].weights == "ste"
