@@ -22,7 +22,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) recipes/demo_minilm.py --output_dir outputs/demo
+	HF_HUB_OFFLINE=1 $(PY) recipes/glue.py recipes/experiments/glue/demo.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check stompp_hf recipes tests
