@@ -27,7 +27,6 @@ from .layers import BINARY_MODULES, BinaryMixin, StoMPPMixin
 
 logger = logging.getLogger(__name__)
 
-PACKED_SUFFIXES = ("weight_packed", "weight_scale", "input_scale")
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
