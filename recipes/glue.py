@@ -43,6 +43,7 @@ from transformers import (
 import stompp_hf
 from stompp_hf import StoMPPCallback, StoMPPConfig, binarized
 from stompp_hf.assets import load_rotten_tomatoes, minilm_path
+from stompp_hf.export import binarization_progress
 from stompp_hf.hub import model_card
 from stompp_hf.metrics import glue_main_metric, load_glue_metric
 
@@ -233,8 +234,15 @@ class GlueTrainer(Trainer):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         model = self.accelerator.unwrap_model(self.model)
         if self.eval_binarized and stompp_hf.hub.is_stompp_model(model) and "binarized" not in metric_key_prefix:
-            with binarized(model):
-                metrics.update(super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_binarized"))
+            prefix = f"{metric_key_prefix}_binarized"
+            if binarization_progress(model).complete:
+                # Every mask is already 1: the binarized network is the network as trained; reuse its metrics.
+                binary = {prefix + k[len(metric_key_prefix) :]: v for k, v in metrics.items()}
+                self.log(binary)
+                metrics.update(binary)
+            else:
+                with binarized(model):
+                    metrics.update(super().evaluate(eval_dataset, ignore_keys, prefix))
         return metrics
 
 
