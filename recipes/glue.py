@@ -237,7 +237,8 @@ class GlueTrainer(Trainer):
             prefix = f"{metric_key_prefix}_binarized"
             if binarization_progress(model).complete:
                 # Every mask is already 1: the binarized network is the network as trained; reuse its metrics.
-                binary = {prefix + k[len(metric_key_prefix) :]: v for k, v in metrics.items()}
+                head = f"{metric_key_prefix}_"
+                binary = {f"{prefix}_{k[len(head) :]}": v for k, v in metrics.items() if k.startswith(head)}
                 self.log(binary)
                 metrics.update(binary)
             else:
