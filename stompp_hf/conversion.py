@@ -127,9 +127,7 @@ def convert_model(model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | 
     for (name, module), key in zip(targets, keys):
         stage = stage_of.setdefault(key, len(stage_of))
         new = STOMPP_MODULES[type(module)].from_module(module, config, stage=stage)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        model.set_submodule(name, new)
         converted[name] = new
     return converted
 

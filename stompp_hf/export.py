@@ -88,8 +88,7 @@ def pack_model(model: nn.Module, unpack_cache: bool = False) -> dict[str, Binary
     packed = {}
     for name, module in stompp_modules(model).items():
         new = pack_module(name, module, unpack_cache=unpack_cache)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new)
         packed[name] = new
     return packed
 
@@ -168,19 +167,17 @@ def convert_to_packed(
         ValueError: naming the tensor, when a packed tensor's shape disagrees with the model's layer.
     """
     if checkpoint_shapes is None:
-        names = [n for n, _ in select_modules(model, config)]
+        keys = {n: None for n, _ in select_modules(model, config)}
     else:
-        names = [n for n, _ in _eligible(model) if _lookup(checkpoint_shapes, n, base_model_prefix) is not None]
+        keys = {n: _lookup(checkpoint_shapes, n, base_model_prefix) for n, _ in _eligible(model)}
+        keys = {n: k for n, k in keys.items() if k is not None}
     converted = {}
-    for name in names:
+    for name, key in keys.items():
         module = model.get_submodule(name)
-        binary_cls = BINARY_MODULES[type(module)]
-        new = binary_cls.from_module(module, config, unpack_cache=unpack_cache)
-        if checkpoint_shapes is not None:
-            key = _lookup(checkpoint_shapes, name, base_model_prefix)
+        new = BINARY_MODULES[type(module)].from_module(module, config, unpack_cache=unpack_cache)
+        if key is not None:
             _check_shapes(new, name, key[: -len("weight_packed")], checkpoint_shapes)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new)
         converted[name] = new
     if checkpoint_shapes is not None and not converted:
         raise ValueError(

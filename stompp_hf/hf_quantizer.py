@@ -75,11 +75,11 @@ class StoMPPHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model: PreTrainedModel):
         config = self.quantization_config
-        progress = binarization_progress(model)
         if getattr(model, KEEP_LATENT_ATTR, False) and any(isinstance(m, StoMPPMixin) for m in model.modules()):
             config.packed = False
             logger.info("StoMPP: training in progress, saved latent full-precision weights (resumable checkpoint).")
             return None, {"stompp_format": "latent"}
+        progress = binarization_progress(model)
         if not progress.complete:
             config.packed = False
             logger.warning(

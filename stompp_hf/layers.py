@@ -334,7 +334,7 @@ class BinaryMixin:
     @classmethod
     def from_module(cls, module: nn.Module, config, unpack_cache: bool = False):
         """An empty packed module shaped like `module` (an `nn.Linear` / `nn.Conv2d`, on any device incl. meta)."""
-        raise NotImplementedError
+        return cls._empty_like(module, unpack_cache=unpack_cache, **cls.flags_from_config(config))
 
     @classmethod
     def from_stompp(cls, module: StoMPPMixin, unpack_cache: bool = False):
@@ -393,10 +393,6 @@ class BinaryLinear(BinaryMixin, nn.Module):
         return cls(
             module.in_features, module.out_features, module.bias is not None, dtype=w.dtype, device=w.device, **kwargs
         )
-
-    @classmethod
-    def from_module(cls, module: nn.Linear, config, unpack_cache: bool = False) -> BinaryLinear:
-        return cls._empty_like(module, unpack_cache=unpack_cache, **cls.flags_from_config(config))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.binarize_input(x), self.unpacked_weight(x.dtype), self.bias)
@@ -463,10 +459,6 @@ class BinaryConv2d(BinaryMixin, nn.Module):
             device=w.device,
             **kwargs,
         )
-
-    @classmethod
-    def from_module(cls, module: nn.Conv2d, config, unpack_cache: bool = False) -> BinaryConv2d:
-        return cls._empty_like(module, unpack_cache=unpack_cache, **cls.flags_from_config(config))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.binarize_input(x)
