@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, DistilBertConfig, RobertaConfig
 
 import stompp_hf  # noqa: F401  (registers the quantizer)
 
@@ -22,6 +22,24 @@ def tiny_bert_config(**overrides) -> BertConfig:
     )
     kwargs.update(overrides)
     return BertConfig(**kwargs)
+
+
+def tiny_roberta_config() -> RobertaConfig:
+    return RobertaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=72,
+        num_labels=2,
+    )
+
+
+def tiny_distilbert_config() -> DistilBertConfig:
+    return DistilBertConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=2
+    )
 
 
 @pytest.fixture

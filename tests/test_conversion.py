@@ -4,38 +4,26 @@ from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
     BertForSequenceClassification,
-    DistilBertConfig,
-    RobertaConfig,
 )
 
 from stompp_hf import StoMPPConfig, StoMPPLinear, prepare_model, stompp_modules
 from stompp_hf.conversion import default_modules_to_not_convert
 
-from .conftest import tiny_bert_config
+from .conftest import tiny_bert_config, tiny_distilbert_config, tiny_roberta_config
 
 # (name, config builder, expected converted count, expected full-precision linears, expected stage count)
 ENCODERS = [
     ("bert", lambda: tiny_bert_config(), 2 * 6 + 1, {"classifier"}, 3),
     (
         "roberta",
-        lambda: RobertaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=72,
-            num_labels=2,
-        ),
+        tiny_roberta_config,
         2 * 6 + 1,
         {"classifier.out_proj"},
         3,
     ),
     (
         "distilbert",
-        lambda: DistilBertConfig(
-            vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=2
-        ),
+        tiny_distilbert_config,
         2 * 6 + 1,
         {"classifier"},
         3,

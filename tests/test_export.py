@@ -14,8 +14,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertForSequenceClassification,
-    DistilBertConfig,
-    RobertaConfig,
     Trainer,
     TrainingArguments,
 )
@@ -34,7 +32,7 @@ from stompp_hf import (
 from stompp_hf.export import pack_module
 from stompp_hf.masks import pack_signs, unpack_signs
 
-from .conftest import tiny_bert_config, toy_dataset
+from .conftest import tiny_bert_config, tiny_distilbert_config, tiny_roberta_config, toy_dataset
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -251,18 +249,8 @@ def test_binary_module_equals_frozen_training_module(kind, weights, activations,
 
 ENCODERS = {
     "bert": tiny_bert_config,
-    "roberta": lambda: RobertaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=72,
-        num_labels=2,
-    ),
-    "distilbert": lambda: DistilBertConfig(
-        vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=2
-    ),
+    "roberta": tiny_roberta_config,
+    "distilbert": tiny_distilbert_config,
 }
 CONFIGS = {
     "stompp": dict(),
