@@ -130,6 +130,9 @@ class StoMPPArguments:
     granularity: str = field(default="block", metadata={"help": "'block' or 'module'."})
     weight_scale: str = field(default="channel", metadata={"help": "'channel' or 'none'."})
     activation_scale: str = field(default="tensor", metadata={"help": "'tensor' or 'none'."})
+    activation_clip: float = field(
+        default=1.0, metadata={"help": "Clip bound of the continuous input path, in units of beta."}
+    )
     export_dtype: str | None = field(default=None, metadata={"help": "Packed remainder dtype, e.g. 'float16'."})
     progression_fraction: float = field(
         default=0.7, metadata={"help": "Share of training steps spent progressing; the rest trains fully binary."}
@@ -151,6 +154,7 @@ class StoMPPArguments:
             granularity=self.granularity,
             weight_scale=self.weight_scale,
             activation_scale=self.activation_scale,
+            activation_clip=self.activation_clip,
             export_dtype=_none(self.export_dtype),
             seed=seed,
         )

@@ -82,6 +82,14 @@ class StoMPPConfig(QuantizationConfigMixin):
             "'none' uses +-1 and clips at 1."
         },
     )
+    activation_clip: float = field(
+        default=1.0,
+        metadata={
+            "help": "Clip bound of the continuous input path and of the STE window, in units of beta (of 1 with "
+            "activation_scale='none'): smooth(x) = clamp(x, -c, c) with c = activation_clip * beta. 1.0 is the "
+            "paper's clip(-1, 1); pretrained transformers keep their function only with a wider bound (~3-4)."
+        },
+    )
     compensation: str | None = field(
         default=None, metadata={"help": "None, or 'surge' for the SURGE dual-path gradient compensator."}
     )
@@ -122,6 +130,13 @@ class StoMPPConfig(QuantizationConfigMixin):
             raise ValueError(f"`quant_method` must be 'stompp', but got {self.quant_method!r}.")
         if isinstance(self.refresh_rate, bool) or not isinstance(self.refresh_rate, int) or self.refresh_rate < 1:
             raise ValueError(f"`refresh_rate` must be an int >= 1, but got {self.refresh_rate!r}.")
+        if (
+            isinstance(self.activation_clip, bool)
+            or not isinstance(self.activation_clip, (int, float))
+            or not self.activation_clip > 0
+        ):
+            raise ValueError(f"`activation_clip` must be a number > 0, but got {self.activation_clip!r}.")
+        self.activation_clip = float(self.activation_clip)
         if not isinstance(self.packed, bool):
             raise ValueError(f"`packed` must be a bool, but got {self.packed!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -34,11 +34,15 @@ class Binarizer(nn.Module):
             per-tensor scale beta kept as the buffer `scale`).
         scale_mode: 'channel' / 'none' for weights, 'tensor' / 'none' for inputs.
         shape: the mask shape: the weight's shape, or the per-sample input shape (None: set on first forward).
+        clip: inputs only: the clip bound in units of the scale (`StoMPPConfig.activation_clip`).
     """
 
-    def __init__(self, rule: str, kind: str, scale_mode: str, shape: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self, rule: str, kind: str, scale_mode: str, shape: tuple[int, ...] | None = None, clip: float = 1.0
+    ) -> None:
         super().__init__()
         self.rule = rule
+        self.clip = clip
         self.kind = kind
         self.scale_mode = scale_mode
         self.mask = self._new_mask(shape) if shape is not None else None
@@ -52,7 +56,8 @@ class Binarizer(nn.Module):
             self.scale = None
 
     def extra_repr(self) -> str:
-        return f"rule={self.rule!r}, kind={self.kind!r}, scale={self.scale_mode!r}"
+        clip = f", clip={self.clip}" if self.kind == "input" and self.clip != 1.0 else ""
+        return f"rule={self.rule!r}, kind={self.kind!r}, scale={self.scale_mode!r}{clip}"
 
     @property
     def progressive(self) -> bool:
@@ -101,7 +106,7 @@ class Binarizer(nn.Module):
         if self.kind == "input":
             mask_state = self.ensure_mask(tuple(u.shape[-feature_ndim:]))
             scale = self._input_scale(u) if self.scale is not None else 1.0
-            bound = scale
+            bound = scale * self.clip if self.clip != 1.0 else scale
         else:
             mask_state = self.mask
             scale = self.weight_scale(u)
@@ -126,10 +131,15 @@ class StoMPPMixin:
         weight_scale: str,
         activation_scale: str,
         input_shape: tuple[int, ...] | None,
+        activation_clip: float = 1.0,
     ) -> None:
         self.stompp_stage = 0
         w = Binarizer(weights, "weight", weight_scale, tuple(self.weight.shape)) if weights is not None else None
-        a = Binarizer(activations, "input", activation_scale, input_shape) if activations is not None else None
+        a = (
+            Binarizer(activations, "input", activation_scale, input_shape, clip=activation_clip)
+            if activations is not None
+            else None
+        )
         self.weight_binarizer = w
         self.input_binarizer = a
 
@@ -142,7 +152,12 @@ class StoMPPMixin:
         new._buffers = dict(module._buffers)
         new._modules = dict(module._modules)
         new._init_stompp(
-            config.weights, config.activations, config.weight_scale, config.activation_scale, cls._input_shape(module)
+            config.weights,
+            config.activations,
+            config.weight_scale,
+            config.activation_scale,
+            cls._input_shape(module),
+            config.activation_clip,
         )
         new.stompp_stage = stage
         return new

@@ -23,6 +23,8 @@ INVALID = [
     ("refresh_rate", 0, "`refresh_rate` must be an int >= 1, but got 0."),
     ("refresh_rate", 2.5, "`refresh_rate` must be an int >= 1, but got 2.5."),
     ("seed", "1", "`seed` must be an int, but got '1'."),
+    ("activation_clip", 0, "`activation_clip` must be a number > 0, but got 0."),
+    ("activation_clip", "3", "`activation_clip` must be a number > 0, but got '3'."),
     (
         "modules_to_not_convert",
         "classifier",
@@ -81,6 +83,7 @@ def test_dict_round_trip():
         granularity="module",
         weight_scale="none",
         activation_scale="none",
+        activation_clip=3.0,
         modules_to_not_convert=["pooler"],
         seed=7,
     )

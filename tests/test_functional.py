@@ -67,6 +67,24 @@ def test_scale_is_a_constant_and_bound_clips():
     assert scale.grad is None
 
 
+@pytest.mark.parametrize("rule", ["stompp", "stompp_ste"])
+def test_binarizer_activation_clip_widens_bound_in_units_of_beta(rule):
+    from stompp_hf.layers import Binarizer
+
+    b = Binarizer(rule, "input", "tensor", shape=(6,), clip=3.0)
+    b.scale.fill_(0.5)  # beta = 0.5, so the clip bound is c = 1.5
+    b.mask.value = MASK.clone()
+    b.eval()
+    u = U.clone().requires_grad_(True)
+    out = b(u, feature_ndim=1)
+    out.backward(G)
+    # frozen -> beta * sign(u); continuous -> clamp(u, -1.5, 1.5): -0.5 and 0.25 pass unchanged
+    assert torch.equal(out.detach(), torch.tensor([-0.5, -0.5, 0.5, 0.25, 0.5, -0.5]))
+    # continuous: g * 1{|u| <= 1.5}; frozen (stompp_ste): g * 1{|u| <= 1.5}: u=-2 -> 0, 0 -> 3, 1.5 -> 5, -0.75 -> 6
+    frozen = torch.tensor([0.0, 0.0, 3.0, 0.0, 5.0, 6.0]) if rule == "stompp_ste" else torch.zeros(6)
+    assert torch.equal(u.grad, torch.tensor([0.0, 2.0, 0.0, 4.0, 0.0, 0.0]) + frozen)
+
+
 def test_per_channel_weight_scale_broadcasts():
     w = torch.tensor([[0.1, -0.3], [0.02, 0.06]], requires_grad=True)
     alpha = w.detach().abs().mean(dim=1, keepdim=True)  # [[0.2], [0.04]]
