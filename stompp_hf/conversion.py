@@ -21,6 +21,11 @@ def _is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "get_output_embeddings") and hasattr(model, "config")
 
 
+def _is_timm_model(model: nn.Module) -> bool:
+    # Mirrors `vision.is_timm_model` without importing timm (only `stompp_hf.vision` imports it).
+    return isinstance(getattr(model, "pretrained_cfg", None), dict) and hasattr(model, "group_matcher")
+
+
 def _eligible(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if type(m) in STOMPP_MODULES]
 
@@ -31,8 +36,13 @@ def default_modules_to_not_convert(model: nn.Module) -> list[str]:
     * Transformers models: the classifier / output head (the module owning the last parameter, and the output
       embeddings) and `_keep_in_fp32_modules`. Embeddings, LayerNorm and attention matmuls are not linear layers,
       so they stay full precision by construction; the pooler and encoder linears are binarized.
+    * timm models: first conv, classifier and shortcut convolutions (`stompp_hf.vision`).
     * Any other module: the first and the last convertible layer (input layer and classifier).
     """
+    if _is_timm_model(model):
+        from .vision import default_modules_to_not_convert as timm_defaults
+
+        return timm_defaults(model)
     if _is_hf_model(model):
         names = set()
         params = list(model.named_parameters())
@@ -114,14 +124,21 @@ def select_modules(
     return targets
 
 
-def convert_model(model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | None = None) -> dict[str, StoMPPMixin]:
+def convert_model(
+    model: nn.Module,
+    config: StoMPPConfig,
+    filter_fn: FilterFn | None = None,
+    stage_keys: Callable[[nn.Module, list[str]], list[str]] | None = None,
+) -> dict[str, StoMPPMixin]:
     """Swap every layer `select_modules` picks for its StoMPP module in place; return them by name.
 
     Parameters are reused, never copied. Stages are assigned in registration order (the execution order of the
-    encoder / residual stacks).
+    encoder / residual stacks), or by `stage_keys(model, names)` (one key per name; equal keys share a stage,
+    numbered in order of first appearance).
     """
     targets = select_modules(model, config, filter_fn)
-    keys = _stage_keys(model, [n for n, _ in targets], config.granularity)
+    names = [n for n, _ in targets]
+    keys = stage_keys(model, names) if stage_keys is not None else _stage_keys(model, names, config.granularity)
     stage_of: dict[str, int] = {}
     converted: dict[str, StoMPPMixin] = {}
     for (name, module), key in zip(targets, keys):
@@ -144,6 +161,10 @@ def prepare_model(
 
     The config is attached as `model.stompp_config`, which is where `StoMPPCallback` finds it.
     """
+    if _is_timm_model(model):
+        from .vision import prepare_vision_model
+
+        return prepare_vision_model(model, config, filter_fn)
     config = config if config is not None else StoMPPConfig()
     if stompp_modules(model):
         raise ValueError(f"{type(model).__name__} is already converted for StoMPP training.")

@@ -1,0 +1,297 @@
+"""timm integration: the paper's precision policy, stage order and activation handling for CNNs (DESIGN.md §4).
+
+`prepare_model(timm.create_model(...), StoMPPConfig(weight_scale="none", activation_scale="none"))` calls
+`prepare_vision_model` for any timm model. Everything is read from the model, not from hard-coded layer names:
+
+* **Full precision**: the first convolution (`pretrained_cfg["first_conv"]`), the classifier
+  (`pretrained_cfg["classifier"]`) and the downsampling / projection convolutions, found by tracing one forward
+  pass: a layer that consumes a tensor some earlier layer already consumed starts a *shortcut branch* (a ResNet's
+  `downsample`, Bi-Real Net's pooled projection), and every convolution on that branch stays full precision.
+* **Stages**: the model's own `group_matcher(coarse=False)` (one residual block per stage, in forward order).
+* **Activations**: a binarized convolution fed by a ReLU-family activation would binarize a non-negative
+  tensor (sign(relu(x)) = +1 everywhere). The activation that produces each binarized layer's input (seen through
+  pooling and identity layers) is replaced by `act_layer` (default `nn.Identity`: the binarizer's sign, and its
+  clip while continuous, is the nonlinearity, as in XNOR-Net and Bi-Real Net). Binary-weight networks
+  (`activations=None`) keep their activations.
+
+Also here: `cifar_stem` (3x3 stride-1 first convolution, no max-pool, for 28-32 px images) and
+`save_pretrained` / `from_pretrained` for timm models in timm's Hub layout (`config.json` + `model.safetensors`),
+packed to 1 bit per binarized weight when training is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models._manipulate import group_with_matcher
+from torch import nn
+
+from . import birealnet  # noqa: F401  (registers birealnet18 / birealnet34 with timm)
+from .config import StoMPPConfig
+from .export import convert_to_packed, packed_state_dict, read_checkpoint_shapes
+
+#: Activation types whose output feeds a binarized layer's input and is replaced by `act_layer`.
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.ELU, nn.Mish)
+#: Layers seen through when looking for the activation that produces an input.
+_PASS_THROUGH = (nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Identity)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    """True for models built by `timm.create_model` (they carry `pretrained_cfg` and `group_matcher`)."""
+    return isinstance(getattr(model, "pretrained_cfg", None), dict) and hasattr(model, "group_matcher")
+
+
+def _names(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _first_conv(model: nn.Module) -> str:
+    return _names(model.pretrained_cfg.get("first_conv"))[0]
+
+
+def example_input(model: nn.Module, size: int = 64) -> torch.Tensor:
+    """A one-image batch for tracing, with the first convolution's input channels."""
+    first = model.get_submodule(_first_conv(model))
+    param = next(model.parameters())
+    return torch.zeros(1, first.in_channels, size, size, dtype=param.dtype, device=param.device)
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
+    """(name, module, input, output) of every leaf module call of one forward pass, in execution order."""
+    calls: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
+
+    def hook(name):
+        def record(module, args, output):
+            if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                calls.append((name, module, args[0], output))  # references keep every tensor alive: `is` is exact
+
+        return record
+
+    handles = [
+        module.register_forward_hook(hook(name))
+        for name, module in model.named_modules()
+        if name and not list(module.children())
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def shortcut_layers(model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
+    """Names of the layers on shortcut (downsampling / projection) branches, found by tracing one forward pass.
+
+    The first layer to consume a tensor is on the main path; a later consumer of the same tensor starts a shortcut
+    branch, which continues through every layer that consumes a branch output. Layers returning their input
+    unchanged (`nn.Identity`, in-place activations) do not count as consumers.
+    """
+    consumed: list[torch.Tensor] = []
+    branch: list[torch.Tensor] = []
+    names: list[str] = []
+    for name, _, inp, out in _trace(model, x if x is not None else example_input(model)):
+        if out is inp:
+            continue
+        if any(t is inp for t in branch) or any(t is inp for t in consumed):
+            names.append(name)
+            branch.append(out)
+        consumed.append(inp)
+    return names
+
+
+def default_modules_to_not_convert(model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
+    """The paper's full-precision policy for a timm model: first conv, classifier, shortcut convolutions."""
+    cfg = model.pretrained_cfg
+    keep = set(_names(cfg.get("first_conv"))) | set(_names(cfg.get("classifier")))
+    modules = dict(model.named_modules())
+    keep.update(n for n in shortcut_layers(model, x) if isinstance(modules[n], (nn.Conv2d, nn.Linear)))
+    # Anchored, escaped patterns: a bare "conv1" would also match every block's "layer1.0.conv1" by suffix.
+    return [f"^{re.escape(n)}$" for n in sorted(keep) if n in modules]
+
+
+def stage_keys(model: nn.Module, names: list[str]) -> list[str]:
+    """One stage per group of `model.group_matcher(coarse=False)` (a residual block), in forward order."""
+    groups = group_with_matcher(((n, n) for n in names), model.group_matcher(coarse=False))
+    key_of = {name: str(key) for key, members in groups.items() for name in members}
+    return [key_of[n] for n in names]
+
+
+def inject_activations(
+    model: nn.Module, binarized: list[str], act_layer: Callable[[], nn.Module] = nn.Identity, x=None
+) -> list[str]:
+    """Replace each activation whose output is a binarized layer's input by `act_layer()`; return their names.
+
+    The producer of an input is found through pooling, dropout and identity layers (e.g. ResNet's stem ReLU feeds
+    the first block through the max-pool).
+    """
+    calls = _trace(model, x if x is not None else example_input(model))
+    targets = set(binarized)
+    replaced: list[str] = []
+    for index, (name, _, inp, _) in enumerate(calls):
+        if name not in targets:
+            continue
+        wanted = inp
+        for prev_name, prev, prev_in, prev_out in reversed(calls[:index]):
+            if prev_out is not wanted:
+                continue
+            if isinstance(prev, ACTIVATIONS):
+                if prev_name not in replaced:
+                    replaced.append(prev_name)
+                break
+            if isinstance(prev, _PASS_THROUGH):
+                wanted = prev_in
+                continue
+            break
+    for name in replaced:
+        model.set_submodule(name, act_layer())
+    return replaced
+
+
+def prepare_vision_model(
+    model: nn.Module,
+    config: StoMPPConfig | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    act_layer: Callable[[], nn.Module] | None = nn.Identity,
+) -> nn.Module:
+    """`prepare_model` for timm CNNs (see the module docstring); `act_layer=None` keeps every activation."""
+    from .conversion import convert_model, select_modules, stompp_modules
+
+    config = config if config is not None else StoMPPConfig(weight_scale="none", activation_scale="none")
+    if stompp_modules(model):
+        raise ValueError(f"{type(model).__name__} is already converted for StoMPP training.")
+    if config.modules_to_not_convert is None:
+        config = StoMPPConfig.from_dict(
+            {**config.to_dict(), "modules_to_not_convert": default_modules_to_not_convert(model)}
+        )
+    if config.activations is not None and act_layer is not None:
+        names = [n for n, _ in select_modules(model, config, filter_fn)]
+        model.stompp_replaced_activations = inject_activations(model, names, act_layer)
+    keys = stage_keys if config.granularity == "block" else None
+    convert_model(model, config, filter_fn, stage_keys=keys)
+    model.stompp_config = config
+    return model
+
+
+def cifar_stem(model: nn.Module) -> nn.Module:
+    """Adapt a timm model to 28-32 px images in place: a 3x3 stride-1 first conv and no stem max-pool.
+
+    The first conv (`pretrained_cfg["first_conv"]`) keeps its channels; the first max-pool executed before the
+    first residual block becomes `nn.Identity`. `pretrained_cfg["input_size"]` becomes 32x32. Returns the model.
+    """
+    name = _first_conv(model)
+    old = model.get_submodule(name)
+    new = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=old.bias is not None)
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    calls = _trace(model, example_input(model))
+    model.set_submodule(name, new)
+    first_block = _first_block_call(model, calls)
+    for pool_name, module, _, _ in calls[:first_block]:
+        if isinstance(module, nn.MaxPool2d):
+            model.set_submodule(pool_name, nn.Identity())
+            break
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (old.in_channels, 32, 32), "cifar_stem": True}
+    return model
+
+
+def _first_block_call(model: nn.Module, calls) -> int:
+    names = [n for n, *_ in calls]
+    groups = group_with_matcher(((n, n) for n in names), model.group_matcher(coarse=False))
+    stem = min(groups)
+    stem_members = set(groups[stem])
+    for index, name in enumerate(names):
+        if name not in stem_members:
+            return index
+    return len(names)
+
+
+def save_pretrained(model: nn.Module, save_directory: str, **extra: Any) -> None:
+    """Save a timm model in timm's Hub layout, packed to 1 bit when every binarized tensor is frozen.
+
+    `config.json` holds `architecture`, `num_classes`, `num_features`, `pretrained_cfg` (with `cifar_stem`),
+    `model_args` (the `create_model` keyword arguments, from `extra["model_args"]`) and `quantization_config`.
+    A model still in progression saves its latent weights (and `quantization_config.packed = false`).
+    """
+    from .export import binarization_progress
+
+    config: StoMPPConfig | None = getattr(model, "stompp_config", None)
+    os.makedirs(save_directory, exist_ok=True)
+    model_args = extra.pop("model_args", {})
+    info: dict[str, Any] = {
+        "architecture": model.pretrained_cfg.get("architecture"),
+        "num_classes": model.num_classes,
+        "num_features": model.num_features,
+        "pretrained_cfg": {k: v for k, v in model.pretrained_cfg.items() if _jsonable(v)},
+        "model_args": model_args,
+        **extra,
+    }
+    if config is not None:
+        packed = binarization_progress(model).complete
+        state = packed_state_dict(model, config.export_dtype) if packed else model.state_dict()
+        quant = StoMPPConfig.from_dict({**config.to_dict(), "packed": packed}).to_dict()
+        info["quantization_config"] = quant
+        replaced = getattr(model, "stompp_replaced_activations", [])
+        info["stompp_replaced_activations"] = {n: type(model.get_submodule(n)).__name__ for n in replaced}
+    else:
+        state = model.state_dict()
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+def from_pretrained(path: str, **model_args: Any) -> nn.Module:
+    """Rebuild a model saved by `save_pretrained`: packed `BinaryConv2d` / `BinaryLinear` layers for a packed
+    checkpoint (bit-identical outputs in eval mode), StoMPP training layers for a latent one."""
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        info = json.load(f)
+    args = {**info.get("model_args", {}), **model_args}
+    model = timm.create_model(info["architecture"], pretrained=False, num_classes=info["num_classes"], **args)
+    if info["pretrained_cfg"].get("cifar_stem"):
+        cifar_stem(model)
+    quant = info.get("quantization_config")
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if quant is not None:
+        config = StoMPPConfig.from_dict(quant)
+        replaced = info.get("stompp_replaced_activations", {})
+        for name, layer in replaced.items():
+            model.set_submodule(name, getattr(nn, layer)())
+        model.stompp_replaced_activations = list(replaced)
+        if config.packed:
+            convert_to_packed(model, config, read_checkpoint_shapes([weights]))
+            model.stompp_config = config
+        else:
+            prepare_vision_model(model, config, act_layer=None)
+    state = load_file(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"Checkpoint {weights} does not match {info['architecture']}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}."
+        )
+    return model
