@@ -99,21 +99,42 @@ def _trace(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, torc
 def shortcut_layers(model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
     """Names of the layers on shortcut (downsampling / projection) branches, found by tracing one forward pass.
 
-    The first layer to consume a tensor is on the main path; a later consumer of the same tensor starts a shortcut
-    branch, which continues through every layer that consumes a branch output. Layers returning their input
-    unchanged (`nn.Identity`, in-place activations) do not count as consumers.
+    Where two or more layers consume the same tensor (a fork), each consumer starts a branch: it and every layer
+    consuming a branch output, in execution order. The main path is the branch whose first convolution has the
+    largest kernel (3x3 against a 1x1 projection); on a tie, the branch executed first (a ResNet bottleneck's
+    `conv1` runs before its `downsample`). Every other branch is a shortcut. Layers returning their input
+    (`nn.Identity`, in-place activations) are transparent.
     """
-    consumed: list[torch.Tensor] = []
-    branch: list[torch.Tensor] = []
-    names: list[str] = []
-    for name, _, inp, out in _trace(model, x if x is not None else example_input(model)):
-        if out is inp:
+    calls = [c for c in _trace(model, x if x is not None else example_input(model)) if c[3] is not c[2]]
+    consumers: dict[int, list[int]] = {}
+    for index, (_, _, inp, _) in enumerate(calls):
+        consumers.setdefault(id(inp), []).append(index)  # `_trace` holds every tensor, so ids are unique
+
+    def branch(start: int) -> list[int]:
+        members, frontier = [start], [start]
+        while frontier:
+            outputs = id(calls[frontier.pop()][3])
+            for nxt in consumers.get(outputs, []):
+                if nxt not in members:
+                    members.append(nxt)
+                    frontier.append(nxt)
+        return sorted(members)
+
+    def main_path_rank(members: list[int]) -> tuple[int, int]:
+        convs = [calls[i][1] for i in members if isinstance(calls[i][1], nn.Conv2d)]
+        area = convs[0].kernel_size[0] * convs[0].kernel_size[1] if convs else 0
+        return area, -members[0]
+
+    shortcut: set[int] = set()
+    for starts in consumers.values():
+        if len(starts) < 2:
             continue
-        if any(t is inp for t in branch) or any(t is inp for t in consumed):
-            names.append(name)
-            branch.append(out)
-        consumed.append(inp)
-    return names
+        branches = [branch(s) for s in starts]
+        main = max(branches, key=main_path_rank)
+        for members in branches:
+            if members is not main:
+                shortcut.update(set(members) - set(main))
+    return [calls[i][0] for i in sorted(shortcut)]
 
 
 def default_modules_to_not_convert(model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
@@ -192,8 +213,9 @@ def prepare_vision_model(
 def cifar_stem(model: nn.Module) -> nn.Module:
     """Adapt a timm model to 28-32 px images in place: a 3x3 stride-1 first conv and no stem max-pool.
 
-    The first conv (`pretrained_cfg["first_conv"]`) keeps its channels; the first max-pool executed before the
-    first residual block becomes `nn.Identity`. `pretrained_cfg["input_size"]` becomes 32x32. Returns the model.
+    The first conv (`pretrained_cfg["first_conv"]`) keeps its channels; a max-pool executed between it and the
+    next convolution (the stem pool) becomes `nn.Identity`. `pretrained_cfg["input_size"]` becomes 32x32.
+    Returns the model.
     """
     name = _first_conv(model)
     old = model.get_submodule(name)
@@ -201,24 +223,15 @@ def cifar_stem(model: nn.Module) -> nn.Module:
     new.to(device=old.weight.device, dtype=old.weight.dtype)
     calls = _trace(model, example_input(model))
     model.set_submodule(name, new)
-    first_block = _first_block_call(model, calls)
-    for pool_name, module, _, _ in calls[:first_block]:
+    after_stem = [c for c in calls if c[0] != name]
+    for pool_name, module, _, _ in after_stem:
+        if isinstance(module, nn.Conv2d):
+            break  # the stem ends at the next convolution
         if isinstance(module, nn.MaxPool2d):
             model.set_submodule(pool_name, nn.Identity())
             break
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (old.in_channels, 32, 32), "cifar_stem": True}
     return model
-
-
-def _first_block_call(model: nn.Module, calls) -> int:
-    names = [n for n, *_ in calls]
-    groups = group_with_matcher(((n, n) for n in names), model.group_matcher(coarse=False))
-    stem = min(groups)
-    stem_members = set(groups[stem])
-    for index, name in enumerate(names):
-        if name not in stem_members:
-            return index
-    return len(names)
 
 
 def save_pretrained(model: nn.Module, save_directory: str, **extra: Any) -> None:
