@@ -119,7 +119,8 @@ def model_card(
     base_model = base_model or _base_model(model)
     datasets = [dataset] if isinstance(dataset, str) else list(dataset or [])
     data = card_data or ModelCardData()
-    data.library_name = "transformers"
+    timm_cfg = getattr(model, "pretrained_cfg", None) if hasattr(model, "group_matcher") else None
+    data.library_name = "timm" if timm_cfg else "transformers"
     data.license = data.license or license
     data.tags = list(dict.fromkeys([*(data.tags or []), *TAGS]))
     if base_model:
@@ -131,7 +132,12 @@ def model_card(
 
     progress = binarization_progress(model)
     packed = progress.complete
-    table = summary(model, print_fn=None)
+    example = None
+    if timm_cfg:
+        from .vision import example_input
+
+        example = example_input(model, size=timm_cfg.get("input_size", (0, 224, 224))[-1])
+    table = summary(model, example_inputs=example, print_fn=None)
     settings = {k: v for k, v in config.to_dict().items() if k not in ("quant_method", "packed")}
     name = model_name or (repo_id.split("/")[-1] if repo_id else type(model).__name__)
     return ModelCard.from_template(
@@ -152,6 +158,7 @@ def model_card(
             "progression when it was saved, so it holds latent full-precision weights to resume training from."
         ),
         auto_class=_auto_class(model),
+        timm_architecture=timm_cfg.get("architecture") if timm_cfg else None,
         metrics={k: _format_metric(v) for k, v in (metrics or {}).items()},
         settings=settings,
         summary_table=table.to_markdown(),

@@ -169,3 +169,16 @@ def test_unfinished_model_saves_latent_weights(tmp_path):
     assert len(stompp_modules(reloaded)) == len(stompp_modules(model))
     state, again = model.state_dict(), reloaded.state_dict()
     assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+
+
+def test_model_card_for_a_timm_model():
+    from stompp_hf.hub import model_card
+
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1, channels=(8, 8, 8, 8))
+    cifar_stem(model)
+    prepare_model(model, CNN)
+    card = str(model_card(model, "user/bnn-resnet18", dataset="fashion_mnist", metrics={"eval_accuracy": 0.9}))
+    assert "library_name: timm" in card
+    assert 'stompp_hf.vision.from_pretrained(snapshot_download("user/bnn-resnet18"))' in card
+    assert "AutoModel" not in card
+    assert "MACs" in card  # the size table counts the convolutions on a 32x32 example
