@@ -1,0 +1,188 @@
+"""Pieces shared by the recipes (`glue.py`, `vision.py`) and their experiment runners.
+
+* `BinarizedEvalTrainer`: a `Trainer` whose evaluation also reports the fully binarized network
+  (`eval_binarized_*`, the paper's "quantized network" curve) for StoMPP models.
+* `StageProgressCallback`: logs the frozen fraction of the stage that is transitioning (`stompp/stage_frozen_fraction`,
+  a sawtooth that restarts at every stage) next to `StoMPPCallback`'s averages.
+* `plot_curves`: `curves.png` from a `Trainer` log history.
+* `run_config` / `mean_half_range`: one (experiment config, seed) run of a recipe in its own process, reused when
+  its `all_results.json` exists, and the table cell "mean ± half-range over seeds".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from stompp_hf import binarized
+from stompp_hf.export import binarization_progress
+from stompp_hf.hub import is_stompp_model
+
+logger = logging.getLogger("recipes.common")
+
+
+class BinarizedEvalTrainer(Trainer):
+    """`Trainer` whose evaluation also reports the fully binarized network (`eval_binarized_*`) for StoMPP models.
+
+    Once every mask is frozen the binarized network *is* the network as trained, so its metrics are copied instead
+    of evaluating a second time.
+    """
+
+    def __init__(self, *args, eval_binarized: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_binarized = eval_binarized
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.eval_binarized and is_stompp_model(model) and "binarized" not in metric_key_prefix:
+            prefix = f"{metric_key_prefix}_binarized"
+            if binarization_progress(model).complete:
+                # Every mask is already 1: the binarized network is the network as trained; reuse its metrics.
+                head = f"{metric_key_prefix}_"
+                binary = {f"{prefix}_{k[len(head) :]}": v for k, v in metrics.items() if k.startswith(head)}
+                self.log(binary)
+                metrics.update(binary)
+            else:
+                with binarized(model):
+                    metrics.update(super().evaluate(eval_dataset, ignore_keys, prefix))
+        return metrics
+
+
+class StageProgressCallback(TrainerCallback):
+    """Log `stompp/stage_frozen_fraction`: the mean weight frozen fraction of the stage now transitioning.
+
+    `StoMPPCallback` logs the average over all tensors, which rises smoothly; this one restarts at 0 at every stage
+    (1.0 once the progression is complete), which shows the stage-by-stage progression as a sawtooth. Add it after
+    the `StoMPPCallback` it reads from.
+    """
+
+    KEY = "stompp/stage_frozen_fraction"
+
+    def __init__(self, stompp_callback) -> None:
+        self.stompp_callback = stompp_callback
+
+    def value(self) -> float | None:
+        controller = self.stompp_callback.controller
+        if controller is None:
+            return None
+        stage = controller.current_stage
+        if stage >= controller.num_stages:
+            return 1.0
+        tensors = [t for t in controller.tensors if t.stage == stage and t.binarizer.mask is not None]
+        weights = [t for t in tensors if t.binarizer.kind == "weight"]
+        fractions = [t.binarizer.mask.frozen_fraction for t in (weights or tensors)]
+        return sum(fractions) / len(fractions) if fractions else None
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if logs is None or "loss" not in logs:
+            return
+        value = self.value()
+        if value is None:
+            return
+        logs[self.KEY] = value
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1][self.KEY] = value
+
+
+def plot_curves(log_history: list[dict], path: str, metric: str) -> str | None:
+    """`metric` of the network as trained and binarized, the training loss and the frozen fractions over steps.
+
+    Returns the path, or None if matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no curves.png (pip install matplotlib).")
+        return None
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
+
+    trained = series(f"eval_{metric}")
+    binary = series(f"eval_binarized_{metric}")
+    loss = series("loss")
+    frozen = {
+        "weights, all stages (mean)": series("stompp/weight_frozen_fraction"),
+        "inputs, all stages (mean)": series("stompp/input_frozen_fraction"),
+        "weights, current stage": series(StageProgressCallback.KEY),
+    }
+    frozen = {k: v for k, v in frozen.items() if v}
+    rows = 3 if frozen else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(7, 3 * rows), sharex=True)
+    ax_metric, ax_loss = axes[0], axes[1]
+    if trained:
+        ax_metric.plot(*zip(*trained), marker="o", label="as trained (masked)")
+    if binary:
+        ax_metric.plot(*zip(*binary), marker="s", linestyle="--", label="binarized(model)")
+    ax_metric.set_ylabel(metric)
+    if trained or binary:
+        ax_metric.legend(loc="lower right")
+    ax_metric.grid(alpha=0.3)
+    if loss:
+        ax_loss.plot(*zip(*loss), label="training loss")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(alpha=0.3)
+    if frozen:
+        ax_frozen = axes[2]
+        for label, points in frozen.items():
+            ax_frozen.plot(*zip(*points), label=label, alpha=0.8)
+        ax_frozen.set_ylabel("frozen fraction")
+        ax_frozen.set_ylim(-0.03, 1.05)
+        ax_frozen.legend(loc="lower right", fontsize="small")
+        ax_frozen.grid(alpha=0.3)
+    axes[-1].set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_config(
+    script: str, config_path: str, seed: int, force: bool = False, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run `script` (a recipe taking one JSON file) on `config_path` with `seed`, in its own process.
+
+    `output_dir` gets the suffix `-seed<N>`; a run whose `all_results.json` exists is reused unless `force`.
+    `env` adds environment variables for the run. Returns the run's `all_results.json`.
+    """
+    with open(config_path) as f:
+        config = json.load(f)
+    config["seed"] = seed
+    config["output_dir"] = f"{config['output_dir']}-seed{seed}"
+    results_path = os.path.join(config["output_dir"], "all_results.json")
+    if os.path.isfile(results_path) and not force:
+        print(f"[reuse] {results_path}", flush=True)
+    else:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tmp:
+            json.dump(config, tmp)
+        start = time.time()
+        print(f"[run] {os.path.basename(config_path)} seed {seed} -> {config['output_dir']}", flush=True)
+        try:
+            subprocess.run([sys.executable, script, tmp.name], check=True, env={**os.environ, **(env or {})})
+        finally:
+            os.unlink(tmp.name)
+        print(f"[done] {time.time() - start:.0f} s", flush=True)
+    with open(results_path) as f:
+        return json.load(f)
+
+
+def mean_half_range(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """'mean ± half-range' of `values` times `scale` ('n/a' when empty)."""
+    if not values:
+        return "n/a"
+    mean = scale * statistics.mean(values)
+    spread = scale * (max(values) - min(values)) / 2
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
