@@ -15,18 +15,25 @@ def _load(path: str):
 
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
+    if "architecture" in config and "pretrained_cfg" in config:  # timm's Hub layout (stompp_hf.vision)
+        from .vision import example_input, from_pretrained
+
+        model = from_pretrained(path)
+        return model, example_input(model, size=model.pretrained_cfg.get("input_size", (0, 224, 224))[-1])
     architectures = config.get("architectures") or []
     model_cls = getattr(transformers, architectures[0], None) if architectures else None
     if model_cls is None:
         model_cls = transformers.AutoModel
-    return model_cls.from_pretrained(path)
+    return model_cls.from_pretrained(path), None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stompp_hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     summary_parser = commands.add_parser("summary", help="Print parameters, bits, bytes and MACs per module group.")
-    summary_parser.add_argument("path", help="A folder written by `save_pretrained` (packed or latent).")
+    summary_parser.add_argument(
+        "path", help="A folder written by `save_pretrained` or `stompp_hf.vision.save_pretrained` (packed or latent)."
+    )
     summary_parser.add_argument(
         "--export-dtype",
         choices=["float32", "float16", "bfloat16"],
@@ -40,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.path!r} has no config.json; pass a folder written by `save_pretrained`.")
     from .sizes import summary
 
-    model = _load(args.path)
-    result = summary(model, export_dtype=args.export_dtype, print_fn=None)
+    model, example = _load(args.path)
+    result = summary(model, example_inputs=example, export_dtype=args.export_dtype, print_fn=None)
     print(result.to_markdown() if args.markdown else result)
     return 0
 

@@ -76,13 +76,18 @@ def _auto_class(model: nn.Module) -> str:
     return "AutoModel"
 
 
-def _precision_text(config) -> str:
+def _precision_text(config, vision: bool = False) -> str:
     weights = "1-bit weights" if config.weights is not None else "full-precision weights"
     activations = "1-bit activations" if config.activations is not None else "full-precision activations"
+    rules = f"(weight rule `{config.weights}`, activation rule `{config.activations}`)"
+    if vision:
+        return (
+            f"{weights} and {activations} in every convolution of the residual blocks {rules}; the first "
+            "convolution, the downsampling / projection shortcuts, batch norm and the classifier stay full precision."
+        )
     return (
-        f"{weights} and {activations} in every encoder linear layer (weight rule `{config.weights}`, activation rule "
-        f"`{config.activations}`); embeddings, normalisation, attention matmuls and the classifier stay full "
-        "precision."
+        f"{weights} and {activations} in every encoder linear layer {rules}; embeddings, normalisation, attention "
+        "matmuls and the classifier stay full precision."
     )
 
 
@@ -148,11 +153,12 @@ def model_card(
         base_model_text=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "model",
         task=task,
         dataset_text=", ".join(datasets),
-        precision_text=_precision_text(config),
+        precision_text=_precision_text(config, vision=bool(timm_cfg)),
         checkpoint_format="packed 1-bit checkpoint" if packed else "latent (still training) checkpoint",
         format_text=(
-            "Binarized weights are stored 8 per byte with their per-channel scales; logits after loading equal "
-            "those of the trained model bit for bit."
+            "Binarized weights are stored 8 per byte"
+            + (" with their per-channel scales" if config.weight_scale == "channel" else "")
+            + "; logits after loading equal those of the trained model bit for bit."
             if packed
             else f"{progress.total - progress.frozen} of {progress.total} binarized tensors were still in "
             "progression when it was saved, so it holds latent full-precision weights to resume training from."

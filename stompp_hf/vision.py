@@ -287,6 +287,8 @@ def from_pretrained(path: str, **model_args: Any) -> nn.Module:
     model = timm.create_model(info["architecture"], pretrained=False, num_classes=info["num_classes"], **args)
     if info["pretrained_cfg"].get("cifar_stem"):
         cifar_stem(model)
+    # The saved metadata (input size, mean / std, label names, ...) wins over the architecture's defaults.
+    model.pretrained_cfg = {**model.pretrained_cfg, **info["pretrained_cfg"]}
     quant = info.get("quantization_config")
     weights = os.path.join(path, WEIGHTS_NAME)
     if quant is not None:

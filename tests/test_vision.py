@@ -137,10 +137,11 @@ def _train_to_binary(model, steps=6):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "birealnet18"])
-def test_packed_save_reload_is_bit_exact(name, tmp_path):
+def test_packed_save_reload_is_bit_exact(name, tmp_path, capsys):
     args = {"channels": (8, 8, 16, 16), "in_chans": 1}
     model = timm.create_model(name, num_classes=10, **args)
     cifar_stem(model)
+    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": [str(i) for i in range(10)]}
     prepare_model(model, StoMPPConfig(weights="stompp_ste", activations="stompp_ste", weight_scale="channel"))
     _train_to_binary(model)
     model.eval()
@@ -156,6 +157,15 @@ def test_packed_save_reload_is_bit_exact(name, tmp_path):
     assert not any(isinstance(m, StoMPPConv2d) for m in reloaded.modules())
     with torch.no_grad():
         assert torch.equal(reloaded(x), expected)
+    # the saved metadata comes back, and the command-line summary reads timm folders
+    assert reloaded.pretrained_cfg["label_names"] == model.pretrained_cfg["label_names"]
+    assert list(reloaded.pretrained_cfg["input_size"]) == [1, 32, 32]
+    from stompp_hf.__main__ import main
+
+    assert main(["summary", str(tmp_path), "--markdown"]) == 0
+    table = capsys.readouterr().out
+    binary_weights = sum(m.weight.numel() for m in stompp_modules(model).values())
+    assert f"| **{binary_weights:,}** |" in table  # the total row counts exactly the binarized conv weights
 
 
 def test_unfinished_model_saves_latent_weights(tmp_path):
