@@ -35,17 +35,17 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     HfArgumentParser,
-    Trainer,
     TrainingArguments,
     set_seed,
 )
 
-import stompp_hf
-from stompp_hf import StoMPPCallback, StoMPPConfig, binarized
+from stompp_hf import StoMPPCallback, StoMPPConfig
 from stompp_hf.assets import load_rotten_tomatoes, minilm_path
-from stompp_hf.export import binarization_progress
 from stompp_hf.hub import model_card
 from stompp_hf.metrics import glue_main_metric, load_glue_metric
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import BinarizedEvalTrainer, StageProgressCallback, plot_curves  # noqa: E402
 
 logger = logging.getLogger("recipes.glue")
 
@@ -227,70 +227,6 @@ def preprocess(raw: DatasetDict, task: str, tokenizer, max_seq_length: int) -> D
     )
 
 
-class GlueTrainer(Trainer):
-    """`Trainer` whose evaluation also reports the fully binarized network (`eval_binarized_*`) for StoMPP models."""
-
-    def __init__(self, *args, eval_binarized: bool = True, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.eval_binarized = eval_binarized
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        model = self.accelerator.unwrap_model(self.model)
-        if self.eval_binarized and stompp_hf.hub.is_stompp_model(model) and "binarized" not in metric_key_prefix:
-            prefix = f"{metric_key_prefix}_binarized"
-            if binarization_progress(model).complete:
-                # Every mask is already 1: the binarized network is the network as trained; reuse its metrics.
-                head = f"{metric_key_prefix}_"
-                binary = {f"{prefix}_{k[len(head) :]}": v for k, v in metrics.items() if k.startswith(head)}
-                self.log(binary)
-                metrics.update(binary)
-            else:
-                with binarized(model):
-                    metrics.update(super().evaluate(eval_dataset, ignore_keys, prefix))
-        return metrics
-
-
-def plot_curves(log_history: list[dict], path: str, metric: str) -> str | None:
-    """Loss, and `metric` of the network as trained and binarized, over steps; None if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no curves.png (pip install matplotlib).")
-        return None
-    loss = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    trained = [(e["step"], e[f"eval_{metric}"]) for e in log_history if f"eval_{metric}" in e]
-    binary = [(e["step"], e[f"eval_binarized_{metric}"]) for e in log_history if f"eval_binarized_{metric}" in e]
-    frozen = [
-        (e["step"], e["stompp/weight_frozen_fraction"]) for e in log_history if "stompp/weight_frozen_fraction" in e
-    ]
-    fig, (ax_metric, ax_loss) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
-    if trained:
-        ax_metric.plot(*zip(*trained), marker="o", label="as trained (masked)")
-    if binary:
-        ax_metric.plot(*zip(*binary), marker="s", label="binarized(model)")
-    ax_metric.set_ylabel(metric)
-    ax_metric.legend(loc="lower right")
-    ax_metric.grid(alpha=0.3)
-    if frozen:
-        twin = ax_metric.twinx()
-        twin.plot(*zip(*frozen), color="gray", alpha=0.4, label="frozen fraction")
-        twin.set_ylabel("frozen fraction of weights", color="gray")
-        twin.set_ylim(0, 1.05)
-    if loss:
-        ax_loss.plot(*zip(*loss), label="training loss")
-    ax_loss.set_xlabel("optimizer step")
-    ax_loss.set_ylabel("loss")
-    ax_loss.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data, stompp_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -328,8 +264,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preds = np.squeeze(logits, -1) if num_labels == 1 else np.argmax(logits, axis=-1)
         return metric.compute(predictions=preds, references=pred.label_ids)
 
-    callbacks = [StoMPPCallback(progression_fraction=stompp_args.progression_fraction)] if config else []
-    trainer = GlueTrainer(
+    callbacks = []
+    if config is not None:
+        stompp_callback = StoMPPCallback(progression_fraction=stompp_args.progression_fraction)
+        callbacks = [stompp_callback, StageProgressCallback(stompp_callback)]
+    trainer = BinarizedEvalTrainer(
         model=model,
         args=training_args,
         train_dataset=datasets.get("train"),

@@ -11,45 +11,17 @@ overridden; a run whose `all_results.json` exists is reused, so an interrupted t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import mean_half_range, run_config  # noqa: E402
 
 
 def run_one(config_path: str, seed: int, force: bool = False) -> dict:
-    with open(config_path) as f:
-        config = json.load(f)
-    config["seed"] = seed
-    config["output_dir"] = f"{config['output_dir']}-seed{seed}"
-    results_path = os.path.join(config["output_dir"], "all_results.json")
-    if os.path.isfile(results_path) and not force:
-        print(f"[reuse] {results_path}", flush=True)
-    else:
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tmp:
-            json.dump(config, tmp)
-        start = time.time()
-        print(f"[run] {os.path.basename(config_path)} seed {seed} -> {config['output_dir']}", flush=True)
-        try:
-            subprocess.run([sys.executable, os.path.join(HERE, "glue.py"), tmp.name], check=True)
-        finally:
-            os.unlink(tmp.name)
-        print(f"[done] {time.time() - start:.0f} s", flush=True)
-    with open(results_path) as f:
-        return json.load(f)
-
-
-def _stats(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    mean = 100 * statistics.mean(values)
-    spread = 100 * (max(values) - min(values)) / 2
-    return f"{mean:.1f} ± {spread:.1f}"
+    return run_config(os.path.join(HERE, "glue.py"), config_path, seed, force)
 
 
 def write_table(rows: list[tuple[str, list[dict]]], path: str, command: str, metric: str) -> str:
@@ -76,8 +48,8 @@ def write_table(rows: list[tuple[str, list[dict]]], path: str, command: str, met
         runtime = statistics.mean(r.get("train_runtime", float("nan")) for r in results)
         per_seed = ", ".join(f"{100 * v:.1f}" for v in binary) if binary else "n/a (full precision)"
         lines.append(
-            f"| {name} | {len(results)} | {', '.join(map(str, steps))} | {_stats(trained)} | "
-            f"{_stats(binary)} | {per_seed} | {runtime:.0f} |"
+            f"| {name} | {len(results)} | {', '.join(map(str, steps))} | {mean_half_range(trained)} | "
+            f"{mean_half_range(binary)} | {per_seed} | {runtime:.0f} |"
         )
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
