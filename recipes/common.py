@@ -70,6 +70,9 @@ class StageProgressCallback(TrainerCallback):
 
     def __init__(self, stompp_callback) -> None:
         self.stompp_callback = stompp_callback
+        #: (step, value) after every optimizer step: logging steps alone alias a sawtooth whose stages last only a
+        #: few steps, so `plot_curves(..., stage_points=callback.points)` draws from these.
+        self.points: list[tuple[int, float]] = []
 
     def value(self) -> float | None:
         controller = self.stompp_callback.controller
@@ -83,6 +86,11 @@ class StageProgressCallback(TrainerCallback):
         fractions = [t.binarizer.mask.frozen_fraction for t in (weights or tensors)]
         return sum(fractions) / len(fractions) if fractions else None
 
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        value = self.value()
+        if value is not None:
+            self.points.append((state.global_step, value))
+
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if logs is None or "loss" not in logs:
             return
@@ -94,10 +102,13 @@ class StageProgressCallback(TrainerCallback):
             state.log_history[-1][self.KEY] = value
 
 
-def plot_curves(log_history: list[dict], path: str, metric: str) -> str | None:
+def plot_curves(
+    log_history: list[dict], path: str, metric: str, stage_points: list[tuple[int, float]] | None = None
+) -> str | None:
     """`metric` of the network as trained and binarized, the training loss and the frozen fractions over steps.
 
-    Returns the path, or None if matplotlib is missing.
+    `stage_points` (`StageProgressCallback.points`, one per step) draws the current stage's frozen fraction at
+    every step instead of at logging steps only. Returns the path, or None if matplotlib is missing.
     """
     try:
         import matplotlib
@@ -117,7 +128,7 @@ def plot_curves(log_history: list[dict], path: str, metric: str) -> str | None:
     frozen = {
         "weights, all stages (mean)": series("stompp/weight_frozen_fraction"),
         "inputs, all stages (mean)": series("stompp/input_frozen_fraction"),
-        "weights, current stage": series(StageProgressCallback.KEY),
+        "weights, current stage": stage_points or series(StageProgressCallback.KEY),
     }
     frozen = {k: v for k, v in frozen.items() if v}
     rows = 3 if frozen else 2

@@ -264,10 +264,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preds = np.squeeze(logits, -1) if num_labels == 1 else np.argmax(logits, axis=-1)
         return metric.compute(predictions=preds, references=pred.label_ids)
 
-    callbacks = []
+    callbacks, stage_callback = [], None
     if config is not None:
         stompp_callback = StoMPPCallback(progression_fraction=stompp_args.progression_fraction)
-        callbacks = [stompp_callback, StageProgressCallback(stompp_callback)]
+        stage_callback = StageProgressCallback(stompp_callback)
+        callbacks = [stompp_callback, stage_callback]
     trainer = BinarizedEvalTrainer(
         model=model,
         args=training_args,
@@ -294,7 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.save_metrics("all", results)
         trainer.save_state()
         curves = plot_curves(
-            trainer.state.log_history, os.path.join(training_args.output_dir, "curves.png"), main_metric
+            trainer.state.log_history,
+            os.path.join(training_args.output_dir, "curves.png"),
+            main_metric,
+            stage_points=stage_callback.points if stage_callback else None,
         )
         if config is not None:
             card_metrics = {k: v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)}

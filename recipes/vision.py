@@ -785,10 +785,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stompp_hf.prepare_model(timm_model, config)
     model = ImageClassifier(timm_model)
 
-    callbacks = []
+    callbacks, stage_callback = [], None
     if config is not None:
         stompp_callback = StoMPPCallback(progression_fraction=stompp_args.progression_fraction)
-        callbacks = [stompp_callback, StageProgressCallback(stompp_callback)]
+        stage_callback = StageProgressCallback(stompp_callback)
+        callbacks = [stompp_callback, stage_callback]
     trainer = BinarizedEvalTrainer(
         model=model,
         args=training_args,
@@ -837,7 +838,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         trainer.save_metrics("all", results)
         trainer.save_state()
-        curves = plot_curves(trainer.state.log_history, os.path.join(output_dir, "curves.png"), "accuracy")
+        curves = plot_curves(
+            trainer.state.log_history,
+            os.path.join(output_dir, "curves.png"),
+            "accuracy",
+            stage_points=stage_callback.points if stage_callback else None,
+        )
         if config is not None:
             card_metrics = {
                 k: v

@@ -267,3 +267,27 @@ def test_runner_reuses_finished_runs_and_writes_the_table(tmp_path):
     assert "recipes/vision_experiments.py" in text.splitlines()[5]
     assert "| a_ste | resnet50 | W: ste / A: ste | - | 2 | 150 | 55.0 ± 5.0 | 55.0 ± 5.0 | 50.0, 60.0 | 10 |" in text
     assert "| b_stompp | resnet50 | W: stompp / A: stompp | forward | 2 |" in text
+
+
+def test_stage_progress_points_draw_a_sawtooth_at_every_step():
+    from types import SimpleNamespace
+
+    import timm
+    from common import StageProgressCallback
+
+    from stompp_hf import ProgressionController, StoMPPConfig, prepare_model
+
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1, channels=(8, 8, 8, 8))
+    stompp_hf.vision.cifar_stem(model)
+    prepare_model(model, StoMPPConfig(weight_scale="none", activation_scale="none", refresh_rate=1))
+    steps = 40
+    controller = ProgressionController(model, total_steps=steps)
+    callback = StageProgressCallback(SimpleNamespace(controller=controller))
+    for step in range(1, steps + 1):
+        controller.advance(step)
+        callback.on_step_end(None, SimpleNamespace(global_step=step), None)
+    values = [v for _, v in callback.points]
+    assert [s for s, _ in callback.points] == list(range(1, steps + 1))  # one point per optimizer step
+    drops = sum(b < a - 0.2 for a, b in zip(values, values[1:]))
+    assert drops == controller.num_stages - 1, values  # restarts at every new stage: a sawtooth
+    assert values[-1] == 1.0
