@@ -5,8 +5,10 @@
 * `StageProgressCallback`: logs the frozen fraction of the stage that is transitioning (`stompp/stage_frozen_fraction`,
   a sawtooth that restarts at every stage) next to `StoMPPCallback`'s averages.
 * `plot_curves`: `curves.png` from a `Trainer` log history.
-* `run_config` / `mean_half_range`: one (experiment config, seed) run of a recipe in its own process, reused when
-  its `all_results.json` exists, and the table cell "mean ± half-range over seeds".
+* `StoMPPArguments` / `stompp_callbacks`: the StoMPP command-line options of both recipes (each recipe sets its own
+  defaults) and the callbacks that drive and record the progression.
+* `run_config` / `result_cells` / `write_markdown`: one (experiment config, seed) run of a recipe in its own
+  process, reused when its `all_results.json` exists, and the runners' table cells and file.
 """
 
 from __future__ import annotations
@@ -19,15 +21,68 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from stompp_hf import binarized
+from stompp_hf import StoMPPCallback, StoMPPConfig, binarized
 from stompp_hf.export import binarization_progress
 from stompp_hf.hub import is_stompp_model
 
 logger = logging.getLogger("recipes.common")
+
+
+def none_str(value: str | None) -> str | None:
+    """None for a missing value or the strings 'none' / 'null' / '' (how a command line spells None)."""
+    return None if value is None or str(value).lower() in ("none", "null", "") else value
+
+
+@dataclass
+class StoMPPArguments:
+    """StoMPP options of a recipe. Defaults suit fine-tuning pretrained transformers; `recipes/vision.py` subclasses
+    it with the paper's CNN defaults."""
+
+    binarize: bool = field(default=True, metadata={"help": "False trains the full-precision baseline."})
+    weights: str | None = field(
+        default="stompp_ste", metadata={"help": "'stompp', 'stompp_ste' (StoMPP + STE on frozen), 'ste' or 'none'."}
+    )
+    activations: str | None = field(default="stompp_ste", metadata={"help": "Same values; 'none' = BWN."})
+    schedule: str = field(default="cubic", metadata={"help": "p(tau) shape."})
+    refresh_rate: int = field(default=100, metadata={"help": "Soft refresh rate r."})
+    order: str = field(default="forward", metadata={"help": "'forward', 'global' or 'reverse'."})
+    policy: str = field(default="stochastic", metadata={"help": "'stochastic' or 'deterministic' (BWN)."})
+    granularity: str = field(default="block", metadata={"help": "'block' or 'module'."})
+    weight_scale: str = field(default="channel", metadata={"help": "'channel' or 'none'."})
+    activation_scale: str = field(default="tensor", metadata={"help": "'tensor' or 'none'."})
+    activation_clip: float = field(
+        default=1.0, metadata={"help": "Clip bound of the continuous input path, in units of beta."}
+    )
+    export_dtype: str | None = field(default=None, metadata={"help": "Packed remainder dtype, e.g. 'float16'."})
+    progression_fraction: float = field(
+        default=0.7, metadata={"help": "Share of training steps spent progressing; the rest trains fully binary."}
+    )
+    eval_binarized: bool = field(
+        default=True, metadata={"help": "Also evaluate `binarized(model)` at every evaluation (the paper's curve)."}
+    )
+
+    def config(self, seed: int) -> StoMPPConfig | None:
+        if not self.binarize:
+            return None
+        return StoMPPConfig(
+            weights=none_str(self.weights),
+            activations=none_str(self.activations),
+            schedule=self.schedule,
+            refresh_rate=self.refresh_rate,
+            order=self.order,
+            policy=self.policy,
+            granularity=self.granularity,
+            weight_scale=self.weight_scale,
+            activation_scale=self.activation_scale,
+            activation_clip=self.activation_clip,
+            export_dtype=none_str(self.export_dtype),
+            seed=seed,
+        )
 
 
 class BinarizedEvalTrainer(Trainer):
@@ -100,6 +155,17 @@ class StageProgressCallback(TrainerCallback):
         logs[self.KEY] = value
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1][self.KEY] = value
+
+
+def stompp_callbacks(
+    config: StoMPPConfig | None, progression_fraction: float
+) -> tuple[list[TrainerCallback], StageProgressCallback | None]:
+    """`[StoMPPCallback, StageProgressCallback]` for a StoMPP run (none for full precision), and the latter."""
+    if config is None:
+        return [], None
+    stompp_callback = StoMPPCallback(progression_fraction=progression_fraction)
+    stage_callback = StageProgressCallback(stompp_callback)
+    return [stompp_callback, stage_callback], stage_callback
 
 
 def plot_curves(
@@ -197,3 +263,29 @@ def mean_half_range(values: list[float], scale: float = 100.0, digits: int = 1) 
     mean = scale * statistics.mean(values)
     spread = scale * (max(values) - min(values)) / 2
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
+def result_cells(results: list[dict], metric: str) -> list[str]:
+    """Table cells of one experiment's runs: seeds, steps, as trained, binarized, per-seed binarized, train time."""
+    trained = [r[f"eval_{metric}"] for r in results if f"eval_{metric}" in r]
+    binary = [r[f"eval_binarized_{metric}"] for r in results if f"eval_binarized_{metric}" in r]
+    steps = sorted({r.get("train_steps", r.get("global_step", "?")) for r in results}, key=str)
+    runtime = statistics.mean(r.get("train_runtime", float("nan")) for r in results)
+    per_seed = ", ".join(f"{100 * v:.1f}" for v in binary) if binary else "n/a (full precision)"
+    return [
+        str(len(results)),
+        ", ".join(map(str, steps)),
+        mean_half_range(trained),
+        mean_half_range(binary),
+        per_seed,
+        f"{runtime:.0f}",
+    ]
+
+
+def write_markdown(path: str, lines: list[str]) -> str:
+    """Write `lines` to `path` (creating its folder); return the text."""
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return text

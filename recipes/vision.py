@@ -49,12 +49,18 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 import stompp_hf
 import stompp_hf.vision  # registers birealnet18 / birealnet34 with timm
-from stompp_hf import StoMPPCallback, StoMPPConfig
+from stompp_hf import StoMPPConfig
 from stompp_hf.export import binarization_progress
 from stompp_hf.hub import model_card
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BinarizedEvalTrainer, StageProgressCallback, plot_curves  # noqa: E402
+from common import (  # noqa: E402
+    BinarizedEvalTrainer,
+    StoMPPArguments,
+    none_str,
+    plot_curves,
+    stompp_callbacks,
+)
 
 logger = logging.getLogger("recipes.vision")
 
@@ -100,10 +106,6 @@ UNTRAINED_CFG_KEYS = (
 )
 
 
-def _none(value: str | None) -> str | None:
-    return None if value is None or str(value).lower() in ("none", "null", "") else value
-
-
 def _text(value: Any) -> str:
     """An enum's value (`OptimizerNames.SGD` -> 'sgd'), anything else as a string."""
     return str(getattr(value, "value", value))
@@ -134,7 +136,7 @@ class ModelArguments:
 
     def create_kwargs(self) -> dict[str, Any]:
         value = self.model_args
-        if value is None or (isinstance(value, str) and _none(value) is None):
+        if value is None or (isinstance(value, str) and none_str(value) is None):
             return {}
         if isinstance(value, str):
             try:
@@ -189,8 +191,8 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap the evaluation set (fixed subset)."})
 
     def __post_init__(self) -> None:
-        self.dataset_name = _none(self.dataset_name)
-        self.offline_dataset = _none(self.offline_dataset)
+        self.dataset_name = none_str(self.dataset_name)
+        self.offline_dataset = none_str(self.offline_dataset)
         if self.offline_dataset is not None and self.offline_dataset not in OFFLINE_DATASETS:
             raise ValueError(
                 f"`offline_dataset` must be one of {', '.join(OFFLINE_DATASETS)}, but got {self.offline_dataset!r}."
@@ -204,45 +206,16 @@ class DataArguments:
 
 
 @dataclass
-class StoMPPArguments:
-    binarize: bool = field(default=True, metadata={"help": "False trains the full-precision baseline."})
+class VisionStoMPPArguments(StoMPPArguments):
+    """The shared StoMPP options with the paper's CNN defaults: rule 'stompp', no weight or activation scales."""
+
     weights: str | None = field(
         default="stompp", metadata={"help": "'stompp', 'stompp_ste' (StoMPP + STE on frozen), 'ste' or 'none'."}
     )
     activations: str | None = field(default="stompp", metadata={"help": "Same values; 'none' = BWN."})
-    schedule: str = field(default="cubic", metadata={"help": "p(tau) shape."})
-    refresh_rate: int = field(default=100, metadata={"help": "Soft refresh rate r."})
-    order: str = field(default="forward", metadata={"help": "'forward', 'global' or 'reverse'."})
-    policy: str = field(default="stochastic", metadata={"help": "'stochastic' or 'deterministic' (BWN)."})
     granularity: str = field(default="block", metadata={"help": "'block' (a residual block) or 'module'."})
     weight_scale: str = field(default="none", metadata={"help": "'none' (the paper's CNNs) or 'channel'."})
     activation_scale: str = field(default="none", metadata={"help": "'none' (the paper's CNNs) or 'tensor'."})
-    activation_clip: float = field(default=1.0, metadata={"help": "Clip bound of the continuous input path."})
-    export_dtype: str | None = field(default=None, metadata={"help": "Packed remainder dtype, e.g. 'float16'."})
-    progression_fraction: float = field(
-        default=0.7, metadata={"help": "Share of training steps spent progressing; the rest trains fully binary."}
-    )
-    eval_binarized: bool = field(
-        default=True, metadata={"help": "Also evaluate `binarized(model)` at every evaluation (the paper's curve)."}
-    )
-
-    def config(self, seed: int) -> StoMPPConfig | None:
-        if not self.binarize:
-            return None
-        return StoMPPConfig(
-            weights=_none(self.weights),
-            activations=_none(self.activations),
-            schedule=self.schedule,
-            refresh_rate=self.refresh_rate,
-            order=self.order,
-            policy=self.policy,
-            granularity=self.granularity,
-            weight_scale=self.weight_scale,
-            activation_scale=self.activation_scale,
-            activation_clip=self.activation_clip,
-            export_dtype=_none(self.export_dtype),
-            seed=seed,
-        )
 
 
 @dataclass
@@ -264,7 +237,7 @@ class VisionTrainingArguments(TrainingArguments):
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, StoMPPArguments, VisionTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, VisionStoMPPArguments, VisionTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(os.path.abspath(argv[0]))
@@ -785,11 +758,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stompp_hf.prepare_model(timm_model, config)
     model = ImageClassifier(timm_model)
 
-    callbacks, stage_callback = [], None
-    if config is not None:
-        stompp_callback = StoMPPCallback(progression_fraction=stompp_args.progression_fraction)
-        stage_callback = StageProgressCallback(stompp_callback)
-        callbacks = [stompp_callback, stage_callback]
+    callbacks, stage_callback = stompp_callbacks(config, stompp_args.progression_fraction)
     trainer = BinarizedEvalTrainer(
         model=model,
         args=training_args,

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import mean_half_range, run_config  # noqa: E402
+from common import result_cells, run_config, write_markdown  # noqa: E402
 
 DEFAULT_CONFIGS = [
     os.path.join("recipes", "experiments", "vision", f"{name}.json")
@@ -63,15 +62,10 @@ def write_table(rows: list[tuple[str, dict, list[dict]]], path: str, command: st
         "|---|---|---|---|---:|---:|---:|---:|---|---:|",
     ]
     for name, config, results in rows:
-        trained = [r[f"eval_{metric}"] for r in results if f"eval_{metric}" in r]
-        binary = [r[f"eval_binarized_{metric}"] for r in results if f"eval_binarized_{metric}" in r]
-        steps = sorted({r.get("train_steps", "?") for r in results}, key=str)
-        runtime = statistics.mean(r.get("train_runtime", float("nan")) for r in results)
-        per_seed = ", ".join(f"{100 * v:.1f}" for v in binary) if binary else "n/a (full precision)"
+        seeds, *cells = result_cells(results, metric)
         lines.append(
-            f"| {name} | {config.get('model_name', 'resnet18')} | {_rule(config)} | {_order(config)} | "
-            f"{len(results)} | {', '.join(map(str, steps))} | {mean_half_range(trained)} | "
-            f"{mean_half_range(binary)} | {per_seed} | {runtime:.0f} |"
+            f"| {name} | {config.get('model_name', 'resnet18')} | {_rule(config)} | {_order(config)} | {seeds} | "
+            f"{' | '.join(cells)} |"
         )
     if rows:
         first = rows[0][1]
@@ -84,11 +78,7 @@ def write_table(rows: list[tuple[str, dict, list[dict]]], path: str, command: st
             + ("; CIFAR stem" if first.get("cifar_stem") else "")
             + "; see each config for the full settings.",
         ]
-    text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    return text
+    return write_markdown(path, lines)
 
 
 def main(argv: list[str] | None = None) -> None:
