@@ -68,9 +68,14 @@ def example_input(model: nn.Module, size: int = 64) -> torch.Tensor:
     return torch.zeros(1, first.in_channels, size, size, dtype=param.dtype, device=param.device)
 
 
-def _trace(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
-    """(name, module, input, output) of every leaf module call of one forward pass, in execution order."""
-    calls: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
+Trace = list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]
+
+
+def _trace(model: nn.Module, x: torch.Tensor | None = None) -> Trace:
+    """(name, module, input, output) of every leaf module call of one forward pass (on `x`, default
+    `example_input(model)`), in execution order."""
+    x = x if x is not None else example_input(model)
+    calls: Trace = []
 
     def hook(name):
         def record(module, args, output):
@@ -96,16 +101,16 @@ def _trace(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, torc
     return calls
 
 
-def shortcut_layers(model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
+def shortcut_layers(model: nn.Module, calls: Trace | None = None) -> list[str]:
     """Names of the layers on shortcut (downsampling / projection) branches, found by tracing one forward pass.
 
     Where two or more layers consume the same tensor (a fork), each consumer starts a branch: it and every layer
     consuming a branch output, in execution order. The main path is the branch whose first convolution has the
     largest kernel (3x3 against a 1x1 projection); on a tie, the branch executed first (a ResNet bottleneck's
     `conv1` runs before its `downsample`). Every other branch is a shortcut. Layers returning their input
-    (`nn.Identity`, in-place activations) are transparent.
+    (`nn.Identity`, in-place activations) are transparent. `calls`: a trace of `model` to reuse.
     """
-    calls = [c for c in _trace(model, x if x is not None else example_input(model)) if c[3] is not c[2]]
+    calls = [c for c in (calls if calls is not None else _trace(model)) if c[3] is not c[2]]
     consumers: dict[int, list[int]] = {}
     for index, (_, _, inp, _) in enumerate(calls):
         consumers.setdefault(id(inp), []).append(index)  # `_trace` holds every tensor, so ids are unique
@@ -137,12 +142,15 @@ def shortcut_layers(model: nn.Module, x: torch.Tensor | None = None) -> list[str
     return [calls[i][0] for i in sorted(shortcut)]
 
 
-def default_modules_to_not_convert(model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
-    """The paper's full-precision policy for a timm model: first conv, classifier, shortcut convolutions."""
+def default_modules_to_not_convert(model: nn.Module, calls: Trace | None = None) -> list[str]:
+    """The paper's full-precision policy for a timm model: first conv, classifier, shortcut convolutions.
+
+    `calls`: a trace of `model` to reuse.
+    """
     cfg = model.pretrained_cfg
     keep = set(_names(cfg.get("first_conv"))) | set(_names(cfg.get("classifier")))
     modules = dict(model.named_modules())
-    keep.update(n for n in shortcut_layers(model, x) if isinstance(modules[n], (nn.Conv2d, nn.Linear)))
+    keep.update(n for n in shortcut_layers(model, calls) if isinstance(modules[n], (nn.Conv2d, nn.Linear)))
     # Anchored, escaped patterns: a bare "conv1" would also match every block's "layer1.0.conv1" by suffix.
     return [f"^{re.escape(n)}$" for n in sorted(keep) if n in modules]
 
@@ -155,14 +163,17 @@ def stage_keys(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def inject_activations(
-    model: nn.Module, binarized: list[str], act_layer: Callable[[], nn.Module] = nn.Identity, x=None
+    model: nn.Module,
+    binarized: list[str],
+    act_layer: Callable[[], nn.Module] = nn.Identity,
+    calls: Trace | None = None,
 ) -> list[str]:
     """Replace each activation whose output is a binarized layer's input by `act_layer()`; return their names.
 
     The producer of an input is found through pooling, dropout and identity layers (e.g. ResNet's stem ReLU feeds
-    the first block through the max-pool).
+    the first block through the max-pool). `calls`: a trace of `model` to reuse.
     """
-    calls = _trace(model, x if x is not None else example_input(model))
+    calls = calls if calls is not None else _trace(model)
     targets = set(binarized)
     replaced: list[str] = []
     for index, (name, _, inp, _) in enumerate(calls):
@@ -197,13 +208,15 @@ def prepare_vision_model(
     config = config if config is not None else StoMPPConfig(weight_scale="none", activation_scale="none")
     if stompp_modules(model):
         raise ValueError(f"{type(model).__name__} is already converted for StoMPP training.")
+    inject = config.activations is not None and act_layer is not None
+    calls = _trace(model) if inject or config.modules_to_not_convert is None else None  # one trace serves both
     if config.modules_to_not_convert is None:
         config = StoMPPConfig.from_dict(
-            {**config.to_dict(), "modules_to_not_convert": default_modules_to_not_convert(model)}
+            {**config.to_dict(), "modules_to_not_convert": default_modules_to_not_convert(model, calls)}
         )
-    if config.activations is not None and act_layer is not None:
+    if inject:
         names = [n for n, _ in select_modules(model, config, filter_fn)]
-        model.stompp_replaced_activations = inject_activations(model, names, act_layer)
+        model.stompp_replaced_activations = inject_activations(model, names, act_layer, calls)
     keys = stage_keys if config.granularity == "block" else None
     convert_model(model, config, filter_fn, stage_keys=keys)
     model.stompp_config = config
@@ -221,7 +234,7 @@ def cifar_stem(model: nn.Module) -> nn.Module:
     old = model.get_submodule(name)
     new = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=old.bias is not None)
     new.to(device=old.weight.device, dtype=old.weight.dtype)
-    calls = _trace(model, example_input(model))
+    calls = _trace(model)
     model.set_submodule(name, new)
     after_stem = [c for c in calls if c[0] != name]
     for pool_name, module, _, _ in after_stem:
