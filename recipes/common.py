@@ -58,6 +58,10 @@ class StoMPPArguments:
     activation_clip: float = field(
         default=1.0, metadata={"help": "Clip bound of the continuous input path, in units of beta."}
     )
+    compensation: str | None = field(
+        default=None, metadata={"help": "'surge' adds the SURGE dual-path gradient compensator ('none': off)."}
+    )
+    surge_eta: float = field(default=0.5, metadata={"help": "SURGE eta: compensation norm / STE gradient norm."})
     export_dtype: str | None = field(default=None, metadata={"help": "Packed remainder dtype, e.g. 'float16'."})
     progression_fraction: float = field(
         default=0.7, metadata={"help": "Share of training steps spent progressing; the rest trains fully binary."}
@@ -80,6 +84,8 @@ class StoMPPArguments:
             weight_scale=self.weight_scale,
             activation_scale=self.activation_scale,
             activation_clip=self.activation_clip,
+            compensation=none_str(self.compensation),
+            surge_eta=self.surge_eta,
             export_dtype=none_str(self.export_dtype),
             seed=seed,
         )

@@ -91,7 +91,19 @@ class StoMPPConfig(QuantizationConfigMixin):
         },
     )
     compensation: str | None = field(
-        default=None, metadata={"help": "None, or 'surge' for the SURGE dual-path gradient compensator."}
+        default=None,
+        metadata={
+            "help": "None, or 'surge' for the SURGE dual-path gradient compensator: a full-precision auxiliary "
+            "weight per binarized layer whose input gradient, scaled by the adaptive gradient scaler, is added to "
+            "the binary branch's in training (the forward value and the exported model are unchanged)."
+        },
+    )
+    surge_eta: float = field(
+        default=0.5,
+        metadata={
+            "help": "SURGE's eta: lambda = eta * ||g_b|| / (||g_a|| + 1e-8) per layer and step, so the compensation "
+            "added to the input gradient has eta times the norm of the binary branch's gradient."
+        },
     )
     modules_to_not_convert: list[str] | None = field(
         default=None,
@@ -137,6 +149,9 @@ class StoMPPConfig(QuantizationConfigMixin):
         ):
             raise ValueError(f"`activation_clip` must be a number > 0, but got {self.activation_clip!r}.")
         self.activation_clip = float(self.activation_clip)
+        if isinstance(self.surge_eta, bool) or not isinstance(self.surge_eta, (int, float)) or not self.surge_eta > 0:
+            raise ValueError(f"`surge_eta` must be a number > 0, but got {self.surge_eta!r}.")
+        self.surge_eta = float(self.surge_eta)
         if not isinstance(self.packed, bool):
             raise ValueError(f"`packed` must be a bool, but got {self.packed!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
