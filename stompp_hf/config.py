@@ -180,11 +180,6 @@ class StoMPPConfig(QuantizationConfigMixin):
                     f"but got {self.modules_to_not_convert!r}."
                 )
             self.modules_to_not_convert = list(self.modules_to_not_convert)
-        if self.compensation == "surge":
-            raise NotImplementedError(
-                "`compensation='surge'` (the SURGE dual-path gradient compensator) is not implemented yet; "
-                "use compensation=None."
-            )
 
     @property
     def progressive(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import torch
 from transformers.quantizers import HfQuantizer, register_quantizer
 
 from .conversion import convert_model
@@ -47,10 +48,15 @@ class StoMPPHfQuantizer(HfQuantizer):
             convert_to_packed(model, config, shapes, base_model_prefix=getattr(model, "base_model_prefix", None))
         else:
             convert_model(model, config)
+            ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
             if not self.pre_quantized:
                 # A full-precision checkpoint has no activation scales yet: they are measured in training.
-                ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
-                model._keys_to_ignore_on_load_missing = ignore | {r"input_binarizer\.scale$"}
+                ignore.add(r"input_binarizer\.scale$")
+            if config.compensation == "surge":
+                # SURGE's auxiliary weights start as copies of the latent weights (see below) unless a latent
+                # checkpoint of a SURGE run stored them.
+                ignore.add(r"surge_weight$")
+            model._keys_to_ignore_on_load_missing = ignore
         model.stompp_config = config
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
@@ -64,6 +70,10 @@ class StoMPPHfQuantizer(HfQuantizer):
                 for binarizer in module.binarizers():
                     if binarizer.scale is not None and not getattr(binarizer.scale, "_is_hf_initialized", False):
                         binarizer.scale.zero_()
+                surge_weight = module.surge_weight
+                if surge_weight is not None and not getattr(surge_weight, "_is_hf_initialized", False):
+                    with torch.no_grad():
+                        surge_weight.copy_(module.weight)
             elif isinstance(module, BinaryMixin):
                 missing = [k for k, v in module.named_buffers() if not getattr(v, "_is_hf_initialized", False)]
                 if missing:

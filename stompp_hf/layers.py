@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import binary_sign, masked_binarize
+from .functional import binary_sign, masked_binarize, surge
 from .masks import MaskState, pack_signs, unpack_signs
 
 #: Momentum of the running mean of |x| that sets the activation scale beta.
@@ -132,6 +132,8 @@ class StoMPPMixin:
         activation_scale: str,
         input_shape: tuple[int, ...] | None,
         activation_clip: float = 1.0,
+        compensation: str | None = None,
+        surge_eta: float = 0.5,
     ) -> None:
         self.stompp_stage = 0
         w = Binarizer(weights, "weight", weight_scale, tuple(self.weight.shape)) if weights is not None else None
@@ -142,6 +144,15 @@ class StoMPPMixin:
         )
         self.weight_binarizer = w
         self.input_binarizer = a
+        self.surge_eta = surge_eta
+        #: lambda of the last SURGE backward (a 0-dim tensor), None before the first one or without SURGE.
+        self.surge_lambda: torch.Tensor | None = None
+        if compensation == "surge":
+            # SURGE's auxiliary full-precision weight, initialised from the latent weight. On the meta device (inside
+            # `from_pretrained`) this is a meta tensor; the quantizer copies the loaded latent weight into it.
+            self.surge_weight = nn.Parameter(self.weight.detach().clone(), requires_grad=self.weight.requires_grad)
+        else:
+            self.surge_weight = None
 
     @classmethod
     def from_module(cls, module: nn.Module, config, stage: int = 0):
@@ -158,6 +169,8 @@ class StoMPPMixin:
             config.activation_scale,
             cls._input_shape(module),
             config.activation_clip,
+            config.compensation,
+            config.surge_eta,
         )
         new.stompp_stage = stage
         return new
@@ -171,6 +184,22 @@ class StoMPPMixin:
 
     def binarized_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_binarizer(x, self.feature_ndim) if self.input_binarizer is not None else x
+
+    def _record_surge_lambda(self, lam: torch.Tensor) -> None:
+        self.surge_lambda = lam
+
+    def _stompp_forward(self, x: torch.Tensor, op) -> torch.Tensor:
+        """`op(binarized input, binarized weight, bias)`, through SURGE's compensator when it is on and training."""
+        if self.surge_weight is None or not (self.training and torch.is_grad_enabled()):
+            return op(self.binarized_input(x), self.binarized_weight(), self.bias)
+        return surge(
+            x,
+            self.surge_weight,
+            lambda xb: op(self.binarized_input(xb), self.binarized_weight(), self.bias),
+            lambda xa, wa: op(xa, wa, None),
+            self.surge_eta,
+            self._record_surge_lambda,
+        )
 
     def binary_flags(self) -> dict[str, bool]:
         """The `BinaryMixin` flags describing this module once packed."""
@@ -232,7 +261,7 @@ class StoMPPLinear(StoMPPMixin, nn.Linear):
         return (module.in_features,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.binarized_input(x), self.binarized_weight(), self.bias)
+        return self._stompp_forward(x, F.linear)
 
 
 class StoMPPConv2d(StoMPPMixin, nn.Conv2d):
@@ -245,7 +274,7 @@ class StoMPPConv2d(StoMPPMixin, nn.Conv2d):
     feature_ndim = 3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.binarized_input(x), self.binarized_weight(), self.bias)
+        return self._stompp_forward(x, self._conv_forward)
 
 
 #: Training module for each convertible layer type, most specific first.

@@ -59,6 +59,7 @@ class ProgressionController:
             )
         self.total_steps = int(total_steps)
         self.schedule = get_schedule(self.config.schedule)
+        self.modules = list(modules.values())
         self.tensors: list[_Tensor] = []
         for module in modules.values():
             for binarizer in module.binarizers():
@@ -134,7 +135,8 @@ class ProgressionController:
         return t.module.weight.device
 
     def stats(self) -> dict[str, float]:
-        """What the callback logs: the current stage and the frozen fractions of weights and inputs."""
+        """What the callback logs: the current stage, the frozen fractions of weights and inputs, and SURGE's mean
+        lambda over layers (of the last backward) when SURGE is on."""
         weights = [t.binarizer.mask.frozen_fraction for t in self.tensors if t.binarizer.kind == "weight"]
         inputs = [
             t.binarizer.mask.frozen_fraction for t in self.tensors if t.binarizer.kind == "input" and t.binarizer.mask
@@ -144,6 +146,9 @@ class ProgressionController:
             out["stompp/weight_frozen_fraction"] = sum(weights) / len(weights)
         if inputs:
             out["stompp/input_frozen_fraction"] = sum(inputs) / len(inputs)
+        lambdas = [float(m.surge_lambda) for m in self.modules if getattr(m, "surge_lambda", None) is not None]
+        if lambdas:
+            out["stompp/surge_lambda"] = sum(lambdas) / len(lambdas)
         return out
 
     def mask_state_dict(self) -> dict[str, torch.Tensor]:

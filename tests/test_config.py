@@ -48,8 +48,8 @@ def test_invalid_combinations():
         StoMPPConfig(policy="deterministic")
     with pytest.raises(ValueError, match=r"needs a progressive weight rule"):
         StoMPPConfig(policy="deterministic", activations=None, weights="ste")
-    with pytest.raises(NotImplementedError, match="SURGE"):
-        StoMPPConfig(compensation="surge")
+    with pytest.raises(ValueError, match=r"`surge_eta` must be a number > 0, but got 0"):
+        StoMPPConfig(compensation="surge", surge_eta=0)
     with pytest.raises(ValueError, match=r"Unknown StoMPPConfig field\(s\) \['bits'\]"):
         StoMPPConfig.from_dict({"quant_method": "stompp", "bits": 1})
 

@@ -529,3 +529,26 @@ def test_summary_matches_saved_packed_checkpoint(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "total" in result.stdout
+
+
+def test_surge_through_from_pretrained_save_and_reload(tmp_path, caplog):
+    """SURGE's auxiliary weights: copied from the loaded latent weights, absent from the packed checkpoint, kept in
+    a latent (resumable) checkpoint, and the packed reload matches the trained model bit for bit."""
+    config = StoMPPConfig(weights="stompp_ste", activations="stompp_ste", compensation="surge")
+    with caplog.at_level(logging.WARNING):
+        model = load_stompp(fp_checkpoint(tmp_path), config)
+    assert "surge_weight" not in caplog.text  # not reported as newly initialized
+    modules = stompp_modules(model)
+    assert modules and all(torch.equal(m.surge_weight, m.weight) for m in modules.values())
+    train_to_freeze(model, total_steps=4, train_steps=2)
+    model.save_pretrained(tmp_path / "latent")
+    assert any(k.endswith("surge_weight") for k in safetensors_tensors(tmp_path / "latent" / "model.safetensors"))
+    resumed = load_stompp(tmp_path / "latent", config)
+    for name, module in stompp_modules(resumed).items():
+        assert torch.equal(module.surge_weight, modules[name].surge_weight)
+    train_to_freeze(model, total_steps=4)
+    model.save_pretrained(tmp_path / "packed")
+    tensors = assert_packed_checkpoint(tmp_path / "packed", model)
+    assert not any("surge" in k for k in tensors)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "packed"))
+    assert torch.equal(logits(reloaded, eval_ids()), logits(model, eval_ids()))
