@@ -101,23 +101,14 @@ def run_key(reference: dict[str, Any], config: dict[str, Any]) -> str:
 
 def run_cell(table: Table, row: str, column: str, seed: int, force: bool, env: dict[str, str] | None) -> dict:
     config = table.cell_config(row, column)
-    folder = os.path.join("outputs", "ablations", "configs")
-    os.makedirs(folder, exist_ok=True)
-    config_path = os.path.join(folder, config["output_dir"].replace(os.sep, "__") + ".json")
+    os.makedirs(os.path.dirname(config["output_dir"]) or ".", exist_ok=True)
+    config_path = f"{config['output_dir']}.config.json"  # the cell's experiment file, next to its runs
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)
     return run_config(os.path.join(HERE, RECIPES[table.recipe]), config_path, seed, force, env=env)
 
 
-def _rule_summary(config: dict[str, Any]) -> str:
-    parts = [f"W {config.get('weights')}", f"A {config.get('activations')}"]
-    for key in ("order", "policy", "schedule", "refresh_rate", "learning_rate", "compensation"):
-        if key in config:
-            parts.append(f"{key} {config[key]}")
-    return ", ".join(parts)
-
-
-def render_table(table: Table) -> list[str]:
+def render_table(table: Table, folder: str) -> list[str]:
     metric = table.metric
     columns = list(table.columns)
     lines = [f"## {table.title}", "", f"Table `{table.name}` ({table.path}); {table.description}".rstrip("; "), ""]
@@ -145,13 +136,13 @@ def render_table(table: Table) -> list[str]:
     for column, spec in table.columns.items():
         overrides = f" with `{json.dumps(spec['overrides'])}`" if spec.get("overrides") else ""
         lines.append(f"- {column}: `{spec['base']}`{overrides}")
-    plot = plot_table(table)
+    plot = plot_table(table, folder)
     if plot:
         lines += ["", f"![{table.title}]({os.path.basename(plot)})"]
     return lines + [""]
 
 
-def plot_table(table: Table, folder: str = os.path.join("benchmarks", "results")) -> str | None:
+def plot_table(table: Table, folder: str) -> str | None:
     """Grouped bars (rows x columns) with the seed range as error bars; None without matplotlib or results."""
     try:
         import matplotlib
@@ -225,7 +216,7 @@ def write_report(tables: list[Table], path: str, command: str) -> str:
     ]
     for table in tables:
         collect(table)
-        lines += render_table(table)
+        lines += render_table(table, os.path.dirname(os.path.abspath(path)))
     if reading:
         lines.append(reading)
     return write_markdown(path, lines)

@@ -17,7 +17,11 @@ W = [[0.3, -0.2]]
 
 def linear_layer(compensation, eta=0.5, rule="ste"):
     config = StoMPPConfig(
-        weights=rule, activations=rule, weight_scale="none", activation_scale="none", compensation=compensation,
+        weights=rule,
+        activations=rule,
+        weight_scale="none",
+        activation_scale="none",
+        compensation=compensation,
         surge_eta=eta,
     )
     base = nn.Linear(2, 1)
