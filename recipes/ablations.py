@@ -58,6 +58,15 @@ class Table:
     description: str = ""
     results: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
 
+    @property
+    def size(self) -> int:
+        return len(self.rows) * len(self.columns) * len(self.seeds)
+
+    @property
+    def done(self) -> int:
+        """Finished runs (after `collect`)."""
+        return sum(len(v) for v in self.results.values())
+
     @classmethod
     def load(cls, name_or_path: str) -> Table:
         path = name_or_path if name_or_path.endswith(".json") else os.path.join(TABLES_DIR, f"{name_or_path}.json")
@@ -103,8 +112,10 @@ def run_cell(table: Table, row: str, column: str, seed: int, force: bool, env: d
     config = table.cell_config(row, column)
     os.makedirs(os.path.dirname(config["output_dir"]) or ".", exist_ok=True)
     config_path = f"{config['output_dir']}.config.json"  # the cell's experiment file, next to its runs
-    with open(config_path, "w") as f:
+    # Atomic: the seeds of one cell may be written and read by parallel jobs.
+    with open(f"{config_path}.{seed}.tmp", "w") as f:
         json.dump(config, f, indent=2)
+    os.replace(f"{config_path}.{seed}.tmp", config_path)
     return run_config(os.path.join(HERE, RECIPES[table.recipe]), config_path, seed, force, env=env)
 
 
@@ -195,27 +206,36 @@ def collect(table: Table) -> None:
             table.results[(row, column)] = results
 
 
-def write_report(tables: list[Table], path: str, command: str) -> str:
+def write_report(tables: list[Table], path: str, options: str = "") -> str:
+    """Rewrite `path` with every table (from the runs on disk), keeping the text from `## Reading` on.
+
+    `options` (e.g. ' --jobs 2 --threads 1') is appended to each table's command in the file.
+    """
     reading = ""
     if os.path.isfile(path):
         with open(path) as f:
             text = f.read()
         if READING in text:
             reading = text[text.index(READING) :].rstrip("\n")
+    for table in tables:
+        collect(table)
     lines = [
         "# Ablations: StoMPP rules, orderings and SURGE in miniature",
         "",
-        "Command (runs what is missing, reuses finished runs, rewrites everything above the Reading section):",
+        "Commands (each runs what is missing of its table, reuses finished runs and rewrites everything above the",
+        "Reading section; `recipes/ablations.py` alone only rewrites this file):",
         "",
         "```bash",
-        command,
+        *(
+            f"HF_HUB_OFFLINE=1 .venv/bin/python recipes/ablations.py {t.name}{options}  # {t.done}/{t.size} runs done"
+            for t in tables
+        ),
         "```",
         "",
         "'binarized' evaluates `binarized(model)` (every mask forced to 1), i.e. the deployed 1-bit network.",
         "",
     ]
     for table in tables:
-        collect(table)
         lines += render_table(table, os.path.dirname(os.path.abspath(path)))
     if reading:
         lines.append(reading)
@@ -247,25 +267,22 @@ def main(argv: list[str] | None = None) -> None:
     for table in [*report_tables, *chosen]:
         if args.seeds:
             table.seeds = list(args.seeds)
+    options = "".join(
+        [
+            *([" --seeds", *(f" {seed}" for seed in args.seeds)] if args.seeds else []),
+            *([f" --jobs {args.jobs}"] if args.jobs > 1 else []),
+            *([f" --threads {args.threads}"] if args.threads else []),
+        ]
+    )
     if args.list or not chosen:
         for table in report_tables:
             collect(table)
-            runs = len(table.rows) * len(table.columns) * len(table.seeds)
-            done = sum(len(v) for v in table.results.values())
-            print(f"{table.name:24s} {done:3d}/{runs} runs done  {table.title}")
-        if not chosen:
-            return
+            print(f"{table.name:24s} {table.done:3d}/{table.size} runs done  {table.title}")
+        if not args.list:
+            write_report(report_tables, args.report, options)
+        return
 
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python recipes/ablations.py " + " ".join(
-        [
-            *args.tables,
-            *(["--seeds", *map(str, args.seeds)] if args.seeds else []),
-            *(["--jobs", str(args.jobs)] if args.jobs > 1 else []),
-            *(["--threads", str(args.threads)] if args.threads else []),
-        ]
-    )
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
-    # Unique runs, in table order (a run shared by two tables is done once).
     # Unique runs, column by column (one model size complete before the next), then table, row and seed.
     runs: dict[tuple[str, int], tuple[Table, str, str, int]] = {}
     for position in range(max(len(t.columns) for t in chosen)):
@@ -287,11 +304,11 @@ def main(argv: list[str] | None = None) -> None:
         except subprocess.CalledProcessError as error:
             failed.append(f"{table.name}: {row} / {column} / seed {seed} (exit {error.returncode})")
         with lock:
-            write_report(report_tables, args.report, command)
+            write_report(report_tables, args.report, options)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(job, runs.values()))
-    print(write_report(report_tables, args.report, command))
+    print(write_report(report_tables, args.report, options))
     if failed:
         raise SystemExit("Failed runs (the report shows the others):\n  " + "\n  ".join(failed))
 

@@ -122,7 +122,7 @@ def test_unfinished_cells_and_unknown_tables(tmp_path, capsys):
     report = tmp_path / "ablations.md"
     ablations.main(["--list", "--report-tables", table, "--report", str(report)])
     assert "0/1 runs done" in capsys.readouterr().out
-    lines = ablations.write_report([ablations.Table.load(table)], str(report), "cmd").splitlines()
+    lines = ablations.write_report([ablations.Table.load(table)], str(report)).splitlines()
     assert "| not run | ... |" in lines
     with pytest.raises(SystemExit, match="No ablation table 'nope'"):
         ablations.Table.load("nope")
