@@ -79,7 +79,13 @@ def _auto_class(model: nn.Module) -> str:
 def _precision_text(config, vision: bool = False) -> str:
     weights = "1-bit weights" if config.weights is not None else "full-precision weights"
     activations = "1-bit activations" if config.activations is not None else "full-precision activations"
-    rules = f"(weight rule `{config.weights}`, activation rule `{config.activations}`)"
+    surge = (
+        f", trained with SURGE gradient compensation (eta {config.surge_eta}; its auxiliary weights are training-only "
+        "and not in this checkpoint)"
+        if getattr(config, "compensation", None) == "surge"
+        else ""
+    )
+    rules = f"(weight rule `{config.weights}`, activation rule `{config.activations}`{surge})"
     if vision:
         return (
             f"{weights} and {activations} in every convolution of the residual blocks {rules}; the first "

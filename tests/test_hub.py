@@ -126,6 +126,14 @@ def test_card_of_latent_checkpoint_says_so(tiny_bert_dir):
     assert ModelCard(str(card)).data.to_dict() == card.data.to_dict()
 
 
+def test_card_names_surge_training(tiny_bert_dir):
+    config = StoMPPConfig(weights="ste", activations="ste", compensation="surge", surge_eta=0.25)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, quantization_config=config)
+    assert "trained with SURGE gradient compensation (eta 0.25" in model_card(model, "me/surge").text
+    plain = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, quantization_config=StoMPPConfig())
+    assert "SURGE" not in model_card(plain, "me/plain").text
+
+
 def test_prepare_model_gives_transformers_models_save_and_push(tmp_path, fake_hub):
     torch.manual_seed(0)
     model = prepare_model(BertForSequenceClassification(tiny_bert_config()), StoMPPConfig())
