@@ -316,6 +316,9 @@ class BinaryMixin:
         self.weight_shape = tuple(weight_shape)
         self.binary_inputs = binary_inputs
         self.unpack_cache = unpack_cache
+        #: STE window of the input binarization, in units of beta (`StoMPPConfig.activation_clip`); only used when
+        #: gradients flow through the layer.
+        self.input_clip = 1.0
         self._unpacked: tuple[int, torch.Tensor] | None = None
         factory = {"dtype": dtype, "device": device}
         if binary_weights:
@@ -344,6 +347,12 @@ class BinaryMixin:
     def binary_weights(self) -> bool:
         return self.weight_packed is not None
 
+    @property
+    def qweight(self) -> torch.Tensor | None:
+        """The packed weight under the name quantization tooling (peft, GPTQ conventions) looks for to find the
+        device of a quantized layer without a float `weight`; None where weights stay full precision."""
+        return self.weight_packed if self.weight_packed is not None else self.weight
+
     def extra_repr(self) -> str:
         return (
             f"weight_shape={self.weight_shape}, bias={self.bias is not None}, binary_weights={self.binary_weights}, "
@@ -369,21 +378,34 @@ class BinaryMixin:
         return weight
 
     def binarize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """beta * sign(x) (or sign(x)), with sign(0) = +1 exactly as in training."""
+        """beta * sign(x) (or sign(x)), with sign(0) = +1 exactly as in training.
+
+        When autograd tracks `x` (e.g. LoRA adapters before this layer are training on a packed base), the same
+        values come with the clipped straight-through gradient `1{|x| <= input_clip * beta}`, so gradients reach
+        earlier layers; the packed weights themselves never receive one.
+        """
         if not self.binary_inputs:
             return x
+        scale = self.input_scale.to(x.dtype) if self.input_scale is not None else None
+        if x.requires_grad and torch.is_grad_enabled():
+            one = 1.0 if scale is None else scale
+            return masked_binarize(x, True, rule="ste", scale=one, bound=one * self.input_clip, clip_smooth=True)
         sign = binary_sign(x)
-        return sign * self.input_scale.to(x.dtype) if self.input_scale is not None else sign
+        return sign * scale if scale is not None else sign
 
     @classmethod
     def from_module(cls, module: nn.Module, config, unpack_cache: bool = False):
         """An empty packed module shaped like `module` (an `nn.Linear` / `nn.Conv2d`, on any device incl. meta)."""
-        return cls._empty_like(module, unpack_cache=unpack_cache, **cls.flags_from_config(config))
+        new = cls._empty_like(module, unpack_cache=unpack_cache, **cls.flags_from_config(config))
+        new.input_clip = config.activation_clip
+        return new
 
     @classmethod
     def from_stompp(cls, module: StoMPPMixin, unpack_cache: bool = False):
         """Pack a fully frozen training module: the result computes the frozen module's outputs bit for bit."""
         new = cls._empty_like(module, unpack_cache=unpack_cache, **module.binary_flags())
+        if module.input_binarizer is not None:
+            new.input_clip = module.input_binarizer.clip
         with torch.no_grad():
             w = module.weight.detach()
             if module.weight_binarizer is not None:
