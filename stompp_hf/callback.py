@@ -6,6 +6,7 @@ import json
 import logging
 import os
 
+import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
@@ -92,6 +93,7 @@ class StoMPPCallback(TrainerCallback, ExportableState):
     ) -> None:
         if self.controller is None or logs is None or "loss" not in logs:
             return
+        self._check_finite(state.global_step)
         stats = self.controller.stats()
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -108,6 +110,20 @@ class StoMPPCallback(TrainerCallback, ExportableState):
                 self._tb_writer.add_scalar(f"train/{key}", value, state.global_step)
             self._tb_writer.flush()
 
+    def _check_finite(self, step: int) -> None:
+        """Stop with a clear error once a latent weight is NaN / Inf (a diverged loss), checked at logging steps.
+
+        Trainer's `logging_nan_inf_filter` hides NaN losses from the logs, and a NaN latent weight binarizes to -1
+        silently, so without this check a diverged run would go on training (and save) a meaningless network.
+        """
+        for name, module in self.controller.named_modules:
+            if not bool(torch.isfinite(module.weight).all()):
+                raise RuntimeError(
+                    f"StoMPP: the latent weight of `{name}` has NaN / Inf values at step {step}: the loss diverged. "
+                    "Resume from the last checkpoint (masks and schedule replay exactly) with a lower learning rate "
+                    "or gradient clipping (`max_grad_norm`)."
+                )
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if self._model is not None:
             setattr(self._model, KEEP_LATENT_ATTR, False)
@@ -122,18 +138,20 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         if not os.path.isdir(folder):
             return
         masks = {k: v.contiguous().cpu() for k, v in self.controller.mask_state_dict().items()}
-        save_file(masks, os.path.join(folder, MASKS_FILE))
-        with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump(
-                {
-                    "step": self.controller.step,
-                    "total_steps": self.controller.total_steps,
-                    "num_stages": self.controller.num_stages,
-                    **self.controller.stats(),
-                },
-                f,
-                indent=2,
-            )
+        # Written to a temporary name and renamed: an interrupted save never leaves a truncated file behind.
+        path = os.path.join(folder, MASKS_FILE)
+        save_file(masks, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        state = {
+            "step": self.controller.step,
+            "total_steps": self.controller.total_steps,
+            "num_stages": self.controller.num_stages,
+            **self.controller.stats(),
+        }
+        path = os.path.join(folder, STATE_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(state, f, indent=2)
+        os.replace(path + ".tmp", path)
 
     def state(self) -> dict:
         return {

@@ -25,6 +25,12 @@ from .masks import MaskState, pack_signs, unpack_signs
 ACTIVATION_SCALE_MOMENTUM = 0.1
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (where checkpointed forwards are recomputed)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
 class Binarizer(nn.Module):
     """Binarizes one tensor (a weight, or a layer's input) under its `MaskState`.
 
@@ -85,9 +91,14 @@ class Binarizer(nn.Module):
         return self.mask
 
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """beta: the running mean of |x|, updated in training (not under `binarized`), initialised on first use."""
+        """beta: the running mean of |x|, updated in training (not under `binarized`), initialised on first use.
+
+        A forward run inside a backward pass is a gradient-checkpointing recomputation: it reuses the beta of the
+        original forward instead of updating it a second time (which would also make the recomputed forward
+        differ from the original one).
+        """
         batch = x.detach().abs().mean().float()
-        if self.training and not self.force_frozen:
+        if self.training and not self.force_frozen and not _in_backward():
             with torch.no_grad():
                 ema = (1 - ACTIVATION_SCALE_MOMENTUM) * self.scale + ACTIVATION_SCALE_MOMENTUM * batch
                 self.scale.copy_(torch.where(self.scale > 0, ema, batch))

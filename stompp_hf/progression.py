@@ -59,6 +59,7 @@ class ProgressionController:
             )
         self.total_steps = int(total_steps)
         self.schedule = get_schedule(self.config.schedule)
+        self.named_modules = list(modules.items())
         self.modules = list(modules.values())
         self.tensors: list[_Tensor] = []
         for module in modules.values():
