@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .conversion import _eligible, select_modules, stompp_modules
-from .layers import BINARY_MODULES, BinaryMixin, StoMPPMixin
+from .layers import BINARY_MODULES, BinaryMixin, StoMPPMixin, full_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +102,14 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def packed_state_dict(model: nn.Module, export_dtype: str | None = None) -> dict[str, torch.Tensor]:
     """The state dict of the packed checkpoint of `model`, without modifying the model.
 
+    Under FSDP2 every rank must call it (gathering sharded tensors is a collective), as `save_pretrained` is.
+
     Every StoMPP module is replaced by its packed buffers (it must be fully frozen); floating-point tensors other
     than the activation scales are cast to `export_dtype` ('float32', 'float16', 'bfloat16'; None keeps them).
     """
     dtype = EXPORT_DTYPES[export_dtype] if export_dtype is not None else None
-    state = model.state_dict()
+    # Sharded (FSDP2 / tensor-parallel DTensor) entries are gathered: the packed checkpoint holds whole tensors.
+    state = {k: full_tensor(v) for k, v in model.state_dict().items()}
     for name, module in stompp_modules(model).items():
         for key in module.state_dict():
             del state[f"{name}.{key}"]

@@ -18,7 +18,7 @@ from transformers.quantizers import HfQuantizer, register_quantizer
 
 from .conversion import convert_model
 from .export import binarization_progress, convert_to_packed, packed_state_dict, read_checkpoint_shapes
-from .layers import BinaryMixin, StoMPPMixin
+from .layers import BinaryMixin, StoMPPMixin, full_tensor
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -88,7 +88,7 @@ class StoMPPHfQuantizer(HfQuantizer):
         if getattr(model, KEEP_LATENT_ATTR, False) and any(isinstance(m, StoMPPMixin) for m in model.modules()):
             config.packed = False
             logger.info("StoMPP: training in progress, saved latent full-precision weights (resumable checkpoint).")
-            return None, {"stompp_format": "latent"}
+            return _latent_state_dict(model), {"stompp_format": "latent"}
         progress = binarization_progress(model)
         if not progress.complete:
             config.packed = False
@@ -98,7 +98,7 @@ class StoMPPHfQuantizer(HfQuantizer):
                 "(full-precision weights, resumable), not a packed 1-bit one. Finish the progression to export "
                 "packed."
             )
-            return None, {"stompp_format": "latent"}
+            return _latent_state_dict(model), {"stompp_format": "latent"}
         state_dict = packed_state_dict(model, config.export_dtype)
         config.packed = True
         logger.info(
@@ -117,6 +117,15 @@ class StoMPPHfQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         return True
+
+
+def _latent_state_dict(model: PreTrainedModel):
+    """None (Transformers saves `model.state_dict()`), or, when parameters are sharded `DTensor`s (FSDP2), the
+    gathered whole tensors: Transformers' `save_pretrained` does not gather them itself."""
+    state = model.state_dict()
+    if not any(hasattr(v, "device_mesh") for v in state.values()):
+        return None
+    return {k: full_tensor(v) for k, v in state.items()}
 
 
 def attach_quantizer(model: PreTrainedModel, config) -> None:

@@ -25,6 +25,12 @@ from .masks import MaskState, pack_signs, unpack_signs
 ACTIVATION_SCALE_MOMENTUM = 0.1
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded `DTensor` (FSDP2, tensor parallel; a collective: every rank must call it), or
+    `tensor` itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") and hasattr(tensor, "device_mesh") else tensor
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass on this thread (where checkpointed forwards are recomputed)."""
     current = getattr(torch._C, "_current_graph_task_id", None)
@@ -418,7 +424,7 @@ class BinaryMixin:
         if module.input_binarizer is not None:
             new.input_clip = module.input_binarizer.clip
         with torch.no_grad():
-            w = module.weight.detach()
+            w = full_tensor(module.weight.detach())
             if module.weight_binarizer is not None:
                 new.weight_packed.copy_(pack_signs((w >= 0).reshape(w.shape[0], -1)))
                 if new.weight_scale is not None:
@@ -426,9 +432,9 @@ class BinaryMixin:
             else:
                 new.weight.copy_(w)
             if new.bias is not None:
-                new.bias.copy_(module.bias.detach())
+                new.bias.copy_(full_tensor(module.bias.detach()))
             if new.input_scale is not None:
-                new.input_scale.copy_(module.input_binarizer.scale)
+                new.input_scale.copy_(full_tensor(module.input_binarizer.scale))
         return new
 
 

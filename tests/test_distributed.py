@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "ddp_masks.py")
+WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers")
 
 
 def free_port() -> int:
@@ -17,23 +17,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_ranks_have_identical_masks_and_weights(tmp_path):
+def launch(worker: str, out, nproc: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
-        "2",
+        str(nproc),
         "--master_addr",
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        WORKER,
-        str(tmp_path),
+        os.path.join(WORKERS, worker),
+        str(out),
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_two_process_ddp_ranks_have_identical_masks_and_weights(tmp_path):
+    launch("ddp_masks.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     steps0, steps1 = ranks[0]["steps"], ranks[1]["steps"]
@@ -44,3 +48,11 @@ def test_two_process_ddp_ranks_have_identical_masks_and_weights(tmp_path):
     assert 0 < float(steps0["4"]["frozen"]) < float(steps0["8"]["frozen"])
     weights = [k for k in steps0["1"] if k.endswith(".weight")]
     assert all(steps0["1"][k] != steps0["8"][k] for k in weights)
+
+
+def test_fsdp2_sharded_model_saves_whole_packed_and_latent_checkpoints(tmp_path):
+    """Under FSDP2 (2 CPU ranks, gloo) `save_pretrained` gathers the sharded weights: the packed and the latent
+    checkpoints reload to the unsharded model's logits bit for bit."""
+    launch("fsdp_save.py", tmp_path)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result == {"sharded": "DTensor", "packed_equal": True, "packed_is_packed": True, "latent_equal": True}
