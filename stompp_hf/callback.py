@@ -117,7 +117,9 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         silently, so without this check a diverged run would go on training (and save) a meaningless network.
         """
         for name, module in self.controller.named_modules:
-            if not bool(torch.isfinite(module.weight).all()):
+            weight = module.weight.detach()
+            weight = weight.to_local() if hasattr(weight, "to_local") else weight  # an FSDP2 shard: check locally
+            if not bool(torch.isfinite(weight).all()):
                 raise RuntimeError(
                     f"StoMPP: the latent weight of `{name}` has NaN / Inf values at step {step}: the loss diverged. "
                     "Resume from the last checkpoint (masks and schedule replay exactly) with a lower learning rate "
