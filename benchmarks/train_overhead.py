@@ -1,0 +1,221 @@
+"""Training-step cost of StoMPP against full-precision fine-tuning and vanilla STE, and the cost of a soft refresh.
+
+Reproduce (from the repository root, on an otherwise idle machine):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_overhead.py --threads 2
+
+Writes `benchmarks/results/train_overhead.md`. For each model (the packaged all-MiniLM-L6-v2 at batch 32 x
+sequence 128, and a BERT-base-sized `BertConfig()` with seeded random weights at `--base-batch` x 128) and each
+rule (FP, vanilla STE, StoMPP and StoMPP+STE with a stage mid-transition, SURGE on STE):
+
+* step time: one optimizer step (forward, backward, AdamW step, `ProgressionController.advance`); the rules are
+  measured in one process, round-robin (one step of each rule per round), after `--warmup` rounds; the table gives
+  medians over `--steps` rounds and ratios to FP and to STE from the same rounds;
+* peak memory: each rule runs `--memory-steps` steps in its own fresh process; the peak resident set size
+  (`ru_maxrss`) of that process, and its ratio to FP's;
+* the mask advance of each step (the soft refresh of the transitioning stage at r = 100), timed inside the step;
+* the soft refresh of one mask of n entries at refresh rate r (n / r entries re-drawn), median time, as n and r
+  vary.
+
+The progressive rules are measured at the middle of the middle stage of a 10,000-step progression: earlier
+stages are frozen, later ones continuous, and the transitioning stage's masks are soft-refreshed every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+RULES = {
+    "FP": None,
+    "STE": {"weights": "ste", "activations": "ste"},
+    "StoMPP": {"weights": "stompp", "activations": "stompp"},
+    "StoMPP+STE": {"weights": "stompp_ste", "activations": "stompp_ste"},
+    "SURGE (STE)": {"weights": "ste", "activations": "ste", "compensation": "surge"},
+}
+PROGRESSION_STEPS = 10_000
+
+
+def build(model_name: str, rule: str, batch: int, seq: int):
+    """(model, optimizer, controller or None, batch) for one rule, seeded."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    from stompp_hf import ProgressionController, StoMPPConfig, prepare_model
+    from stompp_hf.assets import minilm_path
+
+    torch.manual_seed(0)
+    if model_name == "minilm":
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    else:
+        model = BertForSequenceClassification(BertConfig(num_labels=2))
+    controller = None
+    if RULES[rule] is not None:
+        prepare_model(model, StoMPPConfig(**RULES[rule]))
+        controller = ProgressionController(model, PROGRESSION_STEPS)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    inputs = {
+        "input_ids": torch.randint(1000 if vocab > 2000 else 5, vocab, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch,), generator=g),
+    }
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    if controller is not None:
+        # middle of the middle stage
+        stage = controller.num_stages // 2
+        start = round(PROGRESSION_STEPS * (stage + 0.5) / controller.num_stages)
+        model(**inputs)  # sizes the input masks
+        controller.restore(start)
+    return model, optimizer, controller, inputs
+
+
+def one_step(model, optimizer, controller, inputs) -> float:
+    """One optimizer step; returns the seconds spent advancing the masks (the soft refresh)."""
+    optimizer.zero_grad(set_to_none=True)
+    model(**inputs).loss.backward()
+    optimizer.step()
+    if controller is None:
+        return 0.0
+    start = time.perf_counter()
+    controller.advance(controller.step + 1)
+    return time.perf_counter() - start
+
+
+def time_rules(model_name: str, batch: int, seq: int, warmup: int, steps: int):
+    """Per rule: step times and mask-advance times of the timed rounds."""
+    setups = {rule: build(model_name, rule, batch, seq) for rule in RULES}
+    times: dict[str, list[float]] = {rule: [] for rule in RULES}
+    advances: dict[str, list[float]] = {rule: [] for rule in RULES}
+    for round_ in range(warmup + steps):
+        for rule, setup in setups.items():
+            start = time.perf_counter()
+            advance = one_step(*setup)
+            if round_ >= warmup:
+                times[rule].append(time.perf_counter() - start)
+                advances[rule].append(advance)
+        print(f"  {model_name} round {round_ + 1}/{warmup + steps}", flush=True)
+    return times, advances
+
+
+def peak_memory_child(model_name: str, rule: str, batch: int, seq: int, steps: int) -> None:
+    setup = build(model_name, rule, batch, seq)
+    for _ in range(steps):
+        one_step(*setup)
+    print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+def peak_memory(model_name: str, rule: str, batch: int, seq: int, steps: int, threads: int) -> float:
+    """Peak RSS in MiB of a fresh process running `steps` steps of `rule`."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", model_name, rule, str(batch), str(seq), str(steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])["maxrss_kb"] / 1024
+
+
+def refresh_costs(sizes: list[int], rates: list[int], repeats: int) -> dict[tuple[int, int], float]:
+    from stompp_hf.masks import MaskState, make_generator
+
+    costs = {}
+    device = torch.device("cpu")
+    for n in sizes:
+        for r in rates:
+            mask = MaskState((n,))
+            mask.materialize(device)
+            samples = []
+            for i in range(repeats + 2):
+                gen = make_generator(device, 0, 0, i, 0)
+                start = time.perf_counter()
+                mask.soft_refresh(0.5, r, gen, device)
+                if i >= 2:
+                    samples.append(time.perf_counter() - start)
+            costs[(n, r)] = statistics.median(samples)
+    return costs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--base-batch", type=int, default=8, help="Batch of the BERT-base-sized model.")
+    parser.add_argument("--base-steps", type=int, default=3, help="Timed rounds of the BERT-base-sized model.")
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--output", default="benchmarks/results/train_overhead.md")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, rule, batch, seq, steps = args.child
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        peak_memory_child(name, rule, int(batch), int(seq), int(steps))
+        return
+    torch.set_num_threads(args.threads)
+    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_overhead.py " + " ".join(sys.argv[1:])
+    models = [
+        ("minilm", "all-MiniLM-L6-v2", 32, args.steps),
+        ("base", "BERT-base-sized", args.base_batch, args.base_steps),
+    ]
+    lines = [
+        "# Training-step overhead of StoMPP",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{args.threads} threads, no GPU. Step = forward + backward + AdamW step + mask advance. Medians of the "
+        "timed rounds; ratios from the same rounds (rules interleaved). Peak memory = peak RSS of a fresh process "
+        "per rule (model, optimizer state and one step's activations; includes the Python / torch baseline).",
+        "",
+    ]
+    for key, title, batch, steps in models:
+        print(f"timing {title}", flush=True)
+        times, advances = time_rules(key, batch, 128, args.warmup, steps)
+        memory = {rule: peak_memory(key, rule, batch, 128, args.memory_steps, args.threads) for rule in RULES}
+        fp, ste = statistics.median(times["FP"]), statistics.median(times["STE"])
+        lines += [
+            f"## {title}, batch {batch} x sequence 128 ({steps} timed rounds after {args.warmup} warm-up)",
+            "",
+            "| rule | step (s) | / FP | / STE | mask advance (ms) | advance / step | peak RSS (MiB) | / FP |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for rule, samples in times.items():
+            median = statistics.median(samples)
+            advance = statistics.median(advances[rule])
+            lines.append(
+                f"| {rule} | {median:.3f} | {median / fp:.3f} | {median / ste:.3f} | {1000 * advance:.2f} | "
+                f"{100 * advance / median:.2f}% | {memory[rule]:.0f} | {memory[rule] / memory['FP']:.3f} |"
+            )
+        lines.append("")
+    print("refresh costs", flush=True)
+    sizes, rates = [10**5, 10**6, 10**7], [10, 100, 1000, 10000]
+    costs = refresh_costs(sizes, rates, repeats=7)
+    lines += [
+        "## Soft refresh of one mask (n entries, n / r re-drawn), median of 7 (ms)",
+        "",
+        "| n \\ r | " + " | ".join(str(r) for r in rates) + " |",
+        "|---|" + "---:|" * len(rates),
+    ]
+    for n in sizes:
+        lines.append(f"| {n:.0e} | " + " | ".join(f"{1000 * costs[(n, r)]:.3f}" for r in rates) + " |")
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
