@@ -41,6 +41,16 @@ from common import mean_half_range, run_config, write_markdown  # noqa: E402
 TABLES_DIR = os.path.join("recipes", "experiments", "ablations")
 RECIPES = {"vision": "vision.py", "glue": "glue.py"}
 READING = "## Reading"
+#: Order of the tables in the report (the ones the papers' claims rest on first); others follow alphabetically.
+REPORT_ORDER = [
+    "ordering",
+    "rules_vision",
+    "rules_glue",
+    "surge_eta",
+    "policy_bwn",
+    "schedule_refresh",
+    "learning_rate",
+]
 
 
 @dataclass
@@ -261,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
 
     names = args.report_tables
     if names is None:
-        names = sorted(os.path.splitext(f)[0] for f in os.listdir(TABLES_DIR) if f.endswith(".json"))
+        found = sorted(os.path.splitext(f)[0] for f in os.listdir(TABLES_DIR) if f.endswith(".json"))
+        names = [n for n in REPORT_ORDER if n in found] + [n for n in found if n not in REPORT_ORDER]
     report_tables = [Table.load(n) for n in names]
     chosen = [Table.load(n) for n in args.tables]
     for table in [*report_tables, *chosen]:
