@@ -3,7 +3,8 @@
 * **Packed base** (a packed checkpoint reloaded with `from_pretrained`: `BinaryLinear` layers holding 1-bit weights).
   peft does not know `BinaryLinear`; `stompp_lora_config(LoraConfig(...))` registers `LoraBinaryLinear` for it, so
   `get_peft_model` puts adapters on the packed layers. The base stays 1-bit (buffers, nothing trainable); the
-  adapters see the layer's full-precision input. Adapters save and reload with peft as usual.
+  adapters see the layer's full-precision input. Adapters save with peft as usual; reload them onto a packed base
+  with `load_lora_adapter` (peft does not store the custom-module mapping).
 * **Latent base** (a StoMPP training model): `StoMPPLinear` *is* an `nn.Linear`, so peft wraps it with its own LoRA
   layer; freeze the progression first (a fully binary model) so the base's forward is the 1-bit network.
 
