@@ -12,7 +12,7 @@ rule (FP, vanilla STE, StoMPP and StoMPP+STE with a stage mid-transition, SURGE 
   measured in one process, round-robin (one step of each rule per round), after `--warmup` rounds; the table gives
   medians over `--steps` rounds and ratios to FP and to STE from the same rounds;
 * peak memory: each rule runs `--memory-steps` steps in its own fresh process; the peak resident set size
-  (`ru_maxrss`) of that process, and its ratio to FP's;
+  (`VmHWM`) of that process, and its ratio to FP's;
 * the mask advance of each step (the soft refresh of the transitioning stage at r = 100), timed inside the step;
 * the soft refresh of one mask of n entries at refresh rate r (n / r entries re-drawn), median time, as n and r
   vary.
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -113,7 +112,11 @@ def peak_memory_child(model_name: str, rule: str, batch: int, seq: int, steps: i
     setup = build(model_name, rule, batch, seq)
     for _ in range(steps):
         one_step(*setup)
-    print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    # VmHWM (peak RSS of this process image). Not `ru_maxrss`: Linux keeps it across exec, so a child would report
+    # its parent's peak.
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"maxrss_kb": hwm}))
 
 
 def peak_memory(model_name: str, rule: str, batch: int, seq: int, steps: int, threads: int) -> float:
