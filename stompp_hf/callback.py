@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -12,12 +13,20 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from .hf_quantizer import KEEP_LATENT_ATTR
+from .layers import is_sharded
 from .progression import ProgressionController
 
 logger = logging.getLogger(__name__)
 
 MASKS_FILE = "stompp_masks.safetensors"
 STATE_FILE = "stompp_state.json"
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """`write(tmp)` to a temporary name, then rename it to `path`: an interrupted save never leaves a truncated file
+    behind (the previous one stays)."""
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 class StoMPPCallback(TrainerCallback, ExportableState):
@@ -118,7 +127,7 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         """
         for name, module in self.controller.named_modules:
             weight = module.weight.detach()
-            weight = weight.to_local() if hasattr(weight, "to_local") else weight  # an FSDP2 shard: check locally
+            weight = weight.to_local() if is_sharded(weight) else weight  # an FSDP2 shard: check locally
             if not bool(torch.isfinite(weight).all()):
                 raise RuntimeError(
                     f"StoMPP: the latent weight of `{name}` has NaN / Inf values at step {step}: the loss diverged. "
@@ -140,20 +149,19 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         if not os.path.isdir(folder):
             return
         masks = {k: v.contiguous().cpu() for k, v in self.controller.mask_state_dict().items()}
-        # Written to a temporary name and renamed: an interrupted save never leaves a truncated file behind.
-        path = os.path.join(folder, MASKS_FILE)
-        save_file(masks, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        _write_atomically(os.path.join(folder, MASKS_FILE), lambda tmp: save_file(masks, tmp))
         state = {
             "step": self.controller.step,
             "total_steps": self.controller.total_steps,
             "num_stages": self.controller.num_stages,
             **self.controller.stats(),
         }
-        path = os.path.join(folder, STATE_FILE)
-        with open(path + ".tmp", "w") as f:
-            json.dump(state, f, indent=2)
-        os.replace(path + ".tmp", path)
+
+        def dump(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(state, f, indent=2)
+
+        _write_atomically(os.path.join(folder, STATE_FILE), dump)
 
     def state(self) -> dict:
         return {

@@ -18,7 +18,7 @@ from transformers.quantizers import HfQuantizer, register_quantizer
 
 from .conversion import convert_model
 from .export import binarization_progress, convert_to_packed, packed_state_dict, read_checkpoint_shapes
-from .layers import BinaryMixin, StoMPPMixin, full_tensor
+from .layers import BinaryMixin, StoMPPMixin, full_tensor, is_sharded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -123,7 +123,7 @@ def _latent_state_dict(model: PreTrainedModel):
     """None (Transformers saves `model.state_dict()`), or, when parameters are sharded `DTensor`s (FSDP2), the
     gathered whole tensors: Transformers' `save_pretrained` does not gather them itself."""
     state = model.state_dict()
-    if not any(hasattr(v, "device_mesh") for v in state.values()):
+    if not any(is_sharded(v) for v in state.values()):
         return None
     return {k: full_tensor(v) for k, v in state.items()}
 

@@ -25,10 +25,14 @@ from .masks import MaskState, pack_signs, unpack_signs
 ACTIVATION_SCALE_MOMENTUM = 0.1
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a `DTensor` (FSDP2, tensor parallel), which holds only this rank's shard."""
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "full_tensor")
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a sharded `DTensor` (FSDP2, tensor parallel; a collective: every rank must call it), or
-    `tensor` itself."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") and hasattr(tensor, "device_mesh") else tensor
+    """The whole tensor of a sharded `DTensor` (a collective: every rank must call it), or `tensor` itself."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def _in_backward() -> bool:

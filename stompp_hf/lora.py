@@ -23,6 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from .conversion import _stage_keys
@@ -30,62 +32,38 @@ from .layers import BinaryLinear, StoMPPLinear
 from .progression import find_config
 
 
-def _lora_linear():
-    from peft.tuners.lora.layer import Linear
+class LoraBinaryLinear(LoraLinear):
+    """peft's LoRA `Linear` around a packed `BinaryLinear`: output = binary layer(x) + LoRA(x)."""
 
-    return Linear
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
 
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        reference = base_layer.weight_scale if base_layer.weight_scale is not None else base_layer.bias
+        if reference is None:
+            return base_layer.weight_packed.device, None
+        return reference.device, reference.dtype
 
-def _make_lora_binary_linear():
-    base = _lora_linear()
-
-    class LoraBinaryLinear(base):
-        """peft's LoRA `Linear` around a packed `BinaryLinear`: output = binary layer(x) + LoRA(x)."""
-
-        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-            return module.in_features, module.out_features
-
-        def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
-            reference = base_layer.weight_scale if base_layer.weight_scale is not None else base_layer.bias
-            if reference is None:
-                return base_layer.weight_packed.device, None
-            return reference.device, reference.dtype
-
-        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-            raise ValueError(
-                "A LoRA update cannot be merged into a packed 1-bit layer (the sum is not binary). Use "
-                "`stompp_hf.lora.merge_lora_into_latent(peft_model)`, which merges into a latent StoMPP model that "
-                "`save_pretrained` packs again."
-            )
-
-    return LoraBinaryLinear
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(
+            "A LoRA update cannot be merged into a packed 1-bit layer (the sum is not binary). Use "
+            "`stompp_hf.lora.merge_lora_into_latent(peft_model)`, which merges into a latent StoMPP model that "
+            "`save_pretrained` packs again."
+        )
 
 
-_LORA_BINARY_LINEAR: type | None = None
-
-
-def lora_binary_linear_class() -> type:
-    """The `LoraBinaryLinear` class (built on first use, so importing stompp_hf does not import peft)."""
-    global _LORA_BINARY_LINEAR
-    if _LORA_BINARY_LINEAR is None:
-        _LORA_BINARY_LINEAR = _make_lora_binary_linear()
-    return _LORA_BINARY_LINEAR
-
-
-def stompp_lora_config(config: Any) -> Any:
+def stompp_lora_config(config: LoraConfig) -> LoraConfig:
     """Register the packed layers with a peft `LoraConfig` (in place) and return it:
 
     peft_model = get_peft_model(packed_model, stompp_lora_config(LoraConfig(r=8, target_modules=[...])))
     """
-    config._register_custom_module({BinaryLinear: lora_binary_linear_class()})
+    config._register_custom_module({BinaryLinear: LoraBinaryLinear})
     return config
 
 
 def load_lora_adapter(model: nn.Module, path: str, **kwargs: Any) -> nn.Module:
     """`PeftModel.from_pretrained(model, path)` for a packed base: the stored `LoraConfig` gets the packed layers
     registered (peft stores no custom-module mapping)."""
-    from peft import LoraConfig, PeftModel
-
     config = stompp_lora_config(LoraConfig.from_pretrained(path))
     return PeftModel.from_pretrained(model, path, config=config, **kwargs)
 
@@ -98,10 +76,9 @@ def merge_lora_into_latent(peft_model: nn.Module) -> nn.Module:
     every mask frozen, activation scale kept); other adapted layers merge as peft merges them. The peft wrappers
     (and `modules_to_save` copies) are removed as by `merge_and_unload`.
     """
-    lora_binary = lora_binary_linear_class()
     base_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     config = find_config(base_model)
-    targets = [(name, m) for name, m in base_model.named_modules() if isinstance(m, lora_binary)]
+    targets = [(name, m) for name, m in base_model.named_modules() if isinstance(m, LoraBinaryLinear)]
     keys = _stage_keys(base_model, [name for name, _ in targets], config.granularity)
     stages = {key: i for i, key in enumerate(dict.fromkeys(keys))}
     for (name, module), key in zip(targets, keys):

@@ -60,7 +60,6 @@ class ProgressionController:
         self.total_steps = int(total_steps)
         self.schedule = get_schedule(self.config.schedule)
         self.named_modules = list(modules.items())
-        self.modules = list(modules.values())
         self.tensors: list[_Tensor] = []
         for module in modules.values():
             for binarizer in module.binarizers():
@@ -147,7 +146,7 @@ class ProgressionController:
             out["stompp/weight_frozen_fraction"] = sum(weights) / len(weights)
         if inputs:
             out["stompp/input_frozen_fraction"] = sum(inputs) / len(inputs)
-        lambdas = [float(m.surge_lambda) for m in self.modules if getattr(m, "surge_lambda", None) is not None]
+        lambdas = [float(m.surge_lambda) for _, m in self.named_modules if m.surge_lambda is not None]
         if lambdas:
             out["stompp/surge_lambda"] = sum(lambdas) / len(lambdas)
         return out

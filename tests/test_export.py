@@ -453,10 +453,11 @@ def test_packing_requires_measured_beta_and_frozen_masks(tmp_path):
 # 8. Trainer: latent checkpoints while training, packed save_model after, resume
 
 
-def trainer_for(model, output_dir, **kwargs):
+def trainer_for(model, output_dir, callbacks=(), **kwargs):
+    """A `Trainer` on the toy dataset with a `StoMPPCallback` (and `callbacks`); 6 steps unless `max_steps` given."""
+    kwargs.setdefault("max_steps", 6)
     args = TrainingArguments(
         str(output_dir),
-        max_steps=6,
         per_device_train_batch_size=8,
         learning_rate=1e-3,
         logging_steps=1,
@@ -466,7 +467,7 @@ def trainer_for(model, output_dir, **kwargs):
         seed=0,
         **kwargs,
     )
-    return Trainer(model=model, args=args, train_dataset=toy_dataset(), callbacks=[StoMPPCallback()])
+    return Trainer(model=model, args=args, train_dataset=toy_dataset(), callbacks=[StoMPPCallback(), *callbacks])
 
 
 def test_trainer_checkpoints_are_latent_and_save_model_is_packed(tmp_path):

@@ -10,29 +10,13 @@ import sys
 
 import pytest
 import torch
-from transformers import BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import BertForSequenceClassification, TrainerCallback
 
 from stompp_hf import ProgressionController, StoMPPCallback, StoMPPConfig, stompp_modules
 from stompp_hf.hub import model_card
 
-from .conftest import tiny_bert_config, toy_dataset
-from .test_export import eval_ids, fp_checkpoint, load_stompp, logits, train_to_freeze
-
-
-def trainer_for(model, out, callbacks=(), **kwargs):
-    kwargs.setdefault("max_steps", 6)
-    kwargs.setdefault("save_strategy", "no")
-    args = TrainingArguments(
-        str(out),
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        **kwargs,
-    )
-    return Trainer(model=model, args=args, train_dataset=toy_dataset(), callbacks=[StoMPPCallback(), *callbacks])
+from .conftest import tiny_bert_config
+from .test_export import eval_ids, fp_checkpoint, load_stompp, logits, train_to_freeze, trainer_for
 
 
 def test_packed_checkpoint_without_stompp_hf_import_is_documented(tmp_path):
