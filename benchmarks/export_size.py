@@ -46,6 +46,9 @@ from stompp_hf.conversion import stompp_modules
 from stompp_hf.export import binarization_progress, packed_bits_per_weight, set_unpack_cache
 from stompp_hf.layers import BinaryMixin
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import MONITOR, iqr, timed  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "export_size.md")
 BATCHES = (1, 32)
 TARGETS = {"MiniLM-L6": 0.30, "BERT-base-sized": 0.15}  # packed (float16 remainder) / FP32 checkpoint
@@ -102,78 +105,6 @@ def cache_bytes(model: torch.nn.Module) -> int:
 
 def load(path: str) -> torch.nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(path).eval()
-
-
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    a = MONITOR.snapshot() if MONITOR.available else None
-    start = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - start
-    MONITOR.record(a, MONITOR.snapshot() if MONITOR.available else None)
-    return seconds, out
-
-
-class CpuMonitor:
-    """CPU use of other processes (machine busy time in /proc/stat minus this process's own), in cores.
-
-    `wait_idle` holds the next timing round until the machine is quiet (within a total waiting budget); `timed`
-    records how busy other processes were while each measurement ran, so the results can say how clean they are.
-    """
-
-    def __init__(self, threshold: float = 0.2, budget: float = 0.0) -> None:
-        self.threshold, self.budget = threshold, budget
-        self.other = self.wall = self.waited = 0.0
-        try:
-            self.snapshot()
-            self.available = True
-        except (OSError, ValueError):
-            self.available = False
-
-    @staticmethod
-    def snapshot() -> tuple[float, float, float]:
-        with open("/proc/stat", encoding="utf-8") as f:
-            values = [int(v) for v in f.readline().split()[1:9]]
-        busy = (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-        t = os.times()
-        return busy, t.user + t.system, time.perf_counter()
-
-    @staticmethod
-    def others(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
-        return max(0.0, (b[0] - a[0]) - (b[1] - a[1])) / max(b[2] - a[2], 1e-9)
-
-    def wait_idle(self, window: float = 0.3) -> None:
-        if not self.available:
-            return
-        start = time.perf_counter()
-        while self.waited + time.perf_counter() - start < self.budget:
-            a = self.snapshot()
-            time.sleep(window)
-            if self.others(a, self.snapshot()) <= self.threshold:
-                break
-        self.waited += time.perf_counter() - start
-
-    def record(self, a: tuple[float, float, float] | None, b: tuple[float, float, float] | None) -> None:
-        if a is not None and b is not None:
-            self.other += self.others(a, b) * (b[2] - a[2])
-            self.wall += b[2] - a[2]
-
-    def reset(self) -> None:
-        self.other = self.wall = 0.0
-
-    @property
-    def cores(self) -> float:
-        return self.other / self.wall if self.wall else float("nan")
-
-
-MONITOR = CpuMonitor()
-
-
-def iqr(values: list[float]) -> float:
-    """Interquartile range (0 for fewer than two values)."""
-    if len(values) < 2:
-        return 0.0
-    q = statistics.quantiles(values, n=4)
-    return q[2] - q[0]
 
 
 def categorize(key: str, binarized: set[str]) -> str:

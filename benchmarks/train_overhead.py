@@ -35,6 +35,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import vm_status_kib  # noqa: E402
 
 RULES = {
     "FP": None,
@@ -112,11 +114,7 @@ def peak_memory_child(model_name: str, rule: str, batch: int, seq: int, steps: i
     setup = build(model_name, rule, batch, seq)
     for _ in range(steps):
         one_step(*setup)
-    # VmHWM (peak RSS of this process image). Not `ru_maxrss`: Linux keeps it across exec, so a child would report
-    # its parent's peak.
-    with open("/proc/self/status") as f:
-        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    print(json.dumps({"maxrss_kb": hwm}))
+    print(json.dumps({"maxrss_kb": vm_status_kib("VmHWM")}))
 
 
 def peak_memory(model_name: str, rule: str, batch: int, seq: int, steps: int, threads: int) -> float:

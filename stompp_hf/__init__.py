@@ -7,7 +7,7 @@ from transformers.quantizers import register_quantization_config
 
 from .config import StoMPPConfig
 from .conversion import convert_model, prepare_model, stompp_modules
-from .export import pack_model, packed_state_dict, set_unpack_cache
+from .export import pack_model, packed_state_dict, set_kernel, set_unpack_cache
 from .functional import binary_sign, masked_binarize
 from .layers import Binarizer, BinaryConv2d, BinaryLinear, StoMPPConv2d, StoMPPLinear
 from .progression import ProgressionController, binarized, find_config
@@ -43,6 +43,7 @@ __all__ = [
     "packed_state_dict",
     "prepare_model",
     "register_schedule",
+    "set_kernel",
     "set_unpack_cache",
     "stompp_modules",
     "summary",

@@ -217,3 +217,26 @@ def set_unpack_cache(model: nn.Module, enabled: bool = True) -> int:
             module._unpacked = None
             count += 1
     return count
+
+
+KERNELS = ("auto", "xnor", "reference")
+
+
+def set_kernel(model: nn.Module, kernel: str = "auto") -> int:
+    """Choose how the packed linear layers of `model` compute; return how many layers were set.
+
+    Args:
+        kernel: "auto" (the default): the bit-packed XNOR-popcount kernel (`stompp_hf.xnor`) wherever it applies
+            (binary inputs and weights, float32 on CPU, no autograd) and compiles, the reference path elsewhere;
+            "xnor": the kernel, raising where it cannot run; "reference": always unpack the signs to a float
+            matrix and use the dense matmul. All three give bit-identical outputs. Packed convolutions always use
+            the reference path.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"`kernel` must be one of {KERNELS}, but got {kernel!r}.")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, BinaryMixin):
+            module.kernel = kernel
+            count += 1
+    return count

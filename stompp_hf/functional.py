@@ -25,25 +25,79 @@ def binary_sign(u: torch.Tensor) -> torch.Tensor:
 
 
 class _MaskedBinarize(torch.autograd.Function):
-    """Forward `where(M, a * sign(u), smooth(u))`; backward as in the module docstring."""
+    """Forward `where(M, a * sign(u), smooth(u))`; backward as in the module docstring.
+
+    Only the bool `1{|u| <= c}` is kept for the backward pass (one byte per entry instead of `u`'s four).
+    """
 
     @staticmethod
     def forward(ctx, u, mask, scale, bound, clip_smooth: bool, ste_on_frozen: bool):  # type: ignore[override]
         hard = binary_sign(u) * scale
         soft = torch.clamp(u, -bound, bound) if clip_smooth else u
-        ctx.save_for_backward(u, mask, bound)
+        inside = (u >= -bound) & (u <= bound) if clip_smooth or ste_on_frozen else None
+        ctx.save_for_backward(mask, inside)
         ctx.clip_smooth = clip_smooth
         ctx.ste_on_frozen = ste_on_frozen
         return torch.where(mask, hard, soft)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        u, mask, bound = ctx.saved_tensors
-        inside = (u >= -bound) & (u <= bound)
+        mask, inside = ctx.saved_tensors
         zero = grad.new_zeros(())
         smooth_grad = torch.where(inside, grad, zero) if ctx.clip_smooth else grad
         frozen_grad = torch.where(inside, grad, zero) if ctx.ste_on_frozen else zero
         return torch.where(mask, frozen_grad, smooth_grad), None, None, None, None, None
+
+
+class _HardSign(torch.autograd.Function):
+    """Every entry frozen, STE gradient: forward `where(u >= 0, v, -v)`, backward `1{|u| <= c} * g / s`.
+
+    `v` is the magnitude of the output (the scale `a`, or 1 when the scale is applied to the layer output instead)
+    and `s` what the gradient is divided by to stay the gradient with respect to `a * sign(u)` (1, or `a` when
+    the output is `sign(u)` and `a` multiplies the layer output). Only the bool `1{|u| <= c}` is saved.
+    """
+
+    @staticmethod
+    def forward(ctx, u, value, bound, grad_divisor):  # type: ignore[override]
+        inside = (u >= -bound) & (u <= bound)
+        ctx.save_for_backward(inside, grad_divisor)
+        return torch.where(u >= 0, value, -value).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        inside, divisor = ctx.saved_tensors
+        if divisor is not None:
+            grad = grad / divisor
+        return torch.where(inside, grad, grad.new_zeros(())), None, None, None
+
+
+def hard_sign(
+    u: torch.Tensor,
+    *,
+    ste: bool,
+    scale: torch.Tensor | float = 1.0,
+    bound: torch.Tensor | float = 1.0,
+    factored: bool = False,
+) -> torch.Tensor:
+    """A fully frozen tensor: `scale * sign(u)`, or `sign(u)` alone when `factored` (the caller multiplies the
+    layer output by `scale`, which keeps binary x binary products exact integers, DESIGN.md §3.1).
+
+    With `ste` (rules 'ste' and 'stompp_ste') the gradient is the clipped straight-through one, `1{|u| <= bound}`
+    times the gradient with respect to `scale * sign(u)` (so the factored form divides by `scale`; a zero scale,
+    e.g. an all-zero weight row, passes no gradient). Without `ste` ('stompp') the result is a constant.
+    """
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach()
+    one = torch.ones((), dtype=u.dtype, device=u.device)
+    value = one if factored else torch.as_tensor(scale, dtype=u.dtype, device=u.device)
+    if not (ste and u.requires_grad and torch.is_grad_enabled()):
+        return torch.where(u.detach() >= 0, value, -value)
+    divisor = None
+    if factored and not (isinstance(scale, float) and scale == 1.0):
+        divisor = torch.as_tensor(scale, dtype=u.dtype, device=u.device)
+        divisor = torch.where(divisor > 0, divisor, torch.inf)
+    bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
+    return _HardSign.apply(u, value, bound, divisor)
 
 
 def masked_binarize(
@@ -70,16 +124,13 @@ def masked_binarize(
         raise ValueError(f"`rule` must be one of 'stompp', 'stompp_ste', 'ste', but got {rule!r}.")
     if isinstance(scale, torch.Tensor):
         scale = scale.detach()
-    bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
     if rule == "ste":
         mask = True
+    if mask is True:
+        return hard_sign(u, ste=rule != "stompp", scale=scale, bound=bound)
+    bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
     if mask is False:
         return torch.clamp(u, -bound, bound) if clip_smooth else u
-    if mask is True:
-        if rule == "stompp":
-            # Every entry frozen and no STE: the value is a constant, so no graph is needed at all.
-            return (binary_sign(u) * scale).detach()
-        mask = torch.ones((), dtype=torch.bool, device=u.device)
     return _MaskedBinarize.apply(u, mask, scale, bound, clip_smooth, rule != "stompp")
 
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import binary_sign, masked_binarize, surge
+from . import xnor
+from .functional import binary_sign, hard_sign, masked_binarize, surge
 from .masks import MaskState, pack_signs, unpack_signs
 
 #: Momentum of the running mean of |x| that sets the activation scale beta.
@@ -115,25 +116,87 @@ class Binarizer(nn.Module):
             return self.scale.to(x.dtype)
         return torch.where(self.scale > 0, self.scale, batch).to(x.dtype)
 
-    def forward(self, u: torch.Tensor, feature_ndim: int | None = None) -> torch.Tensor:
+    @property
+    def frozen(self) -> bool:
+        """Every entry is frozen to sign in this forward: plain STE, `binarized(model)`, or a finished stage."""
+        return self.force_frozen or self.rule == "ste" or (self.mask is not None and self.mask.value is True)
+
+    def _scale_and_bound(
+        self, u: torch.Tensor, feature_ndim: int | None
+    ) -> tuple[MaskState, torch.Tensor | float, torch.Tensor | float]:
         if self.training and self.progressive and not self.controlled:
             warnings.warn(
                 "A StoMPP model is being trained without a StoMPPCallback (or ProgressionController): its masks "
                 "never advance, so it trains fully continuous and never becomes binary. Pass "
                 "`callbacks=[StoMPPCallback()]` to `Trainer`.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         if self.kind == "input":
             mask_state = self.ensure_mask(tuple(u.shape[-feature_ndim:]))
             scale = self._input_scale(u) if self.scale is not None else 1.0
-            bound = scale * self.clip if self.clip != 1.0 else scale
-        else:
-            mask_state = self.mask
-            scale = self.weight_scale(u)
-            bound = 1.0
+            return mask_state, scale, scale * self.clip if self.clip != 1.0 else scale
+        return self.mask, self.weight_scale(u), 1.0
+
+    def forward(self, u: torch.Tensor, feature_ndim: int | None = None) -> torch.Tensor:
+        mask_state, scale, bound = self._scale_and_bound(u, feature_ndim)
         mask = True if self.force_frozen else mask_state.as_mask()
         return masked_binarize(u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input")
+
+    def signs(self, u: torch.Tensor, feature_ndim: int | None = None) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """For a `frozen` tensor: `sign(u)` in {-1, +1} (with this rule's gradient) and the scale that the caller
+        applies to the layer output instead, so that `forward(u) == scale * signs(u)[0]`."""
+        _, scale, bound = self._scale_and_bound(u, feature_ndim)
+        return hard_sign(u, ste=self.rule != "stompp", scale=scale, bound=bound, factored=True), scale
+
+
+def output_scale(
+    input_scale: torch.Tensor | float | None, weight_scale: torch.Tensor | float | None, feature_ndim: int
+) -> torch.Tensor | float | None:
+    """The factor a binary layer's output is multiplied by: `beta * alpha`, shaped to broadcast over the output
+    channels (dimension -1 for linear, 1 for conv2d). Training and packed modules compute it the same way."""
+    beta = input_scale if isinstance(input_scale, torch.Tensor) else None
+    alpha = weight_scale.reshape(-1) if isinstance(weight_scale, torch.Tensor) else None
+    if alpha is None:
+        return beta
+    scale = alpha if beta is None else beta * alpha
+    return scale.view(-1, *([1] * (feature_ndim - 1)))
+
+
+def scale_output(
+    y: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, feature_ndim: int
+) -> torch.Tensor:
+    """`y * scale + bias` as two separately rounded operations (the XNOR kernel computes the same)."""
+    if scale is not None:
+        y = y * scale.to(y.dtype)
+    if bias is not None:
+        y = y + bias.view(-1, *([1] * (feature_ndim - 1)))
+    return y
+
+
+class _SavedSigns(torch.autograd.graph.saved_tensors_hooks):
+    """Keeps the +-1 tensors an op saves for its backward pass as bool (1 byte instead of 2-4 per entry).
+
+    The op (a matmul / convolution) saves its operands; a saved tensor that is one of `signs` (same storage, same
+    size) is replaced by `t >= 0` and rebuilt exactly as `where(positive, 1, -1)` when the backward needs it.
+    """
+
+    def __init__(self, *signs: torch.Tensor) -> None:
+        keys = {(t.data_ptr(), t.numel()) for t in signs}
+
+        def pack(t: torch.Tensor):
+            if (t.data_ptr(), t.numel()) in keys:  # the sign tensor itself or a view of all of it
+                return (t >= 0, t.dtype)
+            return t
+
+        def unpack(saved):
+            if isinstance(saved, tuple):
+                positive, dtype = saved
+                one = torch.ones((), dtype=dtype, device=positive.device)
+                return torch.where(positive, one, -one)
+            return saved
+
+        super().__init__(pack, unpack)
 
 
 class StoMPPMixin:
@@ -210,17 +273,42 @@ class StoMPPMixin:
         self.surge_lambda = lam
 
     def _stompp_forward(self, x: torch.Tensor, op) -> torch.Tensor:
-        """`op(binarized input, binarized weight, bias)`, through SURGE's compensator when it is on and training."""
+        """The layer's output, through SURGE's compensator when it is on and training."""
         if self.surge_weight is None or not (self.training and torch.is_grad_enabled()):
-            return op(self.binarized_input(x), self.binarized_weight(), self.bias)
+            return self._binary_op(x, op)
         return surge(
             x,
             self.surge_weight,
-            lambda xb: op(self.binarized_input(xb), self.binarized_weight(), self.bias),
+            lambda xb: self._binary_op(xb, op),
             lambda xa, wa: op(xa, wa, None),
             self.surge_eta,
             self._record_surge_lambda,
         )
+
+    def _binary_op(self, x: torch.Tensor, op) -> torch.Tensor:
+        """`op(binarized input, binarized weight, bias)`.
+
+        When every binarized tensor of the layer is frozen, the scales move to the output:
+        `op(sign(x), sign(W)) * (beta * alpha) + bias`, the form of the packed modules and the XNOR kernel (binary
+        x binary products are exact integers there). The +-1 operands the op saves for its backward are kept as
+        bool.
+        """
+        w_bin, x_bin = self.weight_binarizer, self.input_binarizer
+        if not all(b.frozen for b in self.binarizers()):
+            return op(self.binarized_input(x), self.binarized_weight(), self.bias)
+        x_scale = w_scale = None
+        weight = self.weight
+        if x_bin is not None:
+            x, x_scale = x_bin.signs(x, self.feature_ndim)
+        if w_bin is not None:
+            weight, w_scale = w_bin.signs(weight)
+        signs = [t for t, b in ((x, x_bin), (weight, w_bin)) if b is not None]
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            with _SavedSigns(*signs):
+                y = op(x, weight, None)
+        else:
+            y = op(x, weight, None)
+        return scale_output(y, output_scale(x_scale, w_scale, self.feature_ndim), self.bias, self.feature_ndim)
 
     def binary_flags(self) -> dict[str, bool]:
         """The `BinaryMixin` flags describing this module once packed."""
@@ -319,6 +407,8 @@ class BinaryMixin:
     weight_shape: tuple[int, ...]
     binary_inputs: bool
     unpack_cache: bool
+    feature_ndim: int
+    kernel: str
 
     def _init_binary(
         self,
@@ -337,6 +427,8 @@ class BinaryMixin:
         self.weight_shape = tuple(weight_shape)
         self.binary_inputs = binary_inputs
         self.unpack_cache = unpack_cache
+        #: How binary-input x binary-weight layers compute (`set_kernel`): "auto", "xnor" or "reference".
+        self.kernel = "auto"
         #: STE window of the input binarization, in units of beta (`StoMPPConfig.activation_clip`); only used when
         #: gradients flow through the layer.
         self.input_clip = 1.0
@@ -380,39 +472,50 @@ class BinaryMixin:
             f"binary_inputs={self.binary_inputs}, unpack_cache={self.unpack_cache}"
         )
 
-    def unpacked_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight the layer multiplies with: alpha * sign(W) (or +-1), or the full-precision `weight`."""
+    def sign_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The +-1 float weight `sign(W)` (kept resident with `unpack_cache`), or the full-precision `weight`."""
         if self.weight_packed is None:
             return self.weight
+        dtype = dtype or torch.get_default_dtype()
         version = self.weight_packed._version
-        if self._unpacked is not None and self._unpacked[0] == version:
-            return self._unpacked[1]
+        cached = self._unpacked
+        if cached is not None and cached[0] == version and cached[1].dtype == dtype:
+            return cached[1]
         positive = unpack_signs(self.weight_packed, math.prod(self.weight_shape[1:])).view(self.weight_shape)
-        if self.weight_scale is not None:
-            alpha = self.weight_scale.view(-1, *([1] * (len(self.weight_shape) - 1)))
-            weight = torch.where(positive, alpha, -alpha)
-        else:
-            one = torch.ones((), dtype=dtype or torch.get_default_dtype(), device=positive.device)
-            weight = torch.where(positive, one, -one)
+        one = torch.ones((), dtype=dtype, device=positive.device)
+        weight = torch.where(positive, one, -one)
         if self.unpack_cache:
             self._unpacked = (version, weight)
         return weight
 
+    def unpacked_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight the layer computes with: alpha * sign(W) (or +-1), or the full-precision `weight`."""
+        weight = self.sign_weight(dtype)
+        if self.weight_packed is None or self.weight_scale is None:
+            return weight
+        return weight * self.weight_scale.view(-1, *([1] * (len(self.weight_shape) - 1))).to(weight.dtype)
+
     def binarize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """beta * sign(x) (or sign(x)), with sign(0) = +1 exactly as in training.
+        """`sign(x)` in {-1, +1}, sign(0) = +1 exactly as in training (beta multiplies the layer output instead).
 
         When autograd tracks `x` (e.g. LoRA adapters before this layer are training on a packed base), the same
-        values come with the clipped straight-through gradient `1{|x| <= input_clip * beta}`, so gradients reach
-        earlier layers; the packed weights themselves never receive one.
+        values come with the clipped straight-through gradient `1{|x| <= input_clip * beta}` (with respect to
+        `beta * sign(x)`), so gradients reach earlier layers; the packed weights themselves never receive one.
         """
         if not self.binary_inputs:
             return x
-        scale = self.input_scale.to(x.dtype) if self.input_scale is not None else None
         if x.requires_grad and torch.is_grad_enabled():
-            one = 1.0 if scale is None else scale
-            return masked_binarize(x, True, rule="ste", scale=one, bound=one * self.input_clip, clip_smooth=True)
-        sign = binary_sign(x)
-        return sign * scale if scale is not None else sign
+            scale = self.input_scale.to(x.dtype) if self.input_scale is not None else 1.0
+            return hard_sign(x, ste=True, scale=scale, bound=scale * self.input_clip, factored=True)
+        return binary_sign(x)
+
+    def output_scale(self) -> torch.Tensor | None:
+        """`beta * alpha`, the factor of the layer output (see `output_scale`)."""
+        return output_scale(self.input_scale, self.weight_scale, self.feature_ndim)
+
+    def _binary_forward(self, x: torch.Tensor, op) -> torch.Tensor:
+        y = op(self.binarize_input(x), self.sign_weight(x.dtype), None)
+        return scale_output(y, self.output_scale(), self.bias, self.feature_ndim)
 
     @classmethod
     def from_module(cls, module: nn.Module, config, unpack_cache: bool = False):
@@ -443,7 +546,9 @@ class BinaryMixin:
 
 
 class BinaryLinear(BinaryMixin, nn.Module):
-    """Packed 1-bit inference twin of `StoMPPLinear`: `linear(beta * sign(x), alpha * sign(W), b)`."""
+    """Packed 1-bit inference twin of `StoMPPLinear`: `linear(sign(x), sign(W)) * (beta * alpha) + b`."""
+
+    feature_ndim = 1
 
     def __init__(
         self,
@@ -481,12 +586,32 @@ class BinaryLinear(BinaryMixin, nn.Module):
             module.in_features, module.out_features, module.bias is not None, dtype=w.dtype, device=w.device, **kwargs
         )
 
+    def xnor_applies(self, x: torch.Tensor) -> str | None:
+        """Why the XNOR kernel cannot compute this forward, or None when it can."""
+        if not (self.binary_weights and self.binary_inputs):
+            return "the layer does not binarize both its weights and its inputs"
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return f"the XNOR kernel takes float32 inputs on CPU, got {x.dtype} on {x.device.type}"
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return "autograd tracks this forward and the XNOR kernel has no backward pass"
+        if any(t is not None and t.dtype != torch.float32 for t in (self.weight_scale, self.input_scale, self.bias)):
+            return "the layer's scales or bias are not float32"
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.binarize_input(x), self.unpacked_weight(x.dtype), self.bias)
+        if self.kernel != "reference":
+            reason = self.xnor_applies(x)
+            if reason is None and (self.kernel == "xnor" or xnor.is_available()):
+                return xnor.xnor_linear(x, self.weight_packed, self.in_features, self.output_scale(), self.bias)
+            if self.kernel == "xnor" and reason is not None:
+                raise ValueError(f"kernel='xnor' cannot run this forward: {reason}. Use kernel='auto' to fall back.")
+        return self._binary_forward(x, F.linear)
 
 
 class BinaryConv2d(BinaryMixin, nn.Module):
     """Packed 1-bit inference twin of `StoMPPConv2d`; padding is applied to the binarized input, as in training."""
+
+    feature_ndim = 3
 
     def __init__(
         self,
@@ -547,14 +672,15 @@ class BinaryConv2d(BinaryMixin, nn.Module):
             **kwargs,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.binarize_input(x)
-        weight = self.unpacked_weight(x.dtype)
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._binary_forward(x, self._conv)
 
 
 #: Packed inference module for each convertible layer type (keys as in `STOMPP_MODULES`).

@@ -181,17 +181,22 @@ def test_binarized_evaluates_all_frozen_without_changing_state(tiny_bert_dir):
     assert torch.equal(model(input_ids=x).logits, continuous)
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
     assert all(m.weight_frozen_fraction == 0.0 for m in stompp_modules(model).values())
-    # a fully binarized layer computes beta * sign(x) @ (alpha * sign(W))^T + b
+    # a fully binarized layer computes (sign(x) @ sign(W)^T) * (beta * alpha) + b, the scales on the output
     layer = model.bert.pooler.dense
     h = torch.randn(3, 32)
+    h[0, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])
     with binarized(model):
         out = layer(h)
     beta = layer.input_binarizer.scale
-    alpha = layer.weight.abs().mean(dim=1, keepdim=True)
-    expected = torch.nn.functional.linear(
-        beta * torch.where(h >= 0, 1.0, -1.0), alpha * torch.where(layer.weight >= 0, 1.0, -1.0), layer.bias
+    alpha = layer.weight.abs().mean(dim=1)
+    signs = torch.nn.functional.linear(torch.where(h >= 0, 1.0, -1.0), torch.where(layer.weight >= 0, 1.0, -1.0))
+    assert torch.equal(signs, signs.round()) and signs.abs().max() <= 32  # exact integers
+    torch.testing.assert_close(out, signs * (beta * alpha) + layer.bias, atol=0, rtol=0)
+    # ... which is beta * sign(x) @ (alpha * sign(W))^T + b up to float rounding
+    unfactored = torch.nn.functional.linear(
+        beta * torch.where(h >= 0, 1.0, -1.0), alpha[:, None] * torch.where(layer.weight >= 0, 1.0, -1.0), layer.bias
     )
-    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close(out, unfactored)
 
 
 def test_training_without_callback_warns(tiny_bert_dir):

@@ -26,8 +26,10 @@ from stompp_hf import (
     StoMPPConfig,
     StoMPPConv2d,
     StoMPPLinear,
+    set_kernel,
     stompp_modules,
     summary,
+    xnor,
 )
 from stompp_hf.export import pack_module
 from stompp_hf.masks import pack_signs, unpack_signs
@@ -230,7 +232,7 @@ def test_binary_module_equals_frozen_training_module(kind, weights, activations,
         assert set(params) == {"bias"}
         assert state["weight_packed"].dtype == torch.uint8
         assert tuple(state["weight_packed"].shape) == (module.weight.shape[0], (k + 7) // 8)
-        assert cached._unpacked is not None and cached.unpacked_weight() is cached._unpacked[1]
+        assert cached._unpacked is not None and cached.sign_weight() is cached._unpacked[1]
         expected_keys.add("weight_packed")
         if scales:
             expected_keys.add("weight_scale")
@@ -276,7 +278,9 @@ def test_packed_save_reload_is_bit_exact(tmp_path, encoder, rules):
     assert not stompp_modules(reloaded)
     binary = {n for n, m in reloaded.named_modules() if isinstance(m, BinaryLinear)}
     assert binary == set(stompp_modules(model))
-    assert torch.equal(logits(reloaded, ids), expected)
+    for kernel in ("auto", "reference"):  # "auto" runs the XNOR kernel where both operands are binary
+        set_kernel(reloaded, kernel)
+        assert torch.equal(logits(reloaded, ids), expected), kernel
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,7 +326,9 @@ def test_minilm_packed_reload_is_bit_exact(tmp_path):
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
     assert sum(isinstance(m, BinaryLinear) for m in reloaded.modules()) == 2 * 6 + 1
     with torch.no_grad():
-        assert torch.equal(reloaded(**enc).logits, expected)
+        for kernel in ["reference"] + (["xnor"] if xnor.is_available() else []):
+            set_kernel(reloaded, kernel)
+            assert torch.equal(reloaded(**enc).logits, expected), kernel
 
 
 # ---------------------------------------------------------------------------------------------------------------

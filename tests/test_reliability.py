@@ -90,7 +90,7 @@ def test_gradient_checkpointing_gives_the_same_step(compensation):
     ids, labels = eval_ids(), torch.tensor([0, 1, 1])
     model = _masked_model(compensation)
     checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.activation_checkpointing_enable({"use_reentrant": False})
     loss, grads = _loss_and_grads(model, ids, labels)
     loss_ckpt, grads_ckpt = _loss_and_grads(checkpointed, ids, labels)
     assert torch.equal(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys()

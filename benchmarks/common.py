@@ -1,0 +1,89 @@
+"""Helpers shared by the benchmark scripts: timing with a record of other processes' CPU use, process memory."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    a = MONITOR.snapshot() if MONITOR.available else None
+    start = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - start
+    MONITOR.record(a, MONITOR.snapshot() if MONITOR.available else None)
+    return seconds, out
+
+
+class CpuMonitor:
+    """CPU use of other processes (machine busy time in /proc/stat minus this process's own), in cores.
+
+    `wait_idle` holds the next timing round until the machine is quiet (within a total waiting budget); `timed`
+    records how busy other processes were while each measurement ran, so the results can say how clean they are.
+    """
+
+    def __init__(self, threshold: float = 0.2, budget: float = 0.0) -> None:
+        self.threshold, self.budget = threshold, budget
+        self.other = self.wall = self.waited = 0.0
+        try:
+            self.snapshot()
+            self.available = True
+        except (OSError, ValueError):
+            self.available = False
+
+    @staticmethod
+    def snapshot() -> tuple[float, float, float]:
+        with open("/proc/stat", encoding="utf-8") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]
+        busy = (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        t = os.times()
+        return busy, t.user + t.system, time.perf_counter()
+
+    @staticmethod
+    def others(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+        return max(0.0, (b[0] - a[0]) - (b[1] - a[1])) / max(b[2] - a[2], 1e-9)
+
+    def wait_idle(self, window: float = 0.3) -> None:
+        if not self.available:
+            return
+        start = time.perf_counter()
+        while self.waited + time.perf_counter() - start < self.budget:
+            a = self.snapshot()
+            time.sleep(window)
+            if self.others(a, self.snapshot()) <= self.threshold:
+                break
+        self.waited += time.perf_counter() - start
+
+    def record(self, a: tuple[float, float, float] | None, b: tuple[float, float, float] | None) -> None:
+        if a is not None and b is not None:
+            self.other += self.others(a, b) * (b[2] - a[2])
+            self.wall += b[2] - a[2]
+
+    def reset(self) -> None:
+        self.other = self.wall = 0.0
+
+    @property
+    def cores(self) -> float:
+        return self.other / self.wall if self.wall else float("nan")
+
+
+MONITOR = CpuMonitor()
+
+
+def iqr(values: list[float]) -> float:
+    """Interquartile range (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
+def vm_status_kib(field: str, pid: int | str = "self") -> int:
+    """A `/proc/<pid>/status` memory field in KiB: `VmRSS` (resident now) or `VmHWM` (peak resident).
+
+    Not `ru_maxrss`: Linux keeps it across exec, so a child process would report its parent's peak.
+    """
+    with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))

@@ -1,0 +1,702 @@
+"""Exact XNOR-popcount CPU kernel for a binary-input x binary-weight linear layer.
+
+`xnor_linear(x, weight_packed, K, out_scale, bias)` computes, bit for bit, what the dense torch path computes::
+
+    sx = where(x >= 0, 1, -1)                          # sign(0) = sign(-0.0) = +1, NaN -> -1
+    sw = unpack_signs(weight_packed, K) * 2 - 1        # +-1, [N, K]
+    y  = F.linear(sx, sw)                              # exact integers (|y| <= K < 2**24)
+    y  = y * out_scale                                 # optional, one float32 rounding
+    y  = y + bias                                      # optional, one float32 rounding
+
+The activations are packed into 64-bit sign words, and every dot product is `K - 2 * popcount(xa ^ w)` summed over
+the words. The epilogue does the multiply and the add as two separately rounded float32 operations (the kernel is
+built with `-ffp-contract=off`, so no fused multiply-add), which is what makes the result identical to torch's.
+
+The C source lives in this module and is compiled on first use with the system C compiler (`$CC`, else `cc`) into a
+per-user cache directory, then loaded with `ctypes`: no Python headers, no torch headers and nothing to package.
+Threads are plain pthreads (not OpenMP, whose runtime torch already bundles); ctypes releases the GIL during a call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["XnorUnavailable", "is_available", "xnor_linear"]
+
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+#include <sched.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX2__) && !defined(XN_NO_SIMD)
+#define XN_SIMD 1
+#else
+#define XN_SIMD 0
+#endif
+
+/* Scalar path: register tile of XN_MR activation rows x XN_NR weight rows, read straight from the packed weights. */
+#define XN_MR 2
+#define XN_NR 4
+/* AVX2 path: XN_VMR activation rows x XN_VNG groups of 4 weight rows, from a nibble-split copy of the weights. */
+#define XN_VMR 6
+#define XN_VNG 1
+#define XN_BLOCK_BYTES 131072   /* weight bytes per cache block */
+#define XN_MAX_THREADS 256
+
+static const uint64_t XN_LO4 = 0x0F0F0F0F0F0F0F0FULL;
+
+typedef struct {
+    const float *x;
+    int64_t ldx;
+    const uint8_t *w;
+    int64_t nbytes;          /* bytes per packed weight row: ceil(K / 8) */
+    const float *scale;
+    const float *bias;
+    float *y;
+    int64_t M, N, K;
+    int64_t nw;              /* 64-bit words per row: ceil(K / 64) */
+    int64_t nfull;           /* whole words per row: K / 64 */
+    int tail_bytes;          /* bytes in the last partial word (0 if none) */
+    uint64_t tail_mask;      /* its valid bits */
+    int simd;
+    int split_m;
+    int nthreads;
+    uint64_t *xa;            /* scalar: sign words [M, nw]; simd: nibble planes [Mpad, nw, 2] */
+    uint64_t *wv;            /* simd: nibble planes of the weights [Gpad, nw, 2, 4] */
+    int64_t mpad, gpad;      /* simd: rows padded to XN_VMR, weight groups of 4 padded to XN_VNG */
+    int64_t block;           /* scalar: weight rows per cache block; simd: groups per cache block */
+    int ready;               /* set (release) once the calling thread has prepared the shared operand */
+} xn_job;
+
+typedef struct {
+    xn_job *job;
+    int tid;
+} xn_arg;
+
+static inline uint64_t xn_load64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+/* Word `k` of packed weight row `n`, with bits past K cleared. */
+static inline uint64_t xn_wword(const xn_job *j, int64_t n, int64_t k)
+{
+    const uint8_t *p = j->w + n * j->nbytes + 8 * k;
+    if (k < j->nfull) return xn_load64(p);
+    uint64_t v = 0;
+    for (int i = 0; i < j->tail_bytes; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v & j->tail_mask;
+}
+
+/* Sign bits of 64 (or `cnt` < 64) floats: bit k is p[k] >= 0 (-0.0 -> 1, NaN -> 0), bits past cnt are 0. */
+static inline uint64_t xn_signs(const float *p, int64_t cnt)
+{
+    uint64_t bits = 0;
+    if (cnt >= 64) {
+#if defined(__AVX__)
+        const __m256 zero = _mm256_setzero_ps();
+        for (int b = 0; b < 8; b++) {
+            __m256 v = _mm256_loadu_ps(p + 8 * b);
+            bits |= (uint64_t)(unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ)) << (8 * b);
+        }
+#else
+        for (int k = 0; k < 64; k++) bits |= (uint64_t)(p[k] >= 0.0f) << k;
+#endif
+    } else {
+        for (int64_t k = 0; k < cnt; k++) bits |= (uint64_t)(p[k] >= 0.0f) << k;
+    }
+    return bits;
+}
+
+/* Pack activation rows [m0, m1) into the layout of the active path (zero rows past M for the simd path). */
+static void xn_pack_x(const xn_job *j, int64_t m0, int64_t m1)
+{
+    const int64_t nw = j->nw;
+    for (int64_t m = m0; m < m1; m++) {
+        const float *r = j->x + m * j->ldx;
+        if (j->simd) {
+            uint64_t *o = j->xa + m * nw * 2;
+            for (int64_t k = 0; k < nw; k++) {
+                const uint64_t b = m < j->M ? xn_signs(r + 64 * k, j->K - 64 * k) : 0;
+                o[2 * k] = b & XN_LO4;
+                o[2 * k + 1] = (b >> 4) & XN_LO4;
+            }
+        } else {
+            uint64_t *o = j->xa + m * nw;
+            for (int64_t k = 0; k < nw; k++) o[k] = xn_signs(r + 64 * k, j->K - 64 * k);
+        }
+    }
+}
+
+#if XN_SIMD
+/* simd path: nibble planes of weight groups [g0, g1), 4 rows interleaved per word (zero rows past N). */
+static void xn_pack_w(const xn_job *j, int64_t g0, int64_t g1)
+{
+    const int64_t nw = j->nw;
+    for (int64_t g = g0; g < g1; g++) {
+        uint64_t *o = j->wv + g * nw * 8;
+        for (int q = 0; q < 4; q++) {
+            const int64_t n = 4 * g + q;
+            for (int64_t k = 0; k < nw; k++) {
+                const uint64_t b = n < j->N ? xn_wword(j, n, k) : 0;
+                o[8 * k + q] = b & XN_LO4;
+                o[8 * k + 4 + q] = (b >> 4) & XN_LO4;
+            }
+        }
+    }
+}
+#endif
+
+static inline void xn_store(const xn_job *j, int64_t m, int64_t n, uint64_t count)
+{
+    float d = (float)(j->K - 2 * (int64_t)count);
+    if (j->scale) d = d * j->scale[n];
+    if (j->bias) d = d + j->bias[n];
+    j->y[m * j->N + n] = d;
+}
+
+/* Scalar register tile: rows [m, m + mr) x weight rows [n, n + nr); mr, nr are constants after inlining. */
+static inline __attribute__((always_inline)) void xn_tile(const xn_job *j, int64_t m, int64_t n, const int mr,
+                                                           const int nr)
+{
+    const int64_t nw = j->nw, nfull = j->nfull, nbytes = j->nbytes;
+    const uint64_t *xr = j->xa + m * nw;
+    const uint8_t *wr = j->w + n * nbytes;
+    uint64_t acc[XN_MR][XN_NR];
+    for (int i = 0; i < mr; i++)
+        for (int q = 0; q < nr; q++) acc[i][q] = 0;
+    for (int64_t k = 0; k < nfull; k++) {
+        uint64_t wv[XN_NR];
+        for (int q = 0; q < nr; q++) wv[q] = xn_load64(wr + q * nbytes + 8 * k);
+        for (int i = 0; i < mr; i++) {
+            const uint64_t xv = xr[i * nw + k];
+            for (int q = 0; q < nr; q++) acc[i][q] += (uint64_t)__builtin_popcountll(xv ^ wv[q]);
+        }
+    }
+    if (nfull < nw) {
+        for (int q = 0; q < nr; q++) {
+            const uint64_t wv = xn_wword(j, n + q, nfull);
+            for (int i = 0; i < mr; i++) acc[i][q] += (uint64_t)__builtin_popcountll(xr[i * nw + nfull] ^ wv);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int q = 0; q < nr; q++) xn_store(j, m + i, n + q, acc[i][q]);
+}
+
+static void xn_tile_rows(const xn_job *j, int64_t m, int64_t n, int mr)
+{
+    switch (mr) {
+#if XN_MR > 3
+    case 3: xn_tile(j, m, n, 3, XN_NR); break;
+#endif
+#if XN_MR > 2
+    case 2: xn_tile(j, m, n, 2, XN_NR); break;
+#endif
+    case 1: xn_tile(j, m, n, 1, XN_NR); break;
+    default: xn_tile(j, m, n, XN_MR, XN_NR); break;
+    }
+}
+
+static void xn_tile_col(const xn_job *j, int64_t m, int64_t n, int mr)
+{
+    switch (mr) {
+#if XN_MR > 3
+    case 3: xn_tile(j, m, n, 3, 1); break;
+#endif
+#if XN_MR > 2
+    case 2: xn_tile(j, m, n, 2, 1); break;
+#endif
+    case 1: xn_tile(j, m, n, 1, 1); break;
+    default: xn_tile(j, m, n, XN_MR, 1); break;
+    }
+}
+
+/* Scalar path: outputs [m0, m1) x [n0, n1), the weights swept in cache blocks. */
+static void xn_compute(const xn_job *j, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
+{
+    for (int64_t b0 = n0; b0 < n1; b0 += j->block) {
+        const int64_t b1 = b0 + j->block < n1 ? b0 + j->block : n1;
+        for (int64_t m = m0; m < m1; m += XN_MR) {
+            const int mr = m1 - m < XN_MR ? (int)(m1 - m) : XN_MR;
+            int64_t n = b0;
+            if (mr == XN_MR) {
+                for (; n + XN_NR <= b1; n += XN_NR) xn_tile(j, m, n, XN_MR, XN_NR);
+            } else {
+                for (; n + XN_NR <= b1; n += XN_NR) xn_tile_rows(j, m, n, mr);
+            }
+            for (; n < b1; n++) xn_tile_col(j, m, n, mr);
+        }
+    }
+}
+
+#if XN_SIMD
+/* simd register tile: padded rows [m, m + XN_VMR) x weight groups [g, g + XN_VNG). Per byte, popcount is the sum
+   of two 16-entry table lookups (low and high nibble); byte sums are flushed to 64-bit lanes every 31 words. */
+static void xn_vtile(const xn_job *j, int64_t m, int64_t g)
+{
+    const int64_t nw = j->nw;
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i zero = _mm256_setzero_si256();
+    const uint64_t *xr = j->xa + m * nw * 2;
+    const uint64_t *wr = j->wv + g * nw * 8;
+    __m256i sum[XN_VMR][XN_VNG];
+    for (int i = 0; i < XN_VMR; i++)
+        for (int h = 0; h < XN_VNG; h++) sum[i][h] = zero;
+    for (int64_t k0 = 0; k0 < nw; k0 += 31) {
+        const int64_t k1 = k0 + 31 < nw ? k0 + 31 : nw;
+        __m256i acc[XN_VMR][XN_VNG];
+        for (int i = 0; i < XN_VMR; i++)
+            for (int h = 0; h < XN_VNG; h++) acc[i][h] = zero;
+        for (int64_t k = k0; k < k1; k++) {
+            __m256i wl[XN_VNG], wh[XN_VNG];
+            for (int h = 0; h < XN_VNG; h++) {
+                wl[h] = _mm256_loadu_si256((const __m256i *)(wr + h * nw * 8 + 8 * k));
+                wh[h] = _mm256_loadu_si256((const __m256i *)(wr + h * nw * 8 + 8 * k + 4));
+            }
+            for (int i = 0; i < XN_VMR; i++) {
+                const __m256i xl = _mm256_set1_epi64x((long long)xr[i * nw * 2 + 2 * k]);
+                const __m256i xh = _mm256_set1_epi64x((long long)xr[i * nw * 2 + 2 * k + 1]);
+                for (int h = 0; h < XN_VNG; h++) {
+                    acc[i][h] = _mm256_add_epi8(acc[i][h], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xl, wl[h])));
+                    acc[i][h] = _mm256_add_epi8(acc[i][h], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xh, wh[h])));
+                }
+            }
+        }
+        for (int i = 0; i < XN_VMR; i++)
+            for (int h = 0; h < XN_VNG; h++) sum[i][h] = _mm256_add_epi64(sum[i][h], _mm256_sad_epu8(acc[i][h], zero));
+    }
+    const __m256i lo32 = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    const __m128i kk = _mm_set1_epi32((int)j->K);
+    for (int i = 0; i < XN_VMR; i++) {
+        if (m + i >= j->M) break;
+        float *yr = j->y + (m + i) * j->N;
+        for (int h = 0; h < XN_VNG; h++) {
+            const int64_t n = 4 * (g + h);
+            if (n + 4 <= j->N) {
+                /* counts <= K < 2**31: the low 32 bits of each lane, then d = K - 2 * count, exactly as floats */
+                const __m128i c = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(sum[i][h], lo32));
+                __m128 d = _mm_cvtepi32_ps(_mm_sub_epi32(kk, _mm_add_epi32(c, c)));
+                if (j->scale) d = _mm_mul_ps(d, _mm_loadu_ps(j->scale + n));
+                if (j->bias) d = _mm_add_ps(d, _mm_loadu_ps(j->bias + n));
+                _mm_storeu_ps(yr + n, d);
+            } else {
+                uint64_t c[4];
+                _mm256_storeu_si256((__m256i *)c, sum[i][h]);
+                for (int q = 0; n + q < j->N; q++) xn_store(j, m + i, n + q, c[q]);
+            }
+        }
+    }
+}
+
+/* simd path: padded rows [m0, m1) x groups [g0, g1), the weight groups swept in cache blocks. */
+static void xn_vcompute(const xn_job *j, int64_t m0, int64_t m1, int64_t g0, int64_t g1)
+{
+    for (int64_t b0 = g0; b0 < g1; b0 += j->block) {
+        const int64_t b1 = b0 + j->block < g1 ? b0 + j->block : g1;
+        for (int64_t m = m0; m < m1; m += XN_VMR)
+            for (int64_t g = b0; g < b1; g += XN_VNG) xn_vtile(j, m, g);
+    }
+}
+#endif
+
+/* Share `tid` of `nthreads` of `total` items, in whole units of `unit` items. */
+static void xn_share(int64_t total, int64_t unit, int tid, int nthreads, int64_t *lo, int64_t *hi)
+{
+    const int64_t units = (total + unit - 1) / unit;
+    const int64_t a = units * tid / nthreads * unit, b = units * (tid + 1) / nthreads * unit;
+    *lo = a < total ? a : total;
+    *hi = b < total ? b : total;
+}
+
+/* The operand every thread reads in full: activations when splitting over weights, else the weight copy. */
+static void xn_prepare_shared(xn_job *j)
+{
+    if (!j->split_m) xn_pack_x(j, 0, j->simd ? j->mpad : j->M);
+#if XN_SIMD
+    else if (j->simd) xn_pack_w(j, 0, j->gpad);
+#endif
+}
+
+static void *xn_worker(void *p)
+{
+    const xn_arg *a = (const xn_arg *)p;
+    xn_job *j = a->job;
+    int64_t lo, hi;
+#if XN_SIMD
+    if (j->simd) {
+        if (j->split_m) {
+            xn_share(j->mpad, XN_VMR, a->tid, j->nthreads, &lo, &hi);
+            xn_pack_x(j, lo, hi);
+        } else {
+            xn_share(j->gpad, XN_VNG, a->tid, j->nthreads, &lo, &hi);
+            xn_pack_w(j, lo, hi);
+        }
+        while (!__atomic_load_n(&j->ready, __ATOMIC_ACQUIRE)) sched_yield();
+        if (j->split_m) xn_vcompute(j, lo, hi, 0, j->gpad);
+        else xn_vcompute(j, 0, j->mpad, lo, hi);
+        return NULL;
+    }
+#endif
+    if (j->split_m) {
+        xn_share(j->M, XN_MR, a->tid, j->nthreads, &lo, &hi);
+        xn_pack_x(j, lo, hi);
+    } else {
+        xn_share(j->N, XN_NR, a->tid, j->nthreads, &lo, &hi);
+    }
+    while (!__atomic_load_n(&j->ready, __ATOMIC_ACQUIRE)) sched_yield();
+    if (j->split_m) xn_compute(j, lo, hi, 0, j->N);
+    else xn_compute(j, 0, j->M, lo, hi);
+    return NULL;
+}
+
+/* y[M, N] = epilogue(K - 2 * popcount(signs(x[m]) ^ w[n])), with optional (NULL) scale and bias. Uses the AVX2
+   path when compiled with it and M >= simd_min_rows; at most `nthreads` threads, each with >= min_work word pairs.
+   Returns 0 on success, 1 if scratch memory could not be allocated. */
+int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,
+                    const float *scale, const float *bias, float *y, int nthreads, int64_t min_work,
+                    int64_t simd_min_rows)
+{
+    if (M <= 0 || N <= 0 || K <= 0) return 0;
+    xn_job j;
+    memset(&j, 0, sizeof j);
+    j.x = x; j.ldx = ldx; j.w = w; j.nbytes = (K + 7) / 8;
+    j.scale = scale; j.bias = bias; j.y = y;
+    j.M = M; j.N = N; j.K = K;
+    j.nw = (K + 63) / 64;
+    j.nfull = K / 64;
+    j.tail_bytes = (int)(j.nbytes - 8 * j.nfull);
+    j.tail_mask = (K % 64) ? ((uint64_t)1 << (K % 64)) - 1 : ~(uint64_t)0;
+    j.simd = XN_SIMD && M >= simd_min_rows;
+
+    int64_t mtiles, ntiles;
+    if (j.simd) {
+        j.mpad = (M + XN_VMR - 1) / XN_VMR * XN_VMR;
+        const int64_t groups = (N + 3) / 4;
+        j.gpad = (groups + XN_VNG - 1) / XN_VNG * XN_VNG;
+        j.block = XN_BLOCK_BYTES / (j.nw * 64) / XN_VNG * XN_VNG;
+        if (j.block < XN_VNG) j.block = XN_VNG;
+        mtiles = j.mpad / XN_VMR;
+        ntiles = j.gpad / XN_VNG;
+        j.xa = (uint64_t *)malloc((size_t)(j.mpad * j.nw * 2) * sizeof(uint64_t));
+        j.wv = (uint64_t *)malloc((size_t)(j.gpad * j.nw * 8) * sizeof(uint64_t));
+        if (!j.xa || !j.wv) {
+            free(j.xa);
+            free(j.wv);
+            return 1;
+        }
+    } else {
+        j.block = XN_BLOCK_BYTES / j.nbytes / XN_NR * XN_NR;
+        if (j.block < XN_NR) j.block = XN_NR;
+        mtiles = (M + XN_MR - 1) / XN_MR;
+        ntiles = (N + XN_NR - 1) / XN_NR;
+        j.xa = (uint64_t *)malloc((size_t)(M * j.nw) * sizeof(uint64_t));
+        if (!j.xa) return 1;
+    }
+
+    int64_t t = nthreads < 1 ? 1 : nthreads > XN_MAX_THREADS ? XN_MAX_THREADS : nthreads;
+    const int64_t work = M * N * j.nw;
+    if (min_work > 0 && work / min_work < t) t = work / min_work;
+    if (t < 1) t = 1;
+    j.split_m = mtiles >= 8 * t && mtiles >= ntiles;
+    const int64_t units = j.split_m ? mtiles : ntiles;
+    if (units < t) t = units;
+    j.nthreads = (int)t;
+
+    xn_arg args[XN_MAX_THREADS];
+    pthread_t tids[XN_MAX_THREADS];
+    int started[XN_MAX_THREADS];
+    for (int i = 0; i < j.nthreads; i++) {
+        args[i].job = &j;
+        args[i].tid = i;
+    }
+    for (int i = 1; i < j.nthreads; i++) started[i] = pthread_create(&tids[i], NULL, xn_worker, &args[i]) == 0;
+    xn_prepare_shared(&j);
+    __atomic_store_n(&j.ready, 1, __ATOMIC_RELEASE);
+    xn_worker(&args[0]);
+    for (int i = 1; i < j.nthreads; i++) {
+        if (started[i]) pthread_join(tids[i], NULL);
+        else xn_worker(&args[i]);   /* the thread could not start: do its share here */
+    }
+    free(j.xa);
+    free(j.wv);
+    return 0;
+}
+"""
+
+_CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
+
+# Below this many (row, column, word) triples per thread, extra threads cost more to start than they save.
+_MIN_WORK_PER_THREAD = 1 << 16
+
+# From this many activation rows on, the AVX2 path (which first copies the weights into nibble planes) is used.
+_SIMD_MIN_ROWS = 10
+
+_F32 = torch.float32
+_U8 = torch.uint8
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_ARGTYPES = (_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int, _I64, _I64)
+
+
+class XnorUnavailable(RuntimeError):
+    """The XNOR kernel could not be compiled or loaded (no C compiler, a failed build, an unwritable cache)."""
+
+
+_lock = threading.Lock()
+_kernel_fn = None
+_kernel_error: XnorUnavailable | None = None
+_kernel_path: Path | None = None
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("STOMPP_HF_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "stompp_hf" / "kernels"
+
+
+def _cpu_tag() -> str:
+    """The host CPU's feature flags where the OS lists them: `-march=native` output is only valid on such a CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC") or "cc")
+
+
+def _unavailable(what: str, cmd: list[str] | None = None, stderr: str = "") -> XnorUnavailable:
+    parts = [f"The stompp_hf XNOR kernel is unavailable: {what}."]
+    if cmd:
+        parts.append(f"Compiler command: {shlex.join(cmd)}")
+    tail = stderr.strip()[-2000:]
+    if tail:
+        parts.append(f"Compiler output (tail):\n{tail}")
+    parts.append(
+        "To fix it, install a C compiler (gcc or clang) or point the CC environment variable at one, "
+        "or use the reference (dense torch) mode instead of the XNOR kernel."
+    )
+    return XnorUnavailable("\n".join(parts))
+
+
+def _build() -> tuple[ctypes._CFuncPtr, Path]:
+    cc = _compiler()
+    if not cc:
+        raise _unavailable("the CC environment variable is empty")
+    resolved = shutil.which(cc[0])
+    if resolved is None:
+        raise _unavailable(f"C compiler {cc[0]!r} was not found", cc + list(_CFLAGS))
+    cc = [resolved, *cc[1:]]
+    key = "\0".join([_C_SOURCE, *_CFLAGS, *cc, platform.machine(), _cpu_tag()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    cache = _cache_dir()
+    path = cache / f"xnor_{digest}.so"
+    if not path.exists():
+        cmd = [*cc, *_CFLAGS, "-x", "c", "-", "-o"]
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".xnor_{digest}.", suffix=".so.tmp", dir=cache)
+            os.close(fd)
+        except OSError as e:
+            raise _unavailable(f"cannot write the kernel cache directory {cache} ({e})") from e
+        try:
+            try:
+                proc = subprocess.run(
+                    [*cmd, tmp], input=_C_SOURCE, capture_output=True, text=True, timeout=300, check=False
+                )
+            except (OSError, subprocess.SubprocessError) as e:
+                raise _unavailable(f"running the C compiler failed ({e})", [*cmd, tmp]) from e
+            if proc.returncode != 0:
+                raise _unavailable(
+                    f"the C compiler exited with status {proc.returncode}", [*cmd, tmp], proc.stderr + proc.stdout
+                )
+            os.replace(tmp, path)  # atomic: concurrent builders each publish a complete library
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        lib = ctypes.CDLL(str(path))
+        fn = lib.xnor_linear_f32
+    except (OSError, AttributeError) as e:
+        raise _unavailable(f"loading the compiled kernel {path} failed ({e}); delete it to force a rebuild") from e
+    fn.argtypes = _ARGTYPES
+    fn.restype = ctypes.c_int
+    return fn, path
+
+
+def _kernel() -> ctypes._CFuncPtr:
+    """The loaded C entry point, built on first use; raises the (cached) `XnorUnavailable` on failure."""
+    global _kernel_fn, _kernel_error, _kernel_path
+    fn = _kernel_fn
+    if fn is not None:
+        return fn
+    with _lock:
+        if _kernel_fn is None:
+            if _kernel_error is not None:
+                raise _kernel_error
+            try:
+                _kernel_fn, _kernel_path = _build()
+            except XnorUnavailable as e:
+                _kernel_error = e
+                raise
+        return _kernel_fn
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded kernel and any cached failure, so that the next call builds or loads it again."""
+    global _kernel_fn, _kernel_error, _kernel_path
+    with _lock:
+        _kernel_fn = None
+        _kernel_error = None
+        _kernel_path = None
+
+
+def is_available() -> bool:
+    """Whether the XNOR kernel can be used here: builds and loads it on the first call, and never raises.
+
+    Returns:
+        True if the compiled kernel is loaded, False if compiling or loading it failed (the failure is remembered,
+        and `xnor_linear` raises it as `XnorUnavailable`).
+    """
+    try:
+        _kernel()
+    except XnorUnavailable:
+        return False
+    return True
+
+
+def xnor_linear(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    in_features: int,
+    out_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """Binary-input x binary-weight linear layer with XNOR and popcount, bit-identical to the dense torch path.
+
+    Each input entry counts as +1 if it is `>= 0` (so `0.0` and `-0.0` give +1) and as -1 otherwise (NaN too).
+    The output is `y = (sign(x) @ sign(W).T) * out_scale + bias`, where the integer dot product is exact, and the
+    multiply and the add are two separate float32 roundings, as in torch. Inference only: no autograd graph.
+
+    Args:
+        x: Float32 CPU tensor `[..., in_features]`, any leading dimensions (rows need unit stride, else a copy).
+        weight_packed: Uint8 CPU tensor `[N, ceil(in_features / 8)]` in `stompp_hf.masks.pack_signs` layout: entry
+            `k` of a row is bit `k % 8` (least significant first) of byte `k // 8`, a set bit meaning +1.
+        in_features: The number of input features `K` (any positive int). Exactness holds for `K < 2**24`.
+        out_scale: Optional float32 CPU tensor `[N]`, multiplied into the integer dot products.
+        bias: Optional float32 CPU tensor `[N]`, added last.
+        num_threads: Threads to use (default `torch.get_num_threads()`); small problems use fewer.
+
+    Returns:
+        Float32 tensor `[..., N]`.
+
+    Raises:
+        ValueError: On a wrong dtype, device or shape, or when autograd would need a gradient through the call.
+        XnorUnavailable: When the kernel could not be compiled or loaded.
+    """
+    fn = _kernel_fn or _kernel()
+    k = int(in_features)
+    if not isinstance(x, torch.Tensor) or x.dtype is not _F32 or not x.is_cpu:
+        raise ValueError(f"xnor_linear expects x as a float32 CPU tensor, got {_describe(x)}.")
+    if x.ndim == 0 or x.shape[-1] != k or k <= 0:
+        raise ValueError(
+            f"xnor_linear expects x of shape [..., {k}] (in_features={k}, positive), got {tuple(x.shape)}."
+        )
+    if (
+        not isinstance(weight_packed, torch.Tensor)
+        or weight_packed.dtype is not _U8
+        or not weight_packed.is_cpu
+        or weight_packed.ndim != 2
+        or weight_packed.shape[1] != (k + 7) // 8
+    ):
+        raise ValueError(
+            f"xnor_linear expects weight_packed as a uint8 CPU tensor [N, {(k + 7) // 8}] for in_features={k}, "
+            f"got {_describe(weight_packed)}."
+        )
+    n = weight_packed.shape[0]
+    scale_ptr = bias_ptr = None
+    grad = torch.is_grad_enabled() and x.requires_grad
+    if out_scale is not None:
+        out_scale = _check_vector("out_scale", out_scale, n)
+        grad = grad or (out_scale.requires_grad and torch.is_grad_enabled())
+        scale_ptr = out_scale.data_ptr()
+    if bias is not None:
+        bias = _check_vector("bias", bias, n)
+        grad = grad or (bias.requires_grad and torch.is_grad_enabled())
+        bias_ptr = bias.data_ptr()
+    if grad:
+        raise ValueError(
+            "The XNOR kernel is inference-only (no autograd): call it under torch.no_grad() or "
+            "torch.inference_mode(), or with tensors that do not require grad."
+        )
+    if num_threads is None:
+        num_threads = torch.get_num_threads()
+    elif num_threads < 1:
+        raise ValueError(f"xnor_linear expects num_threads >= 1, got {num_threads}.")
+    if not weight_packed.is_contiguous():
+        weight_packed = weight_packed.contiguous()
+
+    x2 = x if x.ndim == 2 else x.reshape(-1, k)
+    if k > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=_F32)
+    if m and n:
+        rc = fn(
+            x2.data_ptr(),
+            m,
+            x2.stride(0),
+            k,
+            weight_packed.data_ptr(),
+            n,
+            scale_ptr,
+            bias_ptr,
+            y.data_ptr(),
+            num_threads,
+            _MIN_WORK_PER_THREAD,
+            _SIMD_MIN_ROWS,
+        )
+        if rc:
+            raise MemoryError("xnor_linear could not allocate its scratch memory.")
+    return y if x.ndim == 2 else y.view(*x.shape[:-1], n)
+
+
+def _check_vector(name: str, t: object, n: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype is not _F32 or not t.is_cpu or t.shape != (n,):
+        raise ValueError(f"xnor_linear expects {name} as a float32 CPU tensor [{n}], got {_describe(t)}.")
+    return t if t.stride(0) == 1 else t.contiguous()
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} on {t.device} of shape {tuple(t.shape)}"
+    return type(t).__name__

@@ -1,0 +1,240 @@
+"""The XNOR-popcount kernel against the dense torch reference: bit-identical outputs, validation, build cache."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stompp_hf import xnor
+from stompp_hf.masks import pack_signs, unpack_signs
+
+pytestmark = pytest.mark.skipif(
+    not xnor.is_available(), reason="XNOR kernel unavailable here (no working C compiler to build it)"
+)
+
+KS = (1, 7, 8, 9, 63, 64, 65, 100, 384, 1536)
+NS = (1, 3, 64, 384)
+MS = (1, 2, 5, 128)
+
+
+def reference(x, weight_packed, in_features, out_scale=None, bias=None):
+    sx = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    sw = unpack_signs(weight_packed, in_features).to(x.dtype) * 2 - 1
+    y = F.linear(sx, sw)
+    if out_scale is not None:
+        y = y * out_scale
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def make_input(shape, gen):
+    """Normal values with exact zeros, negative zeros, and tiny and huge magnitudes mixed in."""
+    x = torch.randn(shape, generator=gen)
+    kind = torch.randint(0, 8, shape, generator=gen)
+    x = torch.where(kind == 0, torch.zeros_like(x), x)
+    x = torch.where(kind == 1, torch.full_like(x, -0.0), x)
+    x = torch.where(kind == 2, x * 1e-38, x)
+    x = torch.where(kind == 3, x * 1e30, x)
+    return x
+
+
+def make_layer(n, k, gen):
+    weight_packed = pack_signs(torch.rand(n, k, generator=gen) < 0.5)
+    out_scale = torch.rand(n, generator=gen) * 0.1 + 1e-3
+    out_scale[::3] *= -1
+    bias = torch.randn(n, generator=gen)
+    return weight_packed, out_scale, bias
+
+
+@pytest.fixture
+def every_path(monkeypatch):
+    """Let even tiny problems use every thread they are given (so threaded splits are exercised)."""
+    monkeypatch.setattr(xnor, "_MIN_WORK_PER_THREAD", 0)
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("simd_min_rows", [1, 10**9], ids=["simd", "scalar"])
+def test_bit_identical_to_reference(k, simd_min_rows, every_path, monkeypatch):
+    monkeypatch.setattr(xnor, "_SIMD_MIN_ROWS", simd_min_rows)
+    gen = torch.Generator().manual_seed(1000 + k)
+    variants = itertools.cycle([(False, False, 1), (True, False, 2), (False, True, 3), (True, True, 2)])
+    for n, m in itertools.product(NS, MS):
+        weight_packed, out_scale, bias = make_layer(n, k, gen)
+        x = make_input((m, k), gen)
+        with_scale, with_bias, threads = next(variants)
+        s = out_scale if with_scale else None
+        b = bias if with_bias else None
+        y = xnor.xnor_linear(x, weight_packed, k, s, b, num_threads=threads)
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        assert torch.equal(y, reference(x, weight_packed, k, s, b)), (k, n, m, with_scale, with_bias, threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("simd_min_rows", [1, 10**9], ids=["simd", "scalar"])
+def test_threads_and_leading_dims(threads, simd_min_rows, every_path, monkeypatch):
+    monkeypatch.setattr(xnor, "_SIMD_MIN_ROWS", simd_min_rows)
+    gen = torch.Generator().manual_seed(7)
+    for k, n in [(65, 3), (384, 64), (100, 1)]:  # 8 threads and 1 to 3 weight rows: more threads than work
+        weight_packed, out_scale, bias = make_layer(n, k, gen)
+        x = make_input((2, 3, k), gen)
+        y = xnor.xnor_linear(x, weight_packed, k, out_scale, bias, num_threads=threads)
+        assert y.shape == (2, 3, n)
+        assert torch.equal(y, reference(x, weight_packed, k, out_scale, bias))
+        x1 = make_input((k,), gen)  # no leading dims at all
+        assert torch.equal(
+            xnor.xnor_linear(x1, weight_packed, k, num_threads=threads), reference(x1, weight_packed, k)
+        )
+
+
+def test_large_batch_split_over_rows(every_path):
+    """Many rows and few weight rows: the work is split over the activation rows."""
+    gen = torch.Generator().manual_seed(3)
+    weight_packed, out_scale, bias = make_layer(5, 130, gen)
+    x = make_input((301, 130), gen)
+    for threads in (1, 2, 3):
+        y = xnor.xnor_linear(x, weight_packed, 130, out_scale, bias, num_threads=threads)
+        assert torch.equal(y, reference(x, weight_packed, 130, out_scale, bias))
+
+
+def test_default_threads_and_thresholds():
+    gen = torch.Generator().manual_seed(4)
+    weight_packed, out_scale, bias = make_layer(384, 384, gen)
+    for m in (1, 128):
+        x = make_input((m, 384), gen)
+        y = xnor.xnor_linear(x, weight_packed, 384, out_scale, bias)
+        assert torch.equal(y, reference(x, weight_packed, 384, out_scale, bias))
+
+
+def test_nan_counts_as_negative():
+    gen = torch.Generator().manual_seed(5)
+    weight_packed, out_scale, bias = make_layer(16, 70, gen)
+    x = make_input((4, 70), gen)
+    x[0, 3] = math.nan
+    x[1] = math.nan
+    x[2, 64:] = math.nan
+    y = xnor.xnor_linear(x, weight_packed, 70, out_scale, bias)
+    assert not torch.isnan(y).any()
+    assert torch.equal(y, reference(x, weight_packed, 70, out_scale, bias))
+    assert torch.equal(
+        xnor.xnor_linear(x, weight_packed, 70), xnor.xnor_linear(torch.nan_to_num(x, nan=-1.0), weight_packed, 70)
+    )
+
+
+@pytest.mark.parametrize("simd_min_rows", [1, 10**9], ids=["simd", "scalar"])
+def test_padding_bits_of_weights_are_ignored(simd_min_rows, monkeypatch):
+    """Set bits past in_features in the last byte must not count (the reference drops them too)."""
+    monkeypatch.setattr(xnor, "_SIMD_MIN_ROWS", simd_min_rows)
+    gen = torch.Generator().manual_seed(6)
+    for k in (7, 63, 100):
+        weight_packed, _, _ = make_layer(9, k, gen)
+        dirty = weight_packed.clone()
+        dirty[:, -1] |= torch.tensor(0xFF << (k % 8 or 8) & 0xFF, dtype=torch.uint8)
+        x = make_input((3, k), gen)
+        assert torch.equal(xnor.xnor_linear(x, dirty, k), reference(x, weight_packed, k))
+
+
+def test_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(8)
+    weight_packed, out_scale, bias = make_layer(12, 96, gen)
+    wide = make_input((6, 200), gen)
+    x = wide[:, 10:106]  # rows with a stride of 200
+    xt = make_input((96, 6), gen).t()  # column-major
+    w_nc = torch.cat([weight_packed, weight_packed], dim=1)[:, : weight_packed.shape[1]]
+    s_nc = torch.stack([out_scale, out_scale], dim=1)[:, 0]
+    for inp in (x, xt):
+        y = xnor.xnor_linear(inp, w_nc, 96, s_nc, bias)
+        assert torch.equal(y, reference(inp, weight_packed, 96, out_scale, bias))
+
+
+def test_empty_batch():
+    gen = torch.Generator().manual_seed(9)
+    weight_packed, _, _ = make_layer(4, 20, gen)
+    y = xnor.xnor_linear(torch.zeros(0, 20), weight_packed, 20)
+    assert y.shape == (0, 4)
+
+
+def test_no_grad_and_inference_mode():
+    gen = torch.Generator().manual_seed(10)
+    weight_packed, out_scale, _ = make_layer(8, 40, gen)
+    x = make_input((2, 40), gen).requires_grad_()
+    with torch.no_grad():
+        y = xnor.xnor_linear(x, weight_packed, 40, out_scale)
+    assert not y.requires_grad
+    with torch.inference_mode():
+        y2 = xnor.xnor_linear(x.detach(), weight_packed, 40, out_scale)
+    assert torch.equal(y, y2)
+
+
+def test_input_validation():
+    gen = torch.Generator().manual_seed(11)
+    weight_packed, out_scale, bias = make_layer(8, 40, gen)
+    x = make_input((2, 40), gen)
+    with pytest.raises(ValueError, match="float32"):
+        xnor.xnor_linear(x.double(), weight_packed, 40)
+    with pytest.raises(ValueError, match="float32"):
+        xnor.xnor_linear(x.half(), weight_packed, 40)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 41\]"):
+        xnor.xnor_linear(x, weight_packed, 41)
+    with pytest.raises(ValueError, match="weight_packed"):
+        xnor.xnor_linear(make_input((2, 48), gen), weight_packed, 48)  # 6 bytes per row needed, 5 given
+    with pytest.raises(ValueError, match="weight_packed"):
+        xnor.xnor_linear(x, weight_packed.to(torch.int8), 40)
+    with pytest.raises(ValueError, match="out_scale"):
+        xnor.xnor_linear(x, weight_packed, 40, out_scale[:4])
+    with pytest.raises(ValueError, match="out_scale"):
+        xnor.xnor_linear(x, weight_packed, 40, out_scale.double())
+    with pytest.raises(ValueError, match="bias"):
+        xnor.xnor_linear(x, weight_packed, 40, None, bias.view(2, 4))
+    with pytest.raises(ValueError, match="num_threads"):
+        xnor.xnor_linear(x, weight_packed, 40, num_threads=0)
+    with pytest.raises(ValueError, match="inference-only"):
+        xnor.xnor_linear(x.clone().requires_grad_(), weight_packed, 40)
+    with pytest.raises(ValueError, match="inference-only"):
+        xnor.xnor_linear(x, weight_packed, 40, out_scale.clone().requires_grad_())
+
+
+@pytest.fixture
+def fresh_kernel_state(monkeypatch):
+    """Drop the loaded kernel for one test, and restore the real one (via a fresh load) afterwards."""
+    xnor._reset_for_tests()
+    yield monkeypatch
+    monkeypatch.undo()
+    xnor._reset_for_tests()
+    assert xnor.is_available()
+
+
+def test_build_into_fresh_cache_dir(tmp_path, fresh_kernel_state):
+    cache = tmp_path / "kernels"
+    fresh_kernel_state.setenv("STOMPP_HF_KERNEL_CACHE", str(cache))
+    assert xnor.is_available()
+    built = sorted(p.name for p in cache.iterdir())
+    assert len(built) == 1 and built[0].startswith("xnor_") and built[0].endswith(".so")  # no temp files left
+    x = torch.randn(3, 20)
+    weight_packed = pack_signs(torch.randn(5, 20) >= 0)
+    assert torch.equal(xnor.xnor_linear(x, weight_packed, 20), reference(x, weight_packed, 20))
+    xnor._reset_for_tests()  # a second process-level load reuses the cached library
+    mtime = (cache / built[0]).stat().st_mtime_ns
+    assert xnor.is_available()
+    assert (cache / built[0]).stat().st_mtime_ns == mtime
+
+
+def test_broken_compiler_raises_unavailable(tmp_path, fresh_kernel_state):
+    fresh_kernel_state.setenv("STOMPP_HF_KERNEL_CACHE", str(tmp_path / "kernels"))
+    fresh_kernel_state.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(xnor.XnorUnavailable, match="/nonexistent/cc"):
+        xnor.xnor_linear(torch.zeros(1, 8), torch.zeros(1, 1, dtype=torch.uint8), 8)
+    assert not xnor.is_available()  # the failure is remembered, and is_available never raises
+
+
+def test_failing_compiler_reports_its_output(tmp_path, fresh_kernel_state):
+    fresh_kernel_state.setenv("STOMPP_HF_KERNEL_CACHE", str(tmp_path / "kernels"))
+    fresh_kernel_state.setenv("CC", "cc -DXN_BROKEN_BUILD=1 -include /nonexistent/header.h")
+    with pytest.raises(xnor.XnorUnavailable, match="header.h") as info:
+        xnor.xnor_linear(torch.zeros(1, 8), torch.zeros(1, 1, dtype=torch.uint8), 8)
+    assert "CC" in str(info.value)
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == []  # the failed build left no files behind
