@@ -20,55 +20,66 @@ import torch
 
 
 def binary_sign(u: torch.Tensor) -> torch.Tensor:
-    """`sign` with `sign(0) = +1`: values in {-1, +1} with the dtype of `u`."""
-    return torch.where(u >= 0, 1.0, -1.0).to(u.dtype)
+    """`sign` with `sign(0) = sign(-0.0) = +1` and `sign(NaN) = -1`: values in {-1, +1} with the dtype of `u`.
+
+    Computed as `2 * (u >= 0) - 1` with the comparison written straight into a float tensor: three vectorized
+    passes, several times faster on CPU than `torch.where` or a bool intermediate.
+    """
+    u = u.detach()
+    return torch.ge(u, 0, out=torch.empty_like(u)).mul_(2).sub_(1)
+
+
+def _window(u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """`1{|u| <= bound}` as int8 (one byte per entry; converting to and from int8 is cheap, bool is not)."""
+    u = u.detach()
+    return torch.le(u.abs(), bound, out=torch.empty_like(u)).to(torch.int8)
 
 
 class _MaskedBinarize(torch.autograd.Function):
     """Forward `where(M, a * sign(u), smooth(u))`; backward as in the module docstring.
 
-    Only the bool `1{|u| <= c}` is kept for the backward pass (one byte per entry instead of `u`'s four).
+    Only the int8 window `1{|u| <= c}` is kept for the backward pass (one byte per entry instead of `u`'s four).
     """
 
     @staticmethod
     def forward(ctx, u, mask, scale, bound, clip_smooth: bool, ste_on_frozen: bool):  # type: ignore[override]
         hard = binary_sign(u) * scale
         soft = torch.clamp(u, -bound, bound) if clip_smooth else u
-        inside = (u >= -bound) & (u <= bound) if clip_smooth or ste_on_frozen else None
-        ctx.save_for_backward(mask, inside)
+        ctx.save_for_backward(mask, _window(u, bound) if clip_smooth or ste_on_frozen else None)
         ctx.clip_smooth = clip_smooth
         ctx.ste_on_frozen = ste_on_frozen
         return torch.where(mask, hard, soft)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        mask, inside = ctx.saved_tensors
-        zero = grad.new_zeros(())
-        smooth_grad = torch.where(inside, grad, zero) if ctx.clip_smooth else grad
-        frozen_grad = torch.where(inside, grad, zero) if ctx.ste_on_frozen else zero
+        mask, window = ctx.saved_tensors
+        inside_grad = grad * window.to(grad.dtype) if window is not None else None
+        smooth_grad = inside_grad if ctx.clip_smooth else grad
+        frozen_grad = inside_grad if ctx.ste_on_frozen else grad.new_zeros(())
         return torch.where(mask, frozen_grad, smooth_grad), None, None, None, None, None
 
 
 class _HardSign(torch.autograd.Function):
-    """Every entry frozen, STE gradient: forward `where(u >= 0, v, -v)`, backward `1{|u| <= c} * g / s`.
+    """Every entry frozen, STE gradient: forward `v * sign(u)`, backward `1{|u| <= c} * g / s`.
 
-    `v` is the magnitude of the output (the scale `a`, or 1 when the scale is applied to the layer output instead)
-    and `s` what the gradient is divided by to stay the gradient with respect to `a * sign(u)` (1, or `a` when
-    the output is `sign(u)` and `a` multiplies the layer output). Only the bool `1{|u| <= c}` is saved.
+    `v` is the magnitude of the output (the scale `a`, or None for +-1 when the scale is applied to the layer output
+    instead) and `s` what the gradient is divided by to stay the gradient with respect to `a * sign(u)` (None, or
+    `a` when the output is `sign(u)` and `a` multiplies the layer output). Only the int8 window is saved.
     """
 
     @staticmethod
     def forward(ctx, u, value, bound, grad_divisor):  # type: ignore[override]
-        inside = (u >= -bound) & (u <= bound)
-        ctx.save_for_backward(inside, grad_divisor)
-        return torch.where(u >= 0, value, -value).to(u.dtype)
+        ctx.save_for_backward(_window(u, bound), grad_divisor)
+        sign = binary_sign(u)
+        return sign if value is None else sign * value
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        inside, divisor = ctx.saved_tensors
+        window, divisor = ctx.saved_tensors
+        window = window.to(grad.dtype)
         if divisor is not None:
-            grad = grad / divisor
-        return torch.where(inside, grad, grad.new_zeros(())), None, None, None
+            window.div_(divisor)
+        return window.mul_(grad), None, None, None
 
 
 def hard_sign(
@@ -88,10 +99,10 @@ def hard_sign(
     """
     if isinstance(scale, torch.Tensor):
         scale = scale.detach()
-    one = torch.ones((), dtype=u.dtype, device=u.device)
-    value = one if factored else torch.as_tensor(scale, dtype=u.dtype, device=u.device)
+    value = None if factored or (isinstance(scale, float) and scale == 1.0) else scale
     if not (ste and u.requires_grad and torch.is_grad_enabled()):
-        return torch.where(u.detach() >= 0, value, -value)
+        sign = binary_sign(u)
+        return sign if value is None else sign * value
     divisor = None
     if factored and not (isinstance(scale, float) and scale == 1.0):
         divisor = torch.as_tensor(scale, dtype=u.dtype, device=u.device)

@@ -175,10 +175,10 @@ def scale_output(
 
 
 class _SavedSigns(torch.autograd.graph.saved_tensors_hooks):
-    """Keeps the +-1 tensors an op saves for its backward pass as bool (1 byte instead of 2-4 per entry).
+    """Keeps the +-1 tensors an op saves for its backward pass as int8 (1 byte instead of 2-4 per entry).
 
     The op (a matmul / convolution) saves its operands; a saved tensor that is one of `signs` (same storage, same
-    size) is replaced by `t >= 0` and rebuilt exactly as `where(positive, 1, -1)` when the backward needs it.
+    size) is stored as int8 and cast back, exactly, when the backward needs it.
     """
 
     def __init__(self, *signs: torch.Tensor) -> None:
@@ -186,14 +186,13 @@ class _SavedSigns(torch.autograd.graph.saved_tensors_hooks):
 
         def pack(t: torch.Tensor):
             if (t.data_ptr(), t.numel()) in keys:  # the sign tensor itself or a view of all of it
-                return (t >= 0, t.dtype)
+                return (t.to(torch.int8), t.dtype)  # exact for +-1; casts are far cheaper than bool round trips
             return t
 
         def unpack(saved):
             if isinstance(saved, tuple):
-                positive, dtype = saved
-                one = torch.ones((), dtype=dtype, device=positive.device)
-                return torch.where(positive, one, -one)
+                signs, dtype = saved
+                return signs.to(dtype)
             return saved
 
         super().__init__(pack, unpack)
@@ -290,8 +289,7 @@ class StoMPPMixin:
 
         When every binarized tensor of the layer is frozen, the scales move to the output:
         `op(sign(x), sign(W)) * (beta * alpha) + bias`, the form of the packed modules and the XNOR kernel (binary
-        x binary products are exact integers there). The +-1 operands the op saves for its backward are kept as
-        bool.
+        x binary products are exact integers there). The +-1 operands the op saves for its backward are kept as int8.
         """
         w_bin, x_bin = self.weight_binarizer, self.input_binarizer
         if not all(b.frozen for b in self.binarizers()):

@@ -293,7 +293,7 @@ static void xn_vtile(const xn_job *j, int64_t m, int64_t g)
         float *yr = j->y + (m + i) * j->N;
         for (int h = 0; h < XN_VNG; h++) {
             const int64_t n = 4 * (g + h);
-            if (n + 4 <= j->N) {
+            if (n + 4 <= j->N && j->K < ((int64_t)1 << 30)) {
                 /* counts <= K < 2**31: the low 32 bits of each lane, then d = K - 2 * count, exactly as floats */
                 const __m128i c = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(sum[i][h], lo32));
                 __m128 d = _mm_cvtepi32_ps(_mm_sub_epi32(kk, _mm_add_epi32(c, c)));

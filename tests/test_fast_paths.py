@@ -109,7 +109,7 @@ def test_frozen_ste_layer_saves_no_float_copy_of_its_operands(kind):
     module, _, shape = frozen_training_module(kind, "ste", "ste", True)
     x = with_zeros(shape, seed=3).requires_grad_(True)
     sizes = saved_float_sizes(lambda: module(x))
-    # only the scales (one per output channel at most) are kept as floats: the signs and the STE windows are bool
+    # only the scales (one per output channel at most) are kept as floats: the signs and the STE windows are int8
     assert sizes and max(sizes) <= module.weight.shape[0]
     continuous = frozen_training_module(kind, "stompp", "stompp", True)[0]
     for b in continuous.binarizers():
@@ -150,7 +150,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
             torch.testing.assert_close(checkpointed[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_masked_binarize_keeps_only_bool_for_backward():
+def test_masked_binarize_keeps_no_float_copy_for_backward():
     u = torch.randn(64, requires_grad=True)
     mask = torch.rand(64) < 0.5
     sizes = saved_float_sizes(
