@@ -38,6 +38,8 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass on this thread (where checkpointed forwards are recomputed)."""
+    if torch.compiler.is_compiling():  # a compiled graph never re-runs the forward inside the backward
+        return False
     current = getattr(torch._C, "_current_graph_task_id", None)
     return current is not None and current() != -1
 
@@ -301,7 +303,8 @@ class StoMPPMixin:
         if w_bin is not None:
             weight, w_scale = w_bin.signs(weight)
         signs = [t for t, b in ((x, x_bin), (weight, w_bin)) if b is not None]
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling():
+            # (under torch.compile the compiler chooses what to save for the backward itself)
             with _SavedSigns(*signs):
                 y = op(x, weight, None)
         else:
@@ -600,7 +603,10 @@ class BinaryLinear(BinaryMixin, nn.Module):
         if self.kernel != "reference":
             reason = self.xnor_applies(x)
             if reason is None and (self.kernel == "xnor" or xnor.is_available()):
-                return xnor.xnor_linear(x, self.weight_packed, self.in_features, self.output_scale(), self.bias)
+                scale = self.output_scale()
+                if scale is not None and scale.ndim == 0:  # beta alone: the same product for every output
+                    scale = scale.expand(self.out_features)
+                return xnor.xnor_linear(x, self.weight_packed, self.in_features, scale, self.bias)
             if self.kernel == "xnor" and reason is not None:
                 raise ValueError(f"kernel='xnor' cannot run this forward: {reason}. Use kernel='auto' to fall back.")
         return self._binary_forward(x, F.linear)

@@ -12,6 +12,13 @@ The activations are packed into 64-bit sign words, and every dot product is `K -
 the words. The epilogue does the multiply and the add as two separately rounded float32 operations (the kernel is
 built with `-ffp-contract=off`, so no fused multiply-add), which is what makes the result identical to torch's.
 
+There are two code paths. With few rows (`M < _SIMD_MIN_ROWS`, e.g. batch-1 inference) a scalar path reads the
+packed weights in place and runs `popcnt` on register tiles of 4 activation rows x 2 weight rows. With more rows an
+AVX2 path first copies the weights into nibble planes, 4 rows interleaved per 64-bit word, and counts bits with two
+16-entry byte table lookups (`vpshufb`) per word on register tiles of 6 activation rows x 4 weight rows. Work is
+split over weight rows (or over activation rows when there are many) between up to `num_threads` threads, and a
+problem too small to repay starting a thread runs on the calling thread alone.
+
 The C source lives in this module and is compiled on first use with the system C compiler (`$CC`, else `cc`) into a
 per-user cache directory, then loaded with `ctypes`: no Python headers, no torch headers and nothing to package.
 Threads are plain pthreads (not OpenMP, whose runtime torch already bundles); ctypes releases the GIL during a call.
@@ -28,6 +35,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,8 +58,8 @@ _C_SOURCE = r"""
 #endif
 
 /* Scalar path: register tile of XN_MR activation rows x XN_NR weight rows, read straight from the packed weights. */
-#define XN_MR 2
-#define XN_NR 4
+#define XN_MR 4
+#define XN_NR 2
 /* AVX2 path: XN_VMR activation rows x XN_VNG groups of 4 weight rows, from a nibble-split copy of the weights. */
 #define XN_VMR 6
 #define XN_VNG 1
@@ -76,7 +84,7 @@ typedef struct {
     int simd;
     int split_m;
     int nthreads;
-    uint64_t *xa;            /* scalar: sign words [M, nw]; simd: nibble planes [Mpad, nw, 2] */
+    uint64_t *xa;            /* scalar: sign words [M, nw]; simd: nibble planes, each word 4 times [Mpad, nw, 2, 4] */
     uint64_t *wv;            /* simd: nibble planes of the weights [Gpad, nw, 2, 4] */
     int64_t mpad, gpad;      /* simd: rows padded to XN_VMR, weight groups of 4 padded to XN_VNG */
     int64_t block;           /* scalar: weight rows per cache block; simd: groups per cache block */
@@ -135,11 +143,13 @@ static void xn_pack_x(const xn_job *j, int64_t m0, int64_t m1)
     for (int64_t m = m0; m < m1; m++) {
         const float *r = j->x + m * j->ldx;
         if (j->simd) {
-            uint64_t *o = j->xa + m * nw * 2;
+            uint64_t *o = j->xa + m * nw * 8;
             for (int64_t k = 0; k < nw; k++) {
                 const uint64_t b = m < j->M ? xn_signs(r + 64 * k, j->K - 64 * k) : 0;
-                o[2 * k] = b & XN_LO4;
-                o[2 * k + 1] = (b >> 4) & XN_LO4;
+                for (int q = 0; q < 4; q++) {
+                    o[8 * k + q] = b & XN_LO4;
+                    o[8 * k + 4 + q] = (b >> 4) & XN_LO4;
+                }
             }
         } else {
             uint64_t *o = j->xa + m * nw;
@@ -258,7 +268,7 @@ static void xn_vtile(const xn_job *j, int64_t m, int64_t g)
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i zero = _mm256_setzero_si256();
-    const uint64_t *xr = j->xa + m * nw * 2;
+    const uint64_t *xr = j->xa + m * nw * 8;
     const uint64_t *wr = j->wv + g * nw * 8;
     __m256i sum[XN_VMR][XN_VNG];
     for (int i = 0; i < XN_VMR; i++)
@@ -275,8 +285,8 @@ static void xn_vtile(const xn_job *j, int64_t m, int64_t g)
                 wh[h] = _mm256_loadu_si256((const __m256i *)(wr + h * nw * 8 + 8 * k + 4));
             }
             for (int i = 0; i < XN_VMR; i++) {
-                const __m256i xl = _mm256_set1_epi64x((long long)xr[i * nw * 2 + 2 * k]);
-                const __m256i xh = _mm256_set1_epi64x((long long)xr[i * nw * 2 + 2 * k + 1]);
+                const __m256i xl = _mm256_loadu_si256((const __m256i *)(xr + i * nw * 8 + 8 * k));
+                const __m256i xh = _mm256_loadu_si256((const __m256i *)(xr + i * nw * 8 + 8 * k + 4));
                 for (int h = 0; h < XN_VNG; h++) {
                     acc[i][h] = _mm256_add_epi8(acc[i][h], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xl, wl[h])));
                     acc[i][h] = _mm256_add_epi8(acc[i][h], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xh, wh[h])));
@@ -398,7 +408,7 @@ int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uin
         if (j.block < XN_VNG) j.block = XN_VNG;
         mtiles = j.mpad / XN_VMR;
         ntiles = j.gpad / XN_VNG;
-        j.xa = (uint64_t *)malloc((size_t)(j.mpad * j.nw * 2) * sizeof(uint64_t));
+        j.xa = (uint64_t *)malloc((size_t)(j.mpad * j.nw * 8) * sizeof(uint64_t));
         j.wv = (uint64_t *)malloc((size_t)(j.gpad * j.nw * 8) * sizeof(uint64_t));
         if (!j.xa || !j.wv) {
             free(j.xa);
@@ -447,7 +457,7 @@ int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uin
 _CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
 
 # Below this many (row, column, word) triples per thread, extra threads cost more to start than they save.
-_MIN_WORK_PER_THREAD = 1 << 16
+_MIN_WORK_PER_THREAD = 1 << 17
 
 # From this many activation rows on, the AVX2 path (which first copies the weights into nibble planes) is used.
 _SIMD_MIN_ROWS = 10
@@ -464,7 +474,7 @@ class XnorUnavailable(RuntimeError):
 
 
 _lock = threading.Lock()
-_kernel_fn = None
+_kernel_fn: Callable[..., int] | None = None
 _kernel_error: XnorUnavailable | None = None
 _kernel_path: Path | None = None
 
@@ -507,7 +517,7 @@ def _unavailable(what: str, cmd: list[str] | None = None, stderr: str = "") -> X
     return XnorUnavailable("\n".join(parts))
 
 
-def _build() -> tuple[ctypes._CFuncPtr, Path]:
+def _build() -> tuple[Callable[..., int], Path]:
     cc = _compiler()
     if not cc:
         raise _unavailable("the CC environment variable is empty")
@@ -552,7 +562,7 @@ def _build() -> tuple[ctypes._CFuncPtr, Path]:
     return fn, path
 
 
-def _kernel() -> ctypes._CFuncPtr:
+def _kernel() -> Callable[..., int]:
     """The loaded C entry point, built on first use; raises the (cached) `XnorUnavailable` on failure."""
     global _kernel_fn, _kernel_error, _kernel_path
     fn = _kernel_fn
@@ -567,6 +577,9 @@ def _kernel() -> ctypes._CFuncPtr:
             except XnorUnavailable as e:
                 _kernel_error = e
                 raise
+            except Exception as e:  # anything else a build can throw still means "unavailable", never a crash
+                _kernel_error = _unavailable(f"building or loading failed unexpectedly ({e!r})")
+                raise _kernel_error from e
         return _kernel_fn
 
 

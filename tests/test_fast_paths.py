@@ -12,6 +12,7 @@ from transformers import BertForSequenceClassification
 
 from stompp_hf import (
     BinaryLinear,
+    ProgressionController,
     StoMPPConfig,
     StoMPPLinear,
     masked_binarize,
@@ -187,6 +188,27 @@ def test_packed_linear_kernels_are_bit_identical(weights, activations, scales):
 
 
 @needs_xnor
+@pytest.mark.parametrize("weight_scale,input_scale", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_kernels_with_either_scale(weight_scale, input_scale, bias):
+    torch.manual_seed(0)
+    layer = BinaryLinear(70, 9, bias=bias, weight_scale=weight_scale, input_scale=input_scale)
+    with torch.no_grad():
+        layer.weight_packed.copy_(torch.randint(0, 256, layer.weight_packed.shape, dtype=torch.uint8))
+        layer.weight_packed[:, -1] &= 0x3F  # 70 = 8 * 8 + 6: padding bits stay zero
+        for t in (layer.weight_scale, layer.input_scale, layer.bias):
+            if t is not None:
+                t.uniform_(0.1, 2.0)
+    x = with_zeros((2, 5, 70), seed=9)
+    with torch.no_grad():
+        outputs = {}
+        for kernel in KERNELS:
+            layer.kernel = kernel
+            outputs[kernel] = layer(x)
+    assert all(torch.equal(out, outputs["reference"]) for out in outputs.values())
+
+
+@needs_xnor
 def test_auto_kernel_falls_back_where_xnor_cannot_run():
     module, _, shape = frozen_training_module("linear", "ste", "ste", True)
     packed = BinaryLinear.from_stompp(module)
@@ -213,3 +235,38 @@ def test_set_kernel_validates_and_counts():
     assert all(m.kernel == "reference" for m in model if isinstance(m, BinaryLinear))
     with pytest.raises(ValueError, match="`kernel` must be one of"):
         set_kernel(model, "fast")
+
+
+def test_torch_compile_matches_eager_without_graph_breaks():
+    """`torch.compile` traces the StoMPP layers (masked binarize, frozen fast path, STE) in one graph per forward
+    and trains to the same losses and gradients as eager mode (AOT autograd, no C++ compiler needed)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    pair = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(
+            tiny_bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        )
+        prepare_model(model, StoMPPConfig(weights="stompp_ste", activations="stompp_ste"))
+        controller = ProgressionController(model, 100)
+        model.train()
+        pair.append((model, controller))
+    ids = torch.randint(5, 60, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 0, 1])
+    for model, controller in pair:
+        model(input_ids=ids)  # sizes the input masks
+        controller.restore(60)  # stage 0 frozen, later stages mid-transition or continuous
+    eager, compiled = pair[0][0], torch.compile(pair[1][0], backend="aot_eager")
+    for step in range(2):
+        losses = []
+        for model, (_, controller) in zip((eager, compiled), pair):
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            losses.append(loss.detach())
+            controller.advance(61 + step)
+        torch.testing.assert_close(losses[1], losses[0])
+    for (name, p), q in zip(pair[0][0].named_parameters(), pair[1][0].parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch._dynamo.utils.counters["graph_break"]
