@@ -64,19 +64,21 @@ class _HardSign(torch.autograd.Function):
 
     `v` is the magnitude of the output (the scale `a`, or None for +-1 when the scale is applied to the layer output
     instead) and `s` what the gradient is divided by to stay the gradient with respect to `a * sign(u)` (None, or
-    `a` when the output is `sign(u)` and `a` multiplies the layer output). Only the int8 window is saved.
+    `a` when the output is `sign(u)` and `a` multiplies the layer output). It saves `u` itself, which the layer
+    keeps anyway (a weight Parameter, or an input that the layer's op recomputes its operand from), and rebuilds
+    the window in the backward pass.
     """
 
     @staticmethod
     def forward(ctx, u, value, bound, grad_divisor):  # type: ignore[override]
-        ctx.save_for_backward(_window(u, bound), grad_divisor)
+        ctx.save_for_backward(u, bound, grad_divisor)
         sign = binary_sign(u)
         return sign if value is None else sign * value
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        window, divisor = ctx.saved_tensors
-        window = window.to(grad.dtype)
+        u, bound, divisor = ctx.saved_tensors
+        window = torch.le(u.abs(), bound, out=torch.empty_like(u, dtype=grad.dtype))
         if divisor is not None:
             window.div_(divisor)
         return window.mul_(grad), None, None, None

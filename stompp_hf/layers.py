@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -145,11 +146,34 @@ class Binarizer(nn.Module):
         mask = True if self.force_frozen else mask_state.as_mask()
         return masked_binarize(u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input")
 
-    def signs(self, u: torch.Tensor, feature_ndim: int | None = None) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """For a `frozen` tensor: `sign(u)` in {-1, +1} (with this rule's gradient) and the scale that the caller
-        applies to the layer output instead, so that `forward(u) == scale * signs(u)[0]`."""
+    def binarize(
+        self, u: torch.Tensor, feature_ndim: int | None = None, factored: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | float | None, Callable[[], torch.Tensor] | None]:
+        """`(binarized u, output scale, recompute)`: what a layer's forward needs from this binarizer.
+
+        With `factored` (only for a `frozen` tensor) the result is `sign(u)` in {-1, +1} with this rule's gradient
+        and the scale is returned for the caller to apply to the layer output (`forward(u) == scale * result`);
+        otherwise the result is `forward(u)` and the scale None. `recompute()` rebuilds the result bit for bit from
+        `u` (None where the result is `u` itself, or the tensor is mid-transition), so the layer can let its op
+        save `u`, which it shares with other layers or keeps anyway, instead of a second activation-sized copy.
+        """
         _, scale, bound = self._scale_and_bound(u, feature_ndim)
-        return hard_sign(u, ste=self.rule != "stompp", scale=scale, bound=bound, factored=True), scale
+        mask = True if self.force_frozen or self.rule == "ste" else self.mask.as_mask()
+        if mask is True:
+            value = scale if not factored and not (isinstance(scale, float) and scale == 1.0) else None
+            out = hard_sign(u, ste=self.rule != "stompp", scale=scale, bound=bound, factored=factored)
+            return (
+                out,
+                scale if factored else None,
+                lambda: binary_sign(u) if value is None else binary_sign(u) * value,
+            )
+        if factored:
+            raise ValueError("`factored` binarization needs a frozen tensor.")
+        out = masked_binarize(u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input")
+        if mask is False and self.kind == "input":
+            b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
+            return out, None, lambda: torch.clamp(u.detach(), -b, b)
+        return out, None, None
 
 
 def output_scale(
@@ -176,25 +200,38 @@ def scale_output(
     return y
 
 
-class _SavedSigns(torch.autograd.graph.saved_tensors_hooks):
-    """Keeps the +-1 tensors an op saves for its backward pass as int8 (1 byte instead of 2-4 per entry).
+class _Recompute:
+    __slots__ = ("fn", "size", "stride", "offset")
 
-    The op (a matmul / convolution) saves its operands; a saved tensor that is one of `signs` (same storage, same
-    size) is stored as int8 and cast back, exactly, when the backward needs it.
+    def __init__(self, fn: Callable[[], torch.Tensor], size, stride, offset: int) -> None:
+        self.fn, self.size, self.stride, self.offset = fn, size, stride, offset
+
+
+class _RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):
+    """Recomputes binarized operands in the backward pass instead of keeping them from the forward pass.
+
+    The op (a matmul / convolution) saves its operands for its backward; a saved tensor that is one of the
+    registered results (the tensor itself or a view of all of it: same data pointer, same size) is stored as its
+    recipe, `recompute()` plus the view's geometry, and rebuilt bit for bit when the backward needs it. The recipe
+    holds the latent tensor (the layer input, which the previous layer or the other projections of the same input
+    keep anyway, or the weight Parameter): an elementwise pass in the backward instead of an activation-sized
+    copy per layer.
     """
 
-    def __init__(self, *signs: torch.Tensor) -> None:
-        keys = {(t.data_ptr(), t.numel()) for t in signs}
+    def __init__(self, entries: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]) -> None:
+        table = {(t.data_ptr(), t.numel()): (t.storage_offset(), fn) for t, fn in entries}
 
         def pack(t: torch.Tensor):
-            if (t.data_ptr(), t.numel()) in keys:  # the sign tensor itself or a view of all of it
-                return (t.to(torch.int8), t.dtype)  # exact for +-1; casts are far cheaper than bool round trips
-            return t
+            hit = table.get((t.data_ptr(), t.numel()))
+            if hit is None:
+                return t
+            base_offset, fn = hit
+            return _Recompute(fn, t.size(), t.stride(), t.storage_offset() - base_offset)
 
         def unpack(saved):
-            if isinstance(saved, tuple):
-                signs, dtype = saved
-                return signs.to(dtype)
+            if isinstance(saved, _Recompute):
+                r = saved.fn()
+                return r.as_strided(saved.size, saved.stride, r.storage_offset() + saved.offset)
             return saved
 
         super().__init__(pack, unpack)
@@ -291,24 +328,32 @@ class StoMPPMixin:
 
         When every binarized tensor of the layer is frozen, the scales move to the output:
         `op(sign(x), sign(W)) * (beta * alpha) + bias`, the form of the packed modules and the XNOR kernel (binary
-        x binary products are exact integers there). The +-1 operands the op saves for its backward are kept as int8.
+        x binary products are exact integers there). Binarized operands that the op saves for its backward are
+        recomputed there from `x` and `W` rather than kept (`_RecomputeSaved`).
         """
-        w_bin, x_bin = self.weight_binarizer, self.input_binarizer
-        if not all(b.frozen for b in self.binarizers()):
-            return op(self.binarized_input(x), self.binarized_weight(), self.bias)
-        x_scale = w_scale = None
-        weight = self.weight
-        if x_bin is not None:
-            x, x_scale = x_bin.signs(x, self.feature_ndim)
-        if w_bin is not None:
-            weight, w_scale = w_bin.signs(weight)
-        signs = [t for t, b in ((x, x_bin), (weight, w_bin)) if b is not None]
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling():
-            # (under torch.compile the compiler chooses what to save for the backward itself)
-            with _SavedSigns(*signs):
-                y = op(x, weight, None)
+        factored = all(b.frozen for b in self.binarizers())
+        weight, x_scale, w_scale, recompute = self.weight, None, None, []
+        if self.input_binarizer is not None:
+            x, x_scale, fn = self.input_binarizer.binarize(x, self.feature_ndim, factored)
+            if fn is not None:
+                recompute.append((x, fn))
+        if self.weight_binarizer is not None:
+            weight, w_scale, fn = self.weight_binarizer.binarize(weight, factored=factored)
+            if fn is not None:
+                recompute.append((weight, fn))
+        bias = None if factored else self.bias
+        if (
+            recompute
+            and torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad)
+            and not torch.compiler.is_compiling()  # the compiler chooses what to save for the backward itself
+        ):
+            with _RecomputeSaved(recompute):
+                y = op(x, weight, bias)
         else:
-            y = op(x, weight, None)
+            y = op(x, weight, bias)
+        if not factored:
+            return y
         return scale_output(y, output_scale(x_scale, w_scale, self.feature_ndim), self.bias, self.feature_ndim)
 
     def binary_flags(self) -> dict[str, bool]:

@@ -15,9 +15,12 @@ built with `-ffp-contract=off`, so no fused multiply-add), which is what makes t
 There are two code paths. With few rows (`M < _SIMD_MIN_ROWS`, e.g. batch-1 inference) a scalar path reads the
 packed weights in place and runs `popcnt` on register tiles of 4 activation rows x 2 weight rows. With more rows an
 AVX2 path first copies the weights into nibble planes, 4 rows interleaved per 64-bit word, and counts bits with two
-16-entry byte table lookups (`vpshufb`) per word on register tiles of 6 activation rows x 4 weight rows. Work is
-split over weight rows (or over activation rows when there are many) between up to `num_threads` threads, and a
-problem too small to repay starting a thread runs on the calling thread alone.
+16-entry byte table lookups (`vpshufb`) per word on register tiles of 6 activation rows x 4 weight rows.
+
+Work is split over weight rows (or over activation rows when there are many) between the calling thread and up to
+`num_threads - 1` workers of a process-wide pthread pool. The pool starts on first need and is kept, because starting
+threads per call costs tens of microseconds; idle workers spin for about 20 us, then sleep. A problem too small to
+repay waking a worker, or a call made while another thread's call holds the pool, runs on the calling thread alone.
 
 The C source lives in this module and is compiled on first use with the system C compiler (`$CC`, else `cc`) into a
 per-user cache directory, then loaded with `ctypes`: no Python headers, no torch headers and nothing to package.
@@ -48,6 +51,8 @@ _C_SOURCE = r"""
 #include <string.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
+#include <time.h>
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -88,13 +93,8 @@ typedef struct {
     uint64_t *wv;            /* simd: nibble planes of the weights [Gpad, nw, 2, 4] */
     int64_t mpad, gpad;      /* simd: rows padded to XN_VMR, weight groups of 4 padded to XN_VNG */
     int64_t block;           /* scalar: weight rows per cache block; simd: groups per cache block */
-    int ready;               /* set (release) once the calling thread has prepared the shared operand */
+    int arrived;             /* threads done packing their share of the operands */
 } xn_job;
-
-typedef struct {
-    xn_job *job;
-    int tid;
-} xn_arg;
 
 static inline uint64_t xn_load64(const uint8_t *p)
 {
@@ -162,15 +162,29 @@ static void xn_pack_x(const xn_job *j, int64_t m0, int64_t m1)
 /* simd path: nibble planes of weight groups [g0, g1), 4 rows interleaved per word (zero rows past N). */
 static void xn_pack_w(const xn_job *j, int64_t g0, int64_t g1)
 {
-    const int64_t nw = j->nw;
+    const int64_t nw = j->nw, nfull = j->nfull;
     for (int64_t g = g0; g < g1; g++) {
         uint64_t *o = j->wv + g * nw * 8;
+        const uint8_t *row[4];
+        uint64_t keep[4];
+        int64_t n[4];
         for (int q = 0; q < 4; q++) {
-            const int64_t n = 4 * g + q;
-            for (int64_t k = 0; k < nw; k++) {
-                const uint64_t b = n < j->N ? xn_wword(j, n, k) : 0;
+            n[q] = 4 * g + q < j->N ? 4 * g + q : 4 * g;   /* a row past N reads row 4g and is zeroed */
+            keep[q] = 4 * g + q < j->N ? ~(uint64_t)0 : 0;
+            row[q] = j->w + n[q] * j->nbytes;
+        }
+        for (int64_t k = 0; k < nfull; k++) {
+            for (int q = 0; q < 4; q++) {
+                const uint64_t b = xn_load64(row[q] + 8 * k) & keep[q];
                 o[8 * k + q] = b & XN_LO4;
                 o[8 * k + 4 + q] = (b >> 4) & XN_LO4;
+            }
+        }
+        if (nfull < nw) {
+            for (int q = 0; q < 4; q++) {
+                const uint64_t b = xn_wword(j, n[q], nfull) & keep[q];
+                o[8 * nfull + q] = b & XN_LO4;
+                o[8 * nfull + 4 + q] = (b >> 4) & XN_LO4;
             }
         }
     }
@@ -262,39 +276,51 @@ static void xn_compute(const xn_job *j, int64_t m0, int64_t m1, int64_t n0, int6
 #if XN_SIMD
 /* simd register tile: padded rows [m, m + XN_VMR) x weight groups [g, g + XN_VNG). Per byte, popcount is the sum
    of two 16-entry table lookups (low and high nibble); byte sums are flushed to 64-bit lanes every 31 words. */
+static inline __attribute__((always_inline)) void xn_vchunk(const uint64_t *xr, const uint64_t *wr, int64_t nw,
+                                                              int64_t k0, int64_t k1,
+                                                              __m256i acc[XN_VMR][XN_VNG])
+{
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    for (int i = 0; i < XN_VMR; i++)
+        for (int h = 0; h < XN_VNG; h++) acc[i][h] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k++) {
+        __m256i wl[XN_VNG], wh[XN_VNG];
+        for (int h = 0; h < XN_VNG; h++) {
+            wl[h] = _mm256_loadu_si256((const __m256i *)(wr + h * nw * 8 + 8 * k));
+            wh[h] = _mm256_loadu_si256((const __m256i *)(wr + h * nw * 8 + 8 * k + 4));
+        }
+        for (int i = 0; i < XN_VMR; i++) {
+            const __m256i xl = _mm256_loadu_si256((const __m256i *)(xr + i * nw * 8 + 8 * k));
+            const __m256i xh = _mm256_loadu_si256((const __m256i *)(xr + i * nw * 8 + 8 * k + 4));
+            for (int h = 0; h < XN_VNG; h++) {
+                acc[i][h] = _mm256_add_epi8(acc[i][h], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xl, wl[h])));
+                acc[i][h] = _mm256_add_epi8(acc[i][h], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xh, wh[h])));
+            }
+        }
+    }
+}
+
 static void xn_vtile(const xn_job *j, int64_t m, int64_t g)
 {
     const int64_t nw = j->nw;
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i zero = _mm256_setzero_si256();
     const uint64_t *xr = j->xa + m * nw * 8;
     const uint64_t *wr = j->wv + g * nw * 8;
-    __m256i sum[XN_VMR][XN_VNG];
-    for (int i = 0; i < XN_VMR; i++)
-        for (int h = 0; h < XN_VNG; h++) sum[i][h] = zero;
-    for (int64_t k0 = 0; k0 < nw; k0 += 31) {
-        const int64_t k1 = k0 + 31 < nw ? k0 + 31 : nw;
-        __m256i acc[XN_VMR][XN_VNG];
+    __m256i sum[XN_VMR][XN_VNG], acc[XN_VMR][XN_VNG];
+    if (nw <= 31) {   /* one chunk: no running sums to keep in registers */
+        xn_vchunk(xr, wr, nw, 0, nw, acc);
         for (int i = 0; i < XN_VMR; i++)
-            for (int h = 0; h < XN_VNG; h++) acc[i][h] = zero;
-        for (int64_t k = k0; k < k1; k++) {
-            __m256i wl[XN_VNG], wh[XN_VNG];
-            for (int h = 0; h < XN_VNG; h++) {
-                wl[h] = _mm256_loadu_si256((const __m256i *)(wr + h * nw * 8 + 8 * k));
-                wh[h] = _mm256_loadu_si256((const __m256i *)(wr + h * nw * 8 + 8 * k + 4));
-            }
-            for (int i = 0; i < XN_VMR; i++) {
-                const __m256i xl = _mm256_loadu_si256((const __m256i *)(xr + i * nw * 8 + 8 * k));
-                const __m256i xh = _mm256_loadu_si256((const __m256i *)(xr + i * nw * 8 + 8 * k + 4));
-                for (int h = 0; h < XN_VNG; h++) {
-                    acc[i][h] = _mm256_add_epi8(acc[i][h], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xl, wl[h])));
-                    acc[i][h] = _mm256_add_epi8(acc[i][h], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xh, wh[h])));
-                }
-            }
+            for (int h = 0; h < XN_VNG; h++) sum[i][h] = _mm256_sad_epu8(acc[i][h], zero);
+    } else {
+        for (int i = 0; i < XN_VMR; i++)
+            for (int h = 0; h < XN_VNG; h++) sum[i][h] = zero;
+        for (int64_t k0 = 0; k0 < nw; k0 += 31) {
+            xn_vchunk(xr, wr, nw, k0, k0 + 31 < nw ? k0 + 31 : nw, acc);
+            for (int i = 0; i < XN_VMR; i++)
+                for (int h = 0; h < XN_VNG; h++)
+                    sum[i][h] = _mm256_add_epi64(sum[i][h], _mm256_sad_epu8(acc[i][h], zero));
         }
-        for (int i = 0; i < XN_VMR; i++)
-            for (int h = 0; h < XN_VNG; h++) sum[i][h] = _mm256_add_epi64(sum[i][h], _mm256_sad_epu8(acc[i][h], zero));
     }
     const __m256i lo32 = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
     const __m128i kk = _mm_set1_epi32((int)j->K);
@@ -339,45 +365,166 @@ static void xn_share(int64_t total, int64_t unit, int tid, int nthreads, int64_t
     *hi = b < total ? b : total;
 }
 
-/* The operand every thread reads in full: activations when splitting over weights, else the weight copy. */
-static void xn_prepare_shared(xn_job *j)
+static inline void xn_pause(void)
 {
-    if (!j->split_m) xn_pack_x(j, 0, j->simd ? j->mpad : j->M);
-#if XN_SIMD
-    else if (j->simd) xn_pack_w(j, 0, j->gpad);
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
 #endif
 }
 
-static void *xn_worker(void *p)
+/* Thread `tid`'s share of one call: pack its share of the operands, wait until every thread has packed its own,
+   then compute its share of the outputs. */
+static void xn_run_share(xn_job *j, int tid)
 {
-    const xn_arg *a = (const xn_arg *)p;
-    xn_job *j = a->job;
+    const int T = j->nthreads;
     int64_t lo, hi;
+    if (j->simd) {
+        xn_share(j->mpad, XN_VMR, tid, T, &lo, &hi);
+        xn_pack_x(j, lo, hi);
+#if XN_SIMD
+        xn_share(j->gpad, XN_VNG, tid, T, &lo, &hi);
+        xn_pack_w(j, lo, hi);
+#endif
+    } else {
+        xn_share(j->M, XN_MR, tid, T, &lo, &hi);
+        xn_pack_x(j, lo, hi);
+    }
+    if (T > 1) {
+        __atomic_add_fetch(&j->arrived, 1, __ATOMIC_ACQ_REL);
+        for (long spins = 0; __atomic_load_n(&j->arrived, __ATOMIC_ACQUIRE) < T; spins++) {
+            if (spins < 4096) xn_pause();
+            else sched_yield();
+        }
+    }
 #if XN_SIMD
     if (j->simd) {
         if (j->split_m) {
-            xn_share(j->mpad, XN_VMR, a->tid, j->nthreads, &lo, &hi);
-            xn_pack_x(j, lo, hi);
+            xn_share(j->mpad, XN_VMR, tid, T, &lo, &hi);
+            xn_vcompute(j, lo, hi, 0, j->gpad);
         } else {
-            xn_share(j->gpad, XN_VNG, a->tid, j->nthreads, &lo, &hi);
-            xn_pack_w(j, lo, hi);
+            xn_share(j->gpad, XN_VNG, tid, T, &lo, &hi);
+            xn_vcompute(j, 0, j->mpad, lo, hi);
         }
-        while (!__atomic_load_n(&j->ready, __ATOMIC_ACQUIRE)) sched_yield();
-        if (j->split_m) xn_vcompute(j, lo, hi, 0, j->gpad);
-        else xn_vcompute(j, 0, j->mpad, lo, hi);
-        return NULL;
+        return;
     }
 #endif
     if (j->split_m) {
-        xn_share(j->M, XN_MR, a->tid, j->nthreads, &lo, &hi);
-        xn_pack_x(j, lo, hi);
+        xn_share(j->M, XN_MR, tid, T, &lo, &hi);
+        xn_compute(j, lo, hi, 0, j->N);
     } else {
-        xn_share(j->N, XN_NR, a->tid, j->nthreads, &lo, &hi);
+        xn_share(j->N, XN_NR, tid, T, &lo, &hi);
+        xn_compute(j, 0, j->M, lo, hi);
     }
-    while (!__atomic_load_n(&j->ready, __ATOMIC_ACQUIRE)) sched_yield();
-    if (j->split_m) xn_compute(j, lo, hi, 0, j->N);
-    else xn_compute(j, 0, j->M, lo, hi);
+}
+
+/* A process-wide pool of worker threads, started on demand and kept: starting threads on every call costs tens of
+   microseconds. One call at a time uses it (a concurrent call runs on its own thread); idle workers spin for
+   XN_SPIN_NS, then sleep on a condition variable. A forked child starts with an empty pool. */
+#define XN_SPIN_NS 20000
+
+static pthread_mutex_t xn_busy = PTHREAD_MUTEX_INITIALIZER;   /* held by the call that owns the pool */
+static pthread_mutex_t xn_mu = PTHREAD_MUTEX_INITIALIZER;     /* guards the fields below */
+static pthread_cond_t xn_wake = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t xn_done = PTHREAD_COND_INITIALIZER;
+static int xn_size;                 /* workers started (tids 1..xn_size) */
+static unsigned long xn_gen;        /* bumped for every job */
+static xn_job *xn_current;
+static int xn_active;               /* threads on the current job, the caller included */
+static int xn_pending;              /* workers not yet done with the current job */
+static unsigned long xn_start_gen[XN_MAX_THREADS];
+static pthread_once_t xn_once = PTHREAD_ONCE_INIT;
+
+static void xn_after_fork_child(void)
+{
+    pthread_mutex_init(&xn_busy, NULL);
+    pthread_mutex_init(&xn_mu, NULL);
+    pthread_cond_init(&xn_wake, NULL);
+    pthread_cond_init(&xn_done, NULL);
+    xn_size = 0;
+    xn_active = 0;
+    xn_pending = 0;
+    xn_current = NULL;
+}
+
+static void xn_register_fork(void) { pthread_atfork(NULL, NULL, xn_after_fork_child); }
+
+static int64_t xn_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void *xn_pool_worker(void *arg)
+{
+    const int tid = (int)(intptr_t)arg;
+    unsigned long seen = xn_start_gen[tid];
+    for (;;) {
+        const int64_t t0 = xn_now_ns();
+        for (int i = 0; __atomic_load_n(&xn_gen, __ATOMIC_ACQUIRE) == seen; i++) {
+            if ((i & 63) == 63 && xn_now_ns() - t0 > XN_SPIN_NS) break;
+            xn_pause();
+        }
+        pthread_mutex_lock(&xn_mu);
+        while (__atomic_load_n(&xn_gen, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&xn_wake, &xn_mu);
+        seen = xn_gen;
+        xn_job *j = tid < xn_active ? xn_current : NULL;   /* workers past the job's thread count sit it out */
+        pthread_mutex_unlock(&xn_mu);
+        if (!j) continue;
+        xn_run_share(j, tid);
+        pthread_mutex_lock(&xn_mu);
+        if (__atomic_sub_fetch(&xn_pending, 1, __ATOMIC_ACQ_REL) == 0) pthread_cond_signal(&xn_done);
+        pthread_mutex_unlock(&xn_mu);
+    }
     return NULL;
+}
+
+/* Run `j` on the calling thread plus j->nthreads - 1 pool workers (fewer if the pool is busy or cannot grow). */
+static void xn_run(xn_job *j)
+{
+    if (j->nthreads > 1 && pthread_mutex_trylock(&xn_busy) != 0) j->nthreads = 1;
+    if (j->nthreads <= 1) {
+        j->nthreads = 1;
+        xn_run_share(j, 0);
+        return;
+    }
+    pthread_once(&xn_once, xn_register_fork);
+    pthread_mutex_lock(&xn_mu);
+    if (xn_size < j->nthreads - 1) {
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);   /* workers never take signals meant for the interpreter */
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        while (xn_size < j->nthreads - 1) {
+            pthread_t t;
+            xn_start_gen[xn_size + 1] = xn_gen;
+            if (pthread_create(&t, &attr, xn_pool_worker, (void *)(intptr_t)(xn_size + 1)) != 0) break;
+            xn_size++;
+        }
+        pthread_attr_destroy(&attr);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (xn_size < j->nthreads - 1) j->nthreads = xn_size + 1;
+    }
+    xn_current = j;
+    xn_active = j->nthreads;
+    xn_pending = j->nthreads - 1;
+    __atomic_add_fetch(&xn_gen, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&xn_wake);
+    pthread_mutex_unlock(&xn_mu);
+
+    xn_run_share(j, 0);
+
+    for (int i = 0; __atomic_load_n(&xn_pending, __ATOMIC_ACQUIRE) > 0 && i < 2000; i++) xn_pause();
+    pthread_mutex_lock(&xn_mu);
+    while (xn_pending > 0) pthread_cond_wait(&xn_done, &xn_mu);
+    xn_current = NULL;
+    xn_active = 0;
+    pthread_mutex_unlock(&xn_mu);
+    pthread_mutex_unlock(&xn_busy);
 }
 
 /* y[M, N] = epilogue(K - 2 * popcount(signs(x[m]) ^ w[n])), with optional (NULL) scale and bias. Uses the AVX2
@@ -432,22 +579,7 @@ int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uin
     const int64_t units = j.split_m ? mtiles : ntiles;
     if (units < t) t = units;
     j.nthreads = (int)t;
-
-    xn_arg args[XN_MAX_THREADS];
-    pthread_t tids[XN_MAX_THREADS];
-    int started[XN_MAX_THREADS];
-    for (int i = 0; i < j.nthreads; i++) {
-        args[i].job = &j;
-        args[i].tid = i;
-    }
-    for (int i = 1; i < j.nthreads; i++) started[i] = pthread_create(&tids[i], NULL, xn_worker, &args[i]) == 0;
-    xn_prepare_shared(&j);
-    __atomic_store_n(&j.ready, 1, __ATOMIC_RELEASE);
-    xn_worker(&args[0]);
-    for (int i = 1; i < j.nthreads; i++) {
-        if (started[i]) pthread_join(tids[i], NULL);
-        else xn_worker(&args[i]);   /* the thread could not start: do its share here */
-    }
+    xn_run(&j);
     free(j.xa);
     free(j.wv);
     return 0;
@@ -456,8 +588,8 @@ int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uin
 
 _CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
 
-# Below this many (row, column, word) triples per thread, extra threads cost more to start than they save.
-_MIN_WORK_PER_THREAD = 1 << 17
+# Below this many (row, column, word) triples per thread, waking another thread costs more than it saves.
+_MIN_WORK_PER_THREAD = 1 << 13
 
 # From this many activation rows on, the AVX2 path (which first copies the weights into nibble planes) is used.
 _SIMD_MIN_ROWS = 10
@@ -623,7 +755,8 @@ def xnor_linear(
     Args:
         x: Float32 CPU tensor `[..., in_features]`, any leading dimensions (rows need unit stride, else a copy).
         weight_packed: Uint8 CPU tensor `[N, ceil(in_features / 8)]` in `stompp_hf.masks.pack_signs` layout: entry
-            `k` of a row is bit `k % 8` (least significant first) of byte `k // 8`, a set bit meaning +1.
+            `k` of a row is bit `k % 8` (least significant first) of byte `k // 8`, a set bit meaning +1. Bits past
+            `in_features` in the last byte are ignored.
         in_features: The number of input features `K` (any positive int). Exactness holds for `K < 2**24`.
         out_scale: Optional float32 CPU tensor `[N]`, multiplied into the integer dot products.
         bias: Optional float32 CPU tensor `[N]`, added last.
@@ -633,8 +766,10 @@ def xnor_linear(
         Float32 tensor `[..., N]`.
 
     Raises:
-        ValueError: On a wrong dtype, device or shape, or when autograd would need a gradient through the call.
+        ValueError: On a wrong dtype, device or shape, or when grad mode is on and `x`, `out_scale` or `bias`
+            requires grad (the kernel has no backward pass).
         XnorUnavailable: When the kernel could not be compiled or loaded.
+        MemoryError: When the kernel's scratch buffers (packed activations, a weight copy) cannot be allocated.
     """
     fn = _kernel_fn or _kernel()
     k = int(in_features)

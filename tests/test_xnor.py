@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -108,6 +112,53 @@ def test_default_threads_and_thresholds():
         x = make_input((m, 384), gen)
         y = xnor.xnor_linear(x, weight_packed, 384, out_scale, bias)
         assert torch.equal(y, reference(x, weight_packed, 384, out_scale, bias))
+
+
+def test_concurrent_callers_share_the_worker_pool(every_path):
+    """Python threads calling at once: one owns the worker pool, the others run on their own thread."""
+    gen = torch.Generator().manual_seed(12)
+    cases = []
+    for m, k, n in [(1, 100, 64), (37, 300, 130), (128, 384, 96), (3, 65, 7)]:
+        weight_packed, out_scale, bias = make_layer(n, k, gen)
+        x = make_input((m, k), gen)
+        cases.append((x, weight_packed, k, out_scale, bias, reference(x, weight_packed, k, out_scale, bias)))
+    failures = []
+
+    def hammer(seed):
+        for i in range(40):
+            x, weight_packed, k, out_scale, bias, expected = cases[(i + seed) % len(cases)]
+            y = xnor.xnor_linear(x, weight_packed, k, out_scale, bias, num_threads=1 + i % 3)
+            if not torch.equal(y, expected):
+                failures.append((seed, i))
+
+    threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_a_fresh_pool(every_path):
+    gen = torch.Generator().manual_seed(13)
+    weight_packed, out_scale, bias = make_layer(64, 200, gen)
+    x = make_input((40, 200), gen)
+    expected = xnor.xnor_linear(x, weight_packed, 200, out_scale, bias, num_threads=2).numpy().tobytes()
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's pool threads do not exist here
+        ok = xnor.xnor_linear(x, weight_packed, 200, out_scale, bias, num_threads=2).numpy().tobytes() == expected
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung in xnor_linear")
 
 
 def test_nan_counts_as_negative():
