@@ -43,7 +43,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 import stompp_hf  # noqa: F401  (registers quant_method="stompp" with Transformers)
 from stompp_hf import ProgressionController, StoMPPConfig, assets
 from stompp_hf.conversion import stompp_modules
-from stompp_hf.export import binarization_progress, packed_bits_per_weight, set_unpack_cache
+from stompp_hf.export import binarization_progress, packed_bits_per_weight, set_kernel, set_unpack_cache
 from stompp_hf.layers import BinaryMixin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ class Result:
     config_dtype: dict[str, str] = field(default_factory=dict)  # packed export -> `dtype` in its config.json
     other_cpu: float = float("nan")  # cores used by other processes while the latencies were measured
     unpack_once: float = 0.0  # seconds to unpack every binarized weight once
-    binarize_inputs: dict[int, float] = field(default_factory=dict)  # batch -> seconds of all beta * sign(x)
+    binarize_inputs: dict[int, float] = field(default_factory=dict)  # batch -> seconds of all sign(x)
     memory: dict[str, int] = field(default_factory=dict)  # in-memory tensor bytes
     equal: dict[str, bool] = field(default_factory=dict)
     f16_max_diff: float = 0.0
@@ -208,6 +208,8 @@ def measure(
     fp32, packed = loaded["fp32"], loaded["packed_f32"]
     cached = load(dirs["packed_f32"])
     set_unpack_cache(cached, True)
+    for model in (packed, cached):  # the unpack-and-matmul path; the XNOR kernel is measured by inference.py
+        set_kernel(model, "reference")
     with torch.no_grad():
         res.equal["cache off"] = torch.equal(packed(**check).logits, reference)
         res.equal["cache on"] = torch.equal(cached(**check).logits, reference)
@@ -240,7 +242,7 @@ def measure(
         unpack = []
         for _ in range(args.repeats_b1):
             MONITOR.wait_idle()
-            unpack.append(timed(lambda: [m.unpacked_weight(torch.float32) for m in binary])[0])
+            unpack.append(timed(lambda: [m.sign_weight(torch.float32) for m in binary])[0])
         res.unpack_once = statistics.median(unpack)
 
         # The elementwise input binarization alone: capture every BinaryLinear's input in one forward, re-time it.
@@ -424,7 +426,7 @@ def render(results: list[Result], command: str, elapsed: float, args: argparse.N
         ),
     )
     row(
-        "Input binarization `beta * sign(x)` of every binarized layer, timed alone: "
+        "Input binarization `sign(x)` of every binarized layer, timed alone: "
         + " / ".join(f"batch {b}" for b in BATCHES),
         lambda r: " / ".join(ms(r.binarize_inputs[b]) for b in BATCHES),
     )
@@ -543,10 +545,11 @@ def prose(results: list[Result], args: argparse.Namespace) -> list[str]:
         rest = [lat[(on, b)] - lat[("fp32", b)] for b in BATCHES]
         both = lambda xs, f: " and ".join(f"{f(x)} (batch {b})" for x, b in zip(xs, BATCHES))  # noqa: E731
         out.append(
-            f"- **{r.name}, latency.** A `BinaryLinear` forward unpacks its sign bits to a float32 matrix "
-            "`alpha * sign(W)` and runs the same dense `F.linear` as the FP32 layer, after computing "
-            "`beta * sign(x)` for its input; no bit-level (XNOR / popcount) kernel is used, so no CPU speed-up is "
-            "expected, only overhead. Measured: cache off runs at "
+            f"- **{r.name}, latency.** In the reference mode measured here (`set_kernel(model, 'reference')`) a "
+            "`BinaryLinear` forward unpacks its sign bits to a +-1 float32 matrix and runs the same dense "
+            "`F.linear` as the FP32 layer on `sign(x)`, then multiplies the output by `beta * alpha`; no bit-level "
+            "kernel is used, so no CPU speed-up is expected, only overhead (the default `'auto'` mode runs the "
+            "XNOR-popcount kernel instead: `benchmarks/results/inference.md`). Measured: cache off runs at "
             + both(ratio[off], lambda x: f"{x:.2f}x")
             + ", cache on at "
             + both(ratio[on], lambda x: f"{x:.2f}x")
@@ -563,10 +566,10 @@ def prose(results: list[Result], args: argparse.Namespace) -> list[str]:
             )
             + "The unpacking does not grow with the batch, so it weighs most at batch 1. The cache costs "
             f"{mb(r.memory['cache'])} of resident float32 weights on top of the {mb(r.memory['packed'])} of packed "
-            "tensors. With it, the matmuls are FP32's own and what remains is the elementwise input binarization: "
-            "every `BinaryLinear` computes `beta * sign(x)` of its own input (query, key and value each binarize "
-            "the same hidden states). `binary_sign` builds +-1 with `torch.where` and a second pass multiplies by "
-            "beta, each pass writing a fresh activation-sized tensor: memory-bound work that grows with the batch. "
+            "tensors. With it, the matmuls are FP32's own and what remains is elementwise: every `BinaryLinear` "
+            "computes `sign(x)` of its own input (query, key and value each binarize the same hidden states) and "
+            "scales its output, passes that each write a fresh activation-sized tensor: memory-bound work that "
+            "grows with the batch. "
             "Cache-on minus FP32 is "
             + both(rest, ms)
             + "; that binarization, timed alone on the inputs of one forward, takes "
