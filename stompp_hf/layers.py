@@ -638,7 +638,8 @@ class BinaryLinear(BinaryMixin, nn.Module):
             return "the layer does not binarize both its weights and its inputs"
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return f"the XNOR kernel takes float32 inputs on CPU, got {x.dtype} on {x.device.type}"
-        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+        tracked = (x, self.bias, self.weight_scale, self.input_scale)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
             return "autograd tracks this forward and the XNOR kernel has no backward pass"
         if any(t is not None and t.dtype != torch.float32 for t in (self.weight_scale, self.input_scale, self.bias)):
             return "the layer's scales or bias are not float32"
