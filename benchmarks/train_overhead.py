@@ -110,6 +110,28 @@ def time_rules(model_name: str, batch: int, seq: int, warmup: int, steps: int):
     return times, advances
 
 
+def time_compiled(model_name: str, batch: int, seq: int, rules: list[str], warmup: int, steps: int):
+    """Eager vs `torch.compile` (inductor) step times per rule, interleaved; plus the compile time (first steps)."""
+    setups, compile_seconds = {}, {}
+    for rule in rules:
+        setups[(rule, "eager")] = build(model_name, rule, batch, seq)
+        model, optimizer, controller, inputs = build(model_name, rule, batch, seq)
+        compiled = torch.compile(model)
+        start = time.perf_counter()
+        one_step(compiled, optimizer, controller, inputs)  # compiles forward and backward
+        compile_seconds[rule] = time.perf_counter() - start
+        setups[(rule, "compiled")] = (compiled, optimizer, controller, inputs)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in setups}
+    for round_ in range(warmup + steps):
+        for key, setup in setups.items():
+            start = time.perf_counter()
+            one_step(*setup)
+            if round_ >= warmup:
+                times[key].append(time.perf_counter() - start)
+        print(f"  compiled {model_name} round {round_ + 1}/{warmup + steps}", flush=True)
+    return times, compile_seconds
+
+
 def peak_memory_child(model_name: str, rule: str, batch: int, seq: int, steps: int) -> None:
     setup = build(model_name, rule, batch, seq)
     for _ in range(steps):
@@ -162,6 +184,14 @@ def main() -> None:
     parser.add_argument("--base-batch", type=int, default=8, help="Batch of the BERT-base-sized model.")
     parser.add_argument("--base-steps", type=int, default=3, help="Timed rounds of the BERT-base-sized model.")
     parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument(
+        "--compile-rules",
+        nargs="*",
+        default=["FP", "StoMPP+STE"],
+        choices=list(RULES),
+        help="Rules also timed under torch.compile (MiniLM); none to skip (inductor needs a C++ compiler).",
+    )
+    parser.add_argument("--compile-steps", type=int, default=5)
     parser.add_argument("--output", default="benchmarks/results/train_overhead.md")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,6 +262,25 @@ def main() -> None:
                 + "; ".join(f"{text} ({'met' if ok else '**not met**'})" for text, ok in checks)
                 + "."
             )
+    if args.compile_rules:
+        print("timing torch.compile", flush=True)
+        ctimes, cseconds = time_compiled("minilm", 32, 128, args.compile_rules, args.warmup, args.compile_steps)
+        fp_eager = statistics.median(ctimes[("FP", "eager")]) if ("FP", "eager") in ctimes else float("nan")
+        lines += [
+            f"## torch.compile (inductor), all-MiniLM-L6-v2, batch 32 x sequence 128 ({args.compile_steps} timed "
+            f"rounds after {args.warmup} warm-up, eager and compiled interleaved)",
+            "",
+            "| rule | eager step (s) | compiled step (s) | compiled / eager | compiled / eager FP | first step "
+            "(compilation included, s) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for rule in args.compile_rules:
+            eager, compiled = (statistics.median(ctimes[(rule, m)]) for m in ("eager", "compiled"))
+            lines.append(
+                f"| {rule} | {eager:.3f} | {compiled:.3f} | {compiled / eager:.3f} | {compiled / fp_eager:.3f} | "
+                f"{cseconds[rule]:.0f} |"
+            )
+        lines.append("")
     print("refresh costs", flush=True)
     sizes, rates = [10**5, 10**6, 10**7], [10, 100, 1000, 10000]
     costs = refresh_costs(sizes, rates, repeats=7)

@@ -170,6 +170,7 @@ def model_card(
             "progression when it was saved, so it holds latent full-precision weights to resume training from."
         ),
         auto_class=_auto_class(model),
+        xnor_note=packed and config.weights is not None and config.activations is not None,
         timm_architecture=timm_cfg.get("architecture") if timm_cfg else None,
         metrics={k: _format_metric(v) for k, v in (metrics or {}).items()},
         settings=settings,

@@ -527,9 +527,7 @@ class BinaryMixin:
         cached = self._unpacked
         if cached is not None and cached[0] == version and cached[1].dtype == dtype:
             return cached[1]
-        positive = unpack_signs(self.weight_packed, math.prod(self.weight_shape[1:])).view(self.weight_shape)
-        one = torch.ones((), dtype=dtype, device=positive.device)
-        weight = torch.where(positive, one, -one)
+        weight = unpack_signs(self.weight_packed, math.prod(self.weight_shape[1:]), dtype).reshape(self.weight_shape)
         if self.unpack_cache:
             self._unpacked = (version, weight)
         return weight

@@ -123,13 +123,17 @@ def pack_signs(positive: torch.Tensor) -> torch.Tensor:
     return (bits * weights).sum(dim=-1, dtype=torch.uint8)
 
 
-def unpack_signs(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of `pack_signs`: uint8 `[rows, ceil(k / 8)]` to bool `[rows, k]` (True = +1)."""
+def unpack_signs(packed: torch.Tensor, k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of `pack_signs`: uint8 `[rows, ceil(k / 8)]` to bool `[rows, k]` (True = +1), or, with a floating
+    `dtype`, straight to the +-1 values (the comparison writes floats directly: much faster than via bool)."""
     if packed.dtype != torch.uint8 or packed.ndim != 2 or packed.shape[1] != (k + 7) // 8:
         raise ValueError(
             f"unpack_signs expects uint8 [rows, {(k + 7) // 8}] for {k} values per row, "
             f"got {packed.dtype} of shape {tuple(packed.shape)}."
         )
     weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) & weights) != 0
-    return bits.view(packed.shape[0], -1)[:, :k]
+    masked = packed.unsqueeze(-1) & weights
+    if dtype is None:
+        return (masked != 0).view(packed.shape[0], -1)[:, :k]
+    signs = torch.ne(masked, 0, out=torch.empty(masked.shape, dtype=dtype, device=packed.device)).mul_(2).sub_(1)
+    return signs.view(packed.shape[0], -1)[:, :k]

@@ -123,6 +123,8 @@ def test_pack_unpack_round_trip(k):
     packed = pack_signs(positive)
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == (5, (k + 7) // 8)
     assert torch.equal(unpack_signs(packed, k), positive)
+    for dtype in (torch.float32, torch.bfloat16):  # straight to +-1 values
+        assert torch.equal(unpack_signs(packed, k, dtype), positive.to(dtype) * 2 - 1)
     if k % 8:  # the short last byte is zero-padded
         assert int(packed[:, -1].max()) < (1 << (k % 8))
 

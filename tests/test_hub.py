@@ -92,6 +92,7 @@ def test_model_push_to_hub_uploads_packed_checkpoint_and_card(tiny_bert_dir, fak
     assert card.data.pipeline_tag == "text-classification"
     text = card.text
     assert "packed 1-bit checkpoint" in text
+    assert "XNOR-popcount kernel" in text  # how the packed model runs fast on CPU
     assert "import stompp_hf" in text and 'from_pretrained("me/tiny-binary-bert")' in text
     assert "AutoModelForSequenceClassification" in text
     assert "| eval_accuracy | 0.7500 |" in text
@@ -119,6 +120,7 @@ def test_card_of_latent_checkpoint_says_so(tiny_bert_dir):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, quantization_config=StoMPPConfig())
     card = model_card(model, "me/latent", base_model="sentence-transformers/all-MiniLM-L6-v2", dataset="sst2")
     assert "latent (still training) checkpoint" in card.text
+    assert "XNOR" not in card.text
     assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
     assert card.data.datasets == ["sst2"]
     assert "No evaluation results" in card.text
