@@ -162,18 +162,31 @@ class Binarizer(nn.Module):
         if mask is True:
             value = scale if not factored and not (isinstance(scale, float) and scale == 1.0) else None
             out = hard_sign(u, ste=self.rule != "stompp", scale=scale, bound=bound, factored=factored)
-            return (
-                out,
-                scale if factored else None,
-                lambda: binary_sign(u) if value is None else binary_sign(u) * value,
-            )
+            recipe = _recipe(u, lambda: binary_sign(u) if value is None else binary_sign(u) * value)
+            return out, scale if factored else None, recipe
         if factored:
             raise ValueError("`factored` binarization needs a frozen tensor.")
         out = masked_binarize(u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input")
         if mask is False and self.kind == "input":
             b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
-            return out, None, lambda: torch.clamp(u.detach(), -b, b)
+            return out, None, _recipe(u, lambda: torch.clamp(u.detach(), -b, b))
         return out, None, None
+
+
+def _recipe(u: torch.Tensor, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`fn`, guarded like a tensor autograd saved: it raises if `u` was modified in place before the backward."""
+    version = u._version
+
+    def recompute() -> torch.Tensor:
+        if u._version != version:
+            raise RuntimeError(
+                "A binarized layer's input was modified by an inplace operation after the layer used it, so its "
+                f"backward pass cannot recompute the binarized input (version {u._version}, expected {version}). "
+                "Make the inplace operation out of place."
+            )
+        return fn()
+
+    return recompute
 
 
 def output_scale(
