@@ -65,6 +65,10 @@ def main(out: str) -> None:
     trainer.train()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"world_size": trainer.args.world_size, "steps": recorder.steps}, f)
+    # A clean teardown: exiting with the gloo process group alive can abort a rank in its destructor
+    # ("terminate called without an active exception"), seen once in a full-suite run.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
