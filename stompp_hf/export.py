@@ -223,7 +223,7 @@ KERNELS = ("auto", "xnor", "reference")
 
 
 def set_kernel(model: nn.Module, kernel: str = "auto") -> int:
-    """Choose how the packed linear layers of `model` compute; return how many layers were set.
+    """Choose how the packed linear layers of `model` compute; return how many packed modules were set.
 
     Args:
         kernel: "auto" (the default): the bit-packed XNOR-popcount kernel (`stompp_hf.xnor`) wherever it applies
