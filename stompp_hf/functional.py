@@ -29,10 +29,11 @@ def binary_sign(u: torch.Tensor) -> torch.Tensor:
     return torch.ge(u, 0, out=torch.empty_like(u)).mul_(2).sub_(1)
 
 
-def _window(u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """`1{|u| <= bound}` as int8 (one byte per entry; converting to and from int8 is cheap, bool is not)."""
+def _window(u: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`1{|u| <= bound}` as 0/1 floats of `dtype` (default `u`'s), the comparison written straight into them (a
+    bool intermediate is much slower on CPU)."""
     u = u.detach()
-    return torch.le(u.abs(), bound, out=torch.empty_like(u)).to(torch.int8)
+    return torch.le(u.abs(), bound, out=torch.empty_like(u, dtype=dtype))
 
 
 class _MaskedBinarize(torch.autograd.Function):
@@ -45,7 +46,9 @@ class _MaskedBinarize(torch.autograd.Function):
     def forward(ctx, u, mask, scale, bound, clip_smooth: bool, ste_on_frozen: bool):  # type: ignore[override]
         hard = binary_sign(u) * scale
         soft = torch.clamp(u, -bound, bound) if clip_smooth else u
-        ctx.save_for_backward(mask, _window(u, bound) if clip_smooth or ste_on_frozen else None)
+        # the window as int8: one byte per entry, and casts to and from int8 are cheap (bool ones are not)
+        window = _window(u, bound).to(torch.int8) if clip_smooth or ste_on_frozen else None
+        ctx.save_for_backward(mask, window)
         ctx.clip_smooth = clip_smooth
         ctx.ste_on_frozen = ste_on_frozen
         return torch.where(mask, hard, soft)
@@ -87,7 +90,7 @@ class _HardSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         u, bound, divisor = ctx.saved_tensors
-        window = torch.le(u.abs(), bound, out=torch.empty_like(u, dtype=grad.dtype))
+        window = _window(u, bound, grad.dtype)
         if divisor is not None:
             window.div_(divisor)
         return window.mul_(grad), None, None, None
@@ -105,7 +108,7 @@ class _Clip(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         u, bound = ctx.saved_tensors
-        window = torch.le(u.abs(), bound, out=torch.empty_like(u, dtype=grad.dtype))
+        window = _window(u, bound, grad.dtype)
         return window.mul_(grad), None
 
 
@@ -133,12 +136,13 @@ def hard_sign(
     """
     if isinstance(scale, torch.Tensor):
         scale = scale.detach()
-    value = None if factored or (isinstance(scale, float) and scale == 1.0) else scale
+    unit = isinstance(scale, float) and scale == 1.0
+    value = None if factored or unit else scale
     if not (ste and u.requires_grad and torch.is_grad_enabled()):
         sign = binary_sign(u)
         return sign if value is None else sign * value
     divisor = None
-    if factored and not (isinstance(scale, float) and scale == 1.0):
+    if factored and not unit:
         divisor = torch.as_tensor(scale, dtype=u.dtype, device=u.device)
         divisor = torch.where(divisor > 0, divisor, torch.inf)
     bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()

@@ -142,9 +142,7 @@ class Binarizer(nn.Module):
         return self.mask, self.weight_scale(u), 1.0
 
     def forward(self, u: torch.Tensor, feature_ndim: int | None = None) -> torch.Tensor:
-        mask_state, scale, bound = self._scale_and_bound(u, feature_ndim)
-        mask = True if self.force_frozen else mask_state.as_mask()
-        return masked_binarize(u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input")
+        return self.binarize(u, feature_ndim)[0]
 
     def binarize(
         self, u: torch.Tensor, feature_ndim: int | None = None, factored: bool = False
@@ -157,15 +155,15 @@ class Binarizer(nn.Module):
         `u` (None where the result is `u` itself, or the tensor is mid-transition), so the layer can let its op
         save `u`, which it shares with other layers or keeps anyway, instead of a second activation-sized copy.
         """
-        _, scale, bound = self._scale_and_bound(u, feature_ndim)
-        mask = True if self.force_frozen or self.rule == "ste" else self.mask.as_mask()
-        if mask is True:
-            value = scale if not factored and not (isinstance(scale, float) and scale == 1.0) else None
+        mask_state, scale, bound = self._scale_and_bound(u, feature_ndim)
+        if self.frozen:
             out = hard_sign(u, ste=self.rule != "stompp", scale=scale, bound=bound, factored=factored)
-            recipe = _recipe(u, lambda: binary_sign(u) if value is None else binary_sign(u) * value)
+            # the same values without the straight-through graph
+            recipe = _recipe(u, lambda: hard_sign(u, ste=False, scale=scale, factored=factored))
             return out, scale if factored else None, recipe
         if factored:
             raise ValueError("`factored` binarization needs a frozen tensor.")
+        mask = mask_state.as_mask()
         out = masked_binarize(u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input")
         if mask is False and self.kind == "input":
             b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
