@@ -46,6 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import MONITOR, iqr, timed, vm_status_kib  # noqa: E402
 
+from recipes.common import results_header  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "inference.md")
 BATCHES = (1, 32)
 SEQ = 128
@@ -255,14 +257,7 @@ def render(results: dict[str, dict], command: str, args: argparse.Namespace, ela
     import transformers
 
     lines = [
-        "# Binarized inference: packed 1-bit models against FP32",
-        "",
-        "Command:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *results_header("Binarized inference: packed 1-bit models against FP32", command),
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, `torch.set_num_threads({args.threads})`, no GPU. Whole run "
         f"{elapsed / 60:.1f} min.",

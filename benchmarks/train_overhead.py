@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import vm_status_kib  # noqa: E402
 
+from recipes.common import results_header  # noqa: E402
+
 RULES = {
     "FP": None,
     "STE": {"weights": "ste", "activations": "ste"},
@@ -207,14 +209,7 @@ def main() -> None:
         ("base", "BERT-base-sized", args.base_batch, args.base_steps),
     ]
     lines = [
-        "# Training-step overhead of StoMPP",
-        "",
-        "Command:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *results_header("Training-step overhead of StoMPP", command),
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{args.threads} threads, no GPU. Step = forward + backward + AdamW step + mask advance. Medians of the "
         "timed rounds; ratios from the same rounds (rules interleaved). Peak memory = peak RSS (`VmHWM`) of a fresh "

@@ -7,8 +7,9 @@
 * `plot_curves`: `curves.png` from a `Trainer` log history.
 * `StoMPPArguments` / `stompp_callbacks`: the StoMPP command-line options of both recipes (each recipe sets its own
   defaults) and the callbacks that drive and record the progression.
-* `run_config` / `result_cells` / `write_markdown`: one (experiment config, seed) run of a recipe in its own
-  process, reused when its `all_results.json` exists, and the runners' table cells and file.
+* `run_config` / `result_cells` / `results_header` / `write_markdown`: one (experiment config, seed) run of a recipe in
+  its own process, reused when its `all_results.json` exists, and the runners' table cells and file (the header with
+  the command is shared with `benchmarks/`).
 """
 
 from __future__ import annotations
@@ -286,6 +287,11 @@ def result_cells(results: list[dict], metric: str) -> list[str]:
         per_seed,
         f"{runtime:.0f}",
     ]
+
+
+def results_header(title: str, command: str) -> list[str]:
+    """The opening lines of a results file: its title and the command that wrote it (recipes and benchmarks)."""
+    return [f"# {title}", "", "Command:", "", "```bash", command, "```", ""]
 
 
 def write_markdown(path: str, lines: list[str]) -> str:

@@ -16,7 +16,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import result_cells, run_config, write_markdown  # noqa: E402
+from common import result_cells, results_header, run_config, write_markdown  # noqa: E402
 
 
 def run_one(config_path: str, seed: int, force: bool = False) -> dict:
@@ -25,14 +25,7 @@ def run_one(config_path: str, seed: int, force: bool = False) -> dict:
 
 def write_table(rows: list[tuple[str, list[dict]]], path: str, command: str, metric: str) -> str:
     lines = [
-        "# GLUE results",
-        "",
-        "Command:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *results_header("GLUE results", command),
         f"Metric: `{metric}` in %, mean ± half-range over seeds (each seed a separate run).",
         "'as trained' evaluates the network as it ends training (masked, identical to binarized once the",
         "progression is complete); 'binarized' evaluates `binarized(model)` (every mask forced to 1).",

@@ -21,7 +21,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import result_cells, run_config, write_markdown  # noqa: E402
+from common import result_cells, results_header, run_config, write_markdown  # noqa: E402
 
 DEFAULT_CONFIGS = [
     os.path.join("recipes", "experiments", "vision", f"{name}.json")
@@ -45,14 +45,7 @@ def _order(config: dict) -> str:
 
 def write_table(rows: list[tuple[str, dict, list[dict]]], path: str, command: str, metric: str) -> str:
     lines = [
-        "# Vision depth study: vanilla STE vs StoMPP, width-reduced ResNet-18 / ResNet-50",
-        "",
-        "Command:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *results_header("Vision depth study: vanilla STE vs StoMPP, width-reduced ResNet-18 / ResNet-50", command),
         f"Metric: `{metric}` in %, mean ± half-range over seeds (each seed a separate run), on the evaluation set of",
         "each config. 'as trained' evaluates the network as it ends training; 'binarized' evaluates",
         "`binarized(model)` (every mask forced to 1; identical once the progression is complete).",
