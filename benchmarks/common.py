@@ -80,6 +80,20 @@ def iqr(values: list[float]) -> float:
     return q[2] - q[0]
 
 
+def interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call over `repeats` rounds, after one warm-up call each. Every round waits for a quiet machine
+    (`MONITOR.wait_idle`) and runs each call once, rotating which goes first."""
+    names = list(calls)
+    for n in names:
+        calls[n]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        MONITOR.wait_idle()
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            samples[n].append(timed(calls[n])[0])
+    return samples
+
+
 def vm_status_kib(field: str, pid: int | str = "self") -> int:
     """A `/proc/<pid>/status` memory field in KiB: `VmRSS` (resident now) or `VmHWM` (peak resident).
 

@@ -47,7 +47,7 @@ from stompp_hf.export import binarization_progress, packed_bits_per_weight, set_
 from stompp_hf.layers import BinaryMixin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import MONITOR, iqr, timed  # noqa: E402
+from common import MONITOR, interleaved, iqr, timed  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "export_size.md")
 BATCHES = (1, 32)
@@ -225,13 +225,8 @@ def measure(
     with torch.no_grad():
         for batch in BATCHES:
             repeats = args.repeats_b1 if batch == 1 else args.repeats_b32
-            samples: dict[str, list[float]] = {n: [] for n in names}
-            for n in names:  # warm-up (fills the unpack cache of the cached model)
-                variants[n](**inputs[batch])
-            for r in range(repeats):
-                MONITOR.wait_idle()
-                for n in names[r % len(names) :] + names[: r % len(names)]:
-                    samples[n].append(timed(lambda m=variants[n], x=inputs[batch]: m(**x))[0])
+            # (the warm-up call fills the unpack cache of the cached model)
+            samples = interleaved({n: lambda m=variants[n], x=inputs[batch]: m(**x) for n in names}, repeats)
             res.spread[batch] = max(iqr(v) for v in samples.values())
             for n in names:
                 res.latency[(n, batch)] = statistics.median(samples[n])

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import MONITOR, iqr, timed, vm_status_kib  # noqa: E402
+from common import MONITOR, interleaved, iqr, vm_status_kib  # noqa: E402
 
 from recipes.common import results_header  # noqa: E402
 
@@ -138,15 +138,12 @@ def prepare(key: str, work: str) -> tuple[dict[int, dict[str, torch.Tensor]], di
 
 def whole_model(models: dict, inputs: dict, repeats: dict[int, int]) -> dict[tuple[str, int], list[float]]:
     names = list(models)
-    samples: dict[tuple[str, int], list[float]] = {(n, b): [] for n in names for b in BATCHES}
+    samples: dict[tuple[str, int], list[float]] = {}
     with torch.no_grad():
         for b in BATCHES:
-            for n in names:  # warm-up (fills the unpack cache, builds the kernel)
-                models[n](**inputs[b])
-            for r in range(repeats[b]):
-                MONITOR.wait_idle()
-                for n in names[r % len(names) :] + names[: r % len(names)]:
-                    samples[(n, b)].append(timed(lambda m=models[n], x=inputs[b]: m(**x))[0])
+            # (the warm-up call fills the unpack cache and builds the kernel)
+            runs = interleaved({n: lambda m=models[n], x=inputs[b]: m(**x) for n in names}, repeats[b])
+            samples.update({(n, b): v for n, v in runs.items()})
             medians = ", ".join(f"{n} {ms(statistics.median(samples[(n, b)]))} ms" for n in names)
             log(f"batch {b}: {medians}")
     return samples
@@ -160,8 +157,7 @@ def binarized_layers(models: dict, inputs: dict, repeats: dict[int, int]) -> dic
     probe = models[packed_names[0]]
     names_in_model = [name for name, m in probe.named_modules() if isinstance(m, BinaryMixin)]
     layers = {n: [models[n].get_submodule(name) for name in names_in_model] for n in models}
-    samples: dict[tuple[str, int], list[float]] = {(n, b): [] for n in models for b in BATCHES}
-    order = list(models)
+    samples: dict[tuple[str, int], list[float]] = {}
     with torch.no_grad():
         for b in BATCHES:
             captured: list[torch.Tensor] = []
@@ -176,12 +172,8 @@ def binarized_layers(models: dict, inputs: dict, repeats: dict[int, int]) -> dic
                 for m, x in zip(mods, xs):
                     m(x)
 
-            for n in order:
-                run(layers[n])
-            for r in range(repeats[b]):
-                MONITOR.wait_idle()
-                for n in order[r % len(order) :] + order[: r % len(order)]:
-                    samples[(n, b)].append(timed(lambda mods=layers[n]: run(mods))[0])
+            runs = interleaved({n: lambda mods=layers[n]: run(mods) for n in models}, repeats[b])
+            samples.update({(n, b): v for n, v in runs.items()})
             del captured
     return samples
 
