@@ -15,8 +15,9 @@ def _load(path: str):
 
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    if "architecture" in config and "pretrained_cfg" in config:  # timm's Hub layout (stompp_hf.vision)
-        from .vision import example_input, from_pretrained
+    if "architecture" in config and "pretrained_cfg" in config:  # timm's Hub layout (stompp_hf.integrations.timm)
+        from .integrations.timm.io import from_pretrained
+        from .integrations.timm.policy import example_input
 
         model = from_pretrained(path)
         return model, example_input(model, size=model.pretrained_cfg.get("input_size", (0, 224, 224))[-1])
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     summary_parser = commands.add_parser("summary", help="Print parameters, bits, bytes and MACs per module group.")
     summary_parser.add_argument(
-        "path", help="A folder written by `save_pretrained` or `stompp_hf.vision.save_pretrained` (packed or latent)."
+        "path",
+        help="A folder written by `save_pretrained` or `stompp_hf.integrations.timm.save_pretrained` (packed or "
+        "latent).",
     )
     summary_parser.add_argument(
         "--export-dtype",

@@ -1,4 +1,5 @@
-"""Real models and data that ship inside packages (DESIGN.md §5), for offline tests, demos and benchmarks.
+"""Real models and data that ship inside packages (docs/design.md, "Offline assets"), for offline tests, demos and
+benchmarks.
 
 Users who are online use the ordinary Hub / `datasets` loaders; these helpers only locate packaged files.
 """

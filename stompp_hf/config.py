@@ -1,4 +1,4 @@
-"""`StoMPPConfig`: every StoMPP training option, validated at construction (DESIGN.md §3.1)."""
+"""`StoMPPConfig`: every StoMPP training option, validated at construction (docs/design.md, "Configuration")."""
 
 from __future__ import annotations
 
@@ -8,28 +8,34 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-RULES = ("stompp", "stompp_ste", "ste", None)
-SCHEDULES = ("cubic", "quadratic", "linear", "cosine", "flipped_quadratic")
-ORDERS = ("forward", "global", "reverse")
+from .core.functional import RULES
+from .core.packing import EXPORT_DTYPES
+from .core.schedules import ORDERS, SCHEDULES
+
+# Accepted values of the fields that name a choice. Choices implemented by a registry are read from it at validation
+# time (a schedule registered with `register_schedule` is accepted from then on); the rest are defined here, once.
 POLICIES = ("stochastic", "deterministic")
 GRANULARITIES = ("block", "module")
 WEIGHT_SCALES = ("channel", "none")
 ACTIVATION_SCALES = ("tensor", "none")
 COMPENSATIONS = (None, "surge")
-EXPORT_DTYPES = (None, "float32", "float16", "bfloat16")
 
-_CHOICES: dict[str, tuple] = {
-    "weights": RULES,
-    "activations": RULES,
-    "schedule": SCHEDULES,
-    "order": ORDERS,
-    "policy": POLICIES,
-    "granularity": GRANULARITIES,
-    "weight_scale": WEIGHT_SCALES,
-    "activation_scale": ACTIVATION_SCALES,
-    "compensation": COMPENSATIONS,
-    "export_dtype": EXPORT_DTYPES,
-}
+
+def field_choices() -> dict[str, tuple]:
+    """The accepted values of every choice field of `StoMPPConfig`, from the registries that implement them."""
+    rules = (*RULES, None)
+    return {
+        "weights": rules,
+        "activations": rules,
+        "schedule": tuple(SCHEDULES),
+        "order": ORDERS,
+        "policy": POLICIES,
+        "granularity": GRANULARITIES,
+        "weight_scale": WEIGHT_SCALES,
+        "activation_scale": ACTIVATION_SCALES,
+        "compensation": COMPENSATIONS,
+        "export_dtype": (None, *EXPORT_DTYPES),
+    }
 
 
 def _fmt(values: tuple) -> str:
@@ -134,7 +140,7 @@ class StoMPPConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate every field; raise a `ValueError` naming the field, the accepted values and the value received."""
-        for name, choices in _CHOICES.items():
+        for name, choices in field_choices().items():
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"`{name}` must be one of {_fmt(choices)}, but got {value!r}.")

@@ -1,62 +1,106 @@
-"""One recursive, filter-driven module swap for any `nn.Module`, and the grouping of swapped modules into stages.
+"""One recursive, filter-driven module swap for any `nn.Module`, the grouping of swapped modules into stages, and the
+registry of model-family policies.
 
-Works on plain PyTorch models and on Transformers models alike (this module imports no transformers code): the
-model-aware defaults read `get_output_embeddings()` / `_keep_in_fp32_modules` when the model has them.
+This module imports no integration. What differs between model families (which layers stay full precision, how
+layers group into stages, what happens before and after the swap) is a `ModelPolicy`, registered by the
+integrations (`stompp_hf.integrations`) with `register_policy`; a model no policy claims gets the generic one
+(first and last convertible layer full precision, blocks from the outermost `nn.ModuleList` / `nn.Sequential`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from torch import nn
 
 from .config import StoMPPConfig
-from .layers import STOMPP_MODULES, StoMPPMixin
+from .nn.registry import is_convertible, kind_of
+from .nn.training import StoMPPMixin
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def _is_hf_model(model: nn.Module) -> bool:
-    return hasattr(model, "get_output_embeddings") and hasattr(model, "config")
+class ModelPolicy:
+    """How StoMPP converts one family of models. Subclass it and override what differs from the generic behaviour."""
+
+    #: Name shown in errors and registered under.
+    name = "generic"
+
+    def default_config(self) -> StoMPPConfig:
+        """The config `prepare_model(model)` uses when none is given."""
+        return StoMPPConfig()
+
+    def modules_to_not_convert(self, model: nn.Module) -> list[str]:
+        """Names / patterns kept full precision when `config.modules_to_not_convert` is None: the first and the last
+        convertible layer (input layer and classifier)."""
+        eligible = eligible_modules(model)
+        if len(eligible) <= 2:
+            return []
+        return [eligible[0][0], eligible[-1][0]]
+
+    def stage_keys(self, model: nn.Module, names: list[str], granularity: str) -> list[str]:
+        """One key per converted module name; equal keys share a stage (see `block_keys`)."""
+        return block_keys(model, names, granularity)
+
+    def before_conversion(self, model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | None) -> StoMPPConfig:
+        """Runs in `prepare_model` before the swap; returns the config to convert with (e.g. with resolved
+        defaults)."""
+        return config
+
+    def after_conversion(self, model: nn.Module, config: StoMPPConfig) -> None:
+        """Runs in `prepare_model` after the swap (e.g. to attach a quantizer)."""
 
 
-def _is_timm_model(model: nn.Module) -> bool:
-    # Mirrors `vision.is_timm_model` without importing timm (only `stompp_hf.vision` imports it).
-    return isinstance(getattr(model, "pretrained_cfg", None), dict) and hasattr(model, "group_matcher")
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    applies: Callable[[nn.Module], bool]
+    load: Callable[[], ModelPolicy]
 
 
-def _eligible(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if type(m) in STOMPP_MODULES]
+_POLICIES: list[_Entry] = []
+_LOADED: dict[str, ModelPolicy] = {}
+GENERIC_POLICY = ModelPolicy()
+
+
+def register_policy(name: str, applies: Callable[[nn.Module], bool], load: Callable[[], ModelPolicy]) -> None:
+    """Register a model-family policy: `applies(model)` is a cheap test that imports nothing heavy, `load()` builds
+    the policy on first use (so registering imports no framework). Policies registered first are tried first.
+
+    Raises:
+        ValueError: if `name` is registered already.
+    """
+    if any(entry.name == name for entry in _POLICIES):
+        raise ValueError(f"A model policy named {name!r} is already registered.")
+    _POLICIES.append(_Entry(name, applies, load))
+
+
+def policy_for(model: nn.Module) -> ModelPolicy:
+    """The registered policy that applies to `model`, or the generic one."""
+    for entry in _POLICIES:
+        if entry.applies(model):
+            if entry.name not in _LOADED:
+                _LOADED[entry.name] = entry.load()
+            return _LOADED[entry.name]
+    return GENERIC_POLICY
+
+
+def eligible_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every layer of a registered binarizable type (`stompp_hf.nn.register_module`), by name, in order."""
+    return [(n, m) for n, m in model.named_modules() if is_convertible(m)]
 
 
 def default_modules_to_not_convert(model: nn.Module) -> list[str]:
-    """The paper's full-precision policy, read from the model rather than from hard-coded names.
+    """The paper's full-precision policy for `model`, read from the model by its family's policy:
 
-    * Transformers models: the classifier / output head (the module owning the last parameter, and the output
-      embeddings) and `_keep_in_fp32_modules`. Embeddings, LayerNorm and attention matmuls are not linear layers,
-      so they stay full precision by construction; the pooler and encoder linears are binarized.
-    * timm models: first conv, classifier and shortcut convolutions (`stompp_hf.vision`).
-    * Any other module: the first and the last convertible layer (input layer and classifier).
+    * Transformers models: the classifier / output head and `_keep_in_fp32_modules` (embeddings, LayerNorm and
+      attention matmuls are not linear layers, so they stay full precision by construction).
+    * timm models: first conv, classifier and shortcut convolutions.
+    * Any other module: the first and the last convertible layer.
     """
-    if _is_timm_model(model):
-        from .vision import default_modules_to_not_convert as timm_defaults
-
-        return timm_defaults(model)
-    if _is_hf_model(model):
-        names = set()
-        params = list(model.named_parameters())
-        if params:
-            names.add(params[-1][0].rsplit(".", 1)[0])
-        output = model.get_output_embeddings()
-        if output is not None:
-            names.update(n for n, m in model.named_modules() if m is output)
-        names.update(getattr(model, "_keep_in_fp32_modules", None) or [])
-        return sorted(names)
-    eligible = _eligible(model)
-    if len(eligible) <= 2:
-        return []
-    return [eligible[0][0], eligible[-1][0]]
+    return policy_for(model).modules_to_not_convert(model)
 
 
 def name_matches(name: str, patterns: Iterable[str]) -> bool:
@@ -75,7 +119,7 @@ def name_matches(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def _stage_keys(model: nn.Module, names: list[str], granularity: str) -> list[str]:
+def block_keys(model: nn.Module, names: list[str], granularity: str) -> list[str]:
     """The stage key of each converted module: itself (`module`), or its block (`block`).
 
     A block is a child of the outermost `nn.ModuleList` / `nn.Sequential` containing the module (one encoder
@@ -97,10 +141,16 @@ def _stage_keys(model: nn.Module, names: list[str], granularity: str) -> list[st
     return keys
 
 
+def stage_numbers(keys: list[str]) -> list[int]:
+    """Stage index of each key: equal keys share a stage, numbered in order of first appearance."""
+    stage_of: dict[str, int] = {}
+    return [stage_of.setdefault(key, len(stage_of)) for key in keys]
+
+
 def select_modules(
     model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | None = None
 ) -> list[tuple[str, nn.Module]]:
-    """The layers `convert_model` binarizes: `nn.Linear` / `nn.Conv2d` not matched by
+    """The layers `convert_model` binarizes: layers of a registered type not matched by
     `config.modules_to_not_convert` (or the model-aware defaults when it is None) and accepted by `filter_fn`.
 
     Raises:
@@ -109,9 +159,10 @@ def select_modules(
     skip = config.modules_to_not_convert
     if skip is None:
         skip = default_modules_to_not_convert(model)
+    eligible = eligible_modules(model)
     targets = [
         (name, module)
-        for name, module in _eligible(model)
+        for name, module in eligible
         if not name_matches(name, skip) and (filter_fn is None or filter_fn(module, name))
     ]
     if not targets:
@@ -119,7 +170,7 @@ def select_modules(
             f"StoMPP converted no module of {type(model).__name__}: it looks for nn.Linear / nn.Conv2d layers not "
             f"matched by modules_to_not_convert={skip!r}"
             + (" and accepted by filter_fn" if filter_fn is not None else "")
-            + f" (found {len(_eligible(model))} such layers in total)."
+            + f" (found {len(eligible)} such layers in total)."
         )
     return targets
 
@@ -129,21 +180,24 @@ def convert_model(
     config: StoMPPConfig,
     filter_fn: FilterFn | None = None,
     stage_keys: Callable[[nn.Module, list[str]], list[str]] | None = None,
+    *,
+    policy: ModelPolicy | None = None,
 ) -> dict[str, StoMPPMixin]:
     """Swap every layer `select_modules` picks for its StoMPP module in place; return them by name.
 
-    Parameters are reused, never copied. Stages are assigned in registration order (the execution order of the
-    encoder / residual stacks), or by `stage_keys(model, names)` (one key per name; equal keys share a stage,
-    numbered in order of first appearance).
+    Parameters are reused, never copied. Stages come from the model's policy (the execution order of the encoder /
+    residual stacks), or from `stage_keys(model, names)` (one key per name; equal keys share a stage, numbered in
+    order of first appearance).
     """
     targets = select_modules(model, config, filter_fn)
     names = [n for n, _ in targets]
-    keys = stage_keys(model, names) if stage_keys is not None else _stage_keys(model, names, config.granularity)
-    stage_of: dict[str, int] = {}
+    if stage_keys is not None:
+        keys = stage_keys(model, names)
+    else:
+        keys = (policy or policy_for(model)).stage_keys(model, names, config.granularity)
     converted: dict[str, StoMPPMixin] = {}
-    for (name, module), key in zip(targets, keys):
-        stage = stage_of.setdefault(key, len(stage_of))
-        new = STOMPP_MODULES[type(module)].from_module(module, config, stage=stage)
+    for (name, module), stage in zip(targets, stage_numbers(keys)):
+        new = kind_of(module).training.from_module(module, config, stage=stage)
         model.set_submodule(name, new)
         converted[name] = new
     return converted
@@ -155,25 +209,24 @@ def stompp_modules(model: nn.Module) -> dict[str, StoMPPMixin]:
 
 
 def prepare_model(
-    model: nn.Module, config: StoMPPConfig | None = None, filter_fn: FilterFn | None = None
+    model: nn.Module,
+    config: StoMPPConfig | None = None,
+    filter_fn: FilterFn | None = None,
+    *,
+    policy: ModelPolicy | None = None,
 ) -> nn.Module:
     """Convert any `nn.Module` (timm CNN, custom model, Transformers model) for StoMPP training; return it.
 
-    The config is attached as `model.stompp_config`, which is where `StoMPPCallback` finds it.
+    The model's policy (`policy_for(model)` unless `policy` is given) supplies the defaults (`config=None` gives the
+    paper's CNN settings for timm models) and its hooks. The config is attached as `model.stompp_config`, which is
+    where `StoMPPCallback` finds it.
     """
-    if _is_timm_model(model):
-        from .vision import prepare_vision_model
-
-        return prepare_vision_model(model, config, filter_fn)
-    config = config if config is not None else StoMPPConfig()
+    policy = policy if policy is not None else policy_for(model)
+    config = config if config is not None else policy.default_config()
     if stompp_modules(model):
         raise ValueError(f"{type(model).__name__} is already converted for StoMPP training.")
-    convert_model(model, config, filter_fn)
+    config = policy.before_conversion(model, config, filter_fn)
+    convert_model(model, config, filter_fn, policy=policy)
     model.stompp_config = config
-    if _is_hf_model(model) and hasattr(model, "save_pretrained"):
-        # A Transformers model: also attach the quantizer, so `save_pretrained` / `push_to_hub` work as after
-        # `from_pretrained(..., quantization_config=config)`.
-        from .hf_quantizer import attach_quantizer
-
-        attach_quantizer(model, config)
+    policy.after_conversion(model, config)
     return model

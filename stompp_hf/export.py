@@ -8,8 +8,8 @@ A packed checkpoint stores, for every binarized layer `name`:
     name.bias            [out]                      unchanged
 
 and every other tensor as usual (in `export_dtype` when set). This module knows nothing of Transformers: the
-quantizer (`hf_quantizer.py`) calls it from `save_pretrained` / `from_pretrained`, and timm or plain models use
-`packed_state_dict` / `pack_model` / `convert_to_packed` directly.
+quantizer (`integrations/transformers/quantizer.py`) calls it from `save_pretrained` / `from_pretrained`, and timm
+or plain models use `packed_state_dict` / `pack_model` / `convert_to_packed` directly.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .conversion import _eligible, select_modules, stompp_modules
-from .layers import BINARY_MODULES, BinaryMixin, StoMPPMixin, full_tensor
+from .conversion import eligible_modules, select_modules, stompp_modules
+from .core.dtensor import full_tensor
+from .core.packing import EXPORT_DTYPES
+from .kernels import KERNELS
+from .nn import BinaryMixin, StoMPPMixin, kind_of
 
 logger = logging.getLogger(__name__)
-
-EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -62,6 +63,24 @@ def binarization_progress(model: nn.Module) -> Progress:
     return Progress(frozen, total, unfinished)
 
 
+def checkpoint_format(model: nn.Module, keep_latent: bool = False) -> tuple[str, str]:
+    """Whether a save of `model` writes a "packed" 1-bit checkpoint or a "latent" (resumable) one, and why.
+
+    Every save path (`save_pretrained` through the quantizer, timm's `save_pretrained`, the model card) asks this
+    one function. Packed when every binarized tensor is frozen and `keep_latent` is False (a `Trainer` checkpoint
+    written mid-training keeps latent weights so that training can resume); latent otherwise.
+    """
+    progress = binarization_progress(model)
+    if keep_latent and any(isinstance(m, StoMPPMixin) for m in model.modules()):
+        return "latent", "training in progress: latent full-precision weights are kept so that training can resume"
+    if not progress.complete:
+        return "latent", (
+            f"{progress.total - progress.frozen} of {progress.total} binarized tensors are still in progression "
+            f"(first unfinished layer: `{progress.unfinished[0]}`)"
+        )
+    return "packed", f"all {progress.total} binarized tensors are frozen"
+
+
 def _check_packable(name: str, module: StoMPPMixin) -> None:
     if not module.fully_frozen:
         raise ValueError(
@@ -79,8 +98,7 @@ def _check_packable(name: str, module: StoMPPMixin) -> None:
 def pack_module(name: str, module: StoMPPMixin, unpack_cache: bool = False) -> BinaryMixin:
     """The packed inference twin of one fully frozen training module."""
     _check_packable(name, module)
-    binary_cls = next(b for t, b in BINARY_MODULES.items() if isinstance(module, t))
-    return binary_cls.from_stompp(module, unpack_cache=unpack_cache)
+    return kind_of(module).packed.from_stompp(module, unpack_cache=unpack_cache)
 
 
 def pack_model(model: nn.Module, unpack_cache: bool = False) -> dict[str, BinaryMixin]:
@@ -172,12 +190,12 @@ def convert_to_packed(
     if checkpoint_shapes is None:
         keys = {n: None for n, _ in select_modules(model, config)}
     else:
-        keys = {n: _lookup(checkpoint_shapes, n, base_model_prefix) for n, _ in _eligible(model)}
+        keys = {n: _lookup(checkpoint_shapes, n, base_model_prefix) for n, _ in eligible_modules(model)}
         keys = {n: k for n, k in keys.items() if k is not None}
     converted = {}
     for name, key in keys.items():
         module = model.get_submodule(name)
-        new = BINARY_MODULES[type(module)].from_module(module, config, unpack_cache=unpack_cache)
+        new = kind_of(module).packed.from_module(module, config, unpack_cache=unpack_cache)
         if key is not None:
             _check_shapes(new, name, key[: -len("weight_packed")], checkpoint_shapes)
         model.set_submodule(name, new)
@@ -219,21 +237,19 @@ def set_unpack_cache(model: nn.Module, enabled: bool = True) -> int:
     return count
 
 
-KERNELS = ("auto", "xnor", "reference")
-
-
 def set_kernel(model: nn.Module, kernel: str = "auto") -> int:
     """Choose how the packed linear layers of `model` compute; return how many packed modules were set.
 
     Args:
-        kernel: "auto" (the default): the bit-packed XNOR-popcount kernel (`stompp_hf.xnor`) wherever it applies
-            (binary inputs and weights, float32 on CPU, no autograd) and compiles, the reference path elsewhere;
+        kernel: "auto" (the default): the bit-packed XNOR-popcount kernel (`stompp_hf.kernels.xnor`) wherever it
+            applies (binary inputs and weights, float32 on CPU, no autograd) and compiles, the reference path
+            elsewhere;
             "xnor": the kernel, raising where it cannot run; "reference": always unpack the signs to a float
             matrix and use the dense matmul. All three give bit-identical outputs. Packed convolutions always use
             the reference path.
     """
     if kernel not in KERNELS:
-        raise ValueError(f"`kernel` must be one of {KERNELS}, but got {kernel!r}.")
+        raise ValueError(f"`kernel` must be one of {', '.join(map(repr, KERNELS))}, but got {kernel!r}.")
     count = 0
     for module in model.modules():
         if isinstance(module, BinaryMixin):

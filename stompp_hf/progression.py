@@ -16,9 +16,9 @@ from torch import nn
 
 from .config import StoMPPConfig
 from .conversion import stompp_modules
-from .layers import Binarizer, StoMPPMixin
-from .masks import make_generator
-from .schedules import get_schedule, stage_progress
+from .core.masks import make_generator
+from .core.schedules import get_schedule, stage_progress
+from .nn import Binarizer, StoMPPMixin
 
 
 @dataclass

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .conversion import _stage_keys
-from .export import EXPORT_DTYPES, binarization_progress
-from .layers import BinaryConv2d, BinaryLinear, BinaryMixin, StoMPPMixin
+from .conversion import block_keys
+from .core.packing import EXPORT_DTYPES
+from .export import binarization_progress
+from .nn import BinaryConv2d, BinaryLinear, BinaryMixin, StoMPPMixin
+from .progression import find_config
 
 
 @dataclass
@@ -156,7 +158,7 @@ def _module_row(module: nn.Module, export_dtype: torch.dtype | None) -> tuple[in
 
 
 def _group_namer(model: nn.Module, binarized_names: list[str]):
-    stage_of = dict(zip(binarized_names, _stage_keys(model, binarized_names, "block")))
+    stage_of = dict(zip(binarized_names, block_keys(model, binarized_names, "block")))
     stages = sorted(set(stage_of.values()), key=len, reverse=True)
     prefix = getattr(model, "base_model_prefix", None)
 
@@ -223,8 +225,6 @@ def summary(model: nn.Module, example_inputs=None, export_dtype: str | None = No
             Without it, MACs of linear layers are counted per token (per input row) and convolutions are skipped.
         export_dtype: dtype of the full-precision remainder; defaults to the model config's `export_dtype`.
     """
-    from .progression import find_config
-
     try:
         config = find_config(model)
     except ValueError:

@@ -1,22 +1,28 @@
-"""The XNOR-popcount kernel against the dense torch reference: bit-identical outputs, validation, build cache."""
+"""The XNOR-popcount kernel against the dense torch reference: bit-identical outputs, validation, build cache;
+its C source compiles without warnings, and the CPU-features helper reads this machine."""
 
 from __future__ import annotations
 
 import itertools
 import math
 import os
+import platform
+import shlex
+import shutil
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from stompp_hf import xnor
-from stompp_hf.masks import pack_signs, unpack_signs
+from stompp_hf.core.packing import pack_signs, unpack_signs
+from stompp_hf.kernels import build, cpu, xnor
 
-pytestmark = pytest.mark.skipif(
+needs_kernel = pytest.mark.skipif(
     not xnor.is_available(), reason="XNOR kernel unavailable here (no working C compiler to build it)"
 )
 
@@ -61,6 +67,7 @@ def every_path(monkeypatch):
     monkeypatch.setattr(xnor, "_MIN_WORK_PER_THREAD", 0)
 
 
+@needs_kernel
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("simd_min_rows", [1, 10**9], ids=["simd", "scalar"])
 def test_bit_identical_to_reference(k, simd_min_rows, every_path, monkeypatch):
@@ -78,6 +85,7 @@ def test_bit_identical_to_reference(k, simd_min_rows, every_path, monkeypatch):
         assert torch.equal(y, reference(x, weight_packed, k, s, b)), (k, n, m, with_scale, with_bias, threads)
 
 
+@needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("simd_min_rows", [1, 10**9], ids=["simd", "scalar"])
 def test_threads_and_leading_dims(threads, simd_min_rows, every_path, monkeypatch):
@@ -95,6 +103,7 @@ def test_threads_and_leading_dims(threads, simd_min_rows, every_path, monkeypatc
         )
 
 
+@needs_kernel
 def test_large_batch_split_over_rows(every_path):
     """Many rows and few weight rows: the work is split over the activation rows."""
     gen = torch.Generator().manual_seed(3)
@@ -105,6 +114,7 @@ def test_large_batch_split_over_rows(every_path):
         assert torch.equal(y, reference(x, weight_packed, 130, out_scale, bias))
 
 
+@needs_kernel
 def test_default_threads_and_thresholds():
     gen = torch.Generator().manual_seed(4)
     weight_packed, out_scale, bias = make_layer(384, 384, gen)
@@ -114,6 +124,7 @@ def test_default_threads_and_thresholds():
         assert torch.equal(y, reference(x, weight_packed, 384, out_scale, bias))
 
 
+@needs_kernel
 def test_concurrent_callers_share_the_worker_pool(every_path):
     """Python threads calling at once: one owns the worker pool, the others run on their own thread."""
     gen = torch.Generator().manual_seed(12)
@@ -139,6 +150,7 @@ def test_concurrent_callers_share_the_worker_pool(every_path):
     assert failures == []
 
 
+@needs_kernel
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_gets_a_fresh_pool(every_path):
     gen = torch.Generator().manual_seed(13)
@@ -161,6 +173,7 @@ def test_forked_child_gets_a_fresh_pool(every_path):
     pytest.fail("the forked child hung in xnor_linear")
 
 
+@needs_kernel
 def test_nan_counts_as_negative():
     gen = torch.Generator().manual_seed(5)
     weight_packed, out_scale, bias = make_layer(16, 70, gen)
@@ -176,6 +189,7 @@ def test_nan_counts_as_negative():
     )
 
 
+@needs_kernel
 @pytest.mark.parametrize("simd_min_rows", [1, 10**9], ids=["simd", "scalar"])
 def test_padding_bits_of_weights_are_ignored(simd_min_rows, monkeypatch):
     """Set bits past in_features in the last byte must not count (the reference drops them too)."""
@@ -189,6 +203,7 @@ def test_padding_bits_of_weights_are_ignored(simd_min_rows, monkeypatch):
         assert torch.equal(xnor.xnor_linear(x, dirty, k), reference(x, weight_packed, k))
 
 
+@needs_kernel
 def test_non_contiguous_inputs():
     gen = torch.Generator().manual_seed(8)
     weight_packed, out_scale, bias = make_layer(12, 96, gen)
@@ -202,6 +217,7 @@ def test_non_contiguous_inputs():
         assert torch.equal(y, reference(inp, weight_packed, 96, out_scale, bias))
 
 
+@needs_kernel
 def test_empty_batch():
     gen = torch.Generator().manual_seed(9)
     weight_packed, _, _ = make_layer(4, 20, gen)
@@ -209,6 +225,7 @@ def test_empty_batch():
     assert y.shape == (0, 4)
 
 
+@needs_kernel
 def test_no_grad_and_inference_mode():
     gen = torch.Generator().manual_seed(10)
     weight_packed, out_scale, _ = make_layer(8, 40, gen)
@@ -221,6 +238,7 @@ def test_no_grad_and_inference_mode():
     assert torch.equal(y, y2)
 
 
+@needs_kernel
 def test_input_validation():
     gen = torch.Generator().manual_seed(11)
     weight_packed, out_scale, bias = make_layer(8, 40, gen)
@@ -259,6 +277,7 @@ def fresh_kernel_state(monkeypatch):
     assert xnor.is_available()
 
 
+@needs_kernel
 def test_build_into_fresh_cache_dir(tmp_path, fresh_kernel_state):
     cache = tmp_path / "kernels"
     fresh_kernel_state.setenv("STOMPP_HF_KERNEL_CACHE", str(cache))
@@ -274,6 +293,7 @@ def test_build_into_fresh_cache_dir(tmp_path, fresh_kernel_state):
     assert (cache / built[0]).stat().st_mtime_ns == mtime
 
 
+@needs_kernel
 def test_broken_compiler_raises_unavailable(tmp_path, fresh_kernel_state):
     fresh_kernel_state.setenv("STOMPP_HF_KERNEL_CACHE", str(tmp_path / "kernels"))
     fresh_kernel_state.setenv("CC", "/nonexistent/cc")
@@ -282,6 +302,7 @@ def test_broken_compiler_raises_unavailable(tmp_path, fresh_kernel_state):
     assert not xnor.is_available()  # the failure is remembered, and is_available never raises
 
 
+@needs_kernel
 def test_failing_compiler_reports_its_output(tmp_path, fresh_kernel_state):
     fresh_kernel_state.setenv("STOMPP_HF_KERNEL_CACHE", str(tmp_path / "kernels"))
     fresh_kernel_state.setenv("CC", "cc -DXN_BROKEN_BUILD=1 -include /nonexistent/header.h")
@@ -289,3 +310,68 @@ def test_failing_compiler_reports_its_output(tmp_path, fresh_kernel_state):
         xnor.xnor_linear(torch.zeros(1, 8), torch.zeros(1, 1, dtype=torch.uint8), 8)
     assert "CC" in str(info.value)
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == []  # the failed build left no files behind
+
+
+def test_source_ships_as_package_data():
+    source = build.read_source("xnor.c")
+    assert source == (Path(xnor.__file__).parent / "xnor.c").read_text(encoding="utf-8")
+    assert "int xnor_linear_f32(" in source
+
+
+# -DXN_NO_SIMD: the scalar-only build of a CPU without AVX2; -march=x86-64: no AVX at all (the portable sign loop).
+_WARNING_BUILDS = [(), ("-DXN_NO_SIMD",)]
+if platform.machine() in ("x86_64", "AMD64"):
+    _WARNING_BUILDS.append(("-march=x86-64",))
+
+
+@pytest.mark.parametrize("extra", _WARNING_BUILDS, ids=lambda e: " ".join(e) or "native")
+def test_source_compiles_without_warnings(extra, tmp_path):
+    cc = build.compiler()
+    if not cc or shutil.which(cc[0]) is None:
+        pytest.skip(f"no C compiler found ({os.environ.get('CC') or 'cc'})")
+    flags = [*build.CFLAGS, *extra]
+    if any(f.startswith("-march=") for f in extra):
+        flags.remove("-march=native")
+    assert {"-Wall", "-Wextra"} <= set(build.CFLAGS)
+    source = Path(xnor.__file__).parent / "xnor.c"
+    cmd = [*cc, *flags, "-Werror", str(source), "-o", str(tmp_path / "xnor.so")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, f"{shlex.join(cmd)}\n{proc.stderr}{proc.stdout}"
+
+
+def test_cpu_features_of_this_machine():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            info = f.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo here")
+    flags = cpu.cpu_flags()
+    assert isinstance(flags, frozenset) and flags
+    assert cpu.cpu_flags() is flags  # cached
+    assert flags <= set(info.lower().split())
+    model = cpu.cpu_model()
+    assert model and model != "unknown CPU"
+    if "model name" in info:
+        assert model in info
+    text = cpu.describe_cpu()  # "<model> (<n> cores); avx2, avx512f, ...; no amx_bf16, ..."
+    parts = text.split("; ")
+    assert parts[0].startswith(model) and f"{os.cpu_count()} cores" in parts[0]
+    listed = set() if parts[1].startswith("none of") else set(parts[1].split(", "))
+    assert listed == {f for f in cpu.FEATURES_OF_INTEREST if f in flags}
+    missing = set(parts[2].removeprefix("no ").split(", ")) if len(parts) > 2 else set()
+    assert missing == ({f for f in cpu.FEATURES_OF_INTEREST if f not in flags} if listed else set())
+
+
+def test_cache_key_covers_source_compiler_cpu_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("STOMPP_HF_KERNEL_CACHE", str(tmp_path))
+    cc = ["/usr/bin/cc"]
+    path = build.library_path("xnor", "int f(void);", cc)
+    assert path.parent == tmp_path and path.name.startswith("xnor_") and path.suffix == ".so"
+    assert build.library_path("xnor", "int f(void);", cc) == path
+    assert build.library_path("xnor", "int g(void);", cc) != path
+    assert build.library_path("xnor", "int f(void);", ["/usr/bin/clang"]) != path
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"sse2"}))
+    other_cpu = build.library_path("xnor", "int f(void);", cc)
+    assert other_cpu != path
+    monkeypatch.setattr(build, "CFLAGS", (*build.CFLAGS, "-DX"))
+    assert build.library_path("xnor", "int f(void);", cc) not in (path, other_cpu)

@@ -1,0 +1,1 @@
+"""The example recipes (`glue.py`, `vision.py`, their experiment runners), installed as `stompp_hf_recipes`."""

@@ -1,0 +1,96 @@
+"""`save_pretrained` / `from_pretrained` for timm models in timm's Hub layout (`config.json` + `model.safetensors`),
+packed to 1 bit per binarized weight when training is complete (`stompp_hf.export.checkpoint_format` decides)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import timm
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ...config import StoMPPConfig
+from ...export import checkpoint_format, convert_to_packed, packed_state_dict, read_checkpoint_shapes
+from . import birealnet  # noqa: F401  (registers birealnet18 / birealnet34 with timm)
+from .policy import cifar_stem, prepare_vision_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def save_pretrained(model: nn.Module, save_directory: str, **extra: Any) -> None:
+    """Save a timm model in timm's Hub layout, packed to 1 bit when every binarized tensor is frozen.
+
+    `config.json` holds `architecture`, `num_classes`, `num_features`, `pretrained_cfg` (with `cifar_stem`),
+    `model_args` (the `create_model` keyword arguments, from `extra["model_args"]`) and `quantization_config`.
+    A model still in progression saves its latent weights (and `quantization_config.packed = false`).
+    """
+    config: StoMPPConfig | None = getattr(model, "stompp_config", None)
+    os.makedirs(save_directory, exist_ok=True)
+    model_args = extra.pop("model_args", {})
+    info: dict[str, Any] = {
+        "architecture": model.pretrained_cfg.get("architecture"),
+        "num_classes": model.num_classes,
+        "num_features": model.num_features,
+        "pretrained_cfg": {k: v for k, v in model.pretrained_cfg.items() if _jsonable(v)},
+        "model_args": model_args,
+        **extra,
+    }
+    if config is not None:
+        packed = checkpoint_format(model)[0] == "packed"
+        state = packed_state_dict(model, config.export_dtype) if packed else model.state_dict()
+        quant = StoMPPConfig.from_dict({**config.to_dict(), "packed": packed}).to_dict()
+        info["quantization_config"] = quant
+        replaced = getattr(model, "stompp_replaced_activations", [])
+        info["stompp_replaced_activations"] = {n: type(model.get_submodule(n)).__name__ for n in replaced}
+    else:
+        state = model.state_dict()
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+def from_pretrained(path: str, **model_args: Any) -> nn.Module:
+    """Rebuild a model saved by `save_pretrained`: packed `BinaryConv2d` / `BinaryLinear` layers for a packed
+    checkpoint (bit-identical outputs in eval mode), StoMPP training layers for a latent one."""
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        info = json.load(f)
+    args = {**info.get("model_args", {}), **model_args}
+    model = timm.create_model(info["architecture"], pretrained=False, num_classes=info["num_classes"], **args)
+    if info["pretrained_cfg"].get("cifar_stem"):
+        cifar_stem(model)
+    # The saved metadata (input size, mean / std, label names, ...) wins over the architecture's defaults.
+    model.pretrained_cfg = {**model.pretrained_cfg, **info["pretrained_cfg"]}
+    quant = info.get("quantization_config")
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if quant is not None:
+        config = StoMPPConfig.from_dict(quant)
+        replaced = info.get("stompp_replaced_activations", {})
+        for name, layer in replaced.items():
+            model.set_submodule(name, getattr(nn, layer)())
+        model.stompp_replaced_activations = list(replaced)
+        if config.packed:
+            convert_to_packed(model, config, read_checkpoint_shapes([weights]))
+            model.stompp_config = config
+        else:
+            prepare_vision_model(model, config, act_layer=None)
+    state = load_file(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"Checkpoint {weights} does not match {info['architecture']}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}."
+        )
+    return model

@@ -1,0 +1,42 @@
+"""Transformers integration: the `HfQuantizer` for `quant_method="stompp"`, `StoMPPCallback`, model cards and Hub
+uploads, the Transformers model policy and the `HfArgumentParser` options generated from `StoMPPConfig`.
+
+Importing this package imports no Transformers code; its submodules do (the quantizer is imported, and so
+registered, by `import stompp_hf`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import nn
+
+_LAZY = {
+    "StoMPPHfQuantizer": "quantizer",
+    "attach_quantizer": "quantizer",
+    "KEEP_LATENT_ATTR": "quantizer",
+    "StoMPPCallback": "callback",
+    "model_card": "hub",
+    "push_to_hub": "hub",
+    "is_stompp_model": "hub",
+    "TransformersPolicy": "policy",
+    "StoMPPArguments": "arguments",
+}
+
+__all__ = ["is_transformers_model", *_LAZY]
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """True for Transformers models (duck-typed: a `config` and `get_output_embeddings`), without importing it."""
+    return hasattr(model, "get_output_embeddings") and hasattr(model, "config")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,30 @@
+"""Modules: the `Binarizer`, the StoMPP training modules, the packed inference modules, and their registry.
+
+Works on any `nn.Module`; imports torch and `stompp_hf.core` / `stompp_hf.kernels` only.
+"""
+
+from torch import nn as _nn
+
+from .binarizer import ACTIVATION_SCALE_MOMENTUM, Binarizer
+from .packed import BinaryConv2d, BinaryLinear, BinaryMixin
+from .registry import MODULE_KINDS, ModuleKind, is_convertible, kind_of, register_module
+from .training import StoMPPConv2d, StoMPPLinear, StoMPPMixin
+
+register_module(_nn.Linear, StoMPPLinear, BinaryLinear)
+register_module(_nn.Conv2d, StoMPPConv2d, BinaryConv2d)
+
+__all__ = [
+    "ACTIVATION_SCALE_MOMENTUM",
+    "MODULE_KINDS",
+    "Binarizer",
+    "BinaryConv2d",
+    "BinaryLinear",
+    "BinaryMixin",
+    "ModuleKind",
+    "StoMPPConv2d",
+    "StoMPPLinear",
+    "StoMPPMixin",
+    "is_convertible",
+    "kind_of",
+    "register_module",
+]

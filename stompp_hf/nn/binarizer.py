@@ -1,0 +1,165 @@
+"""`Binarizer`: binarizes one tensor (a weight, or a layer's input) under its `MaskState` (docs/design.md, Eq. 1-3)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..core.functional import hard_sign, masked_binarize
+from ..core.masks import MaskState
+
+#: Momentum of the running mean of |x| that sets the activation scale beta.
+ACTIVATION_SCALE_MOMENTUM = 0.1
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (where checkpointed forwards are recomputed)."""
+    if torch.compiler.is_compiling():  # a compiled graph never re-runs the forward inside the backward
+        return False
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+class Binarizer(nn.Module):
+    """Binarizes one tensor (a weight, or a layer's input) under its `MaskState`.
+
+    Args:
+        rule: 'stompp', 'stompp_ste' or 'ste'.
+        kind: 'weight' (smooth = identity, optional per-output-channel scale) or 'input' (smooth = clip, optional
+            per-tensor scale beta kept as the buffer `scale`).
+        scale_mode: 'channel' / 'none' for weights, 'tensor' / 'none' for inputs.
+        shape: the mask shape: the weight's shape, or the per-sample input shape (None: set on first forward).
+        clip: inputs only: the clip bound in units of the scale (`StoMPPConfig.activation_clip`).
+    """
+
+    def __init__(
+        self, rule: str, kind: str, scale_mode: str, shape: tuple[int, ...] | None = None, clip: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.rule = rule
+        self.clip = clip
+        self.kind = kind
+        self.scale_mode = scale_mode
+        self.mask = self._new_mask(shape) if shape is not None else None
+        # Set by `binarized(model)`: evaluate as if every entry were frozen, without touching any state.
+        self.force_frozen = False
+        # Set by `ProgressionController`; a progressive tensor trained without one never advances its mask.
+        self.controlled = False
+        if kind == "input" and scale_mode == "tensor":
+            self.register_buffer("scale", torch.zeros((), dtype=torch.float32))
+        else:
+            self.scale = None
+
+    def extra_repr(self) -> str:
+        clip = f", clip={self.clip}" if self.kind == "input" and self.clip != 1.0 else ""
+        return f"rule={self.rule!r}, kind={self.kind!r}, scale={self.scale_mode!r}{clip}"
+
+    @property
+    def progressive(self) -> bool:
+        return self.rule in ("stompp", "stompp_ste")
+
+    def _new_mask(self, shape: tuple[int, ...]) -> MaskState:
+        mask = MaskState(shape)
+        mask.fill(self.rule == "ste")  # plain STE is hard sign from step 0; progressive rules start continuous
+        return mask
+
+    def weight_scale(self, w: torch.Tensor) -> torch.Tensor | float:
+        """alpha: the per-output-channel mean |W| (`'channel'`), or 1."""
+        if self.scale_mode == "channel":
+            return w.detach().abs().mean(dim=tuple(range(1, w.ndim)), keepdim=True)
+        return 1.0
+
+    def ensure_mask(self, feature_shape: tuple[int, ...]) -> MaskState:
+        if self.mask is None:
+            self.mask = self._new_mask(feature_shape)
+        elif self.mask.shape != tuple(feature_shape):
+            raise ValueError(
+                f"Binarized input has per-sample shape {tuple(feature_shape)} but this layer's input mask was "
+                f"sized {self.mask.shape}; StoMPP input masks need a fixed input size."
+            )
+        return self.mask
+
+    def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """beta: the running mean of |x|, updated in training (not under `binarized`), initialised on first use.
+
+        A forward run inside a backward pass is a gradient-checkpointing recomputation: it reuses the beta of the
+        original forward instead of updating it a second time (which would also make the recomputed forward
+        differ from the original one).
+        """
+        batch = x.detach().abs().mean().float()
+        if self.training and not self.force_frozen and not _in_backward():
+            with torch.no_grad():
+                ema = (1 - ACTIVATION_SCALE_MOMENTUM) * self.scale + ACTIVATION_SCALE_MOMENTUM * batch
+                self.scale.copy_(torch.where(self.scale > 0, ema, batch))
+            return self.scale.to(x.dtype)
+        return torch.where(self.scale > 0, self.scale, batch).to(x.dtype)
+
+    @property
+    def frozen(self) -> bool:
+        """Every entry is frozen to sign in this forward: plain STE, `binarized(model)`, or a finished stage."""
+        return self.force_frozen or self.rule == "ste" or (self.mask is not None and self.mask.value is True)
+
+    def _scale_and_bound(
+        self, u: torch.Tensor, feature_ndim: int | None
+    ) -> tuple[MaskState, torch.Tensor | float, torch.Tensor | float]:
+        if self.training and self.progressive and not self.controlled:
+            warnings.warn(
+                "A StoMPP model is being trained without a StoMPPCallback (or ProgressionController): its masks "
+                "never advance, so it trains fully continuous and never becomes binary. Pass "
+                "`callbacks=[StoMPPCallback()]` to `Trainer`.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.kind == "input":
+            mask_state = self.ensure_mask(tuple(u.shape[-feature_ndim:]))
+            scale = self._input_scale(u) if self.scale is not None else 1.0
+            return mask_state, scale, scale * self.clip if self.clip != 1.0 else scale
+        return self.mask, self.weight_scale(u), 1.0
+
+    def forward(self, u: torch.Tensor, feature_ndim: int | None = None) -> torch.Tensor:
+        return self.binarize(u, feature_ndim)[0]
+
+    def binarize(
+        self, u: torch.Tensor, feature_ndim: int | None = None, factored: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | float | None, Callable[[], torch.Tensor] | None]:
+        """`(binarized u, output scale, recompute)`: what a layer's forward needs from this binarizer.
+
+        With `factored` (only for a `frozen` tensor) the result is `sign(u)` in {-1, +1} with this rule's gradient
+        and the scale is returned for the caller to apply to the layer output (`forward(u) == scale * result`);
+        otherwise the result is `forward(u)` and the scale None. `recompute()` rebuilds the result bit for bit from
+        `u` (None where the result is `u` itself, or the tensor is mid-transition), so the layer can let its op
+        save `u`, which it shares with other layers or keeps anyway, instead of a second activation-sized copy.
+        """
+        mask_state, scale, bound = self._scale_and_bound(u, feature_ndim)
+        if self.frozen:
+            out = hard_sign(u, ste=self.rule != "stompp", scale=scale, bound=bound, factored=factored)
+            # the same values without the straight-through graph
+            recipe = _recipe(u, lambda: hard_sign(u, ste=False, scale=scale, factored=factored))
+            return out, scale if factored else None, recipe
+        if factored:
+            raise ValueError("`factored` binarization needs a frozen tensor.")
+        mask = mask_state.as_mask()
+        out = masked_binarize(u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input")
+        if mask is False and self.kind == "input":
+            b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
+            return out, None, _recipe(u, lambda: torch.clamp(u.detach(), -b, b))
+        return out, None, None
+
+
+def _recipe(u: torch.Tensor, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`fn`, guarded like a tensor autograd saved: it raises if `u` was modified in place before the backward."""
+    version = u._version
+
+    def recompute() -> torch.Tensor:
+        if u._version != version:
+            raise RuntimeError(
+                "A binarized layer's input was modified by an inplace operation after the layer used it, so its "
+                f"backward pass cannot recompute the binarized input (version {u._version}, expected {version}). "
+                "Make the inplace operation out of place."
+            )
+        return fn()
+
+    return recompute

@@ -1,0 +1,319 @@
+"""Packed 1-bit inference modules `BinaryLinear` / `BinaryConv2d`.
+
+They hold a fully binarized layer as 1-bit packed weights (`weight_packed`, uint8, 8 signs per byte) plus the
+per-output-channel scale (`weight_scale`) and the activation scale (`input_scale`), and compute exactly what the
+frozen training module computes (same sign convention, same operations in the same order), so logits match the
+trained model bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.dtensor import full_tensor
+from ..core.functional import binary_sign, hard_sign, output_scale, scale_output
+from ..core.packing import pack_signs, unpack_signs
+from ..kernels import xnor
+
+if TYPE_CHECKING:
+    from .training import StoMPPMixin
+
+
+class BinaryMixin:
+    """Packed inference state shared by `BinaryLinear` and `BinaryConv2d`.
+
+    Buffers (the names a packed checkpoint stores under the module's prefix):
+        weight_packed: uint8 `[out, ceil(K / 8)]`, K = prod(weight_shape[1:]); bit set = +1 (see `pack_signs`).
+        weight_scale: `[out]`, the per-output-channel alpha (only with `weight_scale="channel"`).
+        input_scale: scalar float32 beta (only with binarized inputs and `activation_scale="tensor"`).
+    A layer whose weights stay full precision (`weights=None`, a binary-activation-only network) keeps `weight`.
+
+    Args:
+        unpack_cache: keep the unpacked float weight resident after the first forward (faster, but costs the
+            memory of a float copy); by default every forward unpacks and the float copy is freed.
+    """
+
+    weight_shape: tuple[int, ...]
+    binary_inputs: bool
+    unpack_cache: bool
+    feature_ndim: int
+    kernel: str
+
+    def _init_binary(
+        self,
+        weight_shape: tuple[int, ...],
+        *,
+        bias: bool,
+        binary_weights: bool,
+        weight_scale: bool,
+        binary_inputs: bool,
+        input_scale: bool,
+        unpack_cache: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        out = weight_shape[0]
+        self.weight_shape = tuple(weight_shape)
+        self.binary_inputs = binary_inputs
+        self.unpack_cache = unpack_cache
+        #: How binary-input x binary-weight layers compute (`set_kernel`): "auto", "xnor" or "reference".
+        self.kernel = "auto"
+        #: STE window of the input binarization, in units of beta (`StoMPPConfig.activation_clip`); only used when
+        #: gradients flow through the layer.
+        self.input_clip = 1.0
+        self._unpacked: tuple[int, torch.Tensor] | None = None
+        factory = {"dtype": dtype, "device": device}
+        if binary_weights:
+            nbytes = (math.prod(weight_shape[1:]) + 7) // 8
+            self.register_buffer("weight_packed", torch.zeros(out, nbytes, dtype=torch.uint8, device=device))
+            self.register_buffer("weight_scale", torch.ones(out, **factory) if weight_scale else None)
+            self.weight = None
+        else:
+            self.register_buffer("weight_packed", None)
+            self.register_buffer("weight_scale", None)
+            self.weight = nn.Parameter(torch.empty(weight_shape, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out, **factory), requires_grad=False) if bias else None
+        scale = torch.ones((), dtype=torch.float32, device=device) if binary_inputs and input_scale else None
+        self.register_buffer("input_scale", scale)
+
+    @classmethod
+    def flags_from_config(cls, config) -> dict[str, bool]:
+        return {
+            "binary_weights": config.weights is not None,
+            "weight_scale": config.weight_scale == "channel",
+            "binary_inputs": config.activations is not None,
+            "input_scale": config.activation_scale == "tensor",
+        }
+
+    @property
+    def binary_weights(self) -> bool:
+        return self.weight_packed is not None
+
+    @property
+    def qweight(self) -> torch.Tensor | None:
+        """The packed weight under the name quantization tooling (peft, GPTQ conventions) looks for to find the
+        device of a quantized layer without a float `weight`; None where weights stay full precision."""
+        return self.weight_packed if self.weight_packed is not None else self.weight
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight_shape={self.weight_shape}, bias={self.bias is not None}, binary_weights={self.binary_weights}, "
+            f"binary_inputs={self.binary_inputs}, unpack_cache={self.unpack_cache}"
+        )
+
+    def sign_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The +-1 float weight `sign(W)` (kept resident with `unpack_cache`), or the full-precision `weight`."""
+        if self.weight_packed is None:
+            return self.weight
+        dtype = dtype or torch.get_default_dtype()
+        version = self.weight_packed._version
+        cached = self._unpacked
+        if cached is not None and cached[0] == version and cached[1].dtype == dtype:
+            return cached[1]
+        weight = unpack_signs(self.weight_packed, math.prod(self.weight_shape[1:]), dtype).reshape(self.weight_shape)
+        if self.unpack_cache:
+            self._unpacked = (version, weight)
+        return weight
+
+    def unpacked_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight the layer computes with: alpha * sign(W) (or +-1), or the full-precision `weight`."""
+        weight = self.sign_weight(dtype)
+        if self.weight_packed is None or self.weight_scale is None:
+            return weight
+        return weight * self.weight_scale.view(-1, *([1] * (len(self.weight_shape) - 1))).to(weight.dtype)
+
+    def binarize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`sign(x)` in {-1, +1}, sign(0) = +1 exactly as in training (beta multiplies the layer output instead).
+
+        When autograd tracks `x` (e.g. LoRA adapters before this layer are training on a packed base), the same
+        values come with the clipped straight-through gradient `1{|x| <= input_clip * beta}` (with respect to
+        `beta * sign(x)`), so gradients reach earlier layers; the packed weights themselves never receive one.
+        """
+        if not self.binary_inputs:
+            return x
+        if x.requires_grad and torch.is_grad_enabled():
+            scale = self.input_scale.to(x.dtype) if self.input_scale is not None else 1.0
+            return hard_sign(x, ste=True, scale=scale, bound=scale * self.input_clip, factored=True)
+        return binary_sign(x)
+
+    def output_scale(self) -> torch.Tensor | None:
+        """`beta * alpha`, the factor of the layer output (see `output_scale`)."""
+        return output_scale(self.input_scale, self.weight_scale, self.feature_ndim)
+
+    def _binary_forward(self, x: torch.Tensor, op) -> torch.Tensor:
+        y = op(self.binarize_input(x), self.sign_weight(x.dtype), None)
+        return scale_output(y, self.output_scale(), self.bias, self.feature_ndim)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, config, unpack_cache: bool = False):
+        """An empty packed module shaped like `module` (an `nn.Linear` / `nn.Conv2d`, on any device incl. meta)."""
+        new = cls._empty_like(module, unpack_cache=unpack_cache, **cls.flags_from_config(config))
+        new.input_clip = config.activation_clip
+        return new
+
+    @classmethod
+    def from_stompp(cls, module: StoMPPMixin, unpack_cache: bool = False):
+        """Pack a fully frozen training module: the result computes the frozen module's outputs bit for bit."""
+        new = cls._empty_like(module, unpack_cache=unpack_cache, **module.binary_flags())
+        if module.input_binarizer is not None:
+            new.input_clip = module.input_binarizer.clip
+        with torch.no_grad():
+            w = full_tensor(module.weight.detach())
+            if module.weight_binarizer is not None:
+                new.weight_packed.copy_(pack_signs((w >= 0).reshape(w.shape[0], -1)))
+                if new.weight_scale is not None:
+                    new.weight_scale.copy_(module.weight_binarizer.weight_scale(w).reshape(-1))
+            else:
+                new.weight.copy_(w)
+            if new.bias is not None:
+                new.bias.copy_(full_tensor(module.bias.detach()))
+            if new.input_scale is not None:
+                new.input_scale.copy_(full_tensor(module.input_binarizer.scale))
+        return new
+
+
+class BinaryLinear(BinaryMixin, nn.Module):
+    """Packed 1-bit inference twin of `StoMPPLinear`: `linear(sign(x), sign(W)) * (beta * alpha) + b`."""
+
+    feature_ndim = 1
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        binary_weights: bool = True,
+        weight_scale: bool = True,
+        binary_inputs: bool = True,
+        input_scale: bool = True,
+        unpack_cache: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_binary(
+            (out_features, in_features),
+            bias=bias,
+            binary_weights=binary_weights,
+            weight_scale=weight_scale,
+            binary_inputs=binary_inputs,
+            input_scale=input_scale,
+            unpack_cache=unpack_cache,
+            dtype=dtype,
+            device=device,
+        )
+
+    @classmethod
+    def _empty_like(cls, module: nn.Linear, **kwargs) -> BinaryLinear:
+        w = module.weight
+        return cls(
+            module.in_features, module.out_features, module.bias is not None, dtype=w.dtype, device=w.device, **kwargs
+        )
+
+    def xnor_applies(self, x: torch.Tensor) -> str | None:
+        """Why the XNOR kernel cannot compute this forward, or None when it can."""
+        if not (self.binary_weights and self.binary_inputs):
+            return "the layer does not binarize both its weights and its inputs"
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return f"the XNOR kernel takes float32 inputs on CPU, got {x.dtype} on {x.device.type}"
+        tracked = (x, self.bias, self.weight_scale, self.input_scale)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
+            return "autograd tracks this forward and the XNOR kernel has no backward pass"
+        if any(t is not None and t.dtype != torch.float32 for t in (self.weight_scale, self.input_scale, self.bias)):
+            return "the layer's scales or bias are not float32"
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel != "reference":
+            reason = self.xnor_applies(x)
+            if reason is None and (self.kernel == "xnor" or xnor.is_available()):
+                scale = self.output_scale()
+                if scale is not None and scale.ndim == 0:  # beta alone: the same product for every output
+                    scale = scale.expand(self.out_features)
+                return xnor.xnor_linear(x, self.weight_packed, self.in_features, scale, self.bias)
+            if self.kernel == "xnor" and reason is not None:
+                raise ValueError(f"kernel='xnor' cannot run this forward: {reason}. Use kernel='auto' to fall back.")
+        return self._binary_forward(x, F.linear)
+
+
+class BinaryConv2d(BinaryMixin, nn.Module):
+    """Packed 1-bit inference twin of `StoMPPConv2d`; padding is applied to the binarized input, as in training."""
+
+    feature_ndim = 3
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        binary_weights: bool = True,
+        weight_scale: bool = True,
+        binary_inputs: bool = True,
+        input_scale: bool = True,
+        unpack_cache: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        # Reuse nn.Conv2d's argument normalisation (tuples, 'same' padding, reversed padding for padding_mode).
+        ref = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False, padding_mode, "meta"
+        )
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, name, getattr(ref, name))
+        self.padding_mode = padding_mode
+        self._reversed_padding_repeated_twice = ref._reversed_padding_repeated_twice
+        self._init_binary(
+            tuple(ref.weight.shape),
+            bias=bias,
+            binary_weights=binary_weights,
+            weight_scale=weight_scale,
+            binary_inputs=binary_inputs,
+            input_scale=input_scale,
+            unpack_cache=unpack_cache,
+            dtype=dtype,
+            device=device,
+        )
+
+    @classmethod
+    def _empty_like(cls, module: nn.Conv2d, **kwargs) -> BinaryConv2d:
+        w = module.weight
+        return cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            dtype=w.dtype,
+            device=w.device,
+            **kwargs,
+        )
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._binary_forward(x, self._conv)

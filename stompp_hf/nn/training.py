@@ -1,0 +1,212 @@
+"""Training modules `StoMPPLinear` / `StoMPPConv2d`: an `nn.Linear` / `nn.Conv2d` whose forward binarizes its weight
+and input through one shared `Binarizer` each.
+
+A swap reuses the wrapped layer's Parameters (no copy, safe on the meta device): the new module *is* an
+`nn.Linear` / `nn.Conv2d`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.functional import output_scale, scale_output
+from ..core.surge import surge
+from .binarizer import Binarizer
+from .recompute import _RecomputeSaved
+
+
+class StoMPPMixin:
+    """Shared state and inspection API of the StoMPP training modules (docs/design.md, "Training with Trainer")."""
+
+    #: Number of trailing input dimensions that make up one sample's features (1 for linear, 3 for conv2d).
+    feature_ndim: int = 1
+    weight_binarizer: Binarizer | None
+    input_binarizer: Binarizer | None
+    stompp_stage: int
+
+    def _init_stompp(
+        self,
+        weights: str | None,
+        activations: str | None,
+        weight_scale: str,
+        activation_scale: str,
+        input_shape: tuple[int, ...] | None,
+        activation_clip: float = 1.0,
+        compensation: str | None = None,
+        surge_eta: float = 0.5,
+    ) -> None:
+        self.stompp_stage = 0
+        w = Binarizer(weights, "weight", weight_scale, tuple(self.weight.shape)) if weights is not None else None
+        a = (
+            Binarizer(activations, "input", activation_scale, input_shape, clip=activation_clip)
+            if activations is not None
+            else None
+        )
+        self.weight_binarizer = w
+        self.input_binarizer = a
+        self.surge_eta = surge_eta
+        #: lambda of the last SURGE backward (a 0-dim tensor), None before the first one or without SURGE.
+        self.surge_lambda: torch.Tensor | None = None
+        if compensation == "surge":
+            # SURGE's auxiliary full-precision weight, initialised from the latent weight. On the meta device (inside
+            # `from_pretrained`) this is a meta tensor; the quantizer copies the loaded latent weight into it.
+            self.surge_weight = nn.Parameter(self.weight.detach().clone(), requires_grad=self.weight.requires_grad)
+        else:
+            self.surge_weight = None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, config, stage: int = 0):
+        """Swap `module` for a StoMPP module of the same class family, reusing its Parameters (no copy)."""
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        new._parameters = dict(module._parameters)
+        new._buffers = dict(module._buffers)
+        new._modules = dict(module._modules)
+        new._init_stompp(
+            config.weights,
+            config.activations,
+            config.weight_scale,
+            config.activation_scale,
+            cls._input_shape(module),
+            config.activation_clip,
+            config.compensation,
+            config.surge_eta,
+        )
+        new.stompp_stage = stage
+        return new
+
+    @staticmethod
+    def _input_shape(module: nn.Module) -> tuple[int, ...] | None:
+        return None
+
+    def binarized_weight(self) -> torch.Tensor:
+        return self.weight_binarizer(self.weight) if self.weight_binarizer is not None else self.weight
+
+    def binarized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_binarizer(x, self.feature_ndim) if self.input_binarizer is not None else x
+
+    def _record_surge_lambda(self, lam: torch.Tensor) -> None:
+        self.surge_lambda = lam
+
+    def _stompp_forward(self, x: torch.Tensor, op) -> torch.Tensor:
+        """The layer's output, through SURGE's compensator when it is on and training."""
+        if self.surge_weight is None or not (self.training and torch.is_grad_enabled()):
+            return self._binary_op(x, op)
+        return surge(
+            x,
+            self.surge_weight,
+            lambda xb: self._binary_op(xb, op),
+            lambda xa, wa: op(xa, wa, None),
+            self.surge_eta,
+            self._record_surge_lambda,
+        )
+
+    def _binary_op(self, x: torch.Tensor, op) -> torch.Tensor:
+        """`op(binarized input, binarized weight, bias)`.
+
+        When every binarized tensor of the layer is frozen, the scales move to the output:
+        `op(sign(x), sign(W)) * (beta * alpha) + bias`, the form of the packed modules and the XNOR kernel (binary
+        x binary products are exact integers there). Binarized operands that the op saves for its backward are
+        recomputed there from `x` and `W` rather than kept (`_RecomputeSaved`).
+        """
+        factored = all(b.frozen for b in self.binarizers())
+        weight, x_scale, w_scale, recompute = self.weight, None, None, []
+        if self.input_binarizer is not None:
+            x, x_scale, fn = self.input_binarizer.binarize(x, self.feature_ndim, factored)
+            if fn is not None:
+                recompute.append((x, fn))
+        if self.weight_binarizer is not None:
+            weight, w_scale, fn = self.weight_binarizer.binarize(weight, factored=factored)
+            if fn is not None:
+                recompute.append((weight, fn))
+        bias = None if factored else self.bias
+        if (
+            recompute
+            and torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad)
+            and not torch.compiler.is_compiling()  # the compiler chooses what to save for the backward itself
+        ):
+            with _RecomputeSaved(recompute):
+                y = op(x, weight, bias)
+        else:
+            y = op(x, weight, bias)
+        if not factored:
+            return y
+        return scale_output(y, output_scale(x_scale, w_scale, self.feature_ndim), self.bias, self.feature_ndim)
+
+    def binary_flags(self) -> dict[str, bool]:
+        """The `BinaryMixin` flags describing this module once packed."""
+        w, a = self.weight_binarizer, self.input_binarizer
+        return {
+            "binary_weights": w is not None,
+            "weight_scale": w is not None and w.scale_mode == "channel",
+            "binary_inputs": a is not None,
+            "input_scale": a is not None and a.scale is not None,
+        }
+
+    @property
+    def fully_frozen(self) -> bool:
+        """True when every binarized tensor of this module is frozen to sign (the module can be packed)."""
+        return all(
+            b.rule == "ste" or (b.mask is not None and b.mask.frozen_fraction == 1.0) for b in self.binarizers()
+        )
+
+    def binarizers(self) -> list[Binarizer]:
+        return [b for b in (self.weight_binarizer, self.input_binarizer) if b is not None]
+
+    def _mask_of(self, binarizer: Binarizer | None) -> torch.Tensor | None:
+        if binarizer is None or binarizer.mask is None:
+            return None
+        return binarizer.mask.tensor(self.weight.device)
+
+    @property
+    def weight_mask(self) -> torch.Tensor | None:
+        """Bool tensor of the weight's shape (True = frozen to sign), or None where weights stay full precision."""
+        return self._mask_of(self.weight_binarizer)
+
+    @property
+    def input_mask(self) -> torch.Tensor | None:
+        """Bool tensor of the per-sample input shape, or None where inputs are not binarized (or not yet seen)."""
+        return self._mask_of(self.input_binarizer)
+
+    @property
+    def weight_frozen_fraction(self) -> float | None:
+        b = self.weight_binarizer
+        return None if b is None else b.mask.frozen_fraction
+
+    @property
+    def input_frozen_fraction(self) -> float | None:
+        b = self.input_binarizer
+        if b is None:
+            return None
+        if b.mask is None:  # shape not seen yet
+            return 1.0 if b.rule == "ste" else 0.0
+        return b.mask.frozen_fraction
+
+
+class StoMPPLinear(StoMPPMixin, nn.Linear):
+    """`nn.Linear` with StoMPP-binarized weight and input; the input mask has shape `[in_features]`."""
+
+    feature_ndim = 1
+
+    @staticmethod
+    def _input_shape(module: nn.Module) -> tuple[int, ...]:
+        return (module.in_features,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._stompp_forward(x, F.linear)
+
+
+class StoMPPConv2d(StoMPPMixin, nn.Conv2d):
+    """`nn.Conv2d` with StoMPP-binarized weight and input; the input mask has the per-sample shape `[C, H, W]`.
+
+    Padding is applied to the binarized input, so zero padding stays zero (as in binary CNN practice, the
+    padded border is not part of the mask).
+    """
+
+    feature_ndim = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._stompp_forward(x, self._conv_forward)
