@@ -1,4 +1,9 @@
-"""Helpers shared by the benchmark scripts: timing with a record of other processes' CPU use, process memory."""
+"""Helpers shared by the benchmark scripts: timing with a record of other processes' CPU use, process memory, and
+the header of a results file (the command that wrote it and the machine it ran on).
+
+The benchmarks run as scripts (`python benchmarks/inference.py`), so they import this file as their sibling
+`common`; they do not import the recipes.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,28 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
+
+from stompp_hf.kernels.cpu import describe_cpu
+
+
+def results_header(title: str, command: str) -> list[str]:
+    """The opening lines of a results file: its title, the command that wrote it, and the machine: the CPU (model,
+    cores and its instruction-set extensions that matter for the kernels), the torch version and thread count."""
+    return [
+        f"# {title}",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"- CPU: {describe_cpu()}",
+        f"- torch {torch.__version__}, `torch.get_num_threads()` = {torch.get_num_threads()}",
+        "",
+    ]
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:

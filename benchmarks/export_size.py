@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
+from common import MONITOR, interleaved, iqr, timed
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -44,10 +45,8 @@ import stompp_hf  # noqa: F401  (registers quant_method="stompp" with Transforme
 from stompp_hf import ProgressionController, StoMPPConfig, assets
 from stompp_hf.conversion import stompp_modules
 from stompp_hf.export import binarization_progress, packed_bits_per_weight, set_kernel, set_unpack_cache
-from stompp_hf.layers import BinaryMixin
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import MONITOR, interleaved, iqr, timed  # noqa: E402
+from stompp_hf.kernels.cpu import describe_cpu
+from stompp_hf.nn import BinaryMixin
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "export_size.md")
 BATCHES = (1, 32)
@@ -333,17 +332,6 @@ def pct(a: float, b: float) -> str:
     return f"{100 * a / b:.1f}%"
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def layer_summary(names: list[str]) -> str:
     encoder = [n for n in names if ".encoder." in n]
     rest = [n for n in names if ".encoder." not in n]
@@ -448,7 +436,7 @@ def render(results: list[Result], command: str, elapsed: float, args: argparse.N
         "```",
         "",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- CPU: {cpu_name()} ({os.cpu_count()} logical cores visible); "
+        f"- CPU: {describe_cpu()}; "
         f"`torch.set_num_threads({args.threads})` -> `torch.get_num_threads()` = {torch.get_num_threads()}",
         f"- Sequence length {args.seq_len} for every forward pass (inputs padded / truncated to exactly "
         f"{args.seq_len} tokens). Activation scales measured by {CALIBRATION_BATCHES} `model.train()` forward passes "

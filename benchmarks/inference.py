@@ -12,8 +12,8 @@ classifier) and a BERT-base-sized `BertConfig()` with seeded random weights. Eac
 
 * `reference`: every forward unpacks the sign bits to a +-1 float matrix and runs the dense matmul;
 * `reference + unpack cache`: the +-1 float matrices stay resident after the first forward;
-* `xnor`: the bit-packed XNOR-popcount kernel of `stompp_hf.xnor` (weights stay packed, inputs are packed to bits
-  on the fly).
+* `xnor`: the bit-packed XNOR-popcount kernel of `stompp_hf.kernels.xnor` (weights stay packed, inputs are packed
+  to bits on the fly).
 
 Measured for each, batch 1 and 32 at sequence length 128, `model.eval()` under `torch.no_grad()`:
 
@@ -41,12 +41,7 @@ import tempfile
 import time
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import MONITOR, interleaved, iqr, vm_status_kib  # noqa: E402
-
-from recipes.common import results_header  # noqa: E402
+from common import MONITOR, interleaved, iqr, results_header, vm_status_kib
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "inference.md")
 BATCHES = (1, 32)
@@ -151,7 +146,7 @@ def whole_model(models: dict, inputs: dict, repeats: dict[int, int]) -> dict[tup
 
 def binarized_layers(models: dict, inputs: dict, repeats: dict[int, int]) -> dict[tuple[str, int], list[float]]:
     """Time only the binarized layers: each mode's layers on the inputs captured from one packed forward."""
-    from stompp_hf.layers import BinaryMixin
+    from stompp_hf.nn import BinaryMixin
 
     packed_names = [n for n in models if MODES[n] is not None]
     probe = models[packed_names[0]]
@@ -250,15 +245,15 @@ def render(results: dict[str, dict], command: str, args: argparse.Namespace, ela
 
     lines = [
         *results_header("Binarized inference: packed 1-bit models against FP32", command),
-        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, `torch.set_num_threads({args.threads})`, no GPU. Whole run "
+        f"- Machine: {platform.machine()}, transformers {transformers.__version__}, "
+        f"`torch.set_num_threads({args.threads})`, no GPU. Whole run "
         f"{elapsed / 60:.1f} min.",
         f"- Sequence length {SEQ}; `model.eval()`, `torch.no_grad()`; one warm-up call per mode, then medians of "
         "interleaved repeats (every repeat runs each mode once, rotating the order). Ratios are FP32 median / mode "
         "median: above 1 is faster than FP32.",
         "- Modes of the reloaded packed model: `reference` unpacks the sign bits to a +-1 float matrix on every "
         "forward and runs the dense matmul; `+ unpack cache` keeps that matrix resident; `xnor` runs the bit-packed "
-        "XNOR-popcount kernel (`stompp_hf.xnor`): weights stay 1 bit, inputs are packed to bits on the fly, "
+        "XNOR-popcount kernel (`stompp_hf.kernels.xnor`): weights stay 1 bit, inputs are packed to bits on the fly, "
         "`dot = K - 2 * popcount(x_bits XOR w_bits)`, then `* (beta * alpha) + bias` as in the reference.",
         "- Memory: a fresh process per mode imports torch, transformers and stompp_hf (the baseline RSS), loads the "
         "model and runs one forward at batch 1 and one at batch 32; the table gives the model's parameters and "

@@ -33,12 +33,7 @@ import sys
 import time
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import vm_status_kib  # noqa: E402
-
-from recipes.common import results_header  # noqa: E402
+from common import results_header, vm_status_kib
 
 RULES = {
     "FP": None,
@@ -159,7 +154,7 @@ def peak_memory(
 
 
 def refresh_costs(sizes: list[int], rates: list[int], repeats: int) -> dict[tuple[int, int], float]:
-    from stompp_hf.masks import MaskState, make_generator
+    from stompp_hf.core.masks import MaskState, make_generator
 
     costs = {}
     device = torch.device("cpu")
@@ -210,14 +205,13 @@ def main() -> None:
     ]
     lines = [
         *results_header("Training-step overhead of StoMPP", command),
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{args.threads} threads, no GPU. Step = forward + backward + AdamW step + mask advance. Medians of the "
-        "timed rounds; ratios from the same rounds (rules interleaved). Peak memory = peak RSS (`VmHWM`) of a fresh "
-        "process per rule (model, optimizer state and one step's activations; includes the Python / torch "
-        "baseline), measured twice: with glibc's default allocator settings, whose dynamic mmap threshold keeps "
-        "freed activation blocks in the heap (so the peak RSS also depends on the order of allocations), and with "
-        f"`MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}`, which returns every freed block above 128 KiB to the OS, so "
-        "the peak RSS follows the peak of live memory.",
+        f"Machine: {platform.machine()}, {args.threads} threads, no GPU. Step = forward + backward + AdamW step + "
+        "mask advance. Medians of the timed rounds; ratios from the same rounds (rules interleaved). Peak memory = "
+        "peak RSS (`VmHWM`) of a fresh process per rule (model, optimizer state and one step's activations; "
+        "includes the Python / torch baseline), measured twice: with glibc's default allocator settings, whose "
+        "dynamic mmap threshold keeps freed activation blocks in the heap (so the peak RSS also depends on the order "
+        f"of allocations), and with `MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}`, which returns every freed block above "
+        "128 KiB to the OS, so the peak RSS follows the peak of live memory.",
         "",
     ]
     verdicts = []

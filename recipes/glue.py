@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from stompp_hf_recipes.common import BinarizedEvalTrainer, StoMPPArguments, plot_curves, stompp_callbacks
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -40,11 +41,9 @@ from transformers import (
 )
 
 from stompp_hf.assets import load_rotten_tomatoes, minilm_path
-from stompp_hf.hub import model_card
+from stompp_hf.integrations.transformers.arguments import none_str
+from stompp_hf.integrations.transformers.hub import model_card
 from stompp_hf.metrics import glue_main_metric, load_glue_metric
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BinarizedEvalTrainer, StoMPPArguments, none_str, plot_curves, stompp_callbacks  # noqa: E402
 
 logger = logging.getLogger("recipes.glue")
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+
+from stompp_hf_recipes.common import result_cells, results_header, run_config, write_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from common import result_cells, results_header, run_config, write_markdown  # noqa: E402
 
 
 def run_one(config_path: str, seed: int, force: bool = False) -> dict:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+
+from stompp_hf_recipes.common import result_cells, results_header, run_config, write_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from common import result_cells, results_header, run_config, write_markdown  # noqa: E402
 
 DEFAULT_CONFIGS = [
     os.path.join("recipes", "experiments", "vision", f"{name}.json")

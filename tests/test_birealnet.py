@@ -8,8 +8,8 @@ import torch
 from timm.models import group_modules
 from torch import nn
 
-import stompp_hf.birealnet  # noqa: F401  (registers the models)
-from stompp_hf.birealnet import BiRealBlock, BiRealNet
+import stompp_hf.integrations.timm.birealnet  # noqa: F401  (registers the models)
+from stompp_hf.integrations.timm.birealnet import BiRealBlock, BiRealNet
 
 DEPTHS = {"birealnet18": (4, 4, 4, 4), "birealnet34": (6, 8, 12, 6)}
 CHANNELS = (64, 128, 256, 512)

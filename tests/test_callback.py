@@ -9,7 +9,7 @@ from transformers import BertForSequenceClassification, Trainer, TrainerCallback
 
 from stompp_hf import StoMPPCallback, StoMPPConfig, binarized, stompp_modules
 
-from .conftest import toy_dataset
+from .testing_utils import toy_dataset
 
 
 class MaskRecorder(TrainerCallback):

@@ -9,7 +9,7 @@ from transformers import (
 from stompp_hf import StoMPPConfig, StoMPPLinear, prepare_model, stompp_modules
 from stompp_hf.conversion import default_modules_to_not_convert
 
-from .conftest import tiny_bert_config, tiny_distilbert_config, tiny_roberta_config
+from .testing_utils import tiny_bert_config, tiny_distilbert_config, tiny_roberta_config
 
 # (name, config builder, expected converted count, expected full-precision linears, expected stage count)
 ENCODERS = [

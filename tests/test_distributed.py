@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the workers import `tests.testing_utils`
 
 
 def free_port() -> int:
@@ -18,7 +19,8 @@ def free_port() -> int:
 
 
 def launch(worker: str, out, nproc: int = 2) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
     cmd = [
         sys.executable,
         "-m",

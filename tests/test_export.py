@@ -1,4 +1,4 @@
-"""Packed 1-bit export: sign packing, packed modules, bit-exact save -> reload, sizes, errors, Trainer checkpoints."""
+"""Packed 1-bit export: packed modules, bit-exact save -> reload, sizes, errors, Trainer checkpoints."""
 
 import json
 import logging
@@ -14,27 +14,36 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertForSequenceClassification,
-    Trainer,
-    TrainingArguments,
 )
 
 from stompp_hf import (
     BinaryConv2d,
     BinaryLinear,
     ProgressionController,
-    StoMPPCallback,
     StoMPPConfig,
-    StoMPPConv2d,
     StoMPPLinear,
     set_kernel,
     stompp_modules,
     summary,
-    xnor,
 )
 from stompp_hf.export import pack_module
-from stompp_hf.masks import pack_signs, unpack_signs
+from stompp_hf.kernels import xnor
 
-from .conftest import tiny_bert_config, tiny_distilbert_config, tiny_roberta_config, toy_dataset
+from .testing_utils import (
+    COMBOS,
+    LAYERS,
+    eval_ids,
+    fp_checkpoint,
+    frozen_training_module,
+    load_stompp,
+    logits,
+    tiny_bert_config,
+    tiny_distilbert_config,
+    tiny_roberta_config,
+    train_to_freeze,
+    trainer_for,
+    with_zeros,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -53,51 +62,6 @@ def read_config(folder) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
-def load_stompp(folder, config: StoMPPConfig, **kwargs):
-    return AutoModelForSequenceClassification.from_pretrained(str(folder), quantization_config=config, **kwargs)
-
-
-def fp_checkpoint(tmp_path, make_config=tiny_bert_config, seed=0):
-    """A saved full-precision classifier built from `make_config()`."""
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(make_config())
-    path = tmp_path / "fp"
-    model.save_pretrained(path)
-    return path
-
-
-def batches(n, vocab=64, batch=4, seq_len=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(n):
-        yield torch.randint(5, vocab, (batch, seq_len), generator=g), torch.randint(0, 2, (batch,), generator=g)
-
-
-def train_to_freeze(model, total_steps=4, train_steps=None, vocab=64, lr=0.05):
-    """SGD steps under a ProgressionController; `train_steps < total_steps` stops mid-progression."""
-    torch.manual_seed(0)
-    ctl = ProgressionController(model, total_steps)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for step, (ids, labels) in enumerate(batches(train_steps or total_steps, vocab=vocab), start=1):
-        loss = model(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        ctl.advance(step)
-    model.eval()
-    return ctl
-
-
-def eval_ids(vocab=64, seed=123):
-    return torch.randint(5, vocab, (3, 8), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model, ids):
-    model.eval()
-    return model(input_ids=ids).logits
-
-
 def assert_packed_checkpoint(folder, trained):
     """config.json says packed, every binarized layer is uint8 `weight_packed` and has no float `weight`."""
     assert read_config(folder)["quantization_config"]["packed"] is True
@@ -113,90 +77,7 @@ def assert_packed_checkpoint(folder, trained):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1. pack_signs / unpack_signs
-
-
-@pytest.mark.parametrize("k", [1, 7, 8, 13, 16, 64, 67])
-def test_pack_unpack_round_trip(k):
-    g = torch.Generator().manual_seed(k)
-    positive = torch.rand(5, k, generator=g) < 0.5
-    packed = pack_signs(positive)
-    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (5, (k + 7) // 8)
-    assert torch.equal(unpack_signs(packed, k), positive)
-    for dtype in (torch.float32, torch.bfloat16):  # straight to +-1 values
-        assert torch.equal(unpack_signs(packed, k, dtype), positive.to(dtype) * 2 - 1)
-    if k % 8:  # the short last byte is zero-padded
-        assert int(packed[:, -1].max()) < (1 << (k % 8))
-
-
-def test_pack_signs_hand_computed_bytes():
-    row = torch.tensor([[True, False, False, True, True, True, False, False, True]])  # + - - + + + - - +
-    packed = pack_signs(row)
-    assert packed.tolist() == [[0b00111001, 0b00000001]]
-    assert torch.equal(unpack_signs(torch.tensor([[0b00111001, 0b00000001]], dtype=torch.uint8), 9), row)
-    assert pack_signs(torch.ones(2, 8, dtype=torch.bool)).tolist() == [[255], [255]]
-    assert pack_signs(torch.zeros(1, 3, dtype=torch.bool)).tolist() == [[0]]
-
-
-def test_pack_signs_rejects_bad_input():
-    with pytest.raises(ValueError, match="2-D bool tensor"):
-        pack_signs(torch.randn(2, 8))
-    with pytest.raises(ValueError, match="2-D bool tensor"):
-        pack_signs(torch.ones(8, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"unpack_signs expects uint8 \[rows, 2\]"):
-        unpack_signs(torch.zeros(2, 3, dtype=torch.uint8), 13)
-    with pytest.raises(ValueError, match="unpack_signs expects uint8"):
-        unpack_signs(torch.zeros(2, 2, dtype=torch.int64), 13)
-    with pytest.raises(ValueError, match="unpack_signs expects uint8"):
-        unpack_signs(torch.zeros(2, dtype=torch.uint8), 8)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 2. BinaryLinear / BinaryConv2d equal the frozen training modules
-
-RULES = ["stompp", "stompp_ste", "ste", None]
-COMBOS = [(w, a) for w in RULES for a in RULES if (w, a) != (None, None)]
-LAYERS = {
-    # kind: (layer factory, input shape)
-    "linear": (lambda: nn.Linear(13, 6), (5, 13)),
-    "conv": (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1), (2, 3, 7, 7)),
-    "conv_reflect_groups": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"), (2, 4, 5, 6)),
-}
-
-
-def with_zeros(shape, seed):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    x[x.abs() < 0.4] = 0.0  # exact zeros: sign(0) = +1 must agree between training and packed modules
-    x.view(-1)[0] = -0.0
-    assert int((x == 0).sum()) > 0
-    return x
-
-
-def frozen_training_module(kind, weights, activations, scales):
-    torch.manual_seed(0)
-    make_layer, shape = LAYERS[kind]
-    layer = make_layer()
-    with torch.no_grad():
-        layer.weight.view(-1)[::5] = 0.0
-    config = StoMPPConfig(
-        weights=weights,
-        activations=activations,
-        weight_scale="channel" if scales else "none",
-        activation_scale="tensor" if scales else "none",
-    )
-    cls = StoMPPLinear if isinstance(layer, nn.Linear) else StoMPPConv2d
-    module = cls.from_module(layer, config)
-    for b in module.binarizers():
-        b.controlled = True
-    module.train()
-    with torch.no_grad():
-        module(torch.randn(shape, generator=torch.Generator().manual_seed(1)))  # measures beta, sizes input masks
-        module(torch.randn(shape, generator=torch.Generator().manual_seed(2)))
-    for b in module.binarizers():
-        b.mask.fill(True)
-    assert module.fully_frozen
-    module.eval()
-    return module, layer, shape
+# 1. BinaryLinear / BinaryConv2d equal the frozen training modules
 
 
 @pytest.mark.parametrize("scales", [True, False], ids=["scaled", "unscaled"])
@@ -249,7 +130,7 @@ def test_binary_module_equals_frozen_training_module(kind, weights, activations,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. bit-exact save -> reload of tiny encoders
+# 2. bit-exact save -> reload of tiny encoders
 
 ENCODERS = {
     "bert": tiny_bert_config,
@@ -286,7 +167,7 @@ def test_packed_save_reload_is_bit_exact(tmp_path, encoder, rules):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. the real packaged MiniLM (2 layers) on real sentences
+# 3. the real packaged MiniLM (2 layers) on real sentences
 
 
 @pytest.mark.slow
@@ -334,7 +215,7 @@ def test_minilm_packed_reload_is_bit_exact(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. bits per binarized weight
+# 4. bits per binarized weight
 
 
 @pytest.mark.parametrize("weight_scale,bound", [("channel", 1.05), ("none", 1.0)])
@@ -363,7 +244,7 @@ def test_packed_bits_per_weight(tmp_path, weight_scale, bound):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 6. export_dtype
+# 5. export_dtype
 
 
 def test_export_dtype_float16(tmp_path):
@@ -399,7 +280,7 @@ def test_export_dtype_float16(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. errors and the latent fallback
+# 6. errors and the latent fallback
 
 
 def test_packed_checkpoint_with_edited_config_names_the_tensor(tmp_path):
@@ -419,9 +300,10 @@ def test_saving_mid_progression_writes_latent_checkpoint(tmp_path, caplog):
     train_to_freeze(model, total_steps=6, train_steps=2)
     assert not all(m.fully_frozen for m in stompp_modules(model).values())
     out = tmp_path / "latent"
-    with caplog.at_level(logging.WARNING, logger="stompp_hf.hf_quantizer"):
+    logger = "stompp_hf.integrations.transformers.quantizer"
+    with caplog.at_level(logging.WARNING, logger=logger):
         model.save_pretrained(out)
-    warnings = [r for r in caplog.records if r.name == "stompp_hf.hf_quantizer" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == logger and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "latent checkpoint" in warnings[0].getMessage()
     assert read_config(out)["quantization_config"]["packed"] is False
     tensors = safetensors_tensors(out / "model.safetensors")
@@ -458,24 +340,7 @@ def test_packing_requires_measured_beta_and_frozen_masks(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 8. Trainer: latent checkpoints while training, packed save_model after, resume
-
-
-def trainer_for(model, output_dir, callbacks=(), **kwargs):
-    """A `Trainer` on the toy dataset with a `StoMPPCallback` (and `callbacks`); 6 steps unless `max_steps` given."""
-    kwargs.setdefault("max_steps", 6)
-    args = TrainingArguments(
-        str(output_dir),
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        **kwargs,
-    )
-    return Trainer(model=model, args=args, train_dataset=toy_dataset(), callbacks=[StoMPPCallback(), *callbacks])
+# 7. Trainer: latent checkpoints while training, packed save_model after, resume
 
 
 def test_trainer_checkpoints_are_latent_and_save_model_is_packed(tmp_path):
@@ -516,7 +381,7 @@ def test_trainer_checkpoints_are_latent_and_save_model_is_packed(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 9. summary
+# 8. summary
 
 
 def test_summary_matches_saved_packed_checkpoint(tmp_path):

@@ -6,11 +6,11 @@ import csv
 import glob
 import json
 import os
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
+from stompp_hf_recipes import glue
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from stompp_hf.assets import minilm_path
@@ -18,8 +18,6 @@ from stompp_hf.assets import minilm_path
 from .conftest import tiny_bert_config
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
-sys.path.insert(0, RECIPES)
-import glue  # noqa: E402
 
 ROWS = {
     "cola": [{"sentence": "the cat sat .", "label": 1}, {"sentence": "sat the cat on .", "label": 0}],

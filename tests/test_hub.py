@@ -15,9 +15,9 @@ from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, Trainer, TrainingArguments
 
 from stompp_hf import ProgressionController, StoMPPCallback, StoMPPConfig, prepare_model
-from stompp_hf.hub import TAGS, model_card, template_path
+from stompp_hf.integrations.transformers.hub import TAGS, model_card, template_path
 
-from .conftest import tiny_bert_config, toy_dataset
+from .testing_utils import tiny_bert_config, toy_dataset
 
 
 class FakeHubApi:

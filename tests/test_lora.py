@@ -10,11 +10,10 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 from stompp_hf import StoMPPConfig, stompp_modules
 from stompp_hf.export import binarization_progress
-from stompp_hf.layers import BinaryLinear, StoMPPLinear
-from stompp_hf.lora import load_lora_adapter, merge_lora_into_latent, stompp_lora_config
+from stompp_hf.integrations.peft import load_lora_adapter, merge_lora_into_latent, stompp_lora_config
+from stompp_hf.nn import BinaryLinear, StoMPPLinear
 
-from .conftest import toy_dataset
-from .test_export import eval_ids, fp_checkpoint, load_stompp, logits, train_to_freeze
+from .testing_utils import eval_ids, fp_checkpoint, load_stompp, logits, toy_dataset, train_to_freeze
 
 TARGETS = ["query", "value", "intermediate.dense"]
 
@@ -117,7 +116,7 @@ def test_lora_on_latent_stompp_model_merges_into_latent_weights(tmp_path):
 
 def test_packed_layer_passes_a_clipped_ste_gradient_with_identical_values():
     """W = [+1, -1, +1] packed, beta = 2, x = [1, -5, 0.5]: out = 2 * (1 + 1 + 1) = 6; dx = W * 1{|x| <= 2}."""
-    from stompp_hf.masks import pack_signs
+    from stompp_hf.core.packing import pack_signs
 
     layer = BinaryLinear(3, 1, bias=False, weight_scale=False)
     layer.weight_packed.copy_(pack_signs(torch.tensor([[True, False, True]])))

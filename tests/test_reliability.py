@@ -13,10 +13,9 @@ import torch
 from transformers import BertForSequenceClassification, TrainerCallback
 
 from stompp_hf import ProgressionController, StoMPPCallback, StoMPPConfig, stompp_modules
-from stompp_hf.hub import model_card
+from stompp_hf.integrations.transformers.hub import model_card
 
-from .conftest import tiny_bert_config
-from .test_export import eval_ids, fp_checkpoint, load_stompp, logits, train_to_freeze, trainer_for
+from .testing_utils import eval_ids, fp_checkpoint, load_stompp, logits, tiny_bert_config, train_to_freeze, trainer_for
 
 
 def test_packed_checkpoint_without_stompp_hf_import_is_documented(tmp_path):
@@ -128,7 +127,7 @@ def test_bf16_mixed_precision_on_cpu_trains_and_exports(tiny_bert_dir, tmp_path)
 
 
 def test_interrupted_mask_save_keeps_the_previous_file(tiny_bert_dir, tmp_path, monkeypatch):
-    import stompp_hf.callback as callback_module
+    import stompp_hf.integrations.transformers.callback as callback_module
 
     model = BertForSequenceClassification.from_pretrained(tiny_bert_dir, quantization_config=StoMPPConfig())
     trainer = trainer_for(model, tmp_path, max_steps=3, save_strategy="steps", save_steps=2)

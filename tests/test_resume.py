@@ -9,7 +9,7 @@ from transformers import BertForSequenceClassification, Trainer, TrainingArgumen
 
 from stompp_hf import StoMPPCallback, StoMPPConfig, stompp_modules
 
-from .conftest import toy_dataset
+from .testing_utils import toy_dataset
 
 MAX_STEPS = 12
 

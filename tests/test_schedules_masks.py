@@ -1,3 +1,6 @@
+"""The core state of StoMPP: schedules and stage progress, masks (sampling, soft refresh), sign packing, and the
+mask progression a `ProgressionController` drives."""
+
 import math
 
 import pytest
@@ -5,8 +8,9 @@ import torch
 from torch import nn
 
 from stompp_hf import ProgressionController, StoMPPConfig, prepare_model
-from stompp_hf.masks import MaskState, make_generator, mix_seed, sample_distinct
-from stompp_hf.schedules import SCHEDULES, get_schedule, stage_progress
+from stompp_hf.core.masks import MaskState, make_generator, mix_seed, sample_distinct
+from stompp_hf.core.packing import pack_signs, unpack_signs
+from stompp_hf.core.schedules import SCHEDULES, get_schedule, stage_progress
 
 EXPECTED = {"linear": 0.5, "quadratic": 0.25, "cubic": 0.125, "flipped_quadratic": 0.75, "cosine": 0.5}
 
@@ -65,6 +69,49 @@ def test_constant_masks_allocate_nothing():
     assert state.value is False and state.frozen_fraction == 0.0
     state.fill(True)
     assert state.value is True and state.frozen_fraction == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sign packing: pack_signs / unpack_signs (the +-1 storage of masks and of packed weights)
+
+
+@pytest.mark.parametrize("k", [1, 7, 8, 13, 16, 64, 67])
+def test_pack_unpack_round_trip(k):
+    g = torch.Generator().manual_seed(k)
+    positive = torch.rand(5, k, generator=g) < 0.5
+    packed = pack_signs(positive)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (5, (k + 7) // 8)
+    assert torch.equal(unpack_signs(packed, k), positive)
+    for dtype in (torch.float32, torch.bfloat16):  # straight to +-1 values
+        assert torch.equal(unpack_signs(packed, k, dtype), positive.to(dtype) * 2 - 1)
+    if k % 8:  # the short last byte is zero-padded
+        assert int(packed[:, -1].max()) < (1 << (k % 8))
+
+
+def test_pack_signs_hand_computed_bytes():
+    row = torch.tensor([[True, False, False, True, True, True, False, False, True]])  # + - - + + + - - +
+    packed = pack_signs(row)
+    assert packed.tolist() == [[0b00111001, 0b00000001]]
+    assert torch.equal(unpack_signs(torch.tensor([[0b00111001, 0b00000001]], dtype=torch.uint8), 9), row)
+    assert pack_signs(torch.ones(2, 8, dtype=torch.bool)).tolist() == [[255], [255]]
+    assert pack_signs(torch.zeros(1, 3, dtype=torch.bool)).tolist() == [[0]]
+
+
+def test_pack_signs_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D bool tensor"):
+        pack_signs(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="2-D bool tensor"):
+        pack_signs(torch.ones(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"unpack_signs expects uint8 \[rows, 2\]"):
+        unpack_signs(torch.zeros(2, 3, dtype=torch.uint8), 13)
+    with pytest.raises(ValueError, match="unpack_signs expects uint8"):
+        unpack_signs(torch.zeros(2, 2, dtype=torch.int64), 13)
+    with pytest.raises(ValueError, match="unpack_signs expects uint8"):
+        unpack_signs(torch.zeros(2, dtype=torch.uint8), 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mask progression on models
 
 
 def mlp(width=16, depth=4):

@@ -47,8 +47,8 @@ class LoraBinaryLinear(LoraLinear):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
             "A LoRA update cannot be merged into a packed 1-bit layer (the sum is not binary). Use "
-            "`stompp_hf.lora.merge_lora_into_latent(peft_model)`, which merges into a latent StoMPP model that "
-            "`save_pretrained` packs again."
+            "`stompp_hf.integrations.peft.merge_lora_into_latent(peft_model)`, which merges into a latent StoMPP "
+            "model that `save_pretrained` packs again."
         )
 
 

@@ -1,7 +1,8 @@
 """One rank of a 2-process CPU (gloo) DDP run of `Trainer` + `StoMPPCallback` on a tiny BERT.
 
-Launched by `tests/test_distributed.py` through `torch.distributed.run`. After every optimizer step it records a
-digest of every mask and every StoMPP weight; each rank writes `rank<N>.json` into the output folder.
+Launched by `tests/test_distributed.py` through `torch.distributed.run`, with the repository root on `PYTHONPATH`
+(for `tests.testing_utils`). After every optimizer step it records a digest of every mask and every StoMPP weight;
+each rank writes `rank<N>.json` into the output folder.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import sys
 import torch
 from transformers import BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from stompp_hf import StoMPPCallback, StoMPPConfig, stompp_modules  # noqa: E402
-from tests.conftest import tiny_bert_config, toy_dataset  # noqa: E402
+from stompp_hf import StoMPPCallback, StoMPPConfig, stompp_modules
+from tests.testing_utils import tiny_bert_config, toy_dataset
 
 
 def digest(tensor: torch.Tensor) -> str:

@@ -1,7 +1,8 @@
 """FSDP2 (`fully_shard`, CPU / gloo) + `save_pretrained` of a StoMPP model, one process per rank.
 
-Launched by `tests/test_distributed.py` through `torch.distributed.run`. Rank 0 writes `result.json`: the logits
-of the reloaded packed and latent checkpoints compared with the unsharded model's.
+Launched by `tests/test_distributed.py` through `torch.distributed.run`, with the repository root on `PYTHONPATH`
+(for `tests.testing_utils`). Rank 0 writes `result.json`: the logits of the reloaded packed and latent checkpoints
+compared with the unsharded model's.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import BertForSequenceClassification
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from stompp_hf import StoMPPConfig, binarized, prepare_model, stompp_modules  # noqa: E402
-from stompp_hf.hf_quantizer import KEEP_LATENT_ATTR  # noqa: E402
-from tests.conftest import tiny_bert_config  # noqa: E402
-from tests.test_export import eval_ids, logits, train_to_freeze  # noqa: E402
+from stompp_hf import StoMPPConfig, binarized, prepare_model, stompp_modules
+from stompp_hf.integrations.transformers.quantizer import KEEP_LATENT_ATTR
+from tests.testing_utils import eval_ids, logits, tiny_bert_config, train_to_freeze
 
 
 def binarized_logits(model, ids):

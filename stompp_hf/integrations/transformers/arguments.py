@@ -4,8 +4,9 @@
     ...
     config = stompp_args.to_config(seed=training_args.seed)
 
-Every training field of the config becomes an option with the config's help text and default (override defaults per
-script with `stompp_arguments(defaults={...})`). On a command line a field whose value may be None takes `none`.
+Every training field of the config becomes an option with the config's help text and default (override defaults
+per script with `stompp_arguments(defaults={...})`). On a command line a field whose value may be None (`weights`,
+`activations`, `compensation`, `export_dtype`) takes `none`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,16 @@ def none_str(value: Any) -> Any:
     return None if isinstance(value, str) and value.lower() in ("none", "null", "") else value
 
 
+def _config_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The `StoMPPConfig` fields among `values`. A 'none' string becomes None only in fields that accept None
+    (`weights="none"` is a BWN); elsewhere it is a value (`weight_scale="none"`)."""
+    hints = typing.get_type_hints(StoMPPConfig)
+    return {k: none_str(v) if type(None) in typing.get_args(hints[k]) else v for k, v in values.items() if k in hints}
+
+
 def _to_config(self, seed: int | None = None, **overrides: Any) -> StoMPPConfig:
-    """The `StoMPPConfig` these options describe ('none' strings become None), with `seed` and `overrides`."""
-    names = {f.name for f in dataclasses.fields(StoMPPConfig)}
-    values = {f.name: none_str(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name in names}
+    """The `StoMPPConfig` these options describe, with `seed` and `overrides`."""
+    values = _config_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
     if seed is not None:
         values["seed"] = seed
     return StoMPPConfig(**{**values, **overrides})
@@ -58,7 +65,7 @@ def stompp_arguments(
     unknown = sorted(set(defaults) - {f.name for f in fields} - {e[0] for e in extra_fields or []})
     if unknown:
         raise ValueError(f"`defaults` names unknown StoMPP options {unknown}.")
-    StoMPPConfig(**{k: v for k, v in defaults.items() if k in {f.name for f in fields}})  # validate the defaults
+    StoMPPConfig(**_config_values(defaults))  # validate the defaults
     hints = typing.get_type_hints(StoMPPConfig)  # real types: HfArgumentParser cannot resolve string annotations
     spec = []
     for f in fields:

@@ -1,0 +1,176 @@
+"""Helpers shared by the test files and the distributed workers (`tests/workers/`): tiny models and data built
+here, so unit tests need no network and run in seconds. Fixtures and pytest hooks live in `conftest.py`."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    DistilBertConfig,
+    RobertaConfig,
+    Trainer,
+    TrainingArguments,
+)
+
+from stompp_hf import ProgressionController, StoMPPCallback, StoMPPConfig, StoMPPConv2d, StoMPPLinear
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiny encoders and a toy task
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    kwargs = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def tiny_roberta_config() -> RobertaConfig:
+    return RobertaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=72,
+        num_labels=2,
+    )
+
+
+def tiny_distilbert_config() -> DistilBertConfig:
+    return DistilBertConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=2
+    )
+
+
+def toy_dataset(n: int = 64, seq_len: int = 8, vocab: int = 64, seed: int = 0) -> Dataset:
+    """A learnable toy task: label = whether token 5 appears in the sequence."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, vocab, (n, seq_len), generator=g)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    ids[labels == 1, 3] = 5
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# StoMPP checkpoints: load, train until every mask is frozen, evaluate
+
+
+def load_stompp(folder, config: StoMPPConfig, **kwargs):
+    return AutoModelForSequenceClassification.from_pretrained(str(folder), quantization_config=config, **kwargs)
+
+
+def fp_checkpoint(tmp_path, make_config=tiny_bert_config, seed=0):
+    """A saved full-precision classifier built from `make_config()`."""
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(make_config())
+    path = tmp_path / "fp"
+    model.save_pretrained(path)
+    return path
+
+
+def batches(n, vocab=64, batch=4, seq_len=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        yield torch.randint(5, vocab, (batch, seq_len), generator=g), torch.randint(0, 2, (batch,), generator=g)
+
+
+def train_to_freeze(model, total_steps=4, train_steps=None, vocab=64, lr=0.05):
+    """SGD steps under a ProgressionController; `train_steps < total_steps` stops mid-progression."""
+    torch.manual_seed(0)
+    ctl = ProgressionController(model, total_steps)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step, (ids, labels) in enumerate(batches(train_steps or total_steps, vocab=vocab), start=1):
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ctl.advance(step)
+    model.eval()
+    return ctl
+
+
+def eval_ids(vocab=64, seed=123):
+    return torch.randint(5, vocab, (3, 8), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, ids):
+    model.eval()
+    return model(input_ids=ids).logits
+
+
+def trainer_for(model, output_dir, callbacks=(), **kwargs):
+    """A `Trainer` on the toy dataset with a `StoMPPCallback` (and `callbacks`); 6 steps unless `max_steps` given."""
+    kwargs.setdefault("max_steps", 6)
+    args = TrainingArguments(
+        str(output_dir),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        **kwargs,
+    )
+    return Trainer(model=model, args=args, train_dataset=toy_dataset(), callbacks=[StoMPPCallback(), *callbacks])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# single frozen layers, for every pair of rules
+
+RULES = ["stompp", "stompp_ste", "ste", None]
+COMBOS = [(w, a) for w in RULES for a in RULES if (w, a) != (None, None)]
+LAYERS = {
+    # kind: (layer factory, input shape)
+    "linear": (lambda: nn.Linear(13, 6), (5, 13)),
+    "conv": (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1), (2, 3, 7, 7)),
+    "conv_reflect_groups": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"), (2, 4, 5, 6)),
+}
+
+
+def with_zeros(shape, seed):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x[x.abs() < 0.4] = 0.0  # exact zeros: sign(0) = +1 must agree between training and packed modules
+    x.view(-1)[0] = -0.0
+    assert int((x == 0).sum()) > 0
+    return x
+
+
+def frozen_training_module(kind, weights, activations, scales):
+    torch.manual_seed(0)
+    make_layer, shape = LAYERS[kind]
+    layer = make_layer()
+    with torch.no_grad():
+        layer.weight.view(-1)[::5] = 0.0
+    config = StoMPPConfig(
+        weights=weights,
+        activations=activations,
+        weight_scale="channel" if scales else "none",
+        activation_scale="tensor" if scales else "none",
+    )
+    cls = StoMPPLinear if isinstance(layer, nn.Linear) else StoMPPConv2d
+    module = cls.from_module(layer, config)
+    for b in module.binarizers():
+        b.controlled = True
+    module.train()
+    with torch.no_grad():
+        module(torch.randn(shape, generator=torch.Generator().manual_seed(1)))  # measures beta, sizes input masks
+        module(torch.randn(shape, generator=torch.Generator().manual_seed(2)))
+    for b in module.binarizers():
+        b.mask.fill(True)
+    assert module.fully_frozen
+    module.eval()
+    return module, layer, shape
