@@ -28,15 +28,14 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from stompp_hf_recipes.common import mean_half_range, run_config, write_markdown
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from common import mean_half_range, run_config, write_markdown  # noqa: E402
 
 TABLES_DIR = os.path.join("recipes", "experiments", "ablations")
 RECIPES = {"vision": "vision.py", "glue": "glue.py"}
@@ -129,7 +128,7 @@ def run_cell(table: Table, row: str, column: str, seed: int, force: bool, env: d
     return run_config(os.path.join(HERE, RECIPES[table.recipe]), config_path, seed, force, env=env)
 
 
-def render_table(table: Table, folder: str) -> list[str]:
+def render_table(table: Table, folder: str, prefix: str = "ablations") -> list[str]:
     metric = table.metric
     columns = list(table.columns)
     lines = [f"## {table.title}", "", f"Table `{table.name}` ({table.path}); {table.description}".rstrip("; "), ""]
@@ -157,13 +156,13 @@ def render_table(table: Table, folder: str) -> list[str]:
     for column, spec in table.columns.items():
         overrides = f" with `{json.dumps(spec['overrides'])}`" if spec.get("overrides") else ""
         lines.append(f"- {column}: `{spec['base']}`{overrides}")
-    plot = plot_table(table, folder)
+    plot = plot_table(table, folder, prefix)
     if plot:
         lines += ["", f"![{table.title}]({os.path.basename(plot)})"]
     return lines + [""]
 
 
-def plot_table(table: Table, folder: str) -> str | None:
+def plot_table(table: Table, folder: str, prefix: str = "ablations") -> str | None:
     """Grouped bars (rows x columns) with the seed range as error bars; None without matplotlib or results."""
     try:
         import matplotlib
@@ -195,7 +194,7 @@ def plot_table(table: Table, folder: str) -> str | None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    path = os.path.join(folder, f"ablations_{table.name}.png")
+    path = os.path.join(folder, f"{prefix}_{table.name}.png")
     os.makedirs(folder, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -216,11 +215,22 @@ def collect(table: Table) -> None:
             table.results[(row, column)] = results
 
 
-def write_report(tables: list[Table], path: str, options: str = "") -> str:
+DEFAULT_TITLE = "Ablations: StoMPP rules, orderings and SURGE in miniature"
+
+
+def _table_argument(table: Table) -> str:
+    """How a command line names `table`: its name when it is in the default folder, else its path."""
+    inside = os.path.abspath(os.path.dirname(table.path)) == os.path.abspath(TABLES_DIR)
+    return table.name if inside else table.path
+
+
+def write_report(tables: list[Table], path: str, options: str = "", title: str = DEFAULT_TITLE) -> str:
     """Rewrite `path` with every table (from the runs on disk), keeping the text from `## Reading` on.
 
-    `options` (e.g. ' --jobs 2 --threads 1') is appended to each table's command in the file.
+    `options` (e.g. ' --jobs 2 --threads 1') is appended to each table's command in the file; bar charts are
+    written next to it as `<report name>_<table>.png`.
     """
+    prefix = os.path.splitext(os.path.basename(path))[0]
     reading = ""
     if os.path.isfile(path):
         with open(path) as f:
@@ -230,14 +240,15 @@ def write_report(tables: list[Table], path: str, options: str = "") -> str:
     for table in tables:
         collect(table)
     lines = [
-        "# Ablations: StoMPP rules, orderings and SURGE in miniature",
+        f"# {title}",
         "",
         "Commands (each runs what is missing of its table, reuses finished runs and rewrites everything above the",
         "Reading section; `recipes/ablations.py` alone only rewrites this file):",
         "",
         "```bash",
         *(
-            f"HF_HUB_OFFLINE=1 .venv/bin/python recipes/ablations.py {t.name}{options}  # {t.done}/{t.size} runs done"
+            f"HF_HUB_OFFLINE=1 .venv/bin/python recipes/ablations.py {_table_argument(t)}{options}"
+            f"  # {t.done}/{t.size} runs done"
             for t in tables
         ),
         "```",
@@ -246,7 +257,7 @@ def write_report(tables: list[Table], path: str, options: str = "") -> str:
         "",
     ]
     for table in tables:
-        lines += render_table(table, os.path.dirname(os.path.abspath(path)))
+        lines += render_table(table, os.path.dirname(os.path.abspath(path)), prefix)
     if reading:
         lines.append(reading)
     return write_markdown(path, lines)
@@ -267,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel (use with --threads 1 on a small CPU).")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run.")
     parser.add_argument("--force", action="store_true", help="Re-run even when results exist.")
+    parser.add_argument("--title", default=DEFAULT_TITLE, help="Title of the report.")
     args = parser.parse_args(argv)
 
     names = args.report_tables
@@ -283,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
             *([" --seeds", *(f" {seed}" for seed in args.seeds)] if args.seeds else []),
             *([f" --jobs {args.jobs}"] if args.jobs > 1 else []),
             *([f" --threads {args.threads}"] if args.threads else []),
+            *([f" --report {args.report}"] if args.report != parser.get_default("report") else []),
+            *([f" --report-tables {' '.join(args.report_tables)}"] if args.report_tables is not None else []),
+            *([f" --title {json.dumps(args.title)}"] if args.title != DEFAULT_TITLE else []),
         ]
     )
     if args.list or not chosen:
@@ -290,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
             collect(table)
             print(f"{table.name:24s} {table.done:3d}/{table.size} runs done  {table.title}")
         if not args.list:
-            write_report(report_tables, args.report, options)
+            write_report(report_tables, args.report, options, args.title)
         return
 
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
@@ -315,11 +330,11 @@ def main(argv: list[str] | None = None) -> None:
         except subprocess.CalledProcessError as error:
             failed.append(f"{table.name}: {row} / {column} / seed {seed} (exit {error.returncode})")
         with lock:
-            write_report(report_tables, args.report, options)
+            write_report(report_tables, args.report, options, args.title)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(job, runs.values()))
-    print(write_report(report_tables, args.report, options))
+    print(write_report(report_tables, args.report, options, args.title))
     if failed:
         raise SystemExit("Failed runs (the report shows the others):\n  " + "\n  ".join(failed))
 

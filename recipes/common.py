@@ -5,11 +5,11 @@
 * `StageProgressCallback`: logs the frozen fraction of the stage that is transitioning (`stompp/stage_frozen_fraction`,
   a sawtooth that restarts at every stage) next to `StoMPPCallback`'s averages.
 * `plot_curves`: `curves.png` from a `Trainer` log history.
-* `StoMPPArguments` / `stompp_callbacks`: the StoMPP command-line options of both recipes (each recipe sets its own
-  defaults) and the callbacks that drive and record the progression.
+* `StoMPPArguments` / `recipe_stompp_arguments` / `stompp_callbacks`: the StoMPP command-line options of the recipes
+  (generated from `StoMPPConfig` by `stompp_hf.integrations.transformers.arguments.stompp_arguments`, each recipe
+  with its own defaults) and the callbacks that drive and record the progression.
 * `run_config` / `result_cells` / `results_header` / `write_markdown`: one (experiment config, seed) run of a recipe in
-  its own process, reused when its `all_results.json` exists, and the runners' table cells and file (the header with
-  the command is shared with `benchmarks/`).
+  its own process, reused when its `all_results.json` exists, and the runners' table cells and file.
 """
 
 from __future__ import annotations
@@ -22,74 +22,83 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from stompp_hf import StoMPPCallback, StoMPPConfig, binarized
 from stompp_hf.export import binarization_progress
-from stompp_hf.hub import is_stompp_model
+from stompp_hf.integrations.transformers.arguments import stompp_arguments
+from stompp_hf.integrations.transformers.hub import is_stompp_model
+from stompp_hf.progression import recalibrate_batchnorm
 
 logger = logging.getLogger("recipes.common")
 
 
-def none_str(value: str | None) -> str | None:
-    """None for a missing value or the strings 'none' / 'null' / '' (how a command line spells None)."""
-    return None if value is None or str(value).lower() in ("none", "null", "") else value
+#: The StoMPP defaults of the recipes, where they differ from (or deliberately restate) `StoMPPConfig`'s: they suit
+#: fine-tuning pretrained transformers; `recipes/vision.py` overrides them with the paper's CNN defaults.
+RECIPE_DEFAULTS: dict[str, Any] = {"weights": "stompp_ste", "activations": "stompp_ste", "granularity": "block"}
 
 
-@dataclass
-class StoMPPArguments:
-    """StoMPP options of a recipe. Defaults suit fine-tuning pretrained transformers; `recipes/vision.py` subclasses
-    it with the paper's CNN defaults."""
+def recipe_fields() -> list[tuple[str, Any, Any]]:
+    """The recipe options that are not `StoMPPConfig` fields, as `stompp_arguments(extra_fields=...)` entries (fresh
+    `Field` objects on every call: a dataclass takes ownership of the ones it is built from)."""
+    return [
+        ("binarize", bool, field(default=True, metadata={"help": "False trains the full-precision baseline."})),
+        (
+            "progression_fraction",
+            float,
+            field(
+                default=0.7,
+                metadata={"help": "Share of training steps spent progressing; the rest trains fully binary."},
+            ),
+        ),
+        (
+            "eval_binarized",
+            bool,
+            field(
+                default=True,
+                metadata={"help": "Also evaluate `binarized(model)` at every evaluation (the paper's curve)."},
+            ),
+        ),
+    ]
 
-    binarize: bool = field(default=True, metadata={"help": "False trains the full-precision baseline."})
-    weights: str | None = field(
-        default="stompp_ste", metadata={"help": "'stompp', 'stompp_ste' (StoMPP + STE on frozen), 'ste' or 'none'."}
-    )
-    activations: str | None = field(default="stompp_ste", metadata={"help": "Same values; 'none' = BWN."})
-    schedule: str = field(default="cubic", metadata={"help": "p(tau) shape."})
-    refresh_rate: int = field(default=100, metadata={"help": "Soft refresh rate r."})
-    order: str = field(default="forward", metadata={"help": "'forward', 'global' or 'reverse'."})
-    policy: str = field(default="stochastic", metadata={"help": "'stochastic' or 'deterministic' (BWN)."})
-    granularity: str = field(default="block", metadata={"help": "'block' or 'module'."})
-    weight_scale: str = field(default="channel", metadata={"help": "'channel' or 'none'."})
-    activation_scale: str = field(default="tensor", metadata={"help": "'tensor' or 'none'."})
-    activation_clip: float = field(
-        default=1.0, metadata={"help": "Clip bound of the continuous input path, in units of beta."}
-    )
-    compensation: str | None = field(
-        default=None, metadata={"help": "'surge' adds the SURGE dual-path gradient compensator ('none': off)."}
-    )
-    surge_eta: float = field(default=0.5, metadata={"help": "SURGE eta: compensation norm / STE gradient norm."})
-    export_dtype: str | None = field(default=None, metadata={"help": "Packed remainder dtype, e.g. 'float16'."})
-    progression_fraction: float = field(
-        default=0.7, metadata={"help": "Share of training steps spent progressing; the rest trains fully binary."}
-    )
-    eval_binarized: bool = field(
-        default=True, metadata={"help": "Also evaluate `binarized(model)` at every evaluation (the paper's curve)."}
-    )
 
-    def config(self, seed: int) -> StoMPPConfig | None:
-        if not self.binarize:
-            return None
-        return StoMPPConfig(
-            weights=none_str(self.weights),
-            activations=none_str(self.activations),
-            schedule=self.schedule,
-            refresh_rate=self.refresh_rate,
-            order=self.order,
-            policy=self.policy,
-            granularity=self.granularity,
-            weight_scale=self.weight_scale,
-            activation_scale=self.activation_scale,
-            activation_clip=self.activation_clip,
-            compensation=none_str(self.compensation),
-            surge_eta=self.surge_eta,
-            export_dtype=none_str(self.export_dtype),
-            seed=seed,
-        )
+def _config(self, seed: int) -> StoMPPConfig | None:
+    """The `StoMPPConfig` to train with (seeded with `seed`), or None for the full-precision baseline."""
+    if not self.binarize:
+        return None
+    return self.to_config(seed=seed)
+
+
+def recipe_stompp_arguments(
+    name: str,
+    defaults: dict[str, Any] | None = None,
+    doc: str | None = None,
+    module: str = __name__,
+    extra_fields: list[tuple[str, Any, Any]] | None = None,
+) -> type:
+    """The StoMPP options of a recipe (a dataclass for `HfArgumentParser`): one per `StoMPPConfig` training option,
+    generated by `stompp_arguments` with `RECIPE_DEFAULTS` and then `defaults`, plus `recipe_fields()`,
+    `extra_fields` and a `config(seed)` method. `module` names the module defining it."""
+    cls = stompp_arguments(
+        name,
+        defaults={**RECIPE_DEFAULTS, **(defaults or {})},
+        extra_fields=recipe_fields() + list(extra_fields or []),
+        doc=doc,
+    )
+    cls.config = _config
+    cls.__module__ = module
+    return cls
+
+
+StoMPPArguments = recipe_stompp_arguments(
+    "StoMPPArguments",
+    doc="StoMPP options of a recipe. Defaults suit fine-tuning pretrained transformers (StoMPP + STE on frozen "
+    "entries for weights and inputs, block stages); `recipes/vision.py` builds its own with the paper's CNN defaults.",
+)
 
 
 class BinarizedEvalTrainer(Trainer):
@@ -99,13 +108,38 @@ class BinarizedEvalTrainer(Trainer):
     of evaluating a second time.
     """
 
-    def __init__(self, *args, eval_binarized: bool = True, **kwargs) -> None:
+    def __init__(self, *args, eval_binarized: bool = True, bn_recalibration_batches: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.eval_binarized = eval_binarized
+        self.bn_recalibration_batches = bn_recalibration_batches
+
+    def _recalibration_batches(self):
+        """The first `bn_recalibration_batches` training batches of a fixed shuffle (the same batches at every
+        evaluation, and no draw from the global RNG, so evaluating does not change the training run)."""
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.args.seed),
+            collate_fn=self.data_collator,
+        )
+        for index, batch in enumerate(loader):
+            if index >= self.bn_recalibration_batches:
+                return
+            yield batch
+
+    def _recalibrate(self, model) -> None:
+        if self.bn_recalibration_batches > 0 and self.train_dataset is not None:
+            recalibrate_batchnorm(model, self._recalibration_batches())
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        """Evaluate the network as trained and, for StoMPP models, the fully binarized one; with
+        `bn_recalibration_batches`, BatchNorm statistics are first recomputed for each (a CNN trained at a constant
+        learning rate has running statistics that lag its weights by many points). The model keeps the statistics
+        of the network as trained."""
         model = self.accelerator.unwrap_model(self.model)
+        self._recalibrate(model)
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self.eval_binarized and is_stompp_model(model) and "binarized" not in metric_key_prefix:
             prefix = f"{metric_key_prefix}_binarized"
             if binarization_progress(model).complete:
@@ -115,9 +149,21 @@ class BinarizedEvalTrainer(Trainer):
                 self.log(binary)
                 metrics.update(binary)
             else:
+                saved = {k: v.clone() for k, v in model.state_dict().items() if _is_bn_statistic(model, k)}
                 with binarized(model):
+                    self._recalibrate(model)
                     metrics.update(super().evaluate(eval_dataset, ignore_keys, prefix))
+                if saved:
+                    model.load_state_dict(saved, strict=False)
         return metrics
+
+
+def _is_bn_statistic(model, key: str) -> bool:
+    """Whether state-dict `key` is a BatchNorm running statistic (what recalibration changes)."""
+    module_name, _, buffer = key.rpartition(".")
+    if buffer not in ("running_mean", "running_var", "num_batches_tracked"):
+        return False
+    return isinstance(model.get_submodule(module_name), torch.nn.modules.batchnorm._BatchNorm)
 
 
 class StageProgressCallback(TrainerCallback):
@@ -290,7 +336,7 @@ def result_cells(results: list[dict], metric: str) -> list[str]:
 
 
 def results_header(title: str, command: str) -> list[str]:
-    """The opening lines of a results file: its title and the command that wrote it (recipes and benchmarks)."""
+    """The opening lines of a results file: its title and the command that wrote it."""
     return [f"# {title}", "", "Command:", "", "```bash", command, "```", ""]
 
 

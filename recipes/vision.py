@@ -33,6 +33,7 @@ import gzip
 import importlib.util
 import json
 import logging
+import math
 import os
 import struct
 import sys
@@ -43,24 +44,22 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from stompp_hf_recipes.common import BinarizedEvalTrainer, plot_curves, recipe_stompp_arguments, stompp_callbacks
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 import stompp_hf
-import stompp_hf.vision  # registers birealnet18 / birealnet34 with timm
+import stompp_hf.integrations.timm.io as timm_io  # registers birealnet18 / 34 and cifar_resnet* with timm
 from stompp_hf import StoMPPConfig
+from stompp_hf.conversion import stompp_modules
 from stompp_hf.export import binarization_progress
-from stompp_hf.hub import model_card
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    BinarizedEvalTrainer,
-    StoMPPArguments,
-    none_str,
-    plot_curves,
-    stompp_callbacks,
-)
+from stompp_hf.integrations.timm import cifar_resnet
+from stompp_hf.integrations.timm import policy as timm_policy
+from stompp_hf.integrations.timm.cifar_resnet import CifarResNet
+from stompp_hf.integrations.transformers.arguments import none_str
+from stompp_hf.integrations.transformers.hub import model_card
+from stompp_hf.progression import suggested_refresh_rate
 
 logger = logging.getLogger("recipes.vision")
 
@@ -205,17 +204,47 @@ class DataArguments:
         return self.dataset_name is None and self.train_dir is None and self.validation_dir is None
 
 
-@dataclass
-class VisionStoMPPArguments(StoMPPArguments):
-    """The shared StoMPP options with the paper's CNN defaults: rule 'stompp', no weight or activation scales."""
-
-    weights: str | None = field(
-        default="stompp", metadata={"help": "'stompp', 'stompp_ste' (StoMPP + STE on frozen), 'ste' or 'none'."}
-    )
-    activations: str | None = field(default="stompp", metadata={"help": "Same values; 'none' = BWN."})
-    granularity: str = field(default="block", metadata={"help": "'block' (a residual block) or 'module'."})
-    weight_scale: str = field(default="none", metadata={"help": "'none' (the paper's CNNs) or 'channel'."})
-    activation_scale: str = field(default="none", metadata={"help": "'none' (the paper's CNNs) or 'tensor'."})
+VisionStoMPPArguments = recipe_stompp_arguments(
+    "VisionStoMPPArguments",
+    defaults={
+        "weights": "stompp",
+        "activations": "stompp",
+        "granularity": None,
+        "weight_scale": "none",
+        "activation_scale": "none",
+        "progression_fraction": 1.0,
+    },
+    doc="The recipes' StoMPP options with the paper's CNN defaults: rule 'stompp' for weights and activations, the "
+    "model's stages and activation sites (every tensor its own stage; the paper's BNN topology for vanilla ResNets), "
+    "no weight or activation scales, progression over the whole run, BatchNorm recalibrated before evaluating, the "
+    "refresh rate sized from the stage length.",
+    module=__name__,
+    extra_fields=[
+        (
+            "bn_recalibration_batches",
+            int,
+            field(
+                default=10,
+                metadata={
+                    "help": "Recompute BatchNorm statistics on this many training batches before every evaluation "
+                    "(of the network as trained and of the binarized one); 0 disables."
+                },
+            ),
+        ),
+        (
+            "refresh_from_stage",
+            bool,
+            field(
+                default=True,
+                metadata={
+                    "help": "Size the soft-refresh rate from the stage length, r = stage steps / 8 (at least 1), so "
+                    "every mask entry is redrawn about 8 times per stage and follows p(tau); False uses "
+                    "`refresh_rate` as given (the default whenever `refresh_rate` is given explicitly)."
+                },
+            ),
+        ),
+    ],
+)
 
 
 @dataclass
@@ -240,8 +269,15 @@ def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, VisionStoMPPArguments, VisionTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(argv)
+        parsed = parser.parse_json_file(os.path.abspath(argv[0]))
+        with open(argv[0]) as f:
+            given = set(json.load(f))
+    else:
+        parsed = parser.parse_args_into_dataclasses(argv)
+        given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    if "refresh_rate" in given and "refresh_from_stage" not in given:
+        parsed[2].refresh_from_stage = False  # an explicit refresh rate wins over the stage-length rule
+    return parsed
 
 
 # --------------------------------------------------------------------------------------------------- raw data
@@ -631,24 +667,63 @@ class ImageClassifier(nn.Module):
         return {"loss": F.cross_entropy(logits, labels), "logits": logits}
 
 
-def build_model(model_args: ModelArguments, num_classes: int, channels: int, image_size: int):
-    """The timm model (with the CIFAR stem when asked or image_size <= 64) and its saved `create_model` kwargs."""
+def build_model(model_args: ModelArguments, num_classes: int, channels: int, image_size: int, binarize: bool = False):
+    """The timm model (with the CIFAR stem when asked or image_size <= 64, unless it has the CIFAR layout already)
+    and its saved `create_model` kwargs.
+
+    A binarized timm ResNet is built with `zero_init_last=False`: timm zero-initialises each block's last BatchNorm
+    weight, which makes every block an identity whose convolutions get no gradient at the start, and a binarized
+    block cannot recover from that the way a full-precision one does (pass `zero_init_last` in `model_args` to
+    choose).
+    """
     kwargs = model_args.create_kwargs()
     kwargs.pop("num_classes", None)
     kwargs.pop("pretrained", None)
     kwargs.setdefault("in_chans", channels)
+    if binarize and "zero_init_last" not in kwargs and _accepts_zero_init_last(model_args.model_name):
+        kwargs["zero_init_last"] = False
     model = timm.create_model(
         model_args.model_name, pretrained=model_args.pretrained, num_classes=num_classes, **kwargs
     )
-    use_stem = model_args.cifar_stem if model_args.cifar_stem is not None else image_size <= 64
+    cifar_layout = isinstance(model, CifarResNet)
+    use_stem = model_args.cifar_stem if model_args.cifar_stem is not None else image_size <= 64 and not cifar_layout
     if use_stem:
-        stompp_hf.vision.cifar_stem(model)
+        timm_policy.cifar_stem(model)
+    # StoMPP sizes its per-sample masks at conversion from the model's input size: the size it will train at
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (channels, image_size, image_size)}
     return model, kwargs
 
 
+def _accepts_zero_init_last(model_name: str) -> bool:
+    """Whether the timm architecture builds a timm `ResNet` (which takes `zero_init_last`)."""
+    module = timm.models.get_arch_name(model_name) if hasattr(timm.models, "get_arch_name") else model_name
+    try:
+        return timm.models.model_entrypoint(module).__module__ in ("timm.models.resnet", cifar_resnet.__name__)
+    except RuntimeError:
+        return False
+
+
+def planned_steps(args: TrainingArguments, train_samples: int) -> int:
+    """The optimizer steps `Trainer` will run (as `Trainer` computes them on one process)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(train_samples / (args.per_device_train_batch_size * max(1, args.world_size)))
+    return max(1, math.ceil(args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps)))
+
+
+def stage_refresh_rate(config: StoMPPConfig, model: nn.Module, progression_steps: int) -> int:
+    """The soft-refresh rate sized from the stage length: r = stage steps / 8, at least 1 (`suggested_refresh_rate`,
+    for the largest tensor), so a transitioning mask is redrawn about 8 times per entry within its stage."""
+    controller_stages = 1 + max(b.stage for m in stompp_modules(model).values() for b in m.binarizers())
+    stage_steps = progression_steps if config.order == "global" else progression_steps // controller_stages
+    largest = max(b.mask.numel for m in stompp_modules(model).values() for b in m.binarizers() if b.mask is not None)
+    return suggested_refresh_rate(max(1, stage_steps), largest)
+
+
 def verify_reload(model: nn.Module, output_dir: str, batch: torch.Tensor) -> bool:
-    """Reload `output_dir` with `stompp_hf.vision.from_pretrained`; True when its eval logits equal `model`'s."""
-    reloaded = stompp_hf.vision.from_pretrained(output_dir)
+    """Reload `output_dir` with `stompp_hf.integrations.timm.io.from_pretrained`; True when its eval logits equal
+    `model`'s."""
+    reloaded = timm_io.from_pretrained(output_dir)
     param = next(model.parameters())
     reloaded.to(param.device).eval()
     was_training = model.training
@@ -686,7 +761,7 @@ def card_training_details(
             + ", ".join(f"{k}={v!r}" for k, v in create_kwargs.items())
             + ")`"
             + (
-                " with `stompp_hf.vision.cifar_stem` (3x3 stride-1 first conv, no stem max-pool)."
+                " with `stompp_hf.integrations.timm.policy.cifar_stem` (3x3 stride-1 first conv, no stem max-pool)."
                 if cifar_stem
                 else "."
             ),
@@ -739,7 +814,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"mean {mean}, std {std}, flip {images.train.flip}"
     )
 
-    timm_model, create_kwargs = build_model(model_args, len(images.classes), images.channels, data.image_size)
+    timm_model, create_kwargs = build_model(
+        model_args, len(images.classes), images.channels, data.image_size, binarize=stompp_args.binarize
+    )
     pretrained_cfg = dict(timm_model.pretrained_cfg)
     pretrained_id = pretrained_cfg.get("hf_hub_id") if model_args.pretrained else None
     if not model_args.pretrained:  # the architecture's ImageNet weights and their test settings do not apply
@@ -756,6 +833,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = stompp_args.config(training_args.seed)
     if config is not None:
         stompp_hf.prepare_model(timm_model, config)
+        config = timm_model.stompp_config  # with the model's defaults resolved (stages, activation sites)
+        if stompp_args.refresh_from_stage:
+            steps = planned_steps(training_args, len(images.train))
+            config.refresh_rate = stage_refresh_rate(
+                config, timm_model, max(1, int(steps * stompp_args.progression_fraction))
+            )
+            logger.info(f"StoMPP: refresh rate r = {config.refresh_rate} (sized from the stage length)")
     model = ImageClassifier(timm_model)
 
     callbacks, stage_callback = stompp_callbacks(config, stompp_args.progression_fraction)
@@ -767,6 +851,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compute_metrics=compute_metrics,
         callbacks=callbacks,
         eval_binarized=stompp_args.eval_binarized,
+        bn_recalibration_batches=stompp_args.bn_recalibration_batches,
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     results: dict[str, Any] = {
@@ -788,11 +873,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "weights": config.weights if config else None,
             "activations": config.activations if config else None,
             "order": config.order if config else None,
+            "granularity": config.granularity if config else None,
+            "activation_sites": config.activation_sites if config else None,
+            "refresh_rate": config.refresh_rate if config else None,
+            "bn_recalibration_batches": stompp_args.bn_recalibration_batches,
             "seed": training_args.seed,
         }
     )
     if trainer.is_world_process_zero():
-        stompp_hf.vision.save_pretrained(timm_model, output_dir, model_args=create_kwargs)
+        timm_io.save_pretrained(timm_model, output_dir, model_args=create_kwargs)
         count = min(len(images.eval), training_args.per_device_eval_batch_size)
         batch = torch.stack([images.eval[i]["pixel_values"] for i in range(count)])
         identical = verify_reload(timm_model, output_dir, batch)
@@ -802,8 +891,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             checkpoint_kind = "packed 1-bit" if binarization_progress(timm_model).complete else "latent"
         (logger.info if identical else logger.error)(
-            f"Reloaded {output_dir} with stompp_hf.vision.from_pretrained ({checkpoint_kind} checkpoint): eval "
-            f"logits on {count} images {'bit-identical' if identical else 'DIFFER'}."
+            f"Reloaded {output_dir} with stompp_hf.integrations.timm.io.from_pretrained ({checkpoint_kind} "
+            f"checkpoint): eval logits on {count} images {'bit-identical' if identical else 'DIFFER'}."
         )
         trainer.save_metrics("all", results)
         trainer.save_state()

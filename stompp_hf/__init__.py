@@ -41,6 +41,7 @@ _LAZY: dict[str, str] = {
     "ProgressionController": "stompp_hf.progression",
     "binarized": "stompp_hf.progression",
     "find_config": "stompp_hf.progression",
+    "recalibrate_batchnorm": "stompp_hf.progression",
     "pack_model": "stompp_hf.export",
     "packed_state_dict": "stompp_hf.export",
     "set_kernel": "stompp_hf.export",
@@ -89,6 +90,7 @@ __all__ = [
     "pack_model",
     "packed_state_dict",
     "prepare_model",
+    "recalibrate_batchnorm",
     "register_module",
     "register_policy",
     "register_schedule",
@@ -114,7 +116,19 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         if name in _OLD_MODULES:  # `stompp_hf.layers` & co. as attributes, as `import stompp_hf` used to give them
-            return importlib.import_module(f"stompp_hf.{name}")
+            import warnings
+
+            from ._deprecation import OLD_MODULES
+
+            warnings.warn(
+                f"`stompp_hf.{name}` is deprecated and will be removed in the next release: import from "
+                f"`{OLD_MODULES[name][0]}` instead.",
+                DeprecationWarning,
+                stacklevel=2,  # the user's line (the module's own warning would point into importlib)
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return importlib.import_module(f"stompp_hf.{name}")
         raise AttributeError(f"module 'stompp_hf' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip __getattr__

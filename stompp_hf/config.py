@@ -15,7 +15,8 @@ from .core.schedules import ORDERS, SCHEDULES
 # Accepted values of the fields that name a choice. Choices implemented by a registry are read from it at validation
 # time (a schedule registered with `register_schedule` is accepted from then on); the rest are defined here, once.
 POLICIES = ("stochastic", "deterministic")
-GRANULARITIES = ("block", "module")
+GRANULARITIES = ("layer", "block", "module", None)
+ACTIVATION_SITES = ("activation", "input", None)
 WEIGHT_SCALES = ("channel", "none")
 ACTIVATION_SCALES = ("tensor", "none")
 COMPENSATIONS = (None, "surge")
@@ -31,6 +32,7 @@ def field_choices() -> dict[str, tuple]:
         "order": ORDERS,
         "policy": POLICIES,
         "granularity": GRANULARITIES,
+        "activation_sites": ACTIVATION_SITES,
         "weight_scale": WEIGHT_SCALES,
         "activation_scale": ACTIVATION_SCALES,
         "compensation": COMPENSATIONS,
@@ -74,8 +76,23 @@ class StoMPPConfig(QuantizationConfigMixin):
             "closest to +-scale (weights only, so `activations` must be None)."
         },
     )
-    granularity: str = field(
-        default="block", metadata={"help": "A stage is a 'block' (e.g. one encoder layer) or a single 'module'."}
+    granularity: str | None = field(
+        default=None,
+        metadata={
+            "help": "What one stage is: 'layer' (every weight tensor and every activation its own stage, in execution "
+            "order: the paper's Algorithm 2), 'block' (an encoder layer, a residual block) or 'module' (one layer, "
+            "weight and input together). None: the model's default ('layer' for timm CNNs, 'block' otherwise)."
+        },
+    )
+    activation_sites: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where activations are binarized: 'activation' (the paper's BNN: every activation function "
+            "feeding binarized layers or their residual stream, the post-addition one included, becomes a StoMPP "
+            "activation, so a frozen one blocks all upstream gradient) or 'input' (each binarized layer binarizes its "
+            "own input; the residual stream stays real, Bi-Real style). None: the model's default ('activation' for "
+            "vanilla timm CNNs whose binarized layers all read an activation, 'input' otherwise)."
+        },
     )
     weight_scale: str = field(
         default="channel",

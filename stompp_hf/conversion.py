@@ -11,15 +11,35 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from .config import StoMPPConfig
+from .nn.activation import StoMPPActivation
+from .nn.base import StoMPPModule
 from .nn.registry import is_convertible, kind_of
-from .nn.training import StoMPPMixin
 
 FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class ConversionPlan:
+    """What `convert_model` does to one model, as its policy planned it.
+
+    Attributes:
+        config: the config to convert with, its model-aware defaults resolved (`granularity`, `activation_sites`).
+        input_shapes: per-sample input shape of layers whose type does not fix it (a convolution's `[C, H, W]`),
+            so their input masks exist from conversion on.
+        activations: activation modules to replace by `StoMPPActivation` (`activation_sites="activation"`), with
+            the per-sample shape of their output.
+        order: module names in execution order (stages are numbered in it); None: registration order.
+    """
+
+    config: StoMPPConfig
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    activations: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    order: list[str] | None = None
 
 
 class ModelPolicy:
@@ -27,6 +47,9 @@ class ModelPolicy:
 
     #: Name shown in errors and registered under.
     name = "generic"
+    #: `granularity` and `activation_sites` when the config leaves them None.
+    default_granularity = "block"
+    default_activation_sites = "input"
 
     def default_config(self) -> StoMPPConfig:
         """The config `prepare_model(model)` uses when none is given."""
@@ -41,13 +64,22 @@ class ModelPolicy:
         return [eligible[0][0], eligible[-1][0]]
 
     def stage_keys(self, model: nn.Module, names: list[str], granularity: str) -> list[str]:
-        """One key per converted module name; equal keys share a stage (see `block_keys`)."""
+        """One key per converted module name for `granularity` "block" or "module"; equal keys share a stage (see
+        `block_keys`)."""
         return block_keys(model, names, granularity)
 
-    def before_conversion(self, model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | None) -> StoMPPConfig:
-        """Runs in `prepare_model` before the swap; returns the config to convert with (e.g. with resolved
-        defaults)."""
-        return config
+    def resolve(self, model: nn.Module, config: StoMPPConfig) -> StoMPPConfig:
+        """`config` with its model-aware defaults (None fields) filled in; the same object when nothing is None."""
+        values = {}
+        if config.granularity is None:
+            values["granularity"] = self.default_granularity
+        if config.activation_sites is None:
+            values["activation_sites"] = self.default_activation_sites
+        return StoMPPConfig.from_dict({**config.to_dict(), **values}) if values else config
+
+    def plan(self, model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | None) -> ConversionPlan:
+        """Runs in `prepare_model` before the swap: resolve the config and say what to convert."""
+        return ConversionPlan(self.resolve(model, config))
 
     def after_conversion(self, model: nn.Module, config: StoMPPConfig) -> None:
         """Runs in `prepare_model` after the swap (e.g. to attach a quantizer)."""
@@ -182,30 +214,69 @@ def convert_model(
     stage_keys: Callable[[nn.Module, list[str]], list[str]] | None = None,
     *,
     policy: ModelPolicy | None = None,
-) -> dict[str, StoMPPMixin]:
-    """Swap every layer `select_modules` picks for its StoMPP module in place; return them by name.
+    plan: ConversionPlan | None = None,
+) -> dict[str, StoMPPModule]:
+    """Swap every layer `select_modules` picks for its StoMPP module in place (and, at activation sites, every
+    planned activation for a `StoMPPActivation`); number the stages; return the new modules by name.
 
-    Parameters are reused, never copied. Stages come from the model's policy (the execution order of the encoder /
-    residual stacks), or from `stage_keys(model, names)` (one key per name; equal keys share a stage, numbered in
-    order of first appearance).
+    Parameters are reused, never copied. Stages follow the execution order (`plan.order`, else registration order):
+    with `granularity="layer"` every binarized tensor is its own stage (a layer's input before its weight); with
+    "block" / "module" the tensors of one block / module share one, keyed by the policy's `stage_keys` or by
+    `stage_keys(model, names)` (one key per module name; equal keys share a stage, numbered in order of first
+    appearance). `config.granularity` / `activation_sites` left None take the policy's defaults.
     """
-    targets = select_modules(model, config, filter_fn)
-    names = [n for n, _ in targets]
-    if stage_keys is not None:
-        keys = stage_keys(model, names)
-    else:
-        keys = (policy or policy_for(model)).stage_keys(model, names, config.granularity)
-    converted: dict[str, StoMPPMixin] = {}
-    for (name, module), stage in zip(targets, stage_numbers(keys)):
-        new = kind_of(module).training.from_module(module, config, stage=stage)
-        model.set_submodule(name, new)
-        converted[name] = new
-    return converted
+    policy = policy or policy_for(model)
+    plan = plan or ConversionPlan(policy.resolve(model, config))
+    config = plan.config
+    at_activations = config.activation_sites == "activation" and config.activations is not None
+    if at_activations and not plan.activations:
+        raise ValueError(
+            f"`activation_sites` 'activation' found no activation sites in {type(model).__name__}: its policy "
+            f"({policy.name!r}) does not locate activation functions (the timm policy does, from a traced forward). "
+            "Use activation_sites='input' to binarize each layer's own input."
+        )
+    converted: dict[str, StoMPPModule] = {}
+    if config.weights is not None or not at_activations:
+        for name, module in select_modules(model, config, filter_fn):
+            new = kind_of(module).training.from_module(
+                module, config, input_shape=plan.input_shapes.get(name), binarize_input=not at_activations
+            )
+            model.set_submodule(name, new)
+            converted[name] = new
+    if at_activations:
+        for name, shape in plan.activations.items():
+            replaced = type(model.get_submodule(name)).__name__
+            new = StoMPPActivation.from_config(config, shape, replaces=replaced)
+            model.set_submodule(name, new)
+            converted[name] = new
+    position = {n: i for i, n in enumerate(plan.order or [n for n, _ in model.named_modules()])}
+    names = sorted(converted, key=lambda n: position.get(n, len(position)))
+    _number_stages(model, {n: converted[n] for n in names}, config.granularity, policy, stage_keys)
+    return {n: converted[n] for n in names}
 
 
-def stompp_modules(model: nn.Module) -> dict[str, StoMPPMixin]:
-    """Every StoMPP training module of `model`, by name, in registration order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, StoMPPMixin)}
+def _number_stages(
+    model: nn.Module,
+    modules: dict[str, StoMPPModule],
+    granularity: str,
+    policy: ModelPolicy,
+    stage_keys: Callable[[nn.Module, list[str]], list[str]] | None,
+) -> None:
+    """Set `Binarizer.stage` of every tensor of `modules` (given in execution order)."""
+    names = list(modules)
+    if granularity == "layer":
+        tensors = [(n, b) for n in names for b in (modules[n].input_binarizer, modules[n].weight_binarizer) if b]
+        for stage, (_, binarizer) in enumerate(tensors):
+            binarizer.stage = stage
+        return
+    keys = stage_keys(model, names) if stage_keys is not None else policy.stage_keys(model, names, granularity)
+    for name, stage in zip(names, stage_numbers(keys)):
+        modules[name].stompp_stage = stage
+
+
+def stompp_modules(model: nn.Module) -> dict[str, StoMPPModule]:
+    """Every StoMPP training module of `model` (layers and activations), by name, in registration order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, StoMPPModule)}
 
 
 def prepare_model(
@@ -225,8 +296,8 @@ def prepare_model(
     config = config if config is not None else policy.default_config()
     if stompp_modules(model):
         raise ValueError(f"{type(model).__name__} is already converted for StoMPP training.")
-    config = policy.before_conversion(model, config, filter_fn)
-    convert_model(model, config, filter_fn, policy=policy)
-    model.stompp_config = config
-    policy.after_conversion(model, config)
+    plan = policy.plan(model, config, filter_fn)
+    convert_model(model, plan.config, filter_fn, policy=policy, plan=plan)
+    model.stompp_config = plan.config
+    policy.after_conversion(model, plan.config)
     return model

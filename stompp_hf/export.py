@@ -26,7 +26,7 @@ from .conversion import eligible_modules, select_modules, stompp_modules
 from .core.dtensor import full_tensor
 from .core.packing import EXPORT_DTYPES
 from .kernels import KERNELS
-from .nn import BinaryMixin, StoMPPMixin, kind_of
+from .nn import BinaryMixin, StoMPPModule, kind_of, packed_types
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,14 @@ def binarization_progress(model: nn.Module) -> Progress:
     frozen = total = 0
     unfinished = []
     for name, module in model.named_modules():
-        if isinstance(module, StoMPPMixin):
+        if isinstance(module, StoMPPModule):
             n = len(module.binarizers())
             total += n
             if module.fully_frozen:
                 frozen += n
             else:
                 unfinished.append(name)
-        elif isinstance(module, BinaryMixin):
+        elif isinstance(module, packed_types()):
             n = int(module.binary_weights) + int(module.binary_inputs)
             total += n
             frozen += n
@@ -71,7 +71,7 @@ def checkpoint_format(model: nn.Module, keep_latent: bool = False) -> tuple[str,
     written mid-training keeps latent weights so that training can resume); latent otherwise.
     """
     progress = binarization_progress(model)
-    if keep_latent and any(isinstance(m, StoMPPMixin) for m in model.modules()):
+    if keep_latent and any(isinstance(m, StoMPPModule) for m in model.modules()):
         return "latent", "training in progress: latent full-precision weights are kept so that training can resume"
     if not progress.complete:
         return "latent", (
@@ -81,7 +81,7 @@ def checkpoint_format(model: nn.Module, keep_latent: bool = False) -> tuple[str,
     return "packed", f"all {progress.total} binarized tensors are frozen"
 
 
-def _check_packable(name: str, module: StoMPPMixin) -> None:
+def _check_packable(name: str, module: StoMPPModule) -> None:
     if not module.fully_frozen:
         raise ValueError(
             f"Cannot pack `{name}`: its masks are not all frozen (weight {module.weight_frozen_fraction}, "
@@ -95,13 +95,13 @@ def _check_packable(name: str, module: StoMPPMixin) -> None:
         )
 
 
-def pack_module(name: str, module: StoMPPMixin, unpack_cache: bool = False) -> BinaryMixin:
+def pack_module(name: str, module: StoMPPModule, unpack_cache: bool = False) -> nn.Module:
     """The packed inference twin of one fully frozen training module."""
     _check_packable(name, module)
     return kind_of(module).packed.from_stompp(module, unpack_cache=unpack_cache)
 
 
-def pack_model(model: nn.Module, unpack_cache: bool = False) -> dict[str, BinaryMixin]:
+def pack_model(model: nn.Module, unpack_cache: bool = False) -> dict[str, nn.Module]:
     """Replace every (fully frozen) StoMPP module of `model` by its packed inference module, in place."""
     packed = {}
     for name, module in stompp_modules(model).items():

@@ -3,30 +3,55 @@
 Masks are a deterministic function of (config, step): every draw comes from a generator seeded with
 (seed, stage, step, tensor index), so distributed ranks agree without communication, and `restore(step)` rebuilds
 the exact masks of any step by replaying only the draws of the stage(s) transitioning at that step.
+
+Also here: BinaryConnect's latent weight clipping (`ProgressionController.clip_latent_weights`), the refresh-rate
+rule `suggested_refresh_rate`, and `recalibrate_batchnorm`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import StoMPPConfig
 from .conversion import stompp_modules
+from .core.dtensor import is_sharded
 from .core.masks import make_generator
 from .core.schedules import get_schedule, stage_progress
-from .nn import Binarizer, StoMPPMixin
+from .nn import Binarizer, StoMPPModule
+
+#: Fewer expected redraws per entry than this over a stage (`L / r`) and the mask cannot follow p(tau).
+MIN_REDRAWS_PER_STAGE = 3
 
 
 @dataclass
 class _Tensor:
     index: int
     stage: int
-    module: StoMPPMixin
+    module: StoMPPModule
     binarizer: Binarizer
+    name: str = ""
+
+
+def suggested_refresh_rate(stage_steps: int, numel: int) -> int:
+    """The refresh rate `r` for a tensor of `numel` entries whose stage transitions over `stage_steps` optimizer
+    steps: `max(1, min(numel, floor(stage_steps / 8)))`.
+
+    Each step re-draws `k = floor(n / r)` entries, so an entry is re-drawn about `L / r` times over a stage of `L`
+    steps: `r = L / 8` gives each entry ~8 draws, enough for the mask to follow the schedule p(tau), and `r <= n`
+    keeps `k >= 1` (a tensor with `n < r` never refreshes: it stays continuous until its stage ends, then freezes
+    at once). Recipes size `StoMPPConfig.refresh_rate` with it, e.g.
+    `suggested_refresh_rate(total_steps // num_stages, smallest tensor)`.
+    """
+    return max(1, min(int(numel), int(stage_steps) // 8))
 
 
 def find_config(model: nn.Module) -> StoMPPConfig:
@@ -45,14 +70,20 @@ def find_config(model: nn.Module) -> StoMPPConfig:
 
 
 class ProgressionController:
-    """Drives the masks of `model` over `total_steps` optimizer steps (the progression length)."""
+    """Drives the masks of `model` over `total_steps` optimizer steps (the progression length).
+
+    At construction it warns (one `UserWarning`) when a stochastic progressive tensor cannot follow its schedule
+    with `config.refresh_rate`: it never refreshes (`n < r`) or its entries are re-drawn fewer than 3 times over its
+    stage (`L / r < 3`, `L` the stage's transition length in steps), and suggests `suggested_refresh_rate`'s `r`.
+    Input masks not sized until the first forward pass are not checked.
+    """
 
     def __init__(self, model: nn.Module, total_steps: int, config: StoMPPConfig | None = None) -> None:
         self.config = config if config is not None else find_config(model)
         modules = stompp_modules(model)
         if not modules:
             raise ValueError(f"{type(model).__name__} has no StoMPP modules; convert it first.")
-        self.num_stages = 1 + max(m.stompp_stage for m in modules.values())
+        self.num_stages = 1 + max(b.stage for m in modules.values() for b in m.binarizers())
         if total_steps < 1:
             raise ValueError(
                 f"StoMPP needs at least one training step to progress, but got total_steps={total_steps}."
@@ -61,13 +92,64 @@ class ProgressionController:
         self.schedule = get_schedule(self.config.schedule)
         self.named_modules = list(modules.items())
         self.tensors: list[_Tensor] = []
-        for module in modules.values():
+        #: (module, weight binarizer) of every latent weight BinaryConnect clips: rules 'ste' and 'stompp_ste'.
+        self._clipped: list[tuple[StoMPPModule, Binarizer]] = []
+        for name, module in modules.items():
             for binarizer in module.binarizers():
                 binarizer.controlled = True
                 if binarizer.progressive:
-                    self.tensors.append(_Tensor(len(self.tensors), module.stompp_stage, module, binarizer))
+                    self.tensors.append(_Tensor(len(self.tensors), binarizer.stage, module, binarizer, name))
+                if (
+                    binarizer.kind == "weight"
+                    and binarizer.rule in ("ste", "stompp_ste")
+                    and getattr(module, "weight", None) is not None
+                ):
+                    self._clipped.append((module, binarizer))
         self.step = 0
         self._apply(0)
+        self._check_refresh_rate()
+
+    @property
+    def stage_steps(self) -> float:
+        """L: the optimizer steps over which one stage transitions (`total_steps / num_stages` for 'forward' and
+        'reverse', `total_steps` for 'global')."""
+        if self.config.order == "global":
+            return float(self.total_steps)
+        return self.total_steps / self.num_stages
+
+    def _check_refresh_rate(self) -> None:
+        """Warn when a stochastic progressive tensor never refreshes (`k = n // r < 1`) or is re-drawn fewer than
+        `MIN_REDRAWS_PER_STAGE` times per entry over its stage (`L / r`)."""
+        if self.config.policy != "stochastic":
+            return
+        r = self.config.refresh_rate
+        length = self.stage_steps
+        flagged = []
+        for t in self.tensors:
+            if t.binarizer.mask is None:  # an input mask sized at the first forward pass: n unknown
+                continue
+            n = t.binarizer.mask.numel
+            k = n // r
+            if k < 1 or length / r < MIN_REDRAWS_PER_STAGE:
+                flagged.append((t, n, k))
+        if not flagged:
+            return
+        suggested = min(suggested_refresh_rate(math.floor(length), n) for _, n, _ in flagged)
+        listed = "; ".join(
+            f"`{t.name}` {t.binarizer.kind} (n={n}, k={k}{', never refreshes' if k < 1 else ''})"
+            for t, n, k in flagged[:5]
+        )
+        more = f" and {len(flagged) - 5} more" if len(flagged) > 5 else ""
+        warnings.warn(
+            f"StoMPP: with refresh_rate={r} and {length:g} steps per stage, {len(flagged)} progressive tensor(s) "
+            f"cannot follow the schedule p(tau) (each step re-draws k = n // r entries, so an entry is re-drawn "
+            f"~{length / r:.3g} times per stage; fewer than {MIN_REDRAWS_PER_STAGE}, or k < 1, and the mask "
+            f"lags the schedule, then freezes at once when the stage ends): {listed}{more}. Use "
+            f"`refresh_rate={suggested}` (r = stage length / 8, at most n: "
+            "`stompp_hf.progression.suggested_refresh_rate`), or train longer.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     @property
     def stages_short_of_steps(self) -> bool:
@@ -88,7 +170,12 @@ class ProgressionController:
         return self.num_stages
 
     def advance(self, step: int) -> None:
-        """Move the masks to optimizer step `step` (normally `self.step + 1`; any other value restores)."""
+        """Move the masks to optimizer step `step` (normally `self.step + 1`; any other value restores).
+
+        Runs after each optimizer step: it first clips the latent weights that step updated
+        (`clip_latent_weights`, under the masks the step was taken with), then moves the masks.
+        """
+        self.clip_latent_weights()
         if step == self.step + 1:
             self._apply(step)
         elif step != self.step:
@@ -96,7 +183,10 @@ class ProgressionController:
         self.step = step
 
     def restore(self, step: int) -> None:
-        """Rebuild the exact masks of `step`, replaying only the draws of the stages transitioning at `step`."""
+        """Rebuild the exact masks of `step`, replaying only the draws of the stages transitioning at `step`.
+
+        Only the masks are replayed: the latent weights are not clipped (they come from the checkpoint as saved).
+        """
         self._apply(0)
         for stage in range(self.num_stages):
             tau = self.stage_progress(stage, step)
@@ -130,9 +220,40 @@ class ProgressionController:
                     gen = make_generator(device, self.config.seed, t.stage, step, t.index)
                     mask.soft_refresh(p, refresh_rate, gen, device)
 
+    def clip_latent_weights(self) -> None:
+        """BinaryConnect: clamp, in place, the latent weights trained with the straight-through estimator to [-1, 1].
+
+        The weight STE is the identity (`core.functional`), so without this clip a latent weight could drift
+        arbitrarily far and its sign would never flip back. Clipped: every weight under 'ste'; under 'stompp_ste'
+        the entries whose mask is frozen (all of them once the stage is frozen, only the True entries of a
+        transitioning mask, none while continuous). 'stompp' weights are never clipped (frozen entries get no
+        gradient, continuous ones follow the identity smooth path), nor is SURGE's `surge_weight`.
+
+        The bound is [-1, 1] in the latent's own units with `weight_scale="channel"` too: pretrained transformer
+        weights are |w| ~ 0.05, so there the clip is a no-op. FSDP2 / tensor-parallel `DTensor` weights clamp
+        their local shard. Cost: one clamp pass over the STE weights per optimizer step (`advance` calls it).
+        """
+        with torch.no_grad():
+            for module, binarizer in self._clipped:
+                if binarizer.rule == "ste":
+                    mask = True
+                else:
+                    mask = binarizer.mask.value if binarizer.mask is not None else False
+                if mask is False:
+                    continue
+                weight = module.weight.detach()
+                local = weight.to_local() if is_sharded(weight) else weight
+                if mask is True:
+                    local.clamp_(-1.0, 1.0)
+                    continue
+                if is_sharded(weight):
+                    mask = _local_shard(mask, weight)
+                mask = mask.to(local.device)
+                local.copy_(torch.where(mask, local.clamp(-1.0, 1.0), local))
+
     @staticmethod
     def _device(t: _Tensor) -> torch.device:
-        return t.module.weight.device
+        return t.module.stompp_device()
 
     def stats(self) -> dict[str, float]:
         """What the callback logs: the current stage, the frozen fractions of weights and inputs, and SURGE's mean
@@ -174,3 +295,128 @@ def binarized(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for b, p in zip(binarizers, previous):
             b.force_frozen = p
+
+
+def _local_shard(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The entries of the whole-tensor `mask` that this rank's shard of the `DTensor` `weight` holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    local = mask[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+    if tuple(local.shape) != tuple(weight.to_local().shape):
+        raise NotImplementedError(
+            f"StoMPP cannot locate this rank's shard {tuple(weight.to_local().shape)} of a weight with placements "
+            f"{weight.placements} in its mask of shape {tuple(mask.shape)}."
+        )
+    return local
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _batch_to(batch: Any, device: torch.device) -> Any:
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None) -> int:
+    """Re-estimate the running statistics of every BatchNorm layer of `model` from `batches`; return how many
+    batches were used.
+
+    Binarizing a CNN changes the statistics of every activation, so BN running stats estimated while the network was
+    still (partly) continuous are stale: run this on a few training batches, e.g. under `binarized(model)` for the
+    fully binary network, before evaluating or exporting.
+
+    Each BN layer (`nn.modules.batchnorm._BatchNorm` with running stats) gets the exact mean and unbiased variance,
+    per channel, of its inputs over all the batches together (pooled in float64, as if the batches were one). The
+    batches run under `torch.no_grad()` with the BN layers in training mode (they normalize with batch statistics,
+    with `momentum=None` while they run) and every other module in eval mode (dropout off). A batch is a tensor,
+    passed positionally, or a dict passed as `**batch` without its `labels`; tensors move to the model's device.
+
+    Nothing else changes: the BN layers' momentum and every module's training mode are restored exactly, StoMPP
+    masks are not touched, and the activation scales (`Binarizer.scale`) are saved and restored. A BN layer that no
+    batch reached keeps its previous statistics. With no BN layer, nothing runs and 0 is returned.
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns or (max_batches is not None and max_batches <= 0):
+        return 0
+    device = _model_device(model)
+    modes = [(m, m.training) for m in model.modules()]
+    scales = [
+        (b, b.scale.detach().clone()) for b in model.modules() if isinstance(b, Binarizer) and b.scale is not None
+    ]
+    saved = [
+        (bn, bn.momentum, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+        for bn in bns
+    ]
+    # per BN layer: [count, mean, M2] per channel, combined batch by batch (Chan et al.'s parallel variance)
+    stats: dict[nn.Module, list] = {bn: [0, None, None] for bn in bns}
+
+    def accumulate(bn: nn.Module, args: tuple) -> None:
+        x = args[0].detach().double()
+        x = x.transpose(0, 1).reshape(x.shape[1], -1)
+        n_b = x.shape[1]
+        if n_b == 0:
+            return
+        mean_b = x.mean(dim=1)
+        m2_b = (x - mean_b[:, None]).square().sum(dim=1)
+        entry = stats[bn]
+        n_a = entry[0]
+        if n_a == 0:
+            entry[:] = [n_b, mean_b, m2_b]
+            return
+        n = n_a + n_b
+        delta = mean_b - entry[1]
+        entry[:] = [n, entry[1] + delta * (n_b / n), entry[2] + m2_b + delta.square() * (n_a * n_b / n)]
+
+    hooks = [bn.register_forward_pre_hook(accumulate) for bn in bns]
+    used, done = 0, False
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        with torch.no_grad():
+            for batch in batches:
+                if max_batches is not None and used >= max_batches:
+                    break
+                if isinstance(batch, dict):
+                    model(**{k: _batch_to(v, device) for k, v in batch.items() if k != "labels"})
+                elif isinstance(batch, torch.Tensor):
+                    model(batch.to(device))
+                else:
+                    raise TypeError(
+                        "`recalibrate_batchnorm` takes batches that are tensors (passed positionally) or dicts "
+                        f"(passed as keyword arguments), but got {type(batch).__name__}."
+                    )
+                used += 1
+            for bn, _, mean, var, tracked in saved:
+                count, pooled_mean, m2 = stats[bn]
+                if count == 0:  # no batch reached this layer: keep its previous statistics
+                    bn.running_mean.copy_(mean)
+                    bn.running_var.copy_(var)
+                    bn.num_batches_tracked.copy_(tracked)
+                    continue
+                bn.running_mean.copy_(pooled_mean.to(bn.running_mean.dtype))
+                # unbiased, as BatchNorm's own running variance (a single value has variance 0 here, not NaN)
+                bn.running_var.copy_((m2 / max(count - 1, 1)).to(bn.running_var.dtype))
+        done = True
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for bn, momentum, mean, var, tracked in saved:
+            bn.momentum = momentum
+            if not done:  # a batch failed: put the previous statistics back
+                with torch.no_grad():
+                    bn.running_mean.copy_(mean)
+                    bn.running_var.copy_(var)
+                    bn.num_batches_tracked.copy_(tracked)
+        for module, training in modes:
+            module.training = training
+        with torch.no_grad():
+            for binarizer, scale in scales:
+                binarizer.scale.copy_(scale)
+    return used

@@ -173,7 +173,7 @@ def _group_namer(model: nn.Module, binarized_names: list[str]):
     return group
 
 
-def _count_macs(model: nn.Module, example_inputs) -> dict[str, tuple[int, bool]]:
+def _count_macs(model: nn.Module, example_inputs, binary_activations: bool = False) -> dict[str, tuple[int, bool]]:
     """MACs per sample of every linear / conv layer on `example_inputs`, and whether they are 1-bit x 1-bit."""
     macs: dict[str, tuple[int, bool]] = {}
     hooks = []
@@ -185,7 +185,7 @@ def _count_macs(model: nn.Module, example_inputs) -> dict[str, tuple[int, bool]]
                 k = module.in_features
             else:
                 k = module.in_channels // module.groups * math.prod(module.kernel_size)
-            binary = _is_binary_binary(module)
+            binary = _is_binary_binary(module, binary_activations)
             macs[name] = (output.numel() // batch * k, binary)
 
         return fn
@@ -208,11 +208,13 @@ def _count_macs(model: nn.Module, example_inputs) -> dict[str, tuple[int, bool]]
     return macs
 
 
-def _is_binary_binary(module: nn.Module) -> bool:
+def _is_binary_binary(module: nn.Module, binary_activations: bool = False) -> bool:
+    """Whether `module` multiplies 1-bit inputs by 1-bit weights. `binary_activations`: the model binarizes its
+    activations at activation sites, so a layer that binarizes only its weights reads +-1 inputs there."""
     if isinstance(module, BinaryMixin):
-        return module.binary_weights and module.binary_inputs
+        return module.binary_weights and (module.binary_inputs or binary_activations)
     if isinstance(module, StoMPPMixin):
-        return module.weight_binarizer is not None and module.input_binarizer is not None
+        return module.weight_binarizer is not None and (module.input_binarizer is not None or binary_activations)
     return False
 
 
@@ -232,6 +234,7 @@ def summary(model: nn.Module, example_inputs=None, export_dtype: str | None = No
     if export_dtype is None and config is not None:
         export_dtype = config.export_dtype
     dtype = EXPORT_DTYPES[export_dtype] if export_dtype is not None else None
+    at_sites = config is not None and config.activation_sites == "activation" and config.activations is not None
 
     converted = {n: m for n, m in model.named_modules() if isinstance(m, (StoMPPMixin, BinaryMixin))}
     group = _group_namer(model, list(converted))
@@ -262,7 +265,7 @@ def summary(model: nn.Module, example_inputs=None, export_dtype: str | None = No
 
     if example_inputs is not None:
         mac_unit = "sample"
-        for name, (count, binary) in _count_macs(model, example_inputs).items():
+        for name, (count, binary) in _count_macs(model, example_inputs, at_sites).items():
             if binary:
                 row(name).binary_macs += count
             else:
@@ -272,7 +275,7 @@ def summary(model: nn.Module, example_inputs=None, export_dtype: str | None = No
         for name, module in model.named_modules():
             if isinstance(module, (nn.Linear, BinaryLinear)):
                 count = math.prod(module.weight_shape if isinstance(module, BinaryMixin) else module.weight.shape)
-                if _is_binary_binary(module):
+                if _is_binary_binary(module, at_sites):
                     row(name).binary_macs += count
                 else:
                     row(name).fp_macs += count

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
+from stompp_hf_recipes import ablations, vision
 
-from .test_vision_recipe import RECIPES, TINY, _argv, one_thread  # noqa: F401  (module-scoped fixture)
-
-sys.path.insert(0, RECIPES)
-import ablations  # noqa: E402
-import vision  # noqa: E402
+from .test_vision_recipe import TINY, _argv, one_thread  # noqa: F401  (module-scoped fixture)
 
 DATA = ["--offline_dataset", "mnist_5k", "--max_train_samples", "64", "--max_eval_samples", "32"]
 

@@ -16,7 +16,12 @@ INVALID = [
     ),
     ("order", "backward", "`order` must be one of 'forward', 'global', 'reverse', but got 'backward'."),
     ("policy", "greedy", "`policy` must be one of 'stochastic', 'deterministic', but got 'greedy'."),
-    ("granularity", "layer", "`granularity` must be one of 'block', 'module', but got 'layer'."),
+    ("granularity", "stage", "`granularity` must be one of 'layer', 'block', 'module', None, but got 'stage'."),
+    (
+        "activation_sites",
+        "output",
+        "`activation_sites` must be one of 'activation', 'input', None, but got 'output'.",
+    ),
     ("weight_scale", "tensor", "`weight_scale` must be one of 'channel', 'none', but got 'tensor'."),
     ("activation_scale", "channel", "`activation_scale` must be one of 'tensor', 'none', but got 'channel'."),
     ("compensation", "lsq", "`compensation` must be one of None, 'surge', but got 'lsq'."),
@@ -63,9 +68,11 @@ def test_defaults_are_the_papers():
         100,
         "forward",
     )
-    assert (c.policy, c.granularity, c.weight_scale, c.activation_scale) == (
+    # stages and activation sites follow the model when None: per-tensor stages at the paper's activation sites for
+    # vanilla CNNs, blocks at layer inputs for transformers (resolved at conversion)
+    assert (c.granularity, c.activation_sites) == (None, None)
+    assert (c.policy, c.weight_scale, c.activation_scale) == (
         "stochastic",
-        "block",
         "channel",
         "tensor",
     )

@@ -19,12 +19,10 @@ from stompp_hf import (
     prepare_model,
     set_kernel,
     stompp_modules,
-    xnor,
 )
-from stompp_hf.export import KERNELS
+from stompp_hf.kernels import KERNELS, xnor
 
-from .conftest import tiny_bert_config
-from .test_export import COMBOS, LAYERS, frozen_training_module, with_zeros
+from .testing_utils import COMBOS, LAYERS, frozen_training_module, tiny_bert_config, with_zeros
 
 
 def reference_forward(module, x):
@@ -63,7 +61,7 @@ def test_frozen_ste_gradients_hand_computed():
 
     y = (sign(x) . sign(W)) * beta * alpha = 2 * 0.125 = 0.25. The STE gradients are taken with respect to
     beta * sign(x) and alpha * sign(W): dx = alpha * sign(W) * 1{|x| <= beta} = [0.25, 0] and
-    dW = beta * sign(x) * 1{|W| <= 1} = [0.5, -0.5]; the bias gets 1.
+    dW = beta * sign(x) (BinaryConnect: the identity STE) = [0.5, -0.5]; the bias gets 1.
     """
     layer = nn.Linear(2, 1)
     with torch.no_grad():

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from stompp_hf import ProgressionController, StoMPPConfig, prepare_model
+from stompp_hf.core.surge import SURGE_EPS, surge
 from stompp_hf.export import pack_model, packed_state_dict
-from stompp_hf.functional import SURGE_EPS, surge
-from stompp_hf.layers import StoMPPConv2d, StoMPPLinear
+from stompp_hf.nn import StoMPPConv2d, StoMPPLinear
 
 X = [[0.5, -2.0]]
 W = [[0.3, -0.2]]
@@ -38,7 +38,7 @@ def test_hand_computed_gradients():
     g_b  = sign(W) * 1{|x| <= 1}            = [1, 0]
     g_a  = W_a                              = [0.3, -0.2]
     lam  = 0.5 * ||g_b|| / (||g_a|| + eps)  = 0.5 / sqrt(0.13)
-    dx   = g_b + lam * g_a;  dW_a = lam * x;  dW (latent, STE) = sign(x) * 1{|W| <= 1} = [1, -1]
+    dx   = g_b + lam * g_a;  dW_a = lam * x;  dW (latent, BinaryConnect STE) = sign(x) = [1, -1]
     """
     layer = linear_layer("surge").train()
     x = torch.tensor(X, requires_grad=True)

@@ -10,17 +10,14 @@ from torch import nn
 
 from stompp_hf import ProgressionController, StoMPPConfig, binarized, prepare_model
 from stompp_hf.conversion import stompp_modules
-from stompp_hf.layers import BinaryConv2d, StoMPPConv2d
-from stompp_hf.vision import (
-    cifar_stem,
-    default_modules_to_not_convert,
-    from_pretrained,
-    is_timm_model,
-    save_pretrained,
-    shortcut_layers,
-)
+from stompp_hf.integrations.timm import is_timm_model
+from stompp_hf.integrations.timm.io import from_pretrained, save_pretrained
+from stompp_hf.integrations.timm.policy import cifar_stem, default_modules_to_not_convert, shortcut_layers
+from stompp_hf.nn import BinaryConv2d, StoMPPConv2d
 
-CNN = StoMPPConfig(weight_scale="none", activation_scale="none")
+# The input-site topology (each binarized conv binarizes its own input, real residual stream) with one stage per
+# residual block; the paper-BNN defaults (activation sites, per-tensor stages) are tested in test_paper_bnn.py.
+CNN = StoMPPConfig(weight_scale="none", activation_scale="none", activation_sites="input", granularity="block")
 
 
 def _convs(model):
@@ -90,7 +87,9 @@ def test_activation_injection_only_where_binarized_inputs_come_from_relu():
     assert all(isinstance(model.get_submodule(n), nn.Identity) for n in replaced)
     assert isinstance(model.layer4[1].act2, nn.ReLU)
     # a binary-weight network keeps its activations
-    bwn = prepare_model(timm.create_model("resnet18", num_classes=10), StoMPPConfig(activations=None))
+    bwn = prepare_model(
+        timm.create_model("resnet18", num_classes=10), StoMPPConfig(activations=None, activation_sites="input")
+    )
     assert not getattr(bwn, "stompp_replaced_activations", [])
     assert isinstance(bwn.layer1[0].act1, nn.ReLU)
 
@@ -141,8 +140,16 @@ def test_packed_save_reload_is_bit_exact(name, tmp_path, capsys):
     args = {"channels": (8, 8, 16, 16), "in_chans": 1}
     model = timm.create_model(name, num_classes=10, **args)
     cifar_stem(model)
-    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": [str(i) for i in range(10)]}
-    prepare_model(model, StoMPPConfig(weights="stompp_ste", activations="stompp_ste", weight_scale="channel"))
+    # input masks are sized at conversion for the training resolution, read from `pretrained_cfg["input_size"]`
+    model.pretrained_cfg = {
+        **model.pretrained_cfg,
+        "label_names": [str(i) for i in range(10)],
+        "input_size": (1, 16, 16),
+    }
+    config = StoMPPConfig(
+        weights="stompp_ste", activations="stompp_ste", weight_scale="channel", activation_sites="input"
+    )
+    prepare_model(model, config)
     _train_to_binary(model)
     model.eval()
     x = torch.randn(3, 1, 16, 16)
@@ -159,7 +166,7 @@ def test_packed_save_reload_is_bit_exact(name, tmp_path, capsys):
         assert torch.equal(reloaded(x), expected)
     # the saved metadata comes back, and the command-line summary reads timm folders
     assert reloaded.pretrained_cfg["label_names"] == model.pretrained_cfg["label_names"]
-    assert list(reloaded.pretrained_cfg["input_size"]) == [1, 32, 32]
+    assert list(reloaded.pretrained_cfg["input_size"]) == [1, 16, 16]
     from stompp_hf.__main__ import main
 
     assert main(["summary", str(tmp_path), "--markdown"]) == 0
@@ -182,13 +189,15 @@ def test_unfinished_model_saves_latent_weights(tmp_path):
 
 
 def test_model_card_for_a_timm_model():
-    from stompp_hf.hub import model_card
+    from stompp_hf.integrations.transformers.hub import model_card
 
     model = timm.create_model("resnet18", num_classes=10, in_chans=1, channels=(8, 8, 8, 8))
     cifar_stem(model)
     prepare_model(model, CNN)
     card = str(model_card(model, "user/bnn-resnet18", dataset="fashion_mnist", metrics={"eval_accuracy": 0.9}))
     assert "library_name: timm" in card
-    assert 'stompp_hf.vision.from_pretrained(snapshot_download("user/bnn-resnet18"))' in card
+    assert "from stompp_hf.integrations.timm import from_pretrained" in card
+    assert 'model = from_pretrained(snapshot_download("user/bnn-resnet18"))' in card
+    assert "stompp_hf.vision" not in card  # the load snippet uses no deprecated import path
     assert "AutoModel" not in card
     assert "MACs" in card  # the size table counts the convolutions on a 32x32 example

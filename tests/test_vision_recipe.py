@@ -8,20 +8,19 @@ import json
 import logging
 import os
 import struct
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from stompp_hf_recipes import vision, vision_experiments
 
-import stompp_hf.vision
+import stompp_hf
+from stompp_hf.integrations.timm import io as timm_io
+from stompp_hf.integrations.timm import policy as timm_policy
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
-sys.path.insert(0, RECIPES)
-import vision  # noqa: E402
-import vision_experiments  # noqa: E402
 
 TINY = '{"channels": [8, 8, 8, 8]}'
 
@@ -81,7 +80,8 @@ def test_recipe_end_to_end_on_mnist_5k(tmp_path):
     # Packed 1-bit in timm's layout, with the model arguments and the CIFAR stem (auto at 16 px).
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["quantization_config"]["packed"] is True and config["pretrained_cfg"]["cifar_stem"] is True
-    assert config["model_args"] == {"channels": [8, 8, 8, 8], "in_chans": 1}
+    # binarized timm ResNets are built without zero-initialised last BatchNorms (their convs would get no gradient)
+    assert config["model_args"] == {"channels": [8, 8, 8, 8], "in_chans": 1, "zero_init_last": False}
     assert config["pretrained_cfg"]["input_size"] == [1, 16, 16] and len(config["pretrained_cfg"]["mean"]) == 1
     assert "hf_hub_id" not in config["pretrained_cfg"]  # no claim of ImageNet weights for an untrained model
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
@@ -93,7 +93,7 @@ def test_recipe_end_to_end_on_mnist_5k(tmp_path):
         std=config["pretrained_cfg"]["std"],
     )
     batch = torch.stack([data.eval[i]["pixel_values"] for i in range(16)])
-    reloaded = stompp_hf.vision.from_pretrained(out).eval()
+    reloaded = timm_io.from_pretrained(out).eval()
     assert any(isinstance(m, stompp_hf.BinaryConv2d) for m in reloaded.modules())
     with torch.no_grad():
         logits = reloaded(batch)
@@ -273,13 +273,14 @@ def test_stage_progress_points_draw_a_sawtooth_at_every_step():
     from types import SimpleNamespace
 
     import timm
-    from common import StageProgressCallback
+    from stompp_hf_recipes.common import StageProgressCallback
 
     from stompp_hf import ProgressionController, StoMPPConfig, prepare_model
 
     model = timm.create_model("resnet18", num_classes=10, in_chans=1, channels=(8, 8, 8, 8))
-    stompp_hf.vision.cifar_stem(model)
-    prepare_model(model, StoMPPConfig(weight_scale="none", activation_scale="none", refresh_rate=1))
+    timm_policy.cifar_stem(model)
+    config = StoMPPConfig(weight_scale="none", activation_scale="none", refresh_rate=1, granularity="block")
+    prepare_model(model, config)
     steps = 40
     controller = ProgressionController(model, total_steps=steps)
     callback = StageProgressCallback(SimpleNamespace(controller=controller))

@@ -1,17 +1,24 @@
 """The masked binarize, implemented once and shared by every layer type (docs/design.md, "Core", Eq. 1-3).
 
 For a tensor `u` (a weight or a layer input), a boolean mask `M` (True = frozen), a scale `a` (a constant in the
-backward pass) and a clip bound `c`::
+backward pass) and, for inputs, a clip bound `c`::
 
     forward    u' = M * a * sign(u) + (1 - M) * smooth(u)         smooth(u) = clamp(u, -c, c)  for inputs,
                                                                              u                 for weights
     "stompp"      du = (1 - M) * g * smooth'(u)                    (Eq. 2 of the StoMPP paper: no STE at all)
-    "stompp_ste"  du = (1 - M) * g * smooth'(u) + M * g * 1{|u| <= c}   (STE on frozen entries only)
-    "ste"         M = 1 everywhere, du = g * 1{|u| <= c}           (BinaryConnect / clipped-identity STE)
+    "stompp_ste"  du = (1 - M) * g * smooth'(u) + M * g * ste'(u)  (STE on frozen entries only)
+    "ste"         M = 1 everywhere, du = g * ste'(u)               (BinaryConnect / BinaryNet STE)
 
-`smooth'(u)` is `1{|u| <= c}` for inputs and `1` for weights; `c` is the activation scale beta (1 without
-activation scaling) for inputs and 1 for weights (BinaryConnect's latent clip). `sign(0) = +1` everywhere in this
-library, so that every binary value is in {-1, +1}.
+              smooth'(u)   ste'(u)
+    inputs    1{|u| <= c}  1{|u| <= c}    BinaryNet's clipped identity
+    weights   1            1              BinaryConnect's identity (its latent weights are clipped to [-1, 1]
+                                          instead, by `ProgressionController.clip_latent_weights`)
+
+So a weight's STE gradient is `g` itself, whatever `|u|`: for weights, "stompp_ste" is the identity everywhere.
+`c` is `activation_clip * beta` (beta the activation scale, 1 without activation scaling). `g` is the gradient with
+respect to `a * sign(u)`: where the caller applies `a` to the layer output instead (the factored form), the STE
+gradient is divided by `a` (a zero `a` passes no gradient). `sign(0) = +1` everywhere in this library, so that
+every binary value is in {-1, +1}.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ def _window(u: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype | None = No
 class _MaskedBinarize(torch.autograd.Function):
     """Forward `where(M, a * sign(u), smooth(u))`; backward as in the module docstring.
 
-    Only the int8 window `1{|u| <= c}` is kept for the backward pass (one byte per entry instead of `u`'s four).
+    Inputs (`clip_smooth`) keep only the int8 window `1{|u| <= c}` for the backward pass (one byte per entry instead
+    of `u`'s four), plus the mask under "stompp". Weights keep the mask under "stompp" and nothing under
+    "stompp_ste", whose weight gradient is the identity everywhere (BinaryConnect's STE on frozen entries).
     """
 
     @staticmethod
@@ -50,8 +59,8 @@ class _MaskedBinarize(torch.autograd.Function):
         hard = binary_sign(u) * scale
         soft = torch.clamp(u, -bound, bound) if clip_smooth else u
         # the window as int8: one byte per entry, and casts to and from int8 are cheap (bool ones are not)
-        window = _window(u, bound).to(torch.int8) if clip_smooth or ste_on_frozen else None
-        ctx.save_for_backward(mask, window)
+        window = _window(u, bound).to(torch.int8) if clip_smooth else None
+        ctx.save_for_backward(None if ste_on_frozen else mask, window)
         ctx.clip_smooth = clip_smooth
         ctx.ste_on_frozen = ste_on_frozen
         return torch.where(mask, hard, soft)
@@ -60,39 +69,40 @@ class _MaskedBinarize(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         # grad times a 0/1 factor built with float arithmetic (no `where`, no bool tensors: both are slow on CPU)
         mask, window = ctx.saved_tensors
+        if ctx.clip_smooth and ctx.ste_on_frozen:  # inputs: 1{|u| <= c} everywhere
+            return grad * window.to(grad.dtype), None, None, None, None, None
+        if ctx.ste_on_frozen:  # weights: the identity everywhere (BinaryConnect's STE on frozen entries)
+            return grad, None, None, None, None, None
         frozen = mask.to(grad.dtype)
-        if window is not None:
-            window = window.to(grad.dtype)
-        if ctx.clip_smooth and ctx.ste_on_frozen:  # 1{|u| <= c} everywhere
-            factor = window
-        elif ctx.clip_smooth:  # 1{|u| <= c} on continuous entries, 0 on frozen ones
-            factor = window * (1 - frozen)
-        elif ctx.ste_on_frozen:  # 1 on continuous entries, 1{|u| <= c} on frozen ones
-            factor = 1 - frozen * (1 - window)
-        else:  # 1 on continuous entries, 0 on frozen ones
+        if ctx.clip_smooth:  # inputs: 1{|u| <= c} on continuous entries, 0 on frozen ones
+            factor = window.to(grad.dtype) * (1 - frozen)
+        else:  # weights: 1 on continuous entries, 0 on frozen ones
             factor = 1 - frozen
         return grad * factor, None, None, None, None, None
 
 
 class _HardSign(torch.autograd.Function):
-    """Every entry frozen, STE gradient: forward `v * sign(u)`, backward `1{|u| <= c} * g / s`.
+    """Every entry frozen, STE gradient: forward `v * sign(u)`, backward `1{|u| <= c} * g / s` for an input (clip
+    bound `c`), `g / s` for a weight (bound None: BinaryConnect's identity).
 
     `v` is the magnitude of the output (the scale `a`, or None for +-1 when the scale is applied to the layer output
     instead) and `s` what the gradient is divided by to stay the gradient with respect to `a * sign(u)` (None, or
-    `a` when the output is `sign(u)` and `a` multiplies the layer output). It saves `u` itself, which the layer
-    keeps anyway (a weight Parameter, or an input that the layer's op recomputes its operand from), and rebuilds
-    the window in the backward pass.
+    `a` when the output is `sign(u)` and `a` multiplies the layer output). With a bound it saves `u` itself, which
+    the layer keeps anyway (an input that the layer's op recomputes its operand from), and rebuilds the window in
+    the backward pass; without one it saves only `s`.
     """
 
     @staticmethod
     def forward(ctx, u, value, bound, grad_divisor):  # type: ignore[override]
-        ctx.save_for_backward(u, bound, grad_divisor)
+        ctx.save_for_backward(u if bound is not None else None, bound, grad_divisor)
         sign = binary_sign(u)
         return sign if value is None else sign * value
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         u, bound, divisor = ctx.saved_tensors
+        if bound is None:  # a weight: the identity (divided by the scale in the factored form)
+            return (grad if divisor is None else grad / divisor.to(grad.dtype)), None, None, None
         window = _window(u, bound, grad.dtype)
         if divisor is not None:
             window.div_(divisor)
@@ -127,15 +137,16 @@ def hard_sign(
     *,
     ste: bool,
     scale: torch.Tensor | float = 1.0,
-    bound: torch.Tensor | float = 1.0,
+    bound: torch.Tensor | float | None = None,
     factored: bool = False,
 ) -> torch.Tensor:
     """A fully frozen tensor: `scale * sign(u)`, or `sign(u)` alone when `factored` (the caller multiplies the
     layer output by `scale`, which keeps binary x binary products exact integers, docs/design.md "Core").
 
-    With `ste` (rules 'ste' and 'stompp_ste') the gradient is the clipped straight-through one, `1{|u| <= bound}`
-    times the gradient with respect to `scale * sign(u)` (so the factored form divides by `scale`; a zero scale,
-    e.g. an all-zero weight row, passes no gradient). Without `ste` ('stompp') the result is a constant.
+    With `ste` (rules 'ste' and 'stompp_ste') the gradient is the straight-through one: the gradient with respect to
+    `scale * sign(u)` (so the factored form divides by `scale`; a zero scale, e.g. an all-zero weight row, passes no
+    gradient), times `1{|u| <= bound}` for an input (BinaryNet's clipped identity), unclipped for a weight
+    (`bound=None`, BinaryConnect's identity). Without `ste` ('stompp') the result is a constant.
     """
     if isinstance(scale, torch.Tensor):
         scale = scale.detach()
@@ -148,7 +159,8 @@ def hard_sign(
     if factored and not unit:
         divisor = torch.as_tensor(scale, dtype=u.dtype, device=u.device)
         divisor = torch.where(divisor > 0, divisor, torch.inf)
-    bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
+    if bound is not None:
+        bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
     return _HardSign.apply(u, value, bound, divisor)
 
 
@@ -169,8 +181,9 @@ def masked_binarize(
             all-continuous tensor, which takes a fast path that allocates no mask.
         rule: the gradient rule. 'ste' ignores `mask` (hard sign everywhere).
         scale: multiplies sign(u); detached, so it is a constant in the backward pass.
-        bound: the clip bound `c` (see the module docstring); detached.
-        clip_smooth: True for inputs (smooth = clamp to [-c, c]), False for weights (smooth = identity).
+        bound: inputs only: the clip bound `c` (see the module docstring); detached. Ignored for weights.
+        clip_smooth: True for inputs (smooth = clamp to [-c, c], STE `1{|u| <= c} * g`), False for weights (smooth
+            = identity, STE the identity `g`: BinaryConnect).
     """
     if rule not in RULES:
         raise ValueError(f"`rule` must be one of {', '.join(map(repr, RULES))}, but got {rule!r}.")
@@ -178,11 +191,14 @@ def masked_binarize(
         scale = scale.detach()
     if rule == "ste":
         mask = True
+    if not clip_smooth:
+        bound = None  # weights: no clip window (BinaryConnect's identity STE)
     if mask is True:
         return hard_sign(u, ste=rule != "stompp", scale=scale, bound=bound)
-    bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
     if mask is False:
-        return clip(u, bound) if clip_smooth else u
+        return clip(u, torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()) if clip_smooth else u
+    if bound is not None:
+        bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
     return _MaskedBinarize.apply(u, mask, scale, bound, clip_smooth, rule != "stompp")
 
 

@@ -5,17 +5,21 @@ Works on any `nn.Module`; imports torch and `stompp_hf.core` / `stompp_hf.kernel
 
 from torch import nn as _nn
 
+from .activation import BinaryActivation, StoMPPActivation
+from .base import StoMPPModule
 from .binarizer import ACTIVATION_SCALE_MOMENTUM, Binarizer
 from .packed import BinaryConv2d, BinaryLinear, BinaryMixin
-from .registry import MODULE_KINDS, ModuleKind, is_convertible, kind_of, register_module
+from .registry import MODULE_KINDS, ModuleKind, is_convertible, kind_of, packed_types, register_module
 from .training import StoMPPConv2d, StoMPPLinear, StoMPPMixin
 
 register_module(_nn.Linear, StoMPPLinear, BinaryLinear)
 register_module(_nn.Conv2d, StoMPPConv2d, BinaryConv2d)
+register_module(None, StoMPPActivation, BinaryActivation)  # inserted at activation sites, never swapped in
 
 __all__ = [
     "ACTIVATION_SCALE_MOMENTUM",
     "MODULE_KINDS",
+    "BinaryActivation",
     "Binarizer",
     "BinaryConv2d",
     "BinaryLinear",
@@ -23,8 +27,11 @@ __all__ = [
     "ModuleKind",
     "StoMPPConv2d",
     "StoMPPLinear",
+    "StoMPPActivation",
     "StoMPPMixin",
+    "StoMPPModule",
     "is_convertible",
     "kind_of",
+    "packed_types",
     "register_module",
 ]

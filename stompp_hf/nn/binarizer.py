@@ -28,8 +28,9 @@ class Binarizer(nn.Module):
 
     Args:
         rule: 'stompp', 'stompp_ste' or 'ste'.
-        kind: 'weight' (smooth = identity, optional per-output-channel scale) or 'input' (smooth = clip, optional
-            per-tensor scale beta kept as the buffer `scale`).
+        kind: 'weight' (smooth = identity, straight-through gradient the identity as in BinaryConnect, optional
+            per-output-channel scale) or 'input' (smooth = clip, straight-through gradient the clipped identity
+            `1{|x| <= c}` as in BinaryNet, optional per-tensor scale beta kept as the buffer `scale`).
         scale_mode: 'channel' / 'none' for weights, 'tensor' / 'none' for inputs.
         shape: the mask shape: the weight's shape, or the per-sample input shape (None: set on first forward).
         clip: inputs only: the clip bound in units of the scale (`StoMPPConfig.activation_clip`).
@@ -48,6 +49,8 @@ class Binarizer(nn.Module):
         self.force_frozen = False
         # Set by `ProgressionController`; a progressive tensor trained without one never advances its mask.
         self.controlled = False
+        #: The stage this tensor belongs to (stages numbered in forward order from 0), set at conversion.
+        self.stage = 0
         if kind == "input" and scale_mode == "tensor":
             self.register_buffer("scale", torch.zeros((), dtype=torch.float32))
         else:
@@ -99,12 +102,27 @@ class Binarizer(nn.Module):
 
     @property
     def frozen(self) -> bool:
-        """Every entry is frozen to sign in this forward: plain STE, `binarized(model)`, or a finished stage."""
+        """This forward takes the all-frozen path: plain STE, `binarized(model)`, or a finished stage (whose mask is
+        the constant True; a transitioning mask stays a tensor even if every entry happens to be drawn frozen)."""
         return self.force_frozen or self.rule == "ste" or (self.mask is not None and self.mask.value is True)
+
+    @property
+    def frozen_fraction(self) -> float:
+        """The fraction of entries frozen to sign (1 for plain STE; 0 for an input mask not sized yet)."""
+        if self.rule == "ste":
+            return 1.0
+        return self.mask.frozen_fraction if self.mask is not None else 0.0
+
+    @property
+    def committed(self) -> bool:
+        """Every entry is frozen to sign (whatever `binarized` forces): the tensor can be packed."""
+        return self.frozen_fraction == 1.0
 
     def _scale_and_bound(
         self, u: torch.Tensor, feature_ndim: int | None
-    ) -> tuple[MaskState, torch.Tensor | float, torch.Tensor | float]:
+    ) -> tuple[MaskState, torch.Tensor | float, torch.Tensor | float | None]:
+        """`(mask state, scale, clip bound)`. A weight has no clip bound (None): its straight-through gradient is
+        BinaryConnect's identity, and its latent values are clipped to [-1, 1] by the controller instead."""
         if self.training and self.progressive and not self.controlled:
             warnings.warn(
                 "A StoMPP model is being trained without a StoMPPCallback (or ProgressionController): its masks "
@@ -117,7 +135,7 @@ class Binarizer(nn.Module):
             mask_state = self.ensure_mask(tuple(u.shape[-feature_ndim:]))
             scale = self._input_scale(u) if self.scale is not None else 1.0
             return mask_state, scale, scale * self.clip if self.clip != 1.0 else scale
-        return self.mask, self.weight_scale(u), 1.0
+        return self.mask, self.weight_scale(u), None
 
     def forward(self, u: torch.Tensor, feature_ndim: int | None = None) -> torch.Tensor:
         return self.binarize(u, feature_ndim)[0]

@@ -86,7 +86,8 @@ class BinaryMixin:
         return {
             "binary_weights": config.weights is not None,
             "weight_scale": config.weight_scale == "channel",
-            "binary_inputs": config.activations is not None,
+            # at activation sites the layer reads the +-1 output of a `BinaryActivation` and binarizes nothing more
+            "binary_inputs": config.activations is not None and config.activation_sites != "activation",
             "input_scale": config.activation_scale == "tensor",
         }
 

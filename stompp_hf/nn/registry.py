@@ -1,4 +1,4 @@
-"""The one registry of binarizable layer types: source type <-> StoMPP training module <-> packed inference module.
+"""The one registry of binarizable module kinds: source type <-> StoMPP training module <-> packed inference module.
 
 Conversion, packing, reload and summaries all read it, so supporting a new layer type is one `register_module` call.
 """
@@ -12,35 +12,43 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ModuleKind:
-    """A binarizable layer type: the float `source` type, its `training` module and its `packed` module."""
+    """A binarizable module kind: the float `source` type it replaces (None for modules that conversion inserts
+    rather than swaps, such as `StoMPPActivation`), its `training` module and its `packed` module."""
 
-    source: type[nn.Module]
+    source: type[nn.Module] | None
     training: type[nn.Module]
     packed: type[nn.Module]
 
 
-#: Every registered kind, keyed by its source type (exact types: subclasses of `nn.Linear` are not converted).
-MODULE_KINDS: dict[type[nn.Module], ModuleKind] = {}
+#: Every registered kind, in registration order.
+MODULE_KINDS: list[ModuleKind] = []
 
 
-def register_module(source: type[nn.Module], training: type[nn.Module], packed: type[nn.Module]) -> ModuleKind:
+def register_module(source: type[nn.Module] | None, training: type[nn.Module], packed: type[nn.Module]) -> ModuleKind:
     """Register how layers of the exact type `source` are trained (`training`) and packed (`packed`).
 
     Raises:
-        ValueError: if `source` (or `training`) is registered already.
+        ValueError: if `source` or `training` is registered already.
     """
-    if source in MODULE_KINDS:
-        raise ValueError(f"`{source.__name__}` is already registered as {MODULE_KINDS[source]}.")
-    if any(kind.training is training for kind in MODULE_KINDS.values()):
-        raise ValueError(f"`{training.__name__}` is already the training module of another layer type.")
+    for kind in MODULE_KINDS:
+        if source is not None and kind.source is source:
+            raise ValueError(f"`{source.__name__}` is already registered as {kind}.")
+        if kind.training is training:
+            raise ValueError(f"`{training.__name__}` is already the training module of {kind}.")
     kind = ModuleKind(source, training, packed)
-    MODULE_KINDS[source] = kind
+    MODULE_KINDS.append(kind)
     return kind
 
 
 def is_convertible(module: nn.Module) -> bool:
-    """Whether `module` is a float layer of a registered type (what `convert_model` can binarize)."""
-    return type(module) in MODULE_KINDS
+    """Whether `module` is a float layer of a registered source type (what `convert_model` can binarize; exact
+    types: a subclass of `nn.Linear` is not converted)."""
+    return any(kind.source is type(module) for kind in MODULE_KINDS)
+
+
+def packed_types() -> tuple[type[nn.Module], ...]:
+    """Every registered packed module type (for `isinstance`)."""
+    return tuple(kind.packed for kind in MODULE_KINDS)
 
 
 def kind_of(module: nn.Module) -> ModuleKind:
@@ -49,11 +57,11 @@ def kind_of(module: nn.Module) -> ModuleKind:
     Raises:
         ValueError: for a module of no registered kind.
     """
-    kind = MODULE_KINDS.get(type(module))
-    if kind is not None:
-        return kind
-    for kind in MODULE_KINDS.values():
+    for kind in MODULE_KINDS:
+        if kind.source is type(module):
+            return kind
+    for kind in MODULE_KINDS:
         if isinstance(module, (kind.training, kind.packed)):
             return kind
-    names = ", ".join(k.__name__ for k in MODULE_KINDS)
-    raise ValueError(f"`{type(module).__name__}` is not a binarizable layer type (registered: {names}).")
+    names = ", ".join(k.training.__name__ for k in MODULE_KINDS)
+    raise ValueError(f"`{type(module).__name__}` is not a binarizable module kind (registered: {names}).")

@@ -13,18 +13,17 @@ from torch import nn
 
 from ..core.functional import output_scale, scale_output
 from ..core.surge import surge
+from .base import StoMPPModule
 from .binarizer import Binarizer
 from .recompute import _RecomputeSaved
 
 
-class StoMPPMixin:
-    """Shared state and inspection API of the StoMPP training modules (docs/design.md, "Training with Trainer")."""
+class StoMPPMixin(StoMPPModule):
+    """What `StoMPPLinear` and `StoMPPConv2d` share: a weight and an input binarizer around one op, SURGE, and the
+    swap that reuses the wrapped layer's Parameters."""
 
     #: Number of trailing input dimensions that make up one sample's features (1 for linear, 3 for conv2d).
     feature_ndim: int = 1
-    weight_binarizer: Binarizer | None
-    input_binarizer: Binarizer | None
-    stompp_stage: int
 
     def _init_stompp(
         self,
@@ -37,7 +36,6 @@ class StoMPPMixin:
         compensation: str | None = None,
         surge_eta: float = 0.5,
     ) -> None:
-        self.stompp_stage = 0
         w = Binarizer(weights, "weight", weight_scale, tuple(self.weight.shape)) if weights is not None else None
         a = (
             Binarizer(activations, "input", activation_scale, input_shape, clip=activation_clip)
@@ -57,8 +55,21 @@ class StoMPPMixin:
             self.surge_weight = None
 
     @classmethod
-    def from_module(cls, module: nn.Module, config, stage: int = 0):
-        """Swap `module` for a StoMPP module of the same class family, reusing its Parameters (no copy)."""
+    def from_module(
+        cls,
+        module: nn.Module,
+        config,
+        stage: int = 0,
+        input_shape: tuple[int, ...] | None = None,
+        binarize_input: bool = True,
+    ) -> StoMPPMixin:
+        """Swap `module` for a StoMPP module of the same class family, reusing its Parameters (no copy).
+
+        `input_shape`: the per-sample input shape (for the input mask) when the layer type does not fix it (a
+        convolution's `[C, H, W]`, traced at conversion); without it the mask is sized at the first forward.
+        `binarize_input=False`: binarize the weight only (at activation sites the preceding `StoMPPActivation`
+        binarizes the input).
+        """
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
         new._parameters = dict(module._parameters)
@@ -66,10 +77,10 @@ class StoMPPMixin:
         new._modules = dict(module._modules)
         new._init_stompp(
             config.weights,
-            config.activations,
+            config.activations if binarize_input else None,
             config.weight_scale,
             config.activation_scale,
-            cls._input_shape(module),
+            cls._input_shape(module) or (tuple(input_shape) if input_shape is not None else None),
             config.activation_clip,
             config.compensation,
             config.surge_eta,
@@ -145,45 +156,6 @@ class StoMPPMixin:
             "binary_inputs": a is not None,
             "input_scale": a is not None and a.scale is not None,
         }
-
-    @property
-    def fully_frozen(self) -> bool:
-        """True when every binarized tensor of this module is frozen to sign (the module can be packed)."""
-        return all(
-            b.rule == "ste" or (b.mask is not None and b.mask.frozen_fraction == 1.0) for b in self.binarizers()
-        )
-
-    def binarizers(self) -> list[Binarizer]:
-        return [b for b in (self.weight_binarizer, self.input_binarizer) if b is not None]
-
-    def _mask_of(self, binarizer: Binarizer | None) -> torch.Tensor | None:
-        if binarizer is None or binarizer.mask is None:
-            return None
-        return binarizer.mask.tensor(self.weight.device)
-
-    @property
-    def weight_mask(self) -> torch.Tensor | None:
-        """Bool tensor of the weight's shape (True = frozen to sign), or None where weights stay full precision."""
-        return self._mask_of(self.weight_binarizer)
-
-    @property
-    def input_mask(self) -> torch.Tensor | None:
-        """Bool tensor of the per-sample input shape, or None where inputs are not binarized (or not yet seen)."""
-        return self._mask_of(self.input_binarizer)
-
-    @property
-    def weight_frozen_fraction(self) -> float | None:
-        b = self.weight_binarizer
-        return None if b is None else b.mask.frozen_fraction
-
-    @property
-    def input_frozen_fraction(self) -> float | None:
-        b = self.input_binarizer
-        if b is None:
-            return None
-        if b.mask is None:  # shape not seen yet
-            return 1.0 if b.rule == "ste" else 0.0
-        return b.mask.frozen_fraction
 
 
 class StoMPPLinear(StoMPPMixin, nn.Linear):

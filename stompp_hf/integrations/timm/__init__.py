@@ -23,6 +23,8 @@ _LAZY = {
     "from_pretrained": "io",
     "BiRealNet": "birealnet",
     "BiRealBlock": "birealnet",
+    "CifarResNet": "cifar_resnet",
+    "activation_sites": "policy",
 }
 
 __all__ = ["is_timm_model", *_LAZY]

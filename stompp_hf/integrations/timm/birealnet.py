@@ -22,7 +22,7 @@ unit is `layer{s}.{i}` with submodules `act`, `conv`, `bn` and (where present) `
 
 Importing this module registers `birealnet18` and `birealnet34` with timm::
 
-    import stompp_hf.birealnet  # noqa: F401
+    import stompp_hf.integrations.timm.birealnet  # noqa: F401
     model = timm.create_model("birealnet18", num_classes=10)
 
 No pretrained weights exist: `pretrained=True` raises unless a weight source is supplied explicitly (e.g.
@@ -114,10 +114,16 @@ class BiRealBlock(nn.Module):
 class BiRealNet(nn.Module):
     """Bi-Real Net: a ResNet layout of single-conv residual units with real-valued shortcuts.
 
+    Its design binarizes each conv's own input and keeps the residual stream real, so StoMPP converts it with
+    `activation_sites="input"` by default (`stompp_activation_sites`).
+
     Stem: conv 7x7 stride 2 -> BN -> `stem_act_layer` (identity by default, as in Bi-Real Net) -> max-pool 3x3
     stride 2. Four stages of `BiRealBlock` units (`layers` units each), the first unit of stages 2-4 with stride 2.
     Head: global pooling -> dropout (`drop_rate`) -> fc.
     """
+
+    #: Read by the timm policy: the default `activation_sites` of this architecture.
+    stompp_activation_sites = "input"
 
     def __init__(
         self,

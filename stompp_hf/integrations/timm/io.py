@@ -13,9 +13,12 @@ from torch import nn
 
 from ...config import StoMPPConfig
 from ...export import checkpoint_format, convert_to_packed, packed_state_dict, read_checkpoint_shapes
-from . import birealnet  # noqa: F401  (registers birealnet18 / birealnet34 with timm)
+from ...nn import BinaryActivation
+from . import birealnet, cifar_resnet  # noqa: F401  (register birealnet18 / 34 and cifar_resnet* with timm)
 from .policy import cifar_stem, prepare_vision_model
 
+#: How activation sites are recorded in `stompp_replaced_activations` (training and packed modules).
+_STOMPP_ACTIVATIONS = ("StoMPPActivation", "BinaryActivation")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -79,7 +82,13 @@ def from_pretrained(path: str, **model_args: Any) -> nn.Module:
         config = StoMPPConfig.from_dict(quant)
         replaced = info.get("stompp_replaced_activations", {})
         for name, layer in replaced.items():
-            model.set_submodule(name, getattr(nn, layer)())
+            if layer in _STOMPP_ACTIVATIONS:  # an activation site
+                if config.packed:
+                    original = type(model.get_submodule(name)).__name__
+                    model.set_submodule(name, BinaryActivation(config.activation_scale == "tensor", original))
+                # latent: `prepare_vision_model` converts the model's own activation again, as in training
+            else:
+                model.set_submodule(name, getattr(nn, layer)())
         model.stompp_replaced_activations = list(replaced)
         if config.packed:
             convert_to_packed(model, config, read_checkpoint_shapes([weights]))

@@ -30,7 +30,7 @@ from timm.models._manipulate import group_with_matcher
 from torch import nn
 
 from ...config import StoMPPConfig
-from ...conversion import FilterFn, ModelPolicy, block_keys, prepare_model, select_modules
+from ...conversion import ConversionPlan, FilterFn, ModelPolicy, block_keys, prepare_model, select_modules
 
 #: Activation types whose output feeds a binarized layer's input and is replaced by `act_layer`.
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.ELU, nn.Mish)
@@ -48,8 +48,10 @@ def _first_conv(model: nn.Module) -> str:
     return _names(model.pretrained_cfg.get("first_conv"))[0]
 
 
-def example_input(model: nn.Module, size: int = 64) -> torch.Tensor:
-    """A one-image batch for tracing, with the first convolution's input channels."""
+def example_input(model: nn.Module, size: int | None = None) -> torch.Tensor:
+    """A one-image batch for tracing, with the first convolution's input channels, `size` px square (default: the
+    model's `pretrained_cfg["input_size"]`, which is what per-sample masks are sized for)."""
+    size = size or tuple(model.pretrained_cfg.get("input_size") or (0, 64, 64))[-1]
     first = model.get_submodule(_first_conv(model))
     param = next(model.parameters())
     return torch.zeros(1, first.in_channels, size, size, dtype=param.dtype, device=param.device)
@@ -149,6 +151,28 @@ def stage_keys(model: nn.Module, names: list[str]) -> list[str]:
     return [key_of[n] for n in names]
 
 
+def _input_producers(calls: Trace, targets: set[str]) -> dict[str, str | None]:
+    """For each layer in `targets`: the activation whose output is its input (seen through pooling, dropout and
+    identity layers: ResNet's stem ReLU feeds the first block through the max-pool), or None."""
+    producers: dict[str, str | None] = {}
+    for index, (name, _, inp, _) in enumerate(calls):
+        if name not in targets or name in producers:
+            continue
+        producers[name] = None
+        wanted = inp
+        for prev_name, prev, prev_in, prev_out in reversed(calls[:index]):
+            if prev_out is not wanted:
+                continue
+            if isinstance(prev, ACTIVATIONS):
+                producers[name] = prev_name
+                break
+            if isinstance(prev, _PASS_THROUGH):
+                wanted = prev_in
+                continue
+            break
+    return producers
+
+
 def inject_activations(
     model: nn.Module,
     binarized: list[str],
@@ -157,38 +181,37 @@ def inject_activations(
 ) -> list[str]:
     """Replace each activation whose output is a binarized layer's input by `act_layer()`; return their names.
 
-    The producer of an input is found through pooling, dropout and identity layers (e.g. ResNet's stem ReLU feeds
-    the first block through the max-pool). `calls`: a trace of `model` to reuse.
+    `calls`: a trace of `model` to reuse.
     """
     calls = calls if calls is not None else _trace(model)
-    targets = set(binarized)
-    replaced: list[str] = []
-    for index, (name, _, inp, _) in enumerate(calls):
-        if name not in targets:
-            continue
-        wanted = inp
-        for prev_name, prev, prev_in, prev_out in reversed(calls[:index]):
-            if prev_out is not wanted:
-                continue
-            if isinstance(prev, ACTIVATIONS):
-                if prev_name not in replaced:
-                    replaced.append(prev_name)
-                break
-            if isinstance(prev, _PASS_THROUGH):
-                wanted = prev_in
-                continue
-            break
+    producers = _input_producers(calls, set(binarized))
+    replaced = list(dict.fromkeys(p for p in producers.values() if p is not None))
     for name in replaced:
         model.set_submodule(name, act_layer())
     return replaced
 
 
+def activation_sites(model: nn.Module, calls: Trace | None = None) -> dict[str, tuple[int, ...]]:
+    """The activations of the paper's BNN: every activation function executed between the first convolution and
+    the classifier (those after the residual additions and the stem's included), with the per-sample shape of their
+    outputs, in execution order. `calls`: a trace of `model` to reuse."""
+    calls = calls if calls is not None else _trace(model)
+    names = [c[0] for c in calls]
+    first = _names(model.pretrained_cfg.get("first_conv"))
+    classifier = set(_names(model.pretrained_cfg.get("classifier")))
+    start = names.index(first[0]) if first and first[0] in names else 0
+    end = next((i for i, n in enumerate(names) if n in classifier or n.startswith(tuple(classifier))), len(names))
+    return {name: tuple(out.shape[1:]) for name, module, _, out in calls[start:end] if isinstance(module, ACTIVATIONS)}
+
+
 class TimmPolicy(ModelPolicy):
     """timm CNNs: first conv, classifier and shortcut convolutions full precision (read from `pretrained_cfg` and a
-    traced forward), one residual block per stage (`group_matcher`), activations feeding binarized inputs replaced by
-    `act_layer` (see the module docstring)."""
+    traced forward); stages per tensor in execution order (`granularity="layer"`) or per residual block
+    (`group_matcher`); at activation sites every activation becomes a `StoMPPActivation`, at input sites the
+    activations feeding binarized inputs are replaced by `act_layer` (see the module docstring)."""
 
     name = "timm"
+    default_granularity = "layer"
 
     def __init__(self, act_layer: Callable[[], nn.Module] | None = nn.Identity) -> None:
         self.act_layer = act_layer
@@ -202,17 +225,42 @@ class TimmPolicy(ModelPolicy):
     def stage_keys(self, model: nn.Module, names: list[str], granularity: str) -> list[str]:
         return stage_keys(model, names) if granularity == "block" else block_keys(model, names, granularity)
 
-    def before_conversion(self, model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | None) -> StoMPPConfig:
-        inject = config.activations is not None and self.act_layer is not None
-        calls = _trace(model) if inject or config.modules_to_not_convert is None else None  # one trace serves both
+    def plan(self, model: nn.Module, config: StoMPPConfig, filter_fn: FilterFn | None) -> ConversionPlan:
+        calls = _trace(model)  # one traced forward serves every decision below
+        values: dict[str, Any] = {}
         if config.modules_to_not_convert is None:
+            values["modules_to_not_convert"] = default_modules_to_not_convert(model, calls)
+        if config.granularity is None:
+            values["granularity"] = self.default_granularity
+        if values:
+            config = StoMPPConfig.from_dict({**config.to_dict(), **values})
+        selected = [n for n, _ in select_modules(model, config, filter_fn)]
+        sites = activation_sites(model, calls)
+        if config.activation_sites is None:
             config = StoMPPConfig.from_dict(
-                {**config.to_dict(), "modules_to_not_convert": default_modules_to_not_convert(model, calls)}
+                {**config.to_dict(), "activation_sites": self._default_sites(model, calls, selected, sites)}
             )
-        if inject:
-            names = [n for n, _ in select_modules(model, config, filter_fn)]
-            model.stompp_replaced_activations = inject_activations(model, names, self.act_layer, calls)
-        return config
+        input_shapes = {n: tuple(inp.shape[1:]) for n, _, inp, _ in calls if n in set(selected)}
+        order = list(dict.fromkeys(c[0] for c in calls))
+        plan = ConversionPlan(config, input_shapes=input_shapes, order=order)
+        if config.activations is None:
+            return plan
+        if config.activation_sites == "activation":
+            plan.activations = sites
+            model.stompp_replaced_activations = list(sites)
+        elif self.act_layer is not None:
+            model.stompp_replaced_activations = inject_activations(model, selected, self.act_layer, calls)
+        return plan
+
+    @staticmethod
+    def _default_sites(model: nn.Module, calls: Trace, selected: list[str], sites: dict) -> str:
+        """'activation' when the model is a vanilla CNN for it (every binarized layer reads an activation site), else
+        'input' (MobileNetV2's linear bottlenecks feed the next block unactivated; Bi-Real Net says so itself)."""
+        declared = getattr(model, "stompp_activation_sites", None)
+        if declared is not None:
+            return declared
+        producers = _input_producers(calls, set(selected))
+        return "activation" if sites and all(p in sites for p in producers.values()) else "input"
 
 
 def prepare_vision_model(

@@ -130,6 +130,8 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         silently, so without this check a diverged run would go on training (and save) a meaningless network.
         """
         for name, module in self.controller.named_modules:
+            if getattr(module, "weight", None) is None:  # a StoMPP activation has no latent weight
+                continue
             weight = module.weight.detach()
             weight = weight.to_local() if is_sharded(weight) else weight  # an FSDP2 shard: check locally
             if not bool(torch.isfinite(weight).all()):

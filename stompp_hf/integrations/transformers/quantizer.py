@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.quantizers import HfQuantizer, register_quantizer
 
-from ...conversion import convert_model
+from ...conversion import convert_model, policy_for
 from ...core.dtensor import full_tensor, is_sharded
 from ...export import checkpoint_format, convert_to_packed, packed_state_dict, read_checkpoint_shapes
 from ...nn import BinaryMixin, StoMPPMixin
@@ -50,7 +50,11 @@ class StoMPPHfQuantizer(HfQuantizer):
             shapes = read_checkpoint_shapes(checkpoint_files) if checkpoint_files else None
             convert_to_packed(model, config, shapes, base_model_prefix=getattr(model, "base_model_prefix", None))
         else:
-            convert_model(model, config)
+            policy = policy_for(model)
+            resolved = policy.resolve(model, config)
+            for key in ("granularity", "activation_sites"):  # written to config.json as resolved
+                setattr(config, key, getattr(resolved, key))
+            convert_model(model, config, policy=policy)
             ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
             if not self.pre_quantized:
                 # A full-precision checkpoint has no activation scales yet: they are measured in training.
