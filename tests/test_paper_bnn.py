@@ -266,3 +266,31 @@ def test_activation_sites_on_a_model_without_a_policy_for_them_raise():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"`activation_sites` 'activation' found no activation sites in Sequential"):
         prepare_model(model, StoMPPConfig(activation_sites="activation"))
+
+
+def test_torch_compile_of_the_paper_bnn_matches_eager_without_graph_breaks():
+    """StoMPP activations (frozen, transitioning and continuous at once, mid-progression) compile into one graph per
+    forward and train to eager mode's losses and gradients (AOT autograd: no C++ compiler needed)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = StoMPPConfig.from_dict({**PAPER.to_dict(), "weights": "stompp_ste", "activations": "stompp_ste"})
+    pair = []
+    for _ in range(2):
+        model = prepare_model(cifar_resnet8(), config).train()
+        controller = ProgressionController(model, 26)
+        controller.advance(7)  # stages 0-2 frozen, stage 3 mid-transition, the rest continuous
+        pair.append((model, controller))
+    eager, compiled = pair[0][0], torch.compile(pair[1][0], backend="aot_eager")
+    x, y = images(6, 5), torch.arange(6) % 10
+    for step in range(2):
+        losses = []
+        for model, (_, controller) in zip((eager, compiled), pair):
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            losses.append(loss.detach())
+            controller.advance(8 + step)
+        torch.testing.assert_close(losses[1], losses[0])
+    for (name, p), q in zip(pair[0][0].named_parameters(), pair[1][0].parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch._dynamo.utils.counters["graph_break"]
