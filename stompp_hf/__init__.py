@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from transformers.quantizers import register_quantization_config
 
 from . import integrations  # noqa: F401  (registers the timm / Transformers model policies; imports neither)
+from ._lazy import lazy_exports
 from .config import StoMPPConfig
 from .integrations.transformers.quantizer import StoMPPHfQuantizer
 
@@ -112,28 +113,22 @@ if TYPE_CHECKING:
     from .sizes import ModelSummary, summary
 
 
+_lazy_getattr, __dir__ = lazy_exports(__name__, _LAZY)
+
+
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        if name in _OLD_MODULES:  # `stompp_hf.layers` & co. as attributes, as `import stompp_hf` used to give them
-            import warnings
+    if name in _OLD_MODULES:  # `stompp_hf.layers` & co. as attributes, as `import stompp_hf` used to give them
+        import warnings
 
-            from ._deprecation import OLD_MODULES
+        from ._deprecation import OLD_MODULES
 
-            warnings.warn(
-                f"`stompp_hf.{name}` is deprecated and will be removed in the next release: import from "
-                f"`{OLD_MODULES[name][0]}` instead.",
-                DeprecationWarning,
-                stacklevel=2,  # the user's line (the module's own warning would point into importlib)
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return importlib.import_module(f"stompp_hf.{name}")
-        raise AttributeError(f"module 'stompp_hf' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+        warnings.warn(
+            f"`stompp_hf.{name}` is deprecated and will be removed in the next release: import from "
+            f"`{OLD_MODULES[name][0]}` instead.",
+            DeprecationWarning,
+            stacklevel=2,  # the user's line (the module's own warning would point into importlib)
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return importlib.import_module(f"stompp_hf.{name}")
+    return _lazy_getattr(name)

@@ -5,10 +5,9 @@ Importing this package imports nothing from timm; its submodules do.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from torch import nn
+
+from ..._lazy import lazy_exports
 
 _LAZY = {
     "TimmPolicy": "policy",
@@ -35,11 +34,4 @@ def is_timm_model(model: nn.Module) -> bool:
     return isinstance(getattr(model, "pretrained_cfg", None), dict) and hasattr(model, "group_matcher")
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

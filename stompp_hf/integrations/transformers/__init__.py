@@ -7,10 +7,9 @@ registered, by `import stompp_hf`).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from torch import nn
+
+from ..._lazy import lazy_exports
 
 _LAZY = {
     "StoMPPHfQuantizer": "quantizer",
@@ -32,11 +31,4 @@ def is_transformers_model(model: nn.Module) -> bool:
     return hasattr(model, "get_output_embeddings") and hasattr(model, "config")
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
