@@ -167,7 +167,8 @@ def _is_bn_statistic(model, key: str) -> bool:
 
 
 class StageProgressCallback(TrainerCallback):
-    """Log `stompp/stage_frozen_fraction`: the mean weight frozen fraction of the stage now transitioning.
+    """Log `stompp/stage_frozen_fraction`: the frozen fraction of the stage now transitioning (its weights; an
+    activation stage's activation).
 
     `StoMPPCallback` logs the average over all tensors, which rises smoothly; this one restarts at 0 at every stage
     (1.0 once the progression is complete), which shows the stage-by-stage progression as a sawtooth. Add it after
@@ -247,7 +248,7 @@ def plot_curves(
     frozen = {
         "weights, all stages (mean)": series("stompp/weight_frozen_fraction"),
         "inputs, all stages (mean)": series("stompp/input_frozen_fraction"),
-        "weights, current stage": stage_points or series(StageProgressCallback.KEY),
+        "current stage (its weights, or its activation)": stage_points or series(StageProgressCallback.KEY),
     }
     frozen = {k: v for k, v in frozen.items() if v}
     rows = 3 if frozen else 2
