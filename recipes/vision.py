@@ -59,7 +59,7 @@ from stompp_hf.integrations.timm import policy as timm_policy
 from stompp_hf.integrations.timm.cifar_resnet import CifarResNet
 from stompp_hf.integrations.transformers.arguments import none_str
 from stompp_hf.integrations.transformers.hub import model_card
-from stompp_hf.progression import suggested_refresh_rate
+from stompp_hf.progression import count_stages, stage_length, suggested_refresh_rate
 
 logger = logging.getLogger("recipes.vision")
 
@@ -714,8 +714,7 @@ def planned_steps(args: TrainingArguments, train_samples: int) -> int:
 def stage_refresh_rate(config: StoMPPConfig, model: nn.Module, progression_steps: int) -> int:
     """The soft-refresh rate sized from the stage length: r = stage steps / 8, at least 1 (`suggested_refresh_rate`,
     for the largest tensor), so a transitioning mask is redrawn about 8 times per entry within its stage."""
-    controller_stages = 1 + max(b.stage for m in stompp_modules(model).values() for b in m.binarizers())
-    stage_steps = progression_steps if config.order == "global" else progression_steps // controller_stages
+    stage_steps = int(stage_length(progression_steps, count_stages(model), config.order))
     largest = max(b.mask.numel for m in stompp_modules(model).values() for b in m.binarizers() if b.mask is not None)
     return suggested_refresh_rate(max(1, stage_steps), largest)
 

@@ -41,6 +41,17 @@ class _Tensor:
     name: str = ""
 
 
+def count_stages(model: nn.Module) -> int:
+    """The number of stages of a converted model (stages are numbered from 0 in every tensor's `Binarizer.stage`)."""
+    return 1 + max(b.stage for m in stompp_modules(model).values() for b in m.binarizers())
+
+
+def stage_length(total_steps: int, num_stages: int, order: str) -> float:
+    """L: the optimizer steps over which one stage transitions (`total_steps / num_stages` for 'forward' and
+    'reverse', `total_steps` for 'global')."""
+    return float(total_steps) if order == "global" else total_steps / num_stages
+
+
 def suggested_refresh_rate(stage_steps: int, numel: int) -> int:
     """The refresh rate `r` for a tensor of `numel` entries whose stage transitions over `stage_steps` optimizer
     steps: `max(1, min(numel, floor(stage_steps / 8)))`.
@@ -83,7 +94,7 @@ class ProgressionController:
         modules = stompp_modules(model)
         if not modules:
             raise ValueError(f"{type(model).__name__} has no StoMPP modules; convert it first.")
-        self.num_stages = 1 + max(b.stage for m in modules.values() for b in m.binarizers())
+        self.num_stages = count_stages(model)
         if total_steps < 1:
             raise ValueError(
                 f"StoMPP needs at least one training step to progress, but got total_steps={total_steps}."
@@ -111,11 +122,8 @@ class ProgressionController:
 
     @property
     def stage_steps(self) -> float:
-        """L: the optimizer steps over which one stage transitions (`total_steps / num_stages` for 'forward' and
-        'reverse', `total_steps` for 'global')."""
-        if self.config.order == "global":
-            return float(self.total_steps)
-        return self.total_steps / self.num_stages
+        """L: the optimizer steps over which one stage transitions (`stage_length`)."""
+        return stage_length(self.total_steps, self.num_stages, self.config.order)
 
     def _check_refresh_rate(self) -> None:
         """Warn when a stochastic progressive tensor never refreshes (`k = n // r < 1`) or is re-drawn fewer than
