@@ -26,7 +26,7 @@ from dataclasses import field
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from stompp_hf import StoMPPCallback, StoMPPConfig, binarized
 from stompp_hf.export import binarization_progress
@@ -209,6 +209,16 @@ class StageProgressCallback(TrainerCallback):
         logs[self.KEY] = value
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1][self.KEY] = value
+
+
+def rank_checkpoints_by_binarized(args: TrainingArguments, metric: str, config: StoMPPConfig | None) -> None:
+    """With `load_best_model_at_end`, rank checkpoints by the binarized network's `metric`
+    (`eval_binarized_<metric>`, higher is better), the network that gets exported, unless a binarized metric was
+    named already. Ranking by the loss of the network in progression would pick a partly continuous checkpoint."""
+    if config is None or not args.load_best_model_at_end or "binarized" in (args.metric_for_best_model or ""):
+        return
+    args.metric_for_best_model = f"binarized_{metric}"
+    args.greater_is_better = True
 
 
 def stompp_callbacks(

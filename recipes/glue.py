@@ -30,7 +30,13 @@ from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from stompp_hf_recipes.common import BinarizedEvalTrainer, StoMPPArguments, plot_curves, stompp_callbacks
+from stompp_hf_recipes.common import (
+    BinarizedEvalTrainer,
+    StoMPPArguments,
+    plot_curves,
+    rank_checkpoints_by_binarized,
+    stompp_callbacks,
+)
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -215,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return metric.compute(predictions=preds, references=pred.label_ids)
 
     callbacks, stage_callback = stompp_callbacks(config, stompp_args.progression_fraction)
+    rank_checkpoints_by_binarized(training_args, main_metric, config if stompp_args.eval_binarized else None)
     trainer = BinarizedEvalTrainer(
         model=model,
         args=training_args,

@@ -44,7 +44,13 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from stompp_hf_recipes.common import BinarizedEvalTrainer, plot_curves, recipe_stompp_arguments, stompp_callbacks
+from stompp_hf_recipes.common import (
+    BinarizedEvalTrainer,
+    plot_curves,
+    rank_checkpoints_by_binarized,
+    recipe_stompp_arguments,
+    stompp_callbacks,
+)
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 from transformers import HfArgumentParser, TrainingArguments, set_seed
@@ -842,6 +848,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = ImageClassifier(timm_model)
 
     callbacks, stage_callback = stompp_callbacks(config, stompp_args.progression_fraction)
+    rank_checkpoints_by_binarized(training_args, "accuracy", config if stompp_args.eval_binarized else None)
     trainer = BinarizedEvalTrainer(
         model=model,
         args=training_args,

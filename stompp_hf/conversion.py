@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .config import StoMPPConfig
+from .config import StoMPPConfig, check_pattern
 from .nn.activation import StoMPPActivation
 from .nn.base import StoMPPModule
 from .nn.registry import is_convertible, kind_of
@@ -136,18 +136,19 @@ def default_modules_to_not_convert(model: nn.Module) -> list[str]:
 
 
 def name_matches(name: str, patterns: Iterable[str]) -> bool:
-    """True if `name` or an ancestor equals a pattern, ends with `.pattern`, or fully matches it as a regex."""
+    """True if `name` or an ancestor equals a pattern, ends with `.pattern`, or fully matches it as a regex.
+
+    Raises:
+        ValueError: naming a pattern that is not a valid regular expression (`config.check_pattern`).
+    """
     parts = name.split(".")
     prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
     for pattern in patterns:
-        for prefix in prefixes:
-            if prefix == pattern or prefix.endswith("." + pattern):
-                return True
-            try:
-                if re.fullmatch(pattern, prefix):
-                    return True
-            except re.error:
-                continue
+        if any(prefix == pattern or prefix.endswith("." + pattern) for prefix in prefixes):
+            return True
+        check_pattern(pattern)
+        if any(re.fullmatch(pattern, prefix) for prefix in prefixes):
+            return True
     return False
 
 

@@ -24,9 +24,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .config import StoMPPConfig
 from .conversion import stompp_modules
 from .core.dtensor import is_sharded
-from .core.masks import make_generator
+from .core.masks import CONTINUOUS, FROZEN, TRANSITIONING, UNSIZED, make_generator
 from .core.schedules import get_schedule, stage_progress
 from .nn import Binarizer, StoMPPModule
+from .nn.binarizer import LoadedMask
 
 #: Fewer expected redraws per entry than this over a stage (`L / r`) and the mask cannot follow p(tau).
 MIN_REDRAWS_PER_STAGE = 3
@@ -66,10 +67,15 @@ def suggested_refresh_rate(stage_steps: int, numel: int) -> int:
 
 
 def find_config(model: nn.Module) -> StoMPPConfig:
-    """The `StoMPPConfig` of a converted model (`prepare_model` or `from_pretrained(quantization_config=...)`)."""
-    config = getattr(model, "stompp_config", None)
-    if config is None:
-        config = getattr(getattr(model, "config", None), "quantization_config", None)
+    """The `StoMPPConfig` of a converted model (`prepare_model` or `from_pretrained(quantization_config=...)`), or
+    of the first converted model it wraps."""
+    config = None
+    for module in model.modules():  # the model itself first, then a wrapped one (e.g. inside a SentenceTransformer)
+        config = getattr(module, "stompp_config", None)
+        if config is None:
+            config = getattr(getattr(module, "config", None), "quantization_config", None)
+        if config is not None:
+            break
     if isinstance(config, dict):
         config = StoMPPConfig.from_dict(config)
     if not isinstance(config, StoMPPConfig):
@@ -103,11 +109,13 @@ class ProgressionController:
         self.schedule = get_schedule(self.config.schedule)
         self.named_modules = list(modules.items())
         self.tensors: list[_Tensor] = []
+        self._binarizers: list[Binarizer] = []
         #: (module, weight binarizer) of every latent weight BinaryConnect clips: rules 'ste' and 'stompp_ste'.
         self._clipped: list[tuple[StoMPPModule, Binarizer]] = []
         for name, module in modules.items():
             for binarizer in module.binarizers():
                 binarizer.controlled = True
+                self._binarizers.append(binarizer)
                 if binarizer.progressive:
                     self.tensors.append(_Tensor(len(self.tensors), binarizer.stage, module, binarizer, name))
                 if (
@@ -118,7 +126,40 @@ class ProgressionController:
                     self._clipped.append((module, binarizer))
         self.step = 0
         self._apply(0)
+        self._record(0)
         self._check_refresh_rate()
+
+    @classmethod
+    def resume(cls, model: nn.Module, config: StoMPPConfig | None = None) -> ProgressionController:
+        """A controller at the position a latent checkpoint of `model` was saved at (`saved_progress`), with the
+        masks replayed from the seed and checked against the ones the checkpoint stored.
+
+        Raises:
+            ValueError: when the model carries no saved position, or the replayed masks differ from the stored
+                ones (the checkpoint was written with another config).
+        """
+        saved = saved_progress(model)
+        if saved is None:
+            raise ValueError(
+                "The model carries no saved progression position: it was not loaded from a latent StoMPP "
+                "checkpoint written mid-progression (or was saved before any step)."
+            )
+        step, total = saved
+        stored = stored_masks(model)
+        controller = cls(model, total, config)
+        controller.restore(step)
+        differing = differing_masks(model, stored)
+        if differing:
+            raise ValueError(
+                f"The masks replayed for step {step} of {total} differ from the checkpoint's for {len(differing)} "
+                f"tensor(s) (first: `{differing[0]}`): the checkpoint was written with another StoMPP config."
+            )
+        return controller
+
+    def _record(self, step: int) -> None:
+        """Stamp every tensor with the progression position its mask is at (saved with the mask)."""
+        for binarizer in self._binarizers:
+            binarizer.progress = (int(step), self.total_steps)
 
     @property
     def stage_steps(self) -> float:
@@ -189,6 +230,7 @@ class ProgressionController:
         elif step != self.step:
             self.restore(step)
         self.step = step
+        self._record(step)
 
     def restore(self, step: int) -> None:
         """Rebuild the exact masks of `step`, replaying only the draws of the stages transitioning at `step`.
@@ -204,6 +246,7 @@ class ProgressionController:
                     self._apply(s, stages={stage})
         self._apply(step)
         self.step = step
+        self._record(step)
 
     def _apply(self, step: int, stages: set[int] | None = None) -> None:
         refresh_rate = self.config.refresh_rate
@@ -287,6 +330,80 @@ class ProgressionController:
             for t in self.tensors
             if t.binarizer.mask is not None and t.binarizer.mask.is_transitioning
         }
+
+
+def saved_progress(model: nn.Module) -> tuple[int, int] | None:
+    """`(step, total_steps)` at which the masks of `model` were last moved by a `ProgressionController`, as loaded
+    from a latent checkpoint (every tensor stores it with its mask); None when no controller moved them.
+
+    Raises:
+        ValueError: when the tensors disagree (a checkpoint assembled from several runs).
+    """
+    positions = {b.progress for m in stompp_modules(model).values() for b in m.binarizers()}
+    positions.discard((-1, -1))
+    if len(positions) > 1:
+        raise ValueError(f"The masks of this model were saved at different progression positions: {positions}.")
+    return positions.pop() if positions else None
+
+
+def stored_masks(model: nn.Module) -> dict[str, LoadedMask]:
+    """`name.kind -> LoadedMask` of every tensor whose mask the last `load_state_dict` read (`Binarizer.loaded`),
+    consumed: `loaded` is cleared."""
+    stored = {}
+    for name, module in stompp_modules(model).items():
+        for b in module.binarizers():
+            if b.loaded is not None:
+                stored[f"{name}.{b.kind}"] = b.loaded
+                b.loaded = None
+    return stored
+
+
+def mask_digest(model: nn.Module) -> str:
+    """sha256 of every binarized tensor's mask state (names, codes and bits): equal digests, equal masks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, module in stompp_modules(model).items():
+        for b in module.binarizers():
+            h.update(f"{name}.{b.kind}:".encode())
+            if b.mask is None:
+                h.update(b"unsized")
+            elif b.mask.is_transitioning:
+                h.update(b.mask.value.detach().cpu().numpy().tobytes())
+            else:
+                h.update(b"frozen" if b.mask.value else b"continuous")
+    return h.hexdigest()
+
+
+def differing_masks(model: nn.Module, stored: dict[str, LoadedMask]) -> list[str]:
+    """The tensors (`name.kind`) whose current mask is not the `stored_masks` one."""
+    return [key for key, saved in stored.items() if not _same_mask(model, key, saved.code, saved.mask)]
+
+
+def _same_mask(model: nn.Module, key: str, code: int, mask: torch.Tensor | None) -> bool:
+    name, _, kind = key.rpartition(".")
+    binarizer = next(b for b in model.get_submodule(name).binarizers() if b.kind == kind)
+    current = binarizer.mask
+    if current is None:
+        return code == UNSIZED
+    if current.is_transitioning:
+        return code == TRANSITIONING and mask is not None and bool(torch.equal(current.value.cpu(), mask.cpu()))
+    return code == (FROZEN if current.value else CONTINUOUS)
+
+
+def commit(model: nn.Module) -> nn.Module:
+    """Freeze every mask of `model` for good: the network `binarized(model)` evaluates, made permanent, so that
+    `save_pretrained` packs it. For a model stopped mid-progression (e.g. the best checkpoint of
+    `load_best_model_at_end`); latent weights are kept, only their signs count from now on."""
+    modules = stompp_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no StoMPP modules to commit.")
+    for module in modules.values():
+        for b in module.binarizers():
+            if b.mask is None:
+                raise ValueError("Cannot commit an input mask whose size is not known yet: run one forward first.")
+            b.mask.fill(True)
+    return model
 
 
 @contextlib.contextmanager

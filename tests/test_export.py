@@ -63,16 +63,16 @@ def read_config(folder) -> dict:
 
 
 def assert_packed_checkpoint(folder, trained):
-    """config.json says packed, every binarized layer is uint8 `weight_packed` and has no float `weight`."""
+    """config.json says packed, and every binarized layer's `weight` is its uint8 packed signs (no float weight)."""
     assert read_config(folder)["quantization_config"]["packed"] is True
     tensors = safetensors_tensors(folder / "model.safetensors")
     names = list(stompp_modules(trained))
     assert names
     for name, module in stompp_modules(trained).items():
-        packed = tensors[f"{name}.weight_packed"]
+        packed = tensors[f"{name}.weight"]
         k = math.prod(module.weight.shape[1:])
         assert packed.dtype == torch.uint8 and tuple(packed.shape) == (module.weight.shape[0], (k + 7) // 8)
-        assert f"{name}.weight" not in tensors
+        assert f"{name}.weight_packed" not in tensors
     return tensors
 
 
@@ -111,12 +111,12 @@ def test_binary_module_equals_frozen_training_module(kind, weights, activations,
     expected_keys = {"bias"}
     if weights is not None:
         k = math.prod(module.weight.shape[1:])
-        assert packed.weight is None and "weight" not in params and "weight" not in state
+        assert "weight" not in params and packed.weight_packed is packed.weight
         assert set(params) == {"bias"}
-        assert state["weight_packed"].dtype == torch.uint8
-        assert tuple(state["weight_packed"].shape) == (module.weight.shape[0], (k + 7) // 8)
+        assert state["weight"].dtype == torch.uint8
+        assert tuple(state["weight"].shape) == (module.weight.shape[0], (k + 7) // 8)
         assert cached.sign_weight() is cached.sign_weight() is cached._unpacked[1]  # kept resident
-        expected_keys.add("weight_packed")
+        expected_keys.add("weight")
         if scales:
             expected_keys.add("weight_scale")
     else:
@@ -232,7 +232,9 @@ def test_packed_bits_per_weight(tmp_path, weight_scale, bound):
     n_weights = sum(m.weight.numel() for m in stompp_modules(model).values())
     assert n_weights == 7 * 640 * 640
     nbytes = sum(
-        t.numel() * t.element_size() for k, t in tensors.items() if k.endswith((".weight_packed", ".weight_scale"))
+        t.numel() * t.element_size()
+        for k, t in tensors.items()
+        if k.endswith(".weight_scale") or (k.endswith(".weight") and t.dtype == torch.uint8)
     )
     bits = 8 * nbytes / n_weights
     assert bits <= bound
@@ -261,7 +263,7 @@ def test_export_dtype_float16(tmp_path):
     for key, t in tensors.items():
         if key.endswith(".input_scale"):
             assert t.dtype == torch.float32, key
-        elif key.endswith(".weight_packed"):
+        elif key.endswith(".weight") and key.rpartition(".")[0] in stompp_modules(models["float16"]):
             assert t.dtype == torch.uint8, key
         elif t.is_floating_point():
             assert t.dtype == torch.float16, key
@@ -291,7 +293,7 @@ def test_packed_checkpoint_with_edited_config_names_the_tensor(tmp_path):
     config = read_config(out)
     config["intermediate_size"] = 48
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"`bert\.encoder\.layer\.0\.intermediate\.dense\.weight_packed`"):
+    with pytest.raises(ValueError, match=r"`bert\.encoder\.layer\.0\.intermediate\.dense\.weight`"):
         AutoModelForSequenceClassification.from_pretrained(str(out))
 
 
@@ -307,7 +309,7 @@ def test_saving_mid_progression_writes_latent_checkpoint(tmp_path, caplog):
     assert len(warnings) == 1 and "latent checkpoint" in warnings[0].getMessage()
     assert read_config(out)["quantization_config"]["packed"] is False
     tensors = safetensors_tensors(out / "model.safetensors")
-    assert not any(k.endswith("weight_packed") for k in tensors)
+    assert not any(t.dtype == torch.uint8 for k, t in tensors.items() if not k.endswith("_extra_state"))
 
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(out))
     assert set(stompp_modules(reloaded)) == set(stompp_modules(model))
@@ -353,7 +355,7 @@ def test_trainer_checkpoints_are_latent_and_save_model_is_packed(tmp_path):
     for step in (3, 6):  # the checkpoint of the last step too is written while training runs
         ckpt = run / f"checkpoint-{step}"
         tensors = safetensors_tensors(ckpt / "model.safetensors")
-        assert not any(k.endswith(("weight_packed", "weight_scale", "input_scale")) for k in tensors)
+        assert not any(k.endswith(("weight_scale", "input_scale")) for k in tensors)
         for name in stompp_modules(model):
             assert tensors[f"{name}.weight"].dtype == torch.float32
         assert read_config(ckpt)["quantization_config"]["packed"] is False

@@ -211,8 +211,8 @@ def test_packed_linear_kernels_with_either_scale(weight_scale, input_scale, bias
     torch.manual_seed(0)
     layer = BinaryLinear(70, 9, bias=bias, weight_scale=weight_scale, input_scale=input_scale)
     with torch.no_grad():
-        layer.weight_packed.copy_(torch.randint(0, 256, layer.weight_packed.shape, dtype=torch.uint8))
-        layer.weight_packed[:, -1] &= 0x3F  # 70 = 8 * 8 + 6: padding bits stay zero
+        layer.weight.copy_(torch.randint(0, 256, layer.weight.shape, dtype=torch.uint8))
+        layer.weight[:, -1] &= 0x3F  # 70 = 8 * 8 + 6: padding bits stay zero
         for t in (layer.weight_scale, layer.input_scale, layer.bias):
             if t is not None:
                 t.uniform_(0.1, 2.0)

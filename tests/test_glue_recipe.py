@@ -145,7 +145,7 @@ def test_recipe_end_to_end_on_local_files(tmp_path, tiny_model_dir):
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["quantization_config"]["packed"] is True  # the final checkpoint is packed 1-bit
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
-        assert any(k.endswith("weight_packed") for k in f.keys())
+        assert any(k.endswith(".weight") and f.get_slice(k).get_dtype() == "U8" for k in f.keys())
     saved = json.load(open(os.path.join(out, "all_results.json")))
     assert saved["train_steps"] == 4 and saved["task"] == "rte"
     assert 0.0 <= saved["eval_accuracy"] <= 1.0 and "eval_binarized_accuracy" in saved

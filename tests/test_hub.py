@@ -109,7 +109,7 @@ def test_pushed_files_reload_bit_exact(tiny_bert_dir, fake_hub, tmp_path):
     for name, data in fake_hub.uploads[0]["files"].items():
         (local / name).write_bytes(data)
     with safe_open(str(local / "model.safetensors"), "pt") as f:
-        assert f.get_tensor("bert.encoder.layer.0.attention.self.query.weight_packed").dtype == torch.uint8
+        assert f.get_tensor("bert.encoder.layer.0.attention.self.query.weight").dtype == torch.uint8
     reloaded = AutoModelForSequenceClassification.from_pretrained(local).eval()
     ids = torch.tensor(toy_dataset(4)["input_ids"])
     with torch.no_grad():

@@ -39,7 +39,7 @@ def test_lora_on_packed_base_trains_saves_reloads_and_merges(packed_dir, tmp_pat
     model = lora_model(packed_dir)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
-    packed_before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("weight_packed")}
+    packed_before = {n: b.clone() for n, b in model.named_buffers() if n.endswith(".weight") and b.dtype == torch.uint8}
     assert len(packed_before) == 13  # 2 layers x (query, key, value, attention out, intermediate, output) + pooler
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     assert all(not p.any() for p in lora_b.values())  # LoRA starts as a no-op
@@ -75,7 +75,7 @@ def test_lora_on_packed_base_trains_saves_reloads_and_merges(packed_dir, tmp_pat
         model.merge_adapter()
 
     merged = merge_lora_into_latent(model)
-    adapted = {k.removeprefix("base_model.model.").removesuffix(".base_layer.weight_packed") for k in packed_before}
+    adapted = {k.removeprefix("base_model.model.").removesuffix(".base_layer.weight") for k in packed_before}
     adapted = {k for k in adapted if any(k.endswith(t) for t in TARGETS)}
     assert len(adapted) == 6 and set(stompp_modules(merged)) == adapted  # the adapted layers are latent again
     assert sum(isinstance(m, BinaryLinear) for m in merged.modules()) == 7  # the others stay packed
@@ -119,7 +119,7 @@ def test_packed_layer_passes_a_clipped_ste_gradient_with_identical_values():
     from stompp_hf.core.packing import pack_signs
 
     layer = BinaryLinear(3, 1, bias=False, weight_scale=False)
-    layer.weight_packed.copy_(pack_signs(torch.tensor([[True, False, True]])))
+    layer.weight.copy_(pack_signs(torch.tensor([[True, False, True]])))
     layer.input_scale.fill_(2.0)
     x = torch.tensor([[1.0, -5.0, 0.5]], requires_grad=True)
     out = layer(x)

@@ -4,37 +4,14 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import BertForSequenceClassification, TrainerCallback
 
-from stompp_hf import ProgressionController, StoMPPCallback, StoMPPConfig, stompp_modules
-from stompp_hf.integrations.transformers.hub import model_card
+from stompp_hf import ProgressionController, StoMPPConfig, stompp_modules
 
-from .testing_utils import eval_ids, fp_checkpoint, load_stompp, logits, tiny_bert_config, train_to_freeze, trainer_for
-
-
-def test_packed_checkpoint_without_stompp_hf_import_is_documented(tmp_path):
-    model = load_stompp(fp_checkpoint(tmp_path), StoMPPConfig())
-    train_to_freeze(model)
-    model.save_pretrained(tmp_path / "packed")
-    code = (
-        "import sys\n"
-        "from transformers import AutoModelForSequenceClassification\n"
-        f"m = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'packed')!r})\n"
-        "assert 'stompp_hf' not in sys.modules\n"
-        "print(type(m.bert.encoder.layer[0].attention.self.query).__name__)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    # Transformers skips the unknown method: plain, randomly initialised Linear layers, reported in its load table.
-    assert done.stdout.strip().endswith("Linear")
-    assert "MISSING" in done.stderr and "weight_packed" in done.stderr
-    assert "Without it the model loads silently broken" in model_card(model, "me/x").text
+from .testing_utils import eval_ids, logits, tiny_bert_config, trainer_for
 
 
 class PoisonWeight(TrainerCallback):
@@ -124,27 +101,3 @@ def test_bf16_mixed_precision_on_cpu_trains_and_exports(tiny_bert_dir, tmp_path)
     # accelerate leaves an autocast wrapper on `forward` after bf16 training; compare in float32 without it
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     assert torch.equal(logits(reloaded, eval_ids()), logits(model, eval_ids()))
-
-
-def test_interrupted_mask_save_keeps_the_previous_file(tiny_bert_dir, tmp_path, monkeypatch):
-    import stompp_hf.integrations.transformers.callback as callback_module
-
-    model = BertForSequenceClassification.from_pretrained(tiny_bert_dir, quantization_config=StoMPPConfig())
-    trainer = trainer_for(model, tmp_path, max_steps=3, save_strategy="steps", save_steps=2)
-    trainer.train()
-    folder = tmp_path / "checkpoint-2"
-    mask_file = folder / callback_module.MASKS_FILE
-    before = mask_file.read_bytes()
-    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StoMPPCallback))
-
-    def failing_save(tensors, path):
-        with open(path, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(callback_module, "save_file", failing_save)
-    trainer.state.global_step = 2
-    with pytest.raises(OSError, match="disk full"):
-        callback.on_save(trainer.args, trainer.state, trainer.control)
-    assert mask_file.read_bytes() == before
-    assert not any(p.endswith(callback_module.MASKS_FILE) and p != mask_file.name for p in os.listdir(folder))

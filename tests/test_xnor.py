@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from stompp_hf.core.packing import pack_signs, unpack_signs
+from stompp_hf.export import set_kernel
 from stompp_hf.kernels import build, cpu, xnor
+from stompp_hf.nn import BinaryLinear
 
 needs_kernel = pytest.mark.skipif(
     not xnor.is_available(), reason="XNOR kernel unavailable here (no working C compiler to build it)"
@@ -174,19 +176,23 @@ def test_forked_child_gets_a_fresh_pool(every_path):
 
 
 @needs_kernel
-def test_nan_counts_as_negative():
+def test_nan_input_is_refused_by_the_kernel_and_propagated_by_the_reference_path():
     gen = torch.Generator().manual_seed(5)
     weight_packed, out_scale, bias = make_layer(16, 70, gen)
+    layer = BinaryLinear(70, 16)
+    layer.weight.copy_(weight_packed)
     x = make_input((4, 70), gen)
     x[0, 3] = math.nan
-    x[1] = math.nan
-    x[2, 64:] = math.nan
-    y = xnor.xnor_linear(x, weight_packed, 70, out_scale, bias)
-    assert not torch.isnan(y).any()
-    assert torch.equal(y, reference(x, weight_packed, 70, out_scale, bias))
-    assert torch.equal(
-        xnor.xnor_linear(x, weight_packed, 70), xnor.xnor_linear(torch.nan_to_num(x, nan=-1.0), weight_packed, 70)
-    )
+    with pytest.raises(ValueError, match="NaN"):
+        xnor.xnor_linear(x, weight_packed, 70, out_scale, bias)
+    for kernel in ("auto", "xnor"):
+        set_kernel(layer, kernel)
+        with torch.no_grad(), pytest.raises(ValueError, match="NaN"):
+            layer(x)
+    set_kernel(layer, "reference")
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()  # only the row that read a NaN
 
 
 @needs_kernel

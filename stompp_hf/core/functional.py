@@ -46,6 +46,14 @@ def _window(u: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype | None = No
     return torch.le(u.abs(), bound, out=torch.empty_like(u, dtype=dtype))
 
 
+def _masked_values(u, mask, scale, bound, clip_smooth: bool) -> torch.Tensor:
+    """`where(M, a * sign(u), smooth(u))`: the forward of `_MaskedBinarize`, and all of it where no gradient is
+    taken (`no_grad`, `inference_mode`, a `u` that needs none), which then keeps no window."""
+    hard = binary_sign(u) * scale
+    soft = torch.clamp(u, -bound, bound) if clip_smooth else u
+    return torch.where(mask, hard, soft)
+
+
 class _MaskedBinarize(torch.autograd.Function):
     """Forward `where(M, a * sign(u), smooth(u))`; backward as in the module docstring.
 
@@ -56,14 +64,12 @@ class _MaskedBinarize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, mask, scale, bound, clip_smooth: bool, ste_on_frozen: bool):  # type: ignore[override]
-        hard = binary_sign(u) * scale
-        soft = torch.clamp(u, -bound, bound) if clip_smooth else u
         # the window as int8: one byte per entry, and casts to and from int8 are cheap (bool ones are not)
         window = _window(u, bound).to(torch.int8) if clip_smooth else None
         ctx.save_for_backward(None if ste_on_frozen else mask, window)
         ctx.clip_smooth = clip_smooth
         ctx.ste_on_frozen = ste_on_frozen
-        return torch.where(mask, hard, soft)
+        return _masked_values(u, mask, scale, bound, clip_smooth)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -199,6 +205,8 @@ def masked_binarize(
         return clip(u, torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()) if clip_smooth else u
     if bound is not None:
         bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
+    if not (u.requires_grad and torch.is_grad_enabled()):  # no backward: the same values, no window
+        return _masked_values(u, mask, scale, bound, clip_smooth)
     return _MaskedBinarize.apply(u, mask, scale, bound, clip_smooth, rule != "stompp")
 
 

@@ -102,3 +102,69 @@ class MaskState:
     @property
     def is_transitioning(self) -> bool:
         return isinstance(self.value, torch.Tensor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint encoding of one mask state: the `_extra_state` of a `Binarizer` (docs/design.md, "Export").
+
+#: State codes of an encoded mask.
+CONTINUOUS, FROZEN, TRANSITIONING, UNSIZED, ABSENT = range(5)
+_MAGIC = b"SM"
+_FORMAT_VERSION = 1
+_HEADER = 2 + 1 + 1 + 3 * 8  # magic, version, code, step, total_steps, numel
+
+
+def encode_mask_state(mask: MaskState | None, step: int = -1, total_steps: int = -1) -> torch.Tensor:
+    """A uint8 tensor holding `mask` (its code, and its bits 8 per byte when transitioning) and the progression
+    position `(step, total_steps)` it was drawn at (-1 when no controller moved it).
+
+    Layout: b"SM", version, code, then step, total_steps and numel as little-endian int64, then
+    `pack_signs(mask.view(1, -1))` for a transitioning mask (bit set = frozen).
+    """
+    from .packing import pack_signs
+
+    if mask is None:
+        code, numel = UNSIZED, 0
+    else:
+        code = TRANSITIONING if mask.is_transitioning else (FROZEN if mask.value else CONTINUOUS)
+        numel = mask.numel
+    header = _MAGIC + bytes([_FORMAT_VERSION, code])
+    header += b"".join(int(v).to_bytes(8, "little", signed=True) for v in (step, total_steps, numel))
+    out = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+    if code == TRANSITIONING:
+        bits = pack_signs(mask.value.detach().reshape(1, -1).cpu()).reshape(-1)
+        out = torch.cat([out, bits])
+    return out
+
+
+def absent_mask_state() -> torch.Tensor:
+    """The encoding `load_state_dict` substitutes for a checkpoint that stores no mask (it changes nothing)."""
+    return torch.tensor(list(_MAGIC) + [_FORMAT_VERSION, ABSENT] + [0] * 24, dtype=torch.uint8)
+
+
+def decode_mask_state(state: torch.Tensor) -> tuple[int, torch.Tensor | None, int, int, int]:
+    """`(code, bool mask or None, step, total_steps, numel)` of an `encode_mask_state` tensor.
+
+    Raises:
+        ValueError: for a tensor that is not such an encoding (wrong dtype, magic, version or length).
+    """
+    from .packing import unpack_signs
+
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.ndim != 1:
+        raise ValueError(f"Not a StoMPP mask state: expected a 1-D uint8 tensor, got {type(state).__name__}.")
+    raw = bytes(state[:_HEADER].cpu().tolist())
+    if len(raw) < _HEADER or raw[:2] != _MAGIC or raw[2] != _FORMAT_VERSION or raw[3] > ABSENT:
+        raise ValueError("Not a StoMPP mask state (bad header): the checkpoint is corrupt or of another format.")
+    code = raw[3]
+    step, total, numel = (int.from_bytes(raw[4 + 8 * i : 12 + 8 * i], "little", signed=True) for i in range(3))
+    if code != TRANSITIONING:
+        if state.numel() != _HEADER:
+            raise ValueError("StoMPP mask state has trailing bytes: the checkpoint is corrupt.")
+        return code, None, step, total, numel
+    if numel < 1 or state.numel() != _HEADER + (numel + 7) // 8:
+        raise ValueError(
+            f"StoMPP mask state of {numel} entries has {state.numel() - _HEADER} mask bytes, expected "
+            f"{(numel + 7) // 8}: the checkpoint is truncated or corrupt."
+        )
+    mask = unpack_signs(state[_HEADER:].reshape(1, -1), numel).reshape(-1)
+    return code, mask.to(state.device), step, total, numel

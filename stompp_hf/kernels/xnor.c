@@ -2,7 +2,7 @@
 
    xnor_linear_f32 computes, bit for bit, what the dense torch path computes:
 
-       sx = where(x >= 0, 1, -1)                          sign(0) = sign(-0.0) = +1, NaN -> -1
+       sx = where(x >= 0, 1, -1)                          sign(0) = sign(-0.0) = +1, +-inf -> +-1
        sw = unpack_signs(weight_packed, K) * 2 - 1        +-1, [N, K]
        y  = F.linear(sx, sw)                              exact integers (|y| <= K < 2**24)
        y  = y * out_scale                                 optional, one float32 rounding
@@ -11,6 +11,8 @@
    The activations are packed into 64-bit sign words, and every dot product is K - 2 * popcount(xa ^ w) summed over
    the words. The epilogue does the multiply and the add as two separately rounded float32 operations (the kernel is
    built with -ffp-contract=off, so no fused multiply-add), which is what makes the result identical to torch's.
+   A NaN in x has no sign: packing the activations ORs an `x != x` test into a flag, and the call then returns 2
+   without computing y (the Python wrapper raises ValueError).
 
    There are two code paths. With few rows (M < simd_min_rows, e.g. batch-1 inference) a scalar path reads the
    packed weights in place and runs popcnt on register tiles of 4 activation rows x 2 weight rows. With more rows an
@@ -75,6 +77,7 @@ typedef struct {
     int64_t mpad, gpad;      /* simd: rows padded to XN_VMR, weight groups of 4 padded to XN_VNG */
     int64_t block;           /* scalar: weight rows per cache block; simd: groups per cache block */
     int arrived;             /* threads done packing their share of the operands */
+    int nan;                 /* set by a thread whose share of x has a NaN */
 } xn_job;
 
 static inline uint64_t xn_load64(const uint8_t *p)
@@ -97,36 +100,48 @@ static inline uint64_t xn_wword(const xn_job *j, int64_t n, int64_t k)
     return v & j->tail_mask;
 }
 
-/* Sign bits of 64 (or `cnt` < 64) floats: bit k is p[k] >= 0 (-0.0 -> 1, NaN -> 0), bits past cnt are 0. */
-static inline uint64_t xn_signs(const float *p, int64_t cnt)
+/* Sign bits of 64 (or `cnt` < 64) floats: bit k is p[k] >= 0 (-0.0 -> 1, NaN -> 0), bits past cnt are 0.
+   `*nan` becomes nonzero if one of the floats is a NaN (it is only ever ORed into). */
+static inline uint64_t xn_signs(const float *p, int64_t cnt, unsigned *nan)
 {
     uint64_t bits = 0;
     if (cnt >= 64) {
 #if defined(__AVX__)
         const __m256 zero = _mm256_setzero_ps();
+        __m256 unord = zero;
         for (int b = 0; b < 8; b++) {
             __m256 v = _mm256_loadu_ps(p + 8 * b);
             bits |= (uint64_t)(unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ)) << (8 * b);
+            unord = _mm256_or_ps(unord, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
         }
+        *nan |= (unsigned)_mm256_movemask_ps(unord);
 #else
-        for (int k = 0; k < 64; k++) bits |= (uint64_t)(p[k] >= 0.0f) << k;
+        for (int k = 0; k < 64; k++) {
+            bits |= (uint64_t)(p[k] >= 0.0f) << k;
+            *nan |= p[k] != p[k];
+        }
 #endif
     } else {
-        for (int64_t k = 0; k < cnt; k++) bits |= (uint64_t)(p[k] >= 0.0f) << k;
+        for (int64_t k = 0; k < cnt; k++) {
+            bits |= (uint64_t)(p[k] >= 0.0f) << k;
+            *nan |= p[k] != p[k];
+        }
     }
     return bits;
 }
 
-/* Pack activation rows [m0, m1) into the layout of the active path (zero rows past M for the simd path). */
-static void xn_pack_x(const xn_job *j, int64_t m0, int64_t m1)
+/* Pack activation rows [m0, m1) into the layout of the active path (zero rows past M for the simd path); flag a
+   NaN among them in j->nan. */
+static void xn_pack_x(xn_job *j, int64_t m0, int64_t m1)
 {
     const int64_t nw = j->nw;
+    unsigned nan = 0;
     for (int64_t m = m0; m < m1; m++) {
         const float *r = j->x + m * j->ldx;
         if (j->simd) {
             uint64_t *o = j->xa + m * nw * 8;
             for (int64_t k = 0; k < nw; k++) {
-                const uint64_t b = m < j->M ? xn_signs(r + 64 * k, j->K - 64 * k) : 0;
+                const uint64_t b = m < j->M ? xn_signs(r + 64 * k, j->K - 64 * k, &nan) : 0;
                 for (int q = 0; q < 4; q++) {
                     o[8 * k + q] = b & XN_LO4;
                     o[8 * k + 4 + q] = (b >> 4) & XN_LO4;
@@ -134,9 +149,10 @@ static void xn_pack_x(const xn_job *j, int64_t m0, int64_t m1)
             }
         } else {
             uint64_t *o = j->xa + m * nw;
-            for (int64_t k = 0; k < nw; k++) o[k] = xn_signs(r + 64 * k, j->K - 64 * k);
+            for (int64_t k = 0; k < nw; k++) o[k] = xn_signs(r + 64 * k, j->K - 64 * k, &nan);
         }
     }
+    if (nan) __atomic_store_n(&j->nan, 1, __ATOMIC_RELAXED);
 }
 
 #if XN_SIMD
@@ -356,7 +372,7 @@ static inline void xn_pause(void)
 }
 
 /* Thread `tid`'s share of one call: pack its share of the operands, wait until every thread has packed its own,
-   then compute its share of the outputs. */
+   then compute its share of the outputs (nothing if some share of x has a NaN). */
 static void xn_run_share(xn_job *j, int tid)
 {
     const int T = j->nthreads;
@@ -379,6 +395,7 @@ static void xn_run_share(xn_job *j, int tid)
             else sched_yield();
         }
     }
+    if (__atomic_load_n(&j->nan, __ATOMIC_RELAXED)) return;
 #if XN_SIMD
     if (j->simd) {
         if (j->split_m) {
@@ -510,7 +527,7 @@ static void xn_run(xn_job *j)
 
 /* y[M, N] = epilogue(K - 2 * popcount(signs(x[m]) ^ w[n])), with optional (NULL) scale and bias. Uses the AVX2
    path when compiled with it and M >= simd_min_rows; at most `nthreads` threads, each with >= min_work word pairs.
-   Returns 0 on success, 1 if scratch memory could not be allocated. */
+   Returns 0 on success, 1 if scratch memory could not be allocated, 2 if x has a NaN (then y is not written). */
 int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,
                     const float *scale, const float *bias, float *y, int nthreads, int64_t min_work,
                     int64_t simd_min_rows)
@@ -563,5 +580,5 @@ int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uin
     xn_run(&j);
     free(j.xa);
     free(j.wv);
-    return 0;
+    return j.nan ? 2 : 0;
 }

@@ -2,18 +2,20 @@
 
 `xnor_linear(x, weight_packed, K, out_scale, bias)` computes, bit for bit, what the dense torch path computes::
 
-    sx = where(x >= 0, 1, -1)                          # sign(0) = sign(-0.0) = +1, NaN -> -1
+    sx = where(x >= 0, 1, -1)                          # sign(0) = sign(-0.0) = +1, +-inf -> +-1
     sw = unpack_signs(weight_packed, K) * 2 - 1        # +-1, [N, K]
     y  = F.linear(sx, sw)                              # exact integers (|y| <= K < 2**24)
     y  = y * out_scale                                 # optional, one float32 rounding
     y  = y + bias                                      # optional, one float32 rounding
 
 as `K - 2 * popcount(signs(x) ^ w)` over 64-bit sign words, with a scalar `popcnt` path for few rows (batch-1
-inference) and an AVX2 path from `_SIMD_MIN_ROWS` rows on, split over a process-wide pthread pool. The algorithm is
-described at the top of its C source, `xnor.c` next to this module, which `stompp_hf.kernels.build` compiles on
-first use with the system C compiler (`$CC`, else `cc`) into a per-user cache directory (`$STOMPP_HF_KERNEL_CACHE`,
-else under `$XDG_CACHE_HOME` or `~/.cache`) and loads with `ctypes`: no Python or torch headers. ctypes releases the
-GIL during a call.
+inference) and an AVX2 path from `_SIMD_MIN_ROWS` rows on, split over a process-wide pthread pool. A NaN in `x` has
+no sign: the kernel notices it while it packs the signs, and `xnor_linear` raises `ValueError` (the dense path would
+count it as -1). The algorithm is described at the top of its C source, `xnor.c` next to this module, which
+`stompp_hf.kernels.build` compiles on first use with the system C compiler (`$CC`, else `cc`) into a private per-user
+cache directory (`$STOMPP_HF_KERNEL_CACHE`, else under `$XDG_CACHE_HOME` or `~/.cache`) and loads with `ctypes`,
+after checking the library's owner, mode and digest: no Python or torch headers. ctypes releases the GIL during a
+call.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ _F32 = torch.float32
 _U8 = torch.uint8
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
+# The C entry point's status codes: 0 is success.
+_RC_NO_MEMORY = 1
+_RC_NAN = 2
+
 # x, M, ldx, K, w, N, scale, bias, y, nthreads, min_work, simd_min_rows
 _ARGTYPES = (_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int, _I64, _I64)
 
@@ -105,7 +111,8 @@ def xnor_linear(
 ) -> torch.Tensor:
     """Binary-input x binary-weight linear layer with XNOR and popcount, bit-identical to the dense torch path.
 
-    Each input entry counts as +1 if it is `>= 0` (so `0.0` and `-0.0` give +1) and as -1 otherwise (NaN too).
+    Each input entry counts as +1 if it is `>= 0` (so `0.0` and `-0.0` give +1) and as -1 otherwise; a NaN entry
+    is an error.
     The output is `y = (sign(x) @ sign(W).T) * out_scale + bias`, where the integer dot product is exact, and the
     multiply and the add are two separate float32 roundings, as in torch. Inference only: no autograd graph.
 
@@ -123,8 +130,8 @@ def xnor_linear(
         Float32 tensor `[..., N]`.
 
     Raises:
-        ValueError: On a wrong dtype, device or shape, or when grad mode is on and `x`, `out_scale` or `bias`
-            requires grad (the kernel has no backward pass).
+        ValueError: On a wrong dtype, device or shape, when `x` has a NaN value, or when grad mode is on and `x`,
+            `out_scale` or `bias` requires grad (the kernel has no backward pass).
         XnorUnavailable: When the kernel could not be compiled or loaded.
         MemoryError: When the kernel's scratch buffers (packed activations, a weight copy) cannot be allocated.
     """
@@ -190,7 +197,12 @@ def xnor_linear(
             _MIN_WORK_PER_THREAD,
             _SIMD_MIN_ROWS,
         )
-        if rc:
+        if rc == _RC_NAN:
+            raise ValueError(
+                f"xnor_linear got an input x of shape {tuple(x.shape)} with NaN values, which have no sign: "
+                "the layers before this one produced NaN (e.g. a diverged model or an invalid input)."
+            )
+        if rc == _RC_NO_MEMORY:
             raise MemoryError("xnor_linear could not allocate its scratch memory.")
     return y if x.ndim == 2 else y.view(*x.shape[:-1], n)
 

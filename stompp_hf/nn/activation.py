@@ -55,7 +55,8 @@ class StoMPPActivation(StoMPPModule, nn.Module):
         return f"shape={self.shape}, replaces={self.replaces!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.input_binarizer(x, len(self.shape))
+        # no op of this module saves the result, so no recompute recipe is needed
+        return self.input_binarizer.binarize(x, len(self.shape), recompute=False)[0]
 
 
 class BinaryActivation(nn.Module):

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..core.functional import hard_sign, masked_binarize
-from ..core.masks import MaskState
+from ..core.masks import (
+    ABSENT,
+    FROZEN,
+    TRANSITIONING,
+    UNSIZED,
+    MaskState,
+    absent_mask_state,
+    decode_mask_state,
+    encode_mask_state,
+)
 
 #: Momentum of the running mean of |x| that sets the activation scale beta.
 ACTIVATION_SCALE_MOMENTUM = 0.1
@@ -51,6 +61,12 @@ class Binarizer(nn.Module):
         self.controlled = False
         #: The stage this tensor belongs to (stages numbered in forward order from 0), set at conversion.
         self.stage = 0
+        #: `(step, total_steps)` of the progression that last moved the mask, set by `ProgressionController`;
+        #: (-1, -1) when none did. Saved with the mask in every state dict (`get_extra_state`).
+        self.progress: tuple[int, int] = (-1, -1)
+        #: What the last `load_state_dict` read for this tensor, `LoadedMask`, until a resume check consumes it.
+        self.loaded: LoadedMask | None = None
+        self._register_load_state_dict_pre_hook(_default_mask_state, with_module=True)
         if kind == "input" and scale_mode == "tensor":
             self.register_buffer("scale", torch.zeros((), dtype=torch.float32))
         else:
@@ -91,13 +107,18 @@ class Binarizer(nn.Module):
         A forward run inside a backward pass is a gradient-checkpointing recomputation: it reuses the beta of the
         original forward instead of updating it a second time (which would also make the recomputed forward
         differ from the original one).
+
+        The result is never the buffer itself: autograd saves beta (as a clip bound, an output scale) and recipes
+        close over it, and the next training forward updates the buffer in place, which would break (or silently
+        change) the backward of a forward run before it, as in two forwards then one backward.
         """
         batch = x.detach().abs().mean().float()
         if self.training and not self.force_frozen and not _in_backward():
             with torch.no_grad():
                 ema = (1 - ACTIVATION_SCALE_MOMENTUM) * self.scale + ACTIVATION_SCALE_MOMENTUM * batch
-                self.scale.copy_(torch.where(self.scale > 0, ema, batch))
-            return self.scale.to(x.dtype)
+                beta = torch.where(self.scale > 0, ema, batch)
+                self.scale.copy_(beta)
+            return beta.to(x.dtype)
         return torch.where(self.scale > 0, self.scale, batch).to(x.dtype)
 
     @property
@@ -141,7 +162,7 @@ class Binarizer(nn.Module):
         return self.binarize(u, feature_ndim)[0]
 
     def binarize(
-        self, u: torch.Tensor, feature_ndim: int | None = None, factored: bool = False
+        self, u: torch.Tensor, feature_ndim: int | None = None, factored: bool = False, recompute: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | float | None, Callable[[], torch.Tensor] | None]:
         """`(binarized u, output scale, recompute)`: what a layer's forward needs from this binarizer.
 
@@ -150,25 +171,82 @@ class Binarizer(nn.Module):
         otherwise the result is `forward(u)` and the scale None. `recompute()` rebuilds the result bit for bit from
         `u` (None where the result is `u` itself, or the tensor is mid-transition), so the layer can let its op
         save `u`, which it shares with other layers or keeps anyway, instead of a second activation-sized copy.
+        Pass `recompute=False` when no backward can use it (the caller knows that nothing needs a gradient): no
+        recipe is built then, and none is ever built with grad disabled (`no_grad`, `inference_mode`).
         """
         mask_state, scale, bound = self._scale_and_bound(u, feature_ndim)
+        recompute = recompute and torch.is_grad_enabled()
         if self.frozen:
             out = hard_sign(u, ste=self.rule != "stompp", scale=scale, bound=bound, factored=factored)
             # the same values without the straight-through graph
-            recipe = _recipe(u, lambda: hard_sign(u, ste=False, scale=scale, factored=factored))
+            recipe = _recipe(u, lambda: hard_sign(u, ste=False, scale=scale, factored=factored)) if recompute else None
             return out, scale if factored else None, recipe
         if factored:
             raise ValueError("`factored` binarization needs a frozen tensor.")
         mask = mask_state.as_mask()
         out = masked_binarize(u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input")
-        if mask is False and self.kind == "input":
+        if recompute and mask is False and self.kind == "input":
             b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
             return out, None, _recipe(u, lambda: torch.clamp(u.detach(), -b, b))
         return out, None, None
 
+    def get_extra_state(self) -> torch.Tensor:
+        """The mask and its progression position, for the state dict (a latent checkpoint keeps both)."""
+        return encode_mask_state(self.mask, *self.progress)
 
-def _recipe(u: torch.Tensor, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """`fn`, guarded like a tensor autograd saved: it raises if `u` was modified in place before the backward."""
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Restore the mask saved by `get_extra_state` and remember it in `loaded` (for resume checks).
+
+        Raises:
+            ValueError: when the saved mask does not fit this tensor (another model or config).
+        """
+        code, mask, step, total, numel = decode_mask_state(state)
+        if code == ABSENT:
+            return
+        if code == UNSIZED:
+            self.loaded = LoadedMask(code, None, step, total)
+            return
+        if self.mask is None:
+            if code == TRANSITIONING:
+                raise ValueError("The checkpoint holds a transitioning mask for an input whose size is not known yet.")
+        elif self.mask.numel != numel:
+            raise ValueError(
+                f"The checkpoint's mask has {numel} entries, but this tensor's mask has {self.mask.numel} "
+                f"(shape {self.mask.shape}): the checkpoint was written for another model."
+            )
+        elif code == TRANSITIONING:
+            mask = mask.reshape(self.mask.shape)
+            self.mask.value = mask
+        else:
+            self.mask.fill(code == FROZEN)
+        self.progress = (step, total)
+        self.loaded = LoadedMask(code, mask, step, total)
+
+
+class LoadedMask(NamedTuple):
+    """A mask state read from a checkpoint: its code (`core.masks`), the bool mask when transitioning, and the
+    progression position `(step, total_steps)` it was saved at."""
+
+    code: int
+    mask: torch.Tensor | None
+    step: int
+    total_steps: int
+
+
+def _default_mask_state(module: Binarizer, state_dict, prefix, *args) -> None:
+    """`load_state_dict` pre-hook: a checkpoint without masks (full precision, or written before masks were
+    saved) loads as "absent", which changes nothing, instead of failing a strict load."""
+    state_dict.setdefault(prefix + "_extra_state", absent_mask_state())
+
+
+def _recipe(u: torch.Tensor, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor] | None:
+    """`fn`, guarded like a tensor autograd saved: it raises if `u` was modified in place before the backward.
+
+    None for an inference tensor (made under `torch.inference_mode()`), which has no version counter to guard it
+    and which autograd could not save either: the layer's op then saves its binarized operand as it is.
+    """
+    if u.is_inference():
+        return None
     version = u._version
 
     def recompute() -> torch.Tensor:

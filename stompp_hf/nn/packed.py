@@ -1,9 +1,14 @@
 """Packed 1-bit inference modules `BinaryLinear` / `BinaryConv2d`.
 
-They hold a fully binarized layer as 1-bit packed weights (`weight_packed`, uint8, 8 signs per byte) plus the
+They hold a fully binarized layer as 1-bit packed weights (`weight`, uint8, 8 signs per byte) plus the
 per-output-channel scale (`weight_scale`) and the activation scale (`input_scale`), and compute exactly what the
 frozen training module computes (same sign convention, same operations in the same order), so logits match the
 trained model bit for bit.
+
+The packed signs live under the layer's own `weight` key, shaped `[out, ceil(K / 8)]`: a loader that does not know
+StoMPP (plain Transformers, `pipeline`, sentence-transformers, timm) then fails with a size mismatch instead of
+loading random full-precision weights (docs/design.md, "Export"). Checkpoints of the earlier layout, which stored
+them as `weight_packed`, still load (`LEGACY_PACKED_KEY`).
 """
 
 from __future__ import annotations
@@ -23,15 +28,27 @@ from ..kernels import xnor
 if TYPE_CHECKING:
     from .training import StoMPPMixin
 
+#: The key under which checkpoints of stompp_hf up to 0.2.0.dev0 stored the packed signs; renamed to `weight` on load.
+LEGACY_PACKED_KEY = "weight_packed"
+
+
+def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """`load_state_dict` pre-hook: read a checkpoint of the earlier layout (`<layer>.weight_packed`)."""
+    legacy = prefix + LEGACY_PACKED_KEY
+    if legacy in state_dict and prefix + "weight" not in state_dict:
+        state_dict[prefix + "weight"] = state_dict.pop(legacy)
+
 
 class BinaryMixin:
     """Packed inference state shared by `BinaryLinear` and `BinaryConv2d`.
 
     Buffers (the names a packed checkpoint stores under the module's prefix):
-        weight_packed: uint8 `[out, ceil(K / 8)]`, K = prod(weight_shape[1:]); bit set = +1 (see `pack_signs`).
+        weight: uint8 `[out, ceil(K / 8)]`, K = prod(weight_shape[1:]); bit set = +1 (see `pack_signs`). The
+            same tensor is `weight_packed`.
         weight_scale: `[out]`, the per-output-channel alpha (only with `weight_scale="channel"`).
         input_scale: scalar float32 beta (only with binarized inputs and `activation_scale="tensor"`).
-    A layer whose weights stay full precision (`weights=None`, a binary-activation-only network) keeps `weight`.
+    A layer whose weights stay full precision (`weights=None`, a binary-activation-only network) keeps its float
+    `weight` parameter.
 
     Args:
         unpack_cache: keep the unpacked float weight resident after the first forward (faster, but costs the
@@ -67,19 +84,19 @@ class BinaryMixin:
         #: gradients flow through the layer.
         self.input_clip = 1.0
         self._unpacked: tuple[int, torch.Tensor] | None = None
+        self._binary_weights = binary_weights
         factory = {"dtype": dtype, "device": device}
         if binary_weights:
             nbytes = (math.prod(weight_shape[1:]) + 7) // 8
-            self.register_buffer("weight_packed", torch.zeros(out, nbytes, dtype=torch.uint8, device=device))
+            self.register_buffer("weight", torch.zeros(out, nbytes, dtype=torch.uint8, device=device))
             self.register_buffer("weight_scale", torch.ones(out, **factory) if weight_scale else None)
-            self.weight = None
         else:
-            self.register_buffer("weight_packed", None)
-            self.register_buffer("weight_scale", None)
             self.weight = nn.Parameter(torch.empty(weight_shape, **factory), requires_grad=False)
+            self.register_buffer("weight_scale", None)
         self.bias = nn.Parameter(torch.zeros(out, **factory), requires_grad=False) if bias else None
         scale = torch.ones((), dtype=torch.float32, device=device) if binary_inputs and input_scale else None
         self.register_buffer("input_scale", scale)
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys, with_module=True)
 
     @classmethod
     def flags_from_config(cls, config) -> dict[str, bool]:
@@ -93,13 +110,18 @@ class BinaryMixin:
 
     @property
     def binary_weights(self) -> bool:
-        return self.weight_packed is not None
+        return self._binary_weights
 
     @property
-    def qweight(self) -> torch.Tensor | None:
-        """The packed weight under the name quantization tooling (peft, GPTQ conventions) looks for to find the
-        device of a quantized layer without a float `weight`; None where weights stay full precision."""
-        return self.weight_packed if self.weight_packed is not None else self.weight
+    def weight_packed(self) -> torch.Tensor | None:
+        """The packed signs (the uint8 `weight` buffer), or None where weights stay full precision."""
+        return self.weight if self._binary_weights else None
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The weight under the name quantization tooling (peft, GPTQ conventions) looks for to find the device of
+        a quantized layer: the packed signs, or the full-precision `weight`."""
+        return self.weight
 
     def extra_repr(self) -> str:
         return (
@@ -109,14 +131,14 @@ class BinaryMixin:
 
     def sign_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The +-1 float weight `sign(W)` (kept resident with `unpack_cache`), or the full-precision `weight`."""
-        if self.weight_packed is None:
+        if not self._binary_weights:
             return self.weight
         dtype = dtype or torch.get_default_dtype()
-        version = self.weight_packed._version
+        version = self.weight._version
         cached = self._unpacked
         if cached is not None and cached[0] == version and cached[1].dtype == dtype:
             return cached[1]
-        weight = unpack_signs(self.weight_packed, math.prod(self.weight_shape[1:]), dtype).reshape(self.weight_shape)
+        weight = unpack_signs(self.weight, math.prod(self.weight_shape[1:]), dtype).reshape(self.weight_shape)
         if self.unpack_cache:
             self._unpacked = (version, weight)
         return weight
@@ -124,12 +146,13 @@ class BinaryMixin:
     def unpacked_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight the layer computes with: alpha * sign(W) (or +-1), or the full-precision `weight`."""
         weight = self.sign_weight(dtype)
-        if self.weight_packed is None or self.weight_scale is None:
+        if not self._binary_weights or self.weight_scale is None:
             return weight
         return weight * self.weight_scale.view(-1, *([1] * (len(self.weight_shape) - 1))).to(weight.dtype)
 
     def binarize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """`sign(x)` in {-1, +1}, sign(0) = +1 exactly as in training (beta multiplies the layer output instead).
+        """`sign(x)` in {-1, +1}, sign(0) = +1 exactly as in training (beta multiplies the layer output instead);
+        NaN stays NaN.
 
         When autograd tracks `x` (e.g. LoRA adapters before this layer are training on a packed base), the same
         values come with the clipped straight-through gradient `1{|x| <= input_clip * beta}` (with respect to
@@ -140,7 +163,9 @@ class BinaryMixin:
         if x.requires_grad and torch.is_grad_enabled():
             scale = self.input_scale.to(x.dtype) if self.input_scale is not None else 1.0
             return hard_sign(x, ste=True, scale=scale, bound=scale * self.input_clip, factored=True)
-        return binary_sign(x)
+        # A NaN input stays NaN (`binary_sign` alone makes it -1), so a NaN upstream shows in the outputs instead of
+        # plausible numbers; the XNOR kernel raises instead. One extra pass over `x`, no device sync.
+        return binary_sign(x).masked_fill_(torch.isnan(x), float("nan"))
 
     def output_scale(self) -> torch.Tensor | None:
         """`beta * alpha`, the factor of the layer output (see `output_scale`)."""
@@ -166,7 +191,7 @@ class BinaryMixin:
         with torch.no_grad():
             w = full_tensor(module.weight.detach())
             if module.weight_binarizer is not None:
-                new.weight_packed.copy_(pack_signs((w >= 0).reshape(w.shape[0], -1)))
+                new.weight.copy_(pack_signs((w >= 0).reshape(w.shape[0], -1)))
                 if new.weight_scale is not None:
                     new.weight_scale.copy_(module.weight_binarizer.weight_scale(w).reshape(-1))
             else:
@@ -239,7 +264,7 @@ class BinaryLinear(BinaryMixin, nn.Module):
                 scale = self.output_scale()
                 if scale is not None and scale.ndim == 0:  # beta alone: the same product for every output
                     scale = scale.expand(self.out_features)
-                return xnor.xnor_linear(x, self.weight_packed, self.in_features, scale, self.bias)
+                return xnor.xnor_linear(x, self.weight, self.in_features, scale, self.bias)
             if self.kernel == "xnor" and reason is not None:
                 raise ValueError(f"kernel='xnor' cannot run this forward: {reason}. Use kernel='auto' to fall back.")
         return self._binary_forward(x, F.linear)

@@ -120,25 +120,27 @@ class StoMPPMixin(StoMPPModule):
         When every binarized tensor of the layer is frozen, the scales move to the output:
         `op(sign(x), sign(W)) * (beta * alpha) + bias`, the form of the packed modules and the XNOR kernel (binary
         x binary products are exact integers there). Binarized operands that the op saves for its backward are
-        recomputed there from `x` and `W` rather than kept (`_RecomputeSaved`).
+        recomputed there from `x` and `W` rather than kept (`_RecomputeSaved`). No recipe is built where the op
+        can have no backward (grad disabled, `inference_mode`, nothing requiring a gradient) or under
+        `torch.compile`, which chooses what to save itself.
         """
         factored = all(b.frozen for b in self.binarizers())
         weight, x_scale, w_scale, recompute = self.weight, None, None, []
+        recipes = (
+            torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad)
+            and not torch.compiler.is_compiling()  # the compiler chooses what to save for the backward itself
+        )
         if self.input_binarizer is not None:
-            x, x_scale, fn = self.input_binarizer.binarize(x, self.feature_ndim, factored)
+            x, x_scale, fn = self.input_binarizer.binarize(x, self.feature_ndim, factored, recompute=recipes)
             if fn is not None:
                 recompute.append((x, fn))
         if self.weight_binarizer is not None:
-            weight, w_scale, fn = self.weight_binarizer.binarize(weight, factored=factored)
+            weight, w_scale, fn = self.weight_binarizer.binarize(weight, factored=factored, recompute=recipes)
             if fn is not None:
                 recompute.append((weight, fn))
         bias = None if factored else self.bias
-        if (
-            recompute
-            and torch.is_grad_enabled()
-            and (x.requires_grad or weight.requires_grad)
-            and not torch.compiler.is_compiling()  # the compiler chooses what to save for the backward itself
-        ):
+        if recompute and (x.requires_grad or weight.requires_grad):  # binarized: a 'stompp' frozen one is a constant
             with _RecomputeSaved(recompute):
                 y = op(x, weight, bias)
         else:

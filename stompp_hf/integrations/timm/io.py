@@ -12,7 +12,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...config import StoMPPConfig
-from ...export import checkpoint_format, convert_to_packed, packed_state_dict, read_checkpoint_shapes
+from ...export import (
+    checkpoint_format,
+    convert_to_packed,
+    holds_packed_tensors,
+    packed_metadata,
+    packed_state_dict,
+    read_checkpoint_index,
+    read_packed_digests,
+    validate_packed_model,
+)
 from ...nn import BinaryActivation
 from . import birealnet, cifar_resnet  # noqa: F401  (register birealnet18 / 34 and cifar_resnet* with timm)
 from .policy import cifar_stem, prepare_vision_model
@@ -51,7 +60,8 @@ def save_pretrained(model: nn.Module, save_directory: str, **extra: Any) -> None
     else:
         state = model.state_dict()
     state = {k: v.detach().contiguous() for k, v in state.items()}
-    save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    metadata = {"format": "pt", **(packed_metadata(state) if config is not None and packed else {})}
+    save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata=metadata)
     with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
         json.dump(info, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -90,10 +100,17 @@ def from_pretrained(path: str, **model_args: Any) -> nn.Module:
             else:
                 model.set_submodule(name, getattr(nn, layer)())
         model.stompp_replaced_activations = list(replaced)
+        index = read_checkpoint_index([weights])
         if config.packed:
-            convert_to_packed(model, config, read_checkpoint_shapes([weights]))
+            convert_to_packed(model, config, index)
             model.stompp_config = config
         else:
+            packed = holds_packed_tensors(index)
+            if packed:
+                raise ValueError(
+                    f"{weights} holds packed 1-bit tensors (e.g. `{packed[0]}`), but its quantization_config says "
+                    "`packed: false`: config.json was edited or belongs to another checkpoint."
+                )
             prepare_vision_model(model, config, act_layer=None)
     state = load_file(weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -102,4 +119,6 @@ def from_pretrained(path: str, **model_args: Any) -> nn.Module:
             f"Checkpoint {weights} does not match {info['architecture']}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}."
         )
+    if quant is not None and config.packed:
+        validate_packed_model(model, read_packed_digests([weights]))
     return model

@@ -3,32 +3,22 @@ Trainer")."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Callable
+import re
+import warnings
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from ...core.dtensor import is_sharded
-from ...progression import ProgressionController
+from ...progression import ProgressionController, differing_masks, mask_digest, saved_progress, stored_masks
 from .hub import wrap_trainer_model_card
 from .quantizer import KEEP_LATENT_ATTR
 
 logger = logging.getLogger(__name__)
-
-MASKS_FILE = "stompp_masks.safetensors"
-STATE_FILE = "stompp_state.json"
-
-
-def _write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """`write(tmp)` to a temporary name, then rename it to `path`: an interrupted save never leaves a truncated file
-    behind (the previous one stays)."""
-    write(path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 class StoMPPCallback(TrainerCallback, ExportableState):
@@ -55,6 +45,7 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         self.step = 0
         self._tb_writer = None
         self._model = None
+        self._models: list[torch.nn.Module] = []
 
     def _total_steps(self, max_steps: int) -> int:
         if self.progression_steps is not None:
@@ -70,8 +61,12 @@ class StoMPPCallback(TrainerCallback, ExportableState):
             raise ValueError("StoMPPCallback needs the model; it is passed by `Trainer`.")
         model = getattr(model, "module", model)  # unwrap DDP
         # Checkpoints written while training keep latent weights (resumable); `save_model` after training packs.
-        setattr(model, KEEP_LATENT_ATTR, True)
+        self._models = _save_targets(model)
+        for target in self._models:
+            setattr(target, KEEP_LATENT_ATTR, True)
         self._model = model
+        progress = saved_progress(model)
+        loaded = stored_masks(model)  # what `Trainer` read from the resumed checkpoint (consumed here)
         total = self._total_steps(state.max_steps)
         self.controller = ProgressionController(model, total)
         if self.controller.stages_short_of_steps:
@@ -79,22 +74,63 @@ class StoMPPCallback(TrainerCallback, ExportableState):
                 f"StoMPP progression has {total} steps for {self.controller.num_stages} stages: several stages "
                 "will freeze within one step. Train longer or use `granularity='block'`."
             )
+        _check_best_model_settings(args)
         if state.global_step > 0:
-            self._restore(args, state.global_step)
+            self._restore(state, state.global_step, loaded)
+        elif progress is not None and progress[0] > 0:
+            logger.warning(
+                f"StoMPP: this model was saved at step {progress[0]} of a {progress[1]}-step progression; this "
+                "training starts a new progression from step 0 (masks continuous). To continue the saved one, "
+                "resume its Trainer checkpoint (`resume_from_checkpoint`) or use "
+                "`ProgressionController.resume(model)`."
+            )
 
-    def _restore(self, args: TrainingArguments, step: int) -> None:
-        """Restore the masks of `step`: deterministic replay, checked against the checkpoint's mask file if any."""
-        self.controller.restore(step)
-        folder = os.path.join(args.output_dir, f"checkpoint-{step}")
-        path = os.path.join(folder, MASKS_FILE)
-        if os.path.isfile(path):
-            saved = load_file(path)
-            current = self.controller.mask_state_dict()
-            if set(saved) != set(current) or any(not saved[k].equal(current[k].cpu()) for k in saved):
-                raise RuntimeError(
-                    f"The StoMPP masks in {path} differ from the replayed masks of step {step}: the checkpoint was "
-                    "written with another StoMPP config or seed."
+    def _restore(self, state: TrainerState, step: int, loaded: dict) -> None:
+        """Restore the masks of `step` by deterministic replay, and check them and the config against the resumed
+        checkpoint's own files: its `trainer_state.json` (the config, progression length and mask digest this
+        callback stored) and its weights file (the masks every `Binarizer` saved)."""
+        saved = _saved_callback_state(state)
+        config = self.controller.config
+        if saved is None:
+            logger.warning(
+                "StoMPP: the resumed checkpoint's trainer_state.json has no StoMPPCallback state (written by an "
+                "older stompp_hf, or without this callback): its StoMPP config cannot be checked."
+            )
+        else:
+            differing = _config_differences(saved.get("config", {}), config.to_dict())
+            if differing:
+                raise ValueError(
+                    "Cannot resume: the StoMPP config differs from the checkpoint's in "
+                    + "; ".join(f"`{k}`: {a!r} (checkpoint) vs {b!r} (now)" for k, a, b in differing)
+                    + ". Resume with the checkpoint's config (its config.json `quantization_config`)."
                 )
+            if saved.get("total_steps") not in (None, self.controller.total_steps):
+                raise ValueError(
+                    f"Cannot resume: the checkpoint's StoMPP progression spans {saved['total_steps']} optimizer "
+                    f"steps, this run's {self.controller.total_steps} (max_steps={state.max_steps}, "
+                    f"progression_steps={self.progression_steps}, progression_fraction={self.progression_fraction})"
+                    ": `max_steps` or the callback's progression arguments changed since the checkpoint, so the "
+                    "masks would follow another schedule. Resume with the same values."
+                )
+        self.controller.restore(step)
+        if saved is not None and saved.get("masks_sha256") not in (None, mask_digest(self._model)):
+            raise RuntimeError(
+                f"The StoMPP masks replayed for step {step} differ from those the checkpoint recorded (sha256 in "
+                "its trainer_state.json): the model or the mask-drawing code changed since it was written."
+            )
+        steps = {saved.step for saved in loaded.values()}
+        if steps and steps != {step}:
+            raise RuntimeError(
+                f"The resumed weights hold the StoMPP masks of step(s) {sorted(steps)}, but the Trainer resumes at "
+                f"step {step}: the checkpoint's weights and trainer_state.json come from different saves."
+            )
+        differing = differing_masks(self._model, loaded)
+        if differing:
+            raise RuntimeError(
+                f"The StoMPP masks replayed for step {step} differ from the {len(differing)} stored in the "
+                f"checkpoint's weights (first: `{differing[0]}`): the checkpoint was written with another StoMPP "
+                "config, seed or model."
+            )
         self.step = step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
@@ -124,12 +160,20 @@ class StoMPPCallback(TrainerCallback, ExportableState):
             self._tb_writer.flush()
 
     def _check_finite(self, step: int) -> None:
-        """Stop with a clear error once a latent weight is NaN / Inf (a diverged loss), checked at logging steps.
+        """Stop with a clear error once a latent weight or an activation scale is NaN / Inf (a diverged loss, or a
+        NaN / Inf input: binarized, it would silently become a sign), checked at logging steps (a scalar per layer).
 
         Trainer's `logging_nan_inf_filter` hides NaN losses from the logs, and a NaN latent weight binarizes to -1
         silently, so without this check a diverged run would go on training (and save) a meaningless network.
         """
         for name, module in self.controller.named_modules:
+            for binarizer in module.binarizers():  # beta, the running mean of |x|: NaN once an input was NaN / Inf
+                if binarizer.scale is not None and not bool(torch.isfinite(binarizer.scale)):
+                    raise RuntimeError(
+                        f"StoMPP: the activation scale of `{name}` is {float(binarizer.scale)} at step {step}: an "
+                        "input of this layer had NaN / Inf values (a diverged loss, or bad input data). Resume from "
+                        "the last checkpoint with a lower learning rate, gradient clipping, or cleaned inputs."
+                    )
             if getattr(module, "weight", None) is None:  # a StoMPP activation has no latent weight
                 continue
             weight = module.weight.detach()
@@ -142,35 +186,91 @@ class StoMPPCallback(TrainerCallback, ExportableState):
                 )
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        for target in self._models:
+            setattr(target, KEEP_LATENT_ATTR, False)
+        self._check_best_model(args, state)
         if self._model is not None:
-            setattr(self._model, KEEP_LATENT_ATTR, False)
+            stored_masks(self._model)  # masks `load_best_model_at_end` read are no resume to check later
         if self._tb_writer is not None:
             self._tb_writer.close()
             self._tb_writer = None
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        if self.controller is None or not state.is_world_process_zero:
+    def _check_best_model(self, args: TrainingArguments, state: TrainerState) -> None:
+        """After `load_best_model_at_end` loaded a checkpoint from mid-progression, say that the model is now that
+        checkpoint's partly continuous network (with its masks), not a binary one, and how to export one."""
+        if not getattr(args, "load_best_model_at_end", False) or not state.best_model_checkpoint:
             return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if not os.path.isdir(folder):
+        match = _STEP_OF_CHECKPOINT.search(os.path.normpath(state.best_model_checkpoint))
+        if match is None or self.controller is None or int(match.group(1)) >= self.controller.total_steps:
             return
-        masks = {k: v.contiguous().cpu() for k, v in self.controller.mask_state_dict().items()}
-        _write_atomically(os.path.join(folder, MASKS_FILE), lambda tmp: save_file(masks, tmp))
-        state = {
-            "step": self.controller.step,
-            "total_steps": self.controller.total_steps,
-            "num_stages": self.controller.num_stages,
-            **self.controller.stats(),
-        }
-
-        def dump(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                json.dump(state, f, indent=2)
-
-        _write_atomically(os.path.join(folder, STATE_FILE), dump)
+        best = int(match.group(1))
+        warnings.warn(
+            f"StoMPP: `load_best_model_at_end` loaded {state.best_model_checkpoint}, written at step {best} of the "
+            f"{self.controller.total_steps}-step progression: the model now holds that checkpoint's latent weights "
+            "and masks, not a fully binary network, so `save_pretrained` writes a latent checkpoint. To export "
+            "the binary network that `binarized` evaluated at that step, call `stompp_hf.progression.commit(model)` "
+            "first (freezes every mask); to export the end of training, set `load_best_model_at_end=False`.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def state(self) -> dict:
+        """What `Trainer` stores in each checkpoint's `trainer_state.json`: the arguments, the step, and what a
+        resume checks against (`checkpoint`: the config, the progression length and a digest of the masks)."""
+        attributes: dict[str, Any] = {"step": self.step}
+        if self.controller is not None:
+            attributes["checkpoint"] = {
+                "config": self.controller.config.to_dict(),
+                "total_steps": self.controller.total_steps,
+                "num_stages": self.controller.num_stages,
+                "masks_sha256": mask_digest(self._model),
+                **self.controller.stats(),
+            }
         return {
             "args": {"progression_steps": self.progression_steps, "progression_fraction": self.progression_fraction},
-            "attributes": {"step": self.step},
+            "attributes": attributes,
         }
+
+
+#: Config fields a resume does not compare: written by `save_pretrained`, not training options.
+_UNCOMPARED = ("packed", "quant_method", "export_dtype")
+
+
+def _config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """`(field, checkpoint value, current value)` of every training field that differs."""
+    keys = sorted((set(saved) | set(current)) - set(_UNCOMPARED))
+    return [(k, saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)]
+
+
+def _saved_callback_state(state: TrainerState) -> dict | None:
+    """The `checkpoint` record this callback stored in the resumed checkpoint's `trainer_state.json`."""
+    data = (state.stateful_callbacks or {}).get(StoMPPCallback.__name__)
+    if isinstance(data, list):
+        data = data[0] if data else None
+    if not isinstance(data, dict):
+        return None
+    return data.get("attributes", {}).get("checkpoint")
+
+
+def _save_targets(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model and every wrapped model whose `save_pretrained` may write a checkpoint (e.g. the `PreTrainedModel`
+    inside a SentenceTransformer), so each keeps latent weights while training runs."""
+    return [model] + [m for m in model.modules() if m is not model and hasattr(m, "hf_quantizer")]
+
+
+_STEP_OF_CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+
+
+def _check_best_model_settings(args: TrainingArguments) -> None:
+    """Warn when `load_best_model_at_end` ranks checkpoints by a metric of the unfinished network."""
+    if not getattr(args, "load_best_model_at_end", False):
+        return
+    metric = args.metric_for_best_model or "loss"
+    if "binarized" not in metric:
+        warnings.warn(
+            f"StoMPP: `load_best_model_at_end` ranks checkpoints by `{metric}`, the metric of the network in "
+            "progression (partly continuous), not of the binary network that gets exported. Use a binarized "
+            "metric, e.g. `metric_for_best_model='binarized_accuracy'` with the recipes' BinarizedEvalTrainer.",
+            UserWarning,
+            stacklevel=3,
+        )

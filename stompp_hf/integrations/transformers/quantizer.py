@@ -4,7 +4,9 @@
 * Loading a full-precision checkpoint, or a latent StoMPP checkpoint (`packed=False`): swap eligible layers for
   `StoMPPLinear` / `StoMPPConv2d` before the weights load.
 * Loading a packed checkpoint (`packed=True`): swap exactly the layers the checkpoint packed (read from the
-  safetensors headers, shapes checked) for `BinaryLinear` / `BinaryConv2d`, whose buffers then load as stored.
+  safetensors headers; layers, shapes, dtypes and scales checked against the config) for `BinaryLinear` /
+  `BinaryConv2d`, whose buffers then load as stored; the loaded scales are checked after loading. A checkpoint of
+  the earlier layout (`<layer>.weight_packed`) is renamed to `<layer>.weight` on the fly.
 * Saving (`get_state_dict_and_metadata`): a fully binary model outside training writes the packed state dict;
   otherwise the latent weights, so training can resume. `quantization_config.packed` records which.
 """
@@ -19,8 +21,18 @@ from transformers.quantizers import HfQuantizer, register_quantizer
 
 from ...conversion import convert_model, policy_for
 from ...core.dtensor import full_tensor, is_sharded
-from ...export import checkpoint_format, convert_to_packed, packed_state_dict, read_checkpoint_shapes
+from ...export import (
+    checkpoint_format,
+    convert_to_packed,
+    holds_packed_tensors,
+    packed_metadata,
+    packed_state_dict,
+    read_checkpoint_index,
+    read_packed_digests,
+    validate_packed_model,
+)
 from ...nn import BinaryMixin, StoMPPMixin
+from ...nn.packed import LEGACY_PACKED_KEY
 from .hub import attach_hub_support
 
 if TYPE_CHECKING:
@@ -46,10 +58,20 @@ class StoMPPHfQuantizer(HfQuantizer):
         self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs
     ) -> None:
         config = self.quantization_config
+        index = read_checkpoint_index(checkpoint_files) if self.pre_quantized and checkpoint_files else None
+        self._legacy_layout = index is not None and any(k.endswith("." + LEGACY_PACKED_KEY) for k in index)
         if self.loads_packed:
-            shapes = read_checkpoint_shapes(checkpoint_files) if checkpoint_files else None
-            convert_to_packed(model, config, shapes, base_model_prefix=getattr(model, "base_model_prefix", None))
+            convert_to_packed(model, config, index, base_model_prefix=getattr(model, "base_model_prefix", None))
+            self._digests = read_packed_digests(checkpoint_files) if checkpoint_files else {}
         else:
+            packed = holds_packed_tensors(index) if index is not None else []
+            if packed:
+                raise ValueError(
+                    f"The checkpoint holds packed 1-bit tensors (e.g. `{packed[0]}`), but its quantization_config "
+                    "says `packed: false` (a latent checkpoint): loading it would build randomly initialized "
+                    "training layers. The config.json was edited or belongs to another checkpoint; set "
+                    "`packed: true`."
+                )
             policy = policy_for(model)
             resolved = policy.resolve(model, config)
             for key in ("granularity", "activation_sites"):  # written to config.json as resolved
@@ -57,8 +79,9 @@ class StoMPPHfQuantizer(HfQuantizer):
             convert_model(model, config, policy=policy)
             ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
             if not self.pre_quantized:
-                # A full-precision checkpoint has no activation scales yet: they are measured in training.
-                ignore.add(r"input_binarizer\.scale$")
+                # A full-precision checkpoint has no activation scales yet (they are measured in training) and no
+                # masks (they start continuous).
+                ignore.update((r"input_binarizer\.scale$", r"_binarizer\._extra_state$"))
             if config.compensation == "surge":
                 # SURGE's auxiliary weights start as copies of the latent weights (see below) unless a latent
                 # checkpoint of a SURGE run stored them.
@@ -66,8 +89,24 @@ class StoMPPHfQuantizer(HfQuantizer):
             model._keys_to_ignore_on_load_missing = ignore
         model.stompp_config = config
 
+    def update_weight_conversions(self, weight_conversions, model):
+        """Rename `<layer>.weight_packed` (the earlier packed layout) to `<layer>.weight` while loading."""
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        if getattr(self, "_legacy_layout", False):
+            from transformers.core_model_loading import WeightRenaming
+
+            self._legacy_renaming = WeightRenaming(rf"\.{LEGACY_PACKED_KEY}$", ".weight")
+            conversions.append(self._legacy_renaming)
+        return conversions
+
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
         attach_hub_support(model)
+        renaming = getattr(self, "_legacy_renaming", None)
+        if renaming is not None and getattr(model, "_weight_conversions", None):
+            # `save_pretrained` reverts the load-time conversions: a re-save writes the current layout.
+            model._weight_conversions = [c for c in model._weight_conversions if c is not renaming]
+        if self.loads_packed:
+            validate_packed_model(model, getattr(self, "_digests", None), getattr(model, "base_model_prefix", None))
         for name, module in model.named_modules():
             if isinstance(module, StoMPPMixin):
                 # An activation scale missing from the checkpoint (loading a full-precision model) was materialized
@@ -98,7 +137,7 @@ class StoMPPHfQuantizer(HfQuantizer):
                 f"StoMPP: wrote a packed 1-bit checkpoint ({reason}; remainder in "
                 f"{config.export_dtype or 'the training dtype'})."
             )
-            return state_dict, {"stompp_format": "packed"}
+            return state_dict, packed_metadata(state_dict)
         if getattr(model, KEEP_LATENT_ATTR, False):
             logger.info(f"StoMPP: saved a latent, resumable checkpoint ({reason}).")
         else:
