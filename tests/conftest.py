@@ -8,7 +8,7 @@ from transformers import BertForSequenceClassification
 
 import stompp_hf  # noqa: F401  (registers the quantizer)
 
-from .testing_utils import tiny_bert_config
+from .testing_utils import build_sealed_library, needs_cc, tiny_bert_config
 
 
 @pytest.fixture
@@ -19,3 +19,11 @@ def tiny_bert_dir(tmp_path):
     path = tmp_path / "tiny-bert"
     model.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def sealed_library(tmp_path_factory) -> bytes:
+    """The bytes of a real XNOR library as the build publishes it (digest appended)."""
+    if needs_cc.args[0]:
+        pytest.skip("no C compiler")
+    return build_sealed_library(tmp_path_factory.mktemp("built"))

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,21 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from stompp_hf import ProgressionController, StoMPPConfig
 from stompp_hf.assets import minilm_path
+from stompp_hf.kernels import build
 from stompp_hf.nn import BinaryLinear
 
-from .testing_utils import eval_ids, fp_checkpoint, load_stompp, logits, train_to_freeze
+from .testing_utils import (
+    eval_ids,
+    fp_checkpoint,
+    kernel_path,
+    load_stompp,
+    loaded_from,
+    logits,
+    needs_cc,
+    plant,
+    run_check,
+    train_to_freeze,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 QUERY = "bert.encoder.layer.0.attention.self.query"
@@ -289,3 +302,32 @@ def test_killed_during_checkpoint_write_resumes_exactly_or_fails_loudly(
         previous = trainer_run(model_dir, out, "none", str(out / "checkpoint-2"))
         assert previous.returncode == 0, previous.stderr[-3000:]
         assert json.loads(previous.stdout.strip().splitlines()[-1]) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. a planted and a truncated kernel library in the cache
+
+
+@needs_cc
+def test_planted_library_never_runs(tmp_path, monkeypatch):
+    cache = tmp_path / "kernels"
+    monkeypatch.setenv("STOMPP_HF_KERNEL_CACHE", str(cache))
+    path = build.library_path("xnor", build.read_source("xnor.c"), build._resolved_compiler())
+    marker = tmp_path / "constructor-ran"
+    plant(path, tmp_path, marker)
+    assert loaded_from(run_check(cache, tmp_path)) == path
+    assert not marker.exists(), "the planted library's constructor ran in the loading process"
+    assert build._library_problem(path) is None  # replaced by a real build
+
+
+@needs_cc
+def test_truncated_library_is_rebuilt_not_mapped(tmp_path, sealed_library):
+    cache = tmp_path / "kernels"
+    cache.mkdir(mode=0o700)
+    path = kernel_path(cache)
+    path.write_bytes(sealed_library[: len(sealed_library) // 2])
+    os.chmod(path, 0o700)
+    proc = run_check(cache, tmp_path)
+    assert proc.returncode != -signal.SIGBUS, "loading the truncated library died with SIGBUS"
+    assert loaded_from(proc) == path
+    assert build._library_problem(path) is None and path.stat().st_size == len(sealed_library)

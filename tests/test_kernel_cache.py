@@ -4,14 +4,10 @@ kernel are an error. Loads that could run foreign code or crash run in a subproc
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
-import shutil
-import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,46 +19,9 @@ import torch.nn.functional as F
 from stompp_hf.core.packing import pack_signs, unpack_signs
 from stompp_hf.kernels import build, xnor
 
-needs_cc = pytest.mark.skipif(
-    not build.compiler() or shutil.which(build.compiler()[0]) is None,
-    reason=f"no C compiler found ({os.environ.get('CC') or 'cc'})",
-)
+from .testing_utils import kernel_path, loaded_from, needs_cc, plant, run_check
+
 needs_kernel = pytest.mark.skipif(not xnor.is_available(), reason="XNOR kernel unavailable here")
-
-# A library with the kernel's name and symbol that announces itself when loaded and computes garbage.
-PLANTED_C = r"""
-#include <stdint.h>
-#include <stdio.h>
-__attribute__((constructor)) static void planted(void)
-{
-    FILE *f = fopen(MARKER, "w");
-    if (f) { fputs("the planted library ran\n", f); fclose(f); }
-}
-int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const void *w, int64_t N,
-                    const float *scale, const float *bias, float *y, int nthreads, int64_t min_work, int64_t simd)
-{
-    for (int64_t i = 0; i < M * N; i++) y[i] = 42.0f;
-    return 0;
-}
-"""
-
-# Loads the kernel in a fresh process, compares it with the dense formula, and prints the library it loaded.
-CHECK_PY = r"""
-import torch
-import torch.nn.functional as F
-from stompp_hf.core.packing import pack_signs
-from stompp_hf.kernels import xnor
-
-gen = torch.Generator().manual_seed(0)
-for m in (1, 16):  # the scalar and the AVX2 path
-    x = torch.randn(m, 100, generator=gen)
-    w = torch.rand(24, 100, generator=gen) < 0.5
-    scale, bias = torch.rand(24, generator=gen), torch.randn(24, generator=gen)
-    expected = F.linear(torch.where(x >= 0, 1.0, -1.0), w.float() * 2 - 1) * scale + bias
-    y = xnor.xnor_linear(x, pack_signs(w), 100, scale, bias)
-    assert torch.equal(y, expected), "wrong results"
-print(xnor._kernel_path)
-"""
 
 
 def reference(x, weight_packed, in_features, out_scale=None, bias=None):
@@ -70,50 +29,6 @@ def reference(x, weight_packed, in_features, out_scale=None, bias=None):
     if out_scale is not None:
         y = y * out_scale
     return y if bias is None else y + bias
-
-
-def kernel_path(directory: Path) -> Path:
-    """Where `load_kernel` looks for the XNOR library in `directory`."""
-    return build.library_path("xnor", build.read_source("xnor.c"), build._resolved_compiler(), directory)
-
-
-def run_check(cache: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "STOMPP_HF_KERNEL_CACHE": str(cache), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    return subprocess.run(
-        [sys.executable, "-c", CHECK_PY], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-def loaded_from(proc: subprocess.CompletedProcess) -> Path:
-    assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stderr[-3000:]}"
-    return Path(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def sealed_library(tmp_path_factory) -> bytes:
-    """The bytes of a real XNOR library as the build publishes it (digest appended)."""
-    if not build.compiler() or shutil.which(build.compiler()[0]) is None:
-        pytest.skip("no C compiler")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STOMPP_HF_KERNEL_CACHE", str(tmp_path_factory.mktemp("built")))
-        _, path = build.load_kernel("xnor.c", "xnor_linear_f32", xnor._ARGTYPES, ctypes.c_int)
-    return path.read_bytes()
-
-
-def plant(path: Path, tmp_path: Path, marker: Path, seal: bool = False) -> None:
-    """Compile the planted library into `path` (with a valid digest if `seal`), after checking that loading it
-    does run its constructor."""
-    lib = tmp_path / "planted.so"
-    cmd = [*build._resolved_compiler(), "-shared", "-fPIC", f'-DMARKER="{marker}"', "-x", "c", "-", "-o", str(lib)]
-    subprocess.run(cmd, input=PLANTED_C, text=True, check=True, capture_output=True, timeout=120)
-    subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(lib)!r})"], check=True, timeout=60)
-    assert marker.exists()
-    marker.unlink()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    shutil.copyfile(lib, path)
-    if seal:
-        build._seal(str(path))
-    os.chmod(path, 0o700)
 
 
 @pytest.fixture
@@ -124,31 +39,6 @@ def fresh_kernel_state(monkeypatch):
     monkeypatch.undo()
     xnor._reset_for_tests()
     assert xnor.is_available()
-
-
-@needs_cc
-def test_planted_library_never_runs(tmp_path, monkeypatch):
-    cache = tmp_path / "kernels"
-    monkeypatch.setenv("STOMPP_HF_KERNEL_CACHE", str(cache))
-    path = build.library_path("xnor", build.read_source("xnor.c"), build._resolved_compiler())
-    marker = tmp_path / "constructor-ran"
-    plant(path, tmp_path, marker)
-    assert loaded_from(run_check(cache, tmp_path)) == path
-    assert not marker.exists(), "the planted library's constructor ran in the loading process"
-    assert build._library_problem(path) is None  # replaced by a real build
-
-
-@needs_cc
-def test_truncated_library_is_rebuilt_not_mapped(tmp_path, sealed_library):
-    cache = tmp_path / "kernels"
-    cache.mkdir(mode=0o700)
-    path = kernel_path(cache)
-    path.write_bytes(sealed_library[: len(sealed_library) // 2])
-    os.chmod(path, 0o700)
-    proc = run_check(cache, tmp_path)
-    assert proc.returncode != -signal.SIGBUS, "loading the truncated library died with SIGBUS"
-    assert loaded_from(proc) == path
-    assert build._library_problem(path) is None and path.stat().st_size == len(sealed_library)
 
 
 @needs_cc

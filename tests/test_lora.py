@@ -39,7 +39,7 @@ def test_lora_on_packed_base_trains_saves_reloads_and_merges(packed_dir, tmp_pat
     model = lora_model(packed_dir)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
-    packed_before = {n: b.clone() for n, b in model.named_buffers() if n.endswith(".weight") and b.dtype == torch.uint8}
+    packed_before = {n: b.clone() for n, b in model.named_buffers() if b.dtype == torch.uint8}
     assert len(packed_before) == 13  # 2 layers x (query, key, value, attention out, intermediate, output) + pooler
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     assert all(not p.any() for p in lora_b.values())  # LoRA starts as a no-op

@@ -3,6 +3,14 @@ here, so unit tests need no network and run in seconds. Fixtures and pytest hook
 
 from __future__ import annotations
 
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from datasets import Dataset
 from torch import nn
@@ -16,6 +24,7 @@ from transformers import (
 )
 
 from stompp_hf import ProgressionController, StoMPPCallback, StoMPPConfig, StoMPPConv2d, StoMPPLinear
+from stompp_hf.kernels import build, xnor
 
 # ---------------------------------------------------------------------------------------------------------------
 # tiny encoders and a toy task
@@ -174,3 +183,87 @@ def frozen_training_module(kind, weights, activations, scales):
     assert module.fully_frozen
     module.eval()
     return module, layer, shape
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernel libraries: planted, truncated and real ones, loaded in a subprocess
+
+needs_cc = pytest.mark.skipif(
+    not build.compiler() or shutil.which(build.compiler()[0]) is None,
+    reason=f"no C compiler found ({os.environ.get('CC') or 'cc'})",
+)
+# A library with the kernel's name and symbol that announces itself when loaded and computes garbage.
+PLANTED_C = r"""
+#include <stdint.h>
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void)
+{
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("the planted library ran\n", f); fclose(f); }
+}
+int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const void *w, int64_t N,
+                    const float *scale, const float *bias, float *y, int nthreads, int64_t min_work, int64_t simd)
+{
+    for (int64_t i = 0; i < M * N; i++) y[i] = 42.0f;
+    return 0;
+}
+"""
+
+# Loads the kernel in a fresh process, compares it with the dense formula, and prints the library it loaded.
+CHECK_PY = r"""
+import torch
+import torch.nn.functional as F
+from stompp_hf.core.packing import pack_signs
+from stompp_hf.kernels import xnor
+
+gen = torch.Generator().manual_seed(0)
+for m in (1, 16):  # the scalar and the AVX2 path
+    x = torch.randn(m, 100, generator=gen)
+    w = torch.rand(24, 100, generator=gen) < 0.5
+    scale, bias = torch.rand(24, generator=gen), torch.randn(24, generator=gen)
+    expected = F.linear(torch.where(x >= 0, 1.0, -1.0), w.float() * 2 - 1) * scale + bias
+    y = xnor.xnor_linear(x, pack_signs(w), 100, scale, bias)
+    assert torch.equal(y, expected), "wrong results"
+print(xnor._kernel_path)
+"""
+
+
+def kernel_path(directory: Path) -> Path:
+    """Where `load_kernel` looks for the XNOR library in `directory`."""
+    return build.library_path("xnor", build.read_source("xnor.c"), build._resolved_compiler(), directory)
+
+
+def run_check(cache: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "STOMPP_HF_KERNEL_CACHE": str(cache), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    return subprocess.run(
+        [sys.executable, "-c", CHECK_PY], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def loaded_from(proc: subprocess.CompletedProcess) -> Path:
+    assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stderr[-3000:]}"
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def build_sealed_library(directory: Path) -> bytes:
+    """The bytes of a real XNOR library as the build publishes it (digest appended)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STOMPP_HF_KERNEL_CACHE", str(directory))
+        _, path = build.load_kernel("xnor.c", "xnor_linear_f32", xnor._ARGTYPES, ctypes.c_int)
+    return path.read_bytes()
+
+
+def plant(path: Path, tmp_path: Path, marker: Path, seal: bool = False) -> None:
+    """Compile the planted library into `path` (with a valid digest if `seal`), after checking that loading it
+    does run its constructor."""
+    lib = tmp_path / "planted.so"
+    cmd = [*build._resolved_compiler(), "-shared", "-fPIC", f'-DMARKER="{marker}"', "-x", "c", "-", "-o", str(lib)]
+    subprocess.run(cmd, input=PLANTED_C, text=True, check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(lib)!r})"], check=True, timeout=60)
+    assert marker.exists()
+    marker.unlink()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.copyfile(lib, path)
+    if seal:
+        build._seal(str(path))
+    os.chmod(path, 0o700)
