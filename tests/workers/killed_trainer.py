@@ -5,7 +5,8 @@ Launched by `tests/test_fault_injection.py` with the repository root on `PYTHONP
     python -m tests.workers.killed_trainer MODEL_DIR OUTPUT_DIR KILL_AT [RESUME]
 
 KILL_AT is where the process dies while writing `checkpoint-4` (the second of saves every 2 steps, of 6 steps):
-"model" (half of model.safetensors written), "optimizer" (weights written, optimizer not), "trainer_state" (all but
+"model" (half of model.safetensors written), "disk_full" (the same, then `OSError(ENOSPC)` instead of a kill),
+"optimizer" (weights written, optimizer not), "trainer_state" (all but
 half of trainer_state.json written), "after_save" (the checkpoint complete), or "none". RESUME ("latest" or a
 checkpoint folder) resumes instead of starting. A run that finishes prints one JSON line: the sha256 of every
 tensor of the final state dict and every mask.
@@ -13,6 +14,7 @@ tensor of the final state dict and every mask.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -33,8 +35,9 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def half_then_die(write):
-    """Wrap a `write(obj, path, ...)`: at the kill step, write it, cut the file to half its size, and die."""
+def half_then_die(write, disk_full: bool = False):
+    """Wrap a `write(obj, path, ...)`: at the kill step, write it, cut the file to half its size, and die (or raise
+    the error of a full disk)."""
 
     def wrapped(obj, path, *args, **kwargs):
         result = write(obj, path, *args, **kwargs)
@@ -42,6 +45,8 @@ def half_then_die(write):
             size = os.path.getsize(path)
             with open(path, "r+b") as f:
                 f.truncate(size // 2)
+            if disk_full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             die()
         return result
 
@@ -58,10 +63,10 @@ def main() -> None:
     model_dir, output_dir, kill_at = sys.argv[1:4]
     resume = sys.argv[4] if len(sys.argv) > 4 else None
     callbacks: list[TrainerCallback] = [StoMPPCallback()]
-    if kill_at == "model":
+    if kill_at in ("model", "disk_full"):
         import transformers.modeling_utils as modeling_utils
 
-        modeling_utils.safe_save_file = half_then_die(modeling_utils.safe_save_file)
+        modeling_utils.safe_save_file = half_then_die(modeling_utils.safe_save_file, kill_at == "disk_full")
     elif kill_at == "optimizer":
         original = Trainer._save_optimizer_and_scheduler
 
