@@ -6,7 +6,7 @@ import copy
 import math
 import numbers
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -198,7 +198,8 @@ class StoMPPConfig(QuantizationConfigMixin):
             object.__setattr__(self, name, old)
             raise
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        """The fields and their values (the base class iterates `__dict__`, which holds bookkeeping too)."""
         yield from self.to_dict().items()
 
     @property

@@ -78,10 +78,12 @@ class StoMPPHfQuantizer(HfQuantizer):
                 setattr(config, key, getattr(resolved, key))
             convert_model(model, config, policy=policy)
             ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+            # No masks in a full-precision checkpoint (they start continuous), nor in a latent one written before
+            # masks were saved (they are replayed on resume).
+            ignore.add(r"_binarizer\._extra_state$")
             if not self.pre_quantized:
-                # A full-precision checkpoint has no activation scales yet (they are measured in training) and no
-                # masks (they start continuous).
-                ignore.update((r"input_binarizer\.scale$", r"_binarizer\._extra_state$"))
+                # A full-precision checkpoint has no activation scales yet: they are measured in training.
+                ignore.add(r"input_binarizer\.scale$")
             if config.compensation == "surge":
                 # SURGE's auxiliary weights start as copies of the latent weights (see below) unless a latent
                 # checkpoint of a SURGE run stored them.
