@@ -110,7 +110,7 @@ def categorize(key: str, binarized: set[str]) -> str:
     module, _, leaf = key.rpartition(".")
     if module in binarized:
         return {
-            "weight_packed": "binarized layers: sign bits (weight_packed)",
+            "weight": "binarized layers: sign bits (weight, uint8)",
             "weight_scale": "binarized layers: per-channel weight scales",
             "input_scale": "binarized layers: activation scales",
             "bias": "binarized layers: biases",
@@ -179,7 +179,7 @@ def measure(
         with open(os.path.join(dirs[variant], "config.json"), encoding="utf-8") as f:
             res.config_dtype[variant] = str(json.load(f).get("dtype"))
         res.breakdown[variant], state = breakdown(dirs[variant], set(layers))
-        missing = [n for n in layers for s in ("weight_packed", "weight_scale") if f"{n}.{s}" not in state]
+        missing = [n for n in layers for s in ("weight", "weight_scale") if f"{n}.{s}" not in state]
         if missing:
             raise RuntimeError(f"{res.name}: packed checkpoint lacks {missing[:3]}")
         res.bits[variant] = packed_bits_per_weight(state, {n: m.weight.numel() for n, m in layers.items()})
@@ -490,7 +490,7 @@ def render(results: list[Result], command: str, elapsed: float, args: argparse.N
 
 def prose(results: list[Result], args: argparse.Namespace) -> list[str]:
     out = []
-    sign = "binarized layers: sign bits (weight_packed)"
+    sign = "binarized layers: sign bits (weight, uint8)"
     for r in results:
         part = r.breakdown["packed_f16"]
         total = r.sizes["packed_f16"]

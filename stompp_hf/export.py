@@ -145,12 +145,8 @@ def packed_state_dict(model: nn.Module, export_dtype: str | None = None) -> dict
 
 def packed_bits_per_weight(state_dict: Mapping[str, torch.Tensor], weight_counts: Mapping[str, int]) -> float:
     """Bits per binarized weight in a packed state dict: (packed bytes + scale bytes) * 8 / weights."""
-    nbytes = sum(
-        state_dict[f"{n}.{s}"].numel() * state_dict[f"{n}.{s}"].element_size()
-        for n in weight_counts
-        for s in ("weight_packed", "weight_scale")
-        if f"{n}.{s}" in state_dict
-    )
+    keys = [f"{n}.{s}" for n in weight_counts for s in ("weight", "weight_scale")]
+    nbytes = sum(state_dict[k].numel() * state_dict[k].element_size() for k in keys if k in state_dict)
     return 8 * nbytes / sum(weight_counts.values())
 
 

@@ -26,7 +26,7 @@ from stompp_hf import (
     stompp_modules,
     summary,
 )
-from stompp_hf.export import pack_module
+from stompp_hf.export import pack_module, packed_bits_per_weight
 from stompp_hf.kernels import xnor
 
 from .testing_utils import (
@@ -238,6 +238,8 @@ def test_packed_bits_per_weight(tmp_path, weight_scale, bound):
     )
     bits = 8 * nbytes / n_weights
     assert bits <= bound
+    counts = {n: m.weight.numel() for n, m in stompp_modules(model).items()}
+    assert packed_bits_per_weight(tensors, counts) == bits
     if weight_scale == "none":
         assert bits == 1.0
         assert not any(k.endswith(".weight_scale") for k in tensors)
