@@ -11,6 +11,7 @@ rule `suggested_refresh_rate`, and `recalibrate_batchnorm`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -323,14 +324,6 @@ class ProgressionController:
             out["stompp/surge_lambda"] = sum(lambdas) / len(lambdas)
         return out
 
-    def mask_state_dict(self) -> dict[str, torch.Tensor]:
-        """The materialized masks (transitioning tensors only), keyed by tensor index, for checkpoint files."""
-        return {
-            f"{t.index}.{t.binarizer.kind}": t.binarizer.mask.value
-            for t in self.tensors
-            if t.binarizer.mask is not None and t.binarizer.mask.is_transitioning
-        }
-
 
 def saved_progress(model: nn.Module) -> tuple[int, int] | None:
     """`(step, total_steps)` at which the masks of `model` were last moved by a `ProgressionController`, as loaded
@@ -360,8 +353,6 @@ def stored_masks(model: nn.Module) -> dict[str, LoadedMask]:
 
 def mask_digest(model: nn.Module) -> str:
     """sha256 of every binarized tensor's mask state (names, codes and bits): equal digests, equal masks."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, module in stompp_modules(model).items():
         for b in module.binarizers():

@@ -118,7 +118,7 @@ class StoMPPCallback(TrainerCallback, ExportableState):
                 f"The StoMPP masks replayed for step {step} differ from those the checkpoint recorded (sha256 in "
                 "its trainer_state.json): the model or the mask-drawing code changed since it was written."
             )
-        steps = {saved.step for saved in loaded.values()}
+        steps = {mask.step for mask in loaded.values()}
         if steps and steps != {step}:
             raise RuntimeError(
                 f"The resumed weights hold the StoMPP masks of step(s) {sorted(steps)}, but the Trainer resumes at "
