@@ -23,7 +23,11 @@ every binary value is in {-1, +1}.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from .masks import MaskState
 
 #: The training rules of a binarized tensor (`StoMPPConfig.weights` / `activations`; None keeps it full precision).
 RULES: tuple[str, ...] = ("stompp", "stompp_ste", "ste")
@@ -73,18 +77,23 @@ class _MaskedBinarize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        # grad times a 0/1 factor built with float arithmetic (no `where`, no bool tensors: both are slow on CPU)
         mask, window = ctx.saved_tensors
-        if ctx.clip_smooth and ctx.ste_on_frozen:  # inputs: 1{|u| <= c} everywhere
-            return grad * window.to(grad.dtype), None, None, None, None, None
-        if ctx.ste_on_frozen:  # weights: the identity everywhere (BinaryConnect's STE on frozen entries)
-            return grad, None, None, None, None, None
-        frozen = mask.to(grad.dtype)
-        if ctx.clip_smooth:  # inputs: 1{|u| <= c} on continuous entries, 0 on frozen ones
-            factor = window.to(grad.dtype) * (1 - frozen)
-        else:  # weights: 1 on continuous entries, 0 on frozen ones
-            factor = 1 - frozen
-        return grad * factor, None, None, None, None, None
+        return _masked_grad(grad, mask, window, ctx.clip_smooth, ctx.ste_on_frozen), None, None, None, None, None
+
+
+def _masked_grad(grad, mask, window, clip_smooth: bool, ste_on_frozen: bool) -> torch.Tensor:
+    """The input gradient of `_MaskedBinarize`: grad times a 0/1 factor built with float arithmetic (no `where`,
+    no bool tensors: both are slow on CPU). `window` is the int8 `1{|u| <= c}` of an input (None for a weight)."""
+    if clip_smooth and ste_on_frozen:  # inputs: 1{|u| <= c} everywhere
+        return grad * window.to(grad.dtype)
+    if ste_on_frozen:  # weights: the identity everywhere (BinaryConnect's STE on frozen entries)
+        return grad
+    frozen = mask.to(grad.dtype)
+    if clip_smooth:  # inputs: 1{|u| <= c} on continuous entries, 0 on frozen ones
+        factor = window.to(grad.dtype) * (1 - frozen)
+    else:  # weights: 1 on continuous entries, 0 on frozen ones
+        factor = 1 - frozen
+    return grad * factor
 
 
 class _HardSign(torch.autograd.Function):
@@ -208,6 +217,170 @@ def masked_binarize(
     if not (u.requires_grad and torch.is_grad_enabled()):  # no backward: the same values, no window
         return _masked_values(u, mask, scale, bound, clip_smooth)
     return _MaskedBinarize.apply(u, mask, scale, bound, clip_smooth, rule != "stompp")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Under `torch.compile`: the masked binarize of a progressive tensor as operators that read the mask state when they
+# run, not when they are traced (docs/design.md, "torch.compile").
+
+
+def state_binarize(
+    u: torch.Tensor,
+    state: MaskState,
+    *,
+    rule: str,
+    scale: torch.Tensor | float = 1.0,
+    bound: torch.Tensor | float = 1.0,
+    clip_smooth: bool,
+    group: Sequence[int] | None = None,
+    forced: bool = False,
+) -> torch.Tensor:
+    """What eager mode computes for `u` under the mask of `state`, as one operator that looks the mask up (by
+    `state.handle`) when it runs.
+
+    `masked_binarize` and the layers branch in Python on the mask (the constants False / True, or a bool tensor),
+    so a graph traced through them is specialized to every mask of the model and `torch.compile` would recompile at
+    each stage transition. This operator is opaque to the compiler and its arguments do not change with the state
+    (the tensor, scale and clip bound, the state's fixed integer handle), so one graph serves the whole progression,
+    and constant masks stay Python constants: nothing is allocated for them.
+
+    Args:
+        group: the handles of a layer's binarized tensors when the layer takes the factored form once all of them
+            are frozen (docs/design.md, Eq. 5; `layer_frozen`): then the result is `sign(u)` and the caller multiplies
+            the layer output by the scales. None: never factored (a StoMPP activation).
+        forced: this tensor counts as frozen whatever its mask (`binarized(model)`); it is then not in `group`.
+
+    The values and input gradients are eager mode's, entry for entry, with one difference: a frozen tensor under
+    'stompp' gets an exactly zero gradient where eager mode gives none at all. The backward pass reads the state
+    again, so masks must not move between a forward and its backward (`ProgressionController.advance` runs after
+    the optimizer step); it raises if this tensor's mask did.
+    """
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach()
+    else:
+        scale = None if scale == 1.0 else torch.as_tensor(scale, device=u.device)
+    bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach() if clip_smooth else None
+    factorable = group is not None
+    return torch.ops.stompp_hf.state_binarize(
+        u, scale, bound, state.handle, rule, clip_smooth, list(group or ()), factorable, forced
+    )
+
+
+def layer_frozen(like: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
+    """A 0-d bool tensor on `like`'s device: whether every mask of `group` (handles) is the constant True, i.e. the
+    layer takes the factored form (Eq. 5) in this forward. Read when the operator runs, like `state_binarize`."""
+    return torch.ops.stompp_hf.layer_frozen(like.detach(), list(group))
+
+
+def _all_frozen(group) -> bool:
+    return all(MaskState.from_handle(h).value is True for h in group)
+
+
+def _with_layout_of(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`out` with the strides of `torch.empty_like(like)`, the layout the operators declare to the compiler."""
+    if out.stride() == torch.empty_like(like, device="meta").stride():
+        return out
+    return torch.empty_like(like).copy_(out)
+
+
+_SCHEMA = "Tensor? bound, int handle, str rule, bool clip_smooth, int[] group, bool factorable, bool forced"
+
+
+@torch.library.custom_op(
+    "stompp_hf::state_binarize",
+    mutates_args=(),
+    schema=f"(Tensor u, Tensor? scale, {_SCHEMA}) -> Tensor",
+    tags=(torch.Tag.cudagraph_unsafe,),  # reads the mask state when it runs, which a CUDA graph replay would not
+)
+def _state_binarize_op(u, scale, bound, handle, rule, clip_smooth, group, factorable, forced):
+    state = MaskState.from_handle(handle)
+    state.compiled_token = state.state_token()
+    mask = True if forced else state.value
+    if mask is True:  # as `hard_sign`: `sign(u)` in the factored form, else `scale * sign(u)`
+        sign = binary_sign(u)
+        out = sign if scale is None or (factorable and _all_frozen(group)) else sign * scale
+    elif mask is False:  # as `clip`, or the identity for a weight
+        out = torch.clamp(u, -bound, bound) if clip_smooth else u.clone()
+    else:  # as `_MaskedBinarize`
+        out = _masked_values(u, mask, 1.0 if scale is None else scale, bound, clip_smooth)
+    return _with_layout_of(out, u)
+
+
+@_state_binarize_op.register_fake
+def _(u, scale, bound, handle, rule, clip_smooth, group, factorable, forced):
+    return torch.empty_like(u)
+
+
+@torch.library.custom_op(
+    "stompp_hf::state_binarize_backward",
+    mutates_args=(),
+    schema=f"(Tensor grad, Tensor u, Tensor? scale, {_SCHEMA}) -> Tensor",
+    tags=(torch.Tag.cudagraph_unsafe,),
+)
+def _state_binarize_backward_op(grad, u, scale, bound, handle, rule, clip_smooth, group, factorable, forced):
+    state = MaskState.from_handle(handle)
+    if state.state_token() != state.compiled_token:
+        raise RuntimeError(
+            "A StoMPP mask changed between a compiled forward pass and its backward pass (the masks were advanced "
+            "or restored in between), so its gradient would use the new mask. Move masks only after the backward."
+        )
+    mask, ste = (True if forced else state.value), rule != "stompp"
+    if mask is True:
+        if not ste:  # 'stompp': a frozen entry passes no gradient (eager mode: none at all)
+            return torch.zeros_like(grad)
+        divisor = None  # as `_HardSign`'s backward: the factored form divides by the scale (a zero one passes none)
+        if scale is not None and factorable and _all_frozen(group):
+            divisor = torch.as_tensor(scale, dtype=u.dtype, device=u.device)
+            divisor = torch.where(divisor > 0, divisor, torch.inf)
+        if bound is None:  # a weight: BinaryConnect's identity
+            out = grad.clone() if divisor is None else grad / divisor.to(grad.dtype)
+        else:
+            out = _window(u, bound, grad.dtype)
+            if divisor is not None:
+                out.div_(divisor)
+            out.mul_(grad)
+    elif mask is False:  # as `_Clip`'s backward, or the identity for a weight
+        out = _window(u, bound, grad.dtype).mul_(grad) if clip_smooth else grad.clone()
+    else:  # as `_MaskedBinarize`'s backward
+        window = _window(u, bound).to(torch.int8) if clip_smooth else None
+        out = _masked_grad(grad, mask, window, clip_smooth, ste)
+        out = grad.clone() if out is grad else out
+    return _with_layout_of(out, grad)
+
+
+@_state_binarize_backward_op.register_fake
+def _(grad, u, scale, bound, handle, rule, clip_smooth, group, factorable, forced):
+    return torch.empty_like(grad)
+
+
+def _state_binarize_setup(ctx, inputs, output) -> None:
+    u, scale, bound, *ctx.args = inputs
+    ctx.save_for_backward(u, scale, bound)
+
+
+def _state_binarize_grad(ctx, grad):
+    du = None
+    if ctx.needs_input_grad[0]:
+        du = torch.ops.stompp_hf.state_binarize_backward(grad, *ctx.saved_tensors, *ctx.args)
+    return du, None, None, None, None, None, None, None, None
+
+
+_state_binarize_op.register_autograd(_state_binarize_grad, setup_context=_state_binarize_setup)
+
+
+@torch.library.custom_op(
+    "stompp_hf::layer_frozen",
+    mutates_args=(),
+    schema="(Tensor like, int[] group) -> Tensor",
+    tags=(torch.Tag.cudagraph_unsafe,),
+)
+def _layer_frozen_op(like, group):
+    return torch.full((), _all_frozen(group), dtype=torch.bool, device=like.device)
+
+
+@_layer_frozen_op.register_fake
+def _(like, group):
+    return torch.empty((), dtype=torch.bool, device=like.device)
 
 
 def output_scale(

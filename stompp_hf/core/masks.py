@@ -2,13 +2,24 @@
 
 Only a transitioning tensor holds a materialized bool mask; a continuous tensor is the constant `False` and a
 frozen one the constant `True`, so stages that are not transitioning cost no memory (docs/design.md, "Core").
+
+Every mask state also has an integer `handle`, fixed for its lifetime: under `torch.compile` a layer refers to its
+mask by that handle (`core.functional.state_binarize`), so the compiled graph does not depend on the state and is
+not recompiled when a stage moves on (docs/design.md, "torch.compile").
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 
 _MASK64 = (1 << 64) - 1
+
+#: Every live `MaskState` by its `handle` (weakly: a state is dropped with its binarizer).
+_STATES: weakref.WeakValueDictionary[int, MaskState] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
 
 
 def mix_seed(*values: int) -> int:
@@ -54,6 +65,36 @@ class MaskState:
         for d in self.shape:
             self.numel *= d
         self.value: bool | torch.Tensor = False
+        self._register()
+
+    @torch.compiler.disable  # a mask sized inside a compiled forward (an input's first one) registers eagerly
+    def _register(self) -> None:
+        #: Names this state to the compiled binarize (`core.functional.state_binarize`); unique per live state.
+        self.handle = next(_HANDLES)
+        #: What `state_token()` was at the last compiled forward that read this state (checked by its backward).
+        self.compiled_token: object = None
+        _STATES[self.handle] = self
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("handle", "compiled_token")}
+
+    def __setstate__(self, state: dict) -> None:
+        # a copy (`copy.deepcopy` of a model, pickling) is a new state: it gets its own handle
+        self.__dict__.update(state)
+        self._register()
+
+    @staticmethod
+    def from_handle(handle: int) -> MaskState:
+        """The live state of `handle` (raises `RuntimeError` when it is gone)."""
+        state = _STATES.get(handle)
+        if state is None:
+            raise RuntimeError(f"StoMPP mask state {handle} no longer exists (its model was deleted).")
+        return state
+
+    def state_token(self) -> object:
+        """Changes whenever the mask does: the constant, or the mask tensor's identity and version counter."""
+        value = self.value
+        return (id(value), value._version) if isinstance(value, torch.Tensor) else value
 
     def fill(self, frozen: bool) -> None:
         """Make every entry continuous (False) or frozen (True), releasing any materialized mask."""

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..core.functional import hard_sign, masked_binarize
+from ..core.functional import hard_sign, masked_binarize, state_binarize
 from ..core.masks import (
     ABSENT,
     FROZEN,
@@ -23,6 +23,12 @@ from ..core.masks import (
 
 #: Momentum of the running mean of |x| that sets the activation scale beta.
 ACTIVATION_SCALE_MOMENTUM = 0.1
+
+
+def compiles_by_state(u: torch.Tensor) -> bool:
+    """Whether a compiled forward binarizes `u` with `state_binarize` (a plain tensor: a `DTensor` shard is traced
+    through the eager code instead, specialized to its mask state)."""
+    return type(u) in (torch.Tensor, nn.Parameter)
 
 
 def _in_backward() -> bool:
@@ -124,8 +130,19 @@ class Binarizer(nn.Module):
     @property
     def frozen(self) -> bool:
         """This forward takes the all-frozen path: plain STE, `binarized(model)`, or a finished stage (whose mask is
-        the constant True; a transitioning mask stays a tensor even if every entry happens to be drawn frozen)."""
-        return self.force_frozen or self.rule == "ste" or (self.mask is not None and self.mask.value is True)
+        the constant True; a transitioning mask stays a tensor even if every entry happens to be drawn frozen).
+
+        Under `torch.compile` a finished stage does not count: the compiled graph must not depend on the mask state,
+        which `state_binarize` reads when it runs (docs/design.md, "torch.compile")."""
+        return self.is_frozen(torch.compiler.is_compiling())
+
+    def is_frozen(self, compiling: bool) -> bool:
+        """`frozen`, for a caller that knows whether this forward is being compiled (`torch.compiler.is_compiling`)."""
+        return (
+            self.force_frozen
+            or self.rule == "ste"
+            or (not compiling and self.mask is not None and self.mask.value is True)
+        )
 
     @property
     def frozen_fraction(self) -> float:
@@ -176,19 +193,45 @@ class Binarizer(nn.Module):
         """
         mask_state, scale, bound = self._scale_and_bound(u, feature_ndim)
         recompute = recompute and torch.is_grad_enabled()
-        if self.frozen:
+        compiling = torch.compiler.is_compiling()
+        if self.is_frozen(compiling):
             out = hard_sign(u, ste=self.rule != "stompp", scale=scale, bound=bound, factored=factored)
             # the same values without the straight-through graph
             recipe = _recipe(u, lambda: hard_sign(u, ste=False, scale=scale, factored=factored)) if recompute else None
             return out, scale if factored else None, recipe
         if factored:
             raise ValueError("`factored` binarization needs a frozen tensor.")
+        if compiling and compiles_by_state(u):
+            # one graph for every mask state: the operator reads the state when it runs, not when it is traced
+            return self._by_state(u, mask_state, scale, bound, None), None, None
         mask = mask_state.as_mask()
         out = masked_binarize(u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input")
         if recompute and mask is False and self.kind == "input":
             b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
             return out, None, _recipe(u, lambda: torch.clamp(u.detach(), -b, b))
         return out, None, None
+
+    def binarize_by_state(
+        self, u: torch.Tensor, feature_ndim: int | None, group: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """`(binarized u, scale)` for a layer compiled with `torch.compile` (`StoMPPMixin._binary_op`): what `binarize`
+        gives, chosen when the graph runs instead of when it is traced. `group` holds the mask handles of the
+        layer's tensors (`layer_frozen`): once all are frozen the result is `sign(u)` and the layer multiplies its
+        output by `scale` (Eq. 5), as `binarize(..., factored=True)` does in eager mode."""
+        mask_state, scale, bound = self._scale_and_bound(u, feature_ndim)
+        return self._by_state(u, mask_state, scale, bound, group), scale
+
+    def _by_state(self, u, mask_state: MaskState, scale, bound, group: list[int] | None) -> torch.Tensor:
+        return state_binarize(
+            u,
+            mask_state,
+            rule=self.rule,
+            scale=scale,
+            bound=bound if bound is not None else 1.0,
+            clip_smooth=self.kind == "input",
+            group=group,
+            forced=self.force_frozen,
+        )
 
     def get_extra_state(self) -> torch.Tensor:
         """The mask and its progression position, for the state dict (a latent checkpoint keeps both)."""

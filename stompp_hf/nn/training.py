@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.functional import output_scale, scale_output
+from ..core.functional import layer_frozen, output_scale, scale_output
 from ..core.surge import surge
 from .base import StoMPPModule
-from .binarizer import Binarizer
+from .binarizer import Binarizer, compiles_by_state
 from .recompute import _RecomputeSaved
 
 
@@ -124,12 +124,15 @@ class StoMPPMixin(StoMPPModule):
         can have no backward (grad disabled, `inference_mode`, nothing requiring a gradient) or under
         `torch.compile`, which chooses what to save itself.
         """
-        factored = all(b.frozen for b in self.binarizers())
+        compiling = torch.compiler.is_compiling()
+        factored = all(b.is_frozen(compiling) for b in self.binarizers())
+        if not factored and compiling and compiles_by_state(x) and compiles_by_state(self.weight):
+            return self._binary_op_by_state(x, op)
         weight, x_scale, w_scale, recompute = self.weight, None, None, []
         recipes = (
             torch.is_grad_enabled()
             and (x.requires_grad or weight.requires_grad)
-            and not torch.compiler.is_compiling()  # the compiler chooses what to save for the backward itself
+            and not compiling  # the compiler chooses what to save for the backward itself
         )
         if self.input_binarizer is not None:
             x, x_scale, fn = self.input_binarizer.binarize(x, self.feature_ndim, factored, recompute=recipes)
@@ -148,6 +151,33 @@ class StoMPPMixin(StoMPPModule):
         if not factored:
             return y
         return scale_output(y, output_scale(x_scale, w_scale, self.feature_ndim), self.bias, self.feature_ndim)
+
+    def _binary_op_by_state(self, x: torch.Tensor, op) -> torch.Tensor:
+        """`_binary_op` under `torch.compile`, for a layer with a progressive tensor: the same values, entry for entry,
+        from a graph that does not depend on the mask states (docs/design.md, "torch.compile").
+
+        Whether the layer takes the factored form is read when the graph runs (`layer_frozen`), and the graph
+        computes `op(x', W', bias') * scale' + bias''` with `(bias', scale', bias'') = (0, beta * alpha, bias)` in the
+        factored form and `(bias, 1, 0)` otherwise: both are exactly what eager mode computes (a product with 1 and a
+        sum with 0 are exact, and a product of +-1 operands is an exact integer with or without a zero bias).
+        """
+        if self.input_binarizer is not None:  # sized first: the mask's handle joins the layer's group
+            self.input_binarizer.ensure_mask(tuple(x.shape[-self.feature_ndim :]))
+        group = [b.mask.handle for b in self.binarizers() if not b.force_frozen]
+        frozen = layer_frozen(x, group)
+        weight, x_scale, w_scale = self.weight, None, None
+        if self.input_binarizer is not None:
+            x, x_scale = self.input_binarizer.binarize_by_state(x, self.feature_ndim, group)
+        if self.weight_binarizer is not None:
+            weight, w_scale = self.weight_binarizer.binarize_by_state(weight, None, group)
+        bias = self.bias
+        y = op(x, weight, None if bias is None else torch.where(frozen, 0.0, bias))
+        scale = output_scale(x_scale, w_scale, self.feature_ndim)
+        if scale is not None:
+            y = y * torch.where(frozen, scale, 1.0).to(y.dtype)
+        if bias is not None:
+            y = y + torch.where(frozen, bias, 0.0).view(-1, *([1] * (self.feature_ndim - 1)))
+        return y
 
     def binary_flags(self) -> dict[str, bool]:
         """The `BinaryMixin` flags describing this module once packed."""
