@@ -26,9 +26,10 @@ from dataclasses import field
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from stompp_hf import StoMPPCallback, StoMPPConfig, binarized
+from stompp_hf.distillation import DistillationTrainer
 from stompp_hf.export import binarization_progress
 from stompp_hf.integrations.transformers.arguments import stompp_arguments
 from stompp_hf.integrations.transformers.hub import is_stompp_model
@@ -101,8 +102,10 @@ StoMPPArguments = recipe_stompp_arguments(
 )
 
 
-class BinarizedEvalTrainer(Trainer):
-    """`Trainer` whose evaluation also reports the fully binarized network (`eval_binarized_*`) for StoMPP models.
+class BinarizedEvalTrainer(DistillationTrainer):
+    """`Trainer` whose evaluation also reports the fully binarized network (`eval_binarized_*`) for StoMPP models,
+    and which distils from `teacher=` when given (`stompp_hf.distillation.DistillationTrainer`; without a teacher it
+    trains like `Trainer`).
 
     Once every mask is frozen the binarized network *is* the network as trained, so its metrics are copied instead
     of evaluating a second time.
@@ -296,11 +299,14 @@ def run_config(
 ) -> dict[str, Any]:
     """Run `script` (a recipe taking one JSON file) on `config_path` with `seed`, in its own process.
 
-    `output_dir` gets the suffix `-seed<N>`; a run whose `all_results.json` exists is reused unless `force`.
+    `output_dir` gets the suffix `-seed<N>`, and `{seed}` in any string value becomes N; a run whose
+    `all_results.json` exists is reused unless `force`.
     `env` adds environment variables for the run. Returns the run's `all_results.json`.
     """
     with open(config_path) as f:
         config = json.load(f)
+    # `{seed}` in a value names a per-seed input, e.g. the teacher `outputs/glue/fp-seed{seed}` of a two-phase run
+    config = {k: v.replace("{seed}", str(seed)) if isinstance(v, str) else v for k, v in config.items()}
     config["seed"] = seed
     config["output_dir"] = f"{config['output_dir']}-seed{seed}"
     results_path = os.path.join(config["output_dir"], "all_results.json")

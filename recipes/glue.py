@@ -14,6 +14,10 @@
     # Or one JSON file holding all arguments (see recipes/experiments/glue/).
     python recipes/glue.py recipes/experiments/glue/stompp_ste_w1a1.json
 
+    # Two phases: fine-tune full precision, then binarize a student initialised from it and distilled from it.
+    python recipes/glue.py --task_name sst2 --binarize false --output_dir outputs/sst2-fp
+    python recipes/glue.py --task_name sst2 --teacher_model_name_or_path outputs/sst2-fp --output_dir outputs/sst2-kd
+
 Writes to `--output_dir`: the final checkpoint (packed 1-bit once every tensor is frozen) with its tokenizer,
 `all_results.json`, `curves.png` (loss, and accuracy of the network as trained and of `binarized(model)` over
 steps) and the model card `README.md`.
@@ -84,6 +88,50 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Re-initialise a checkpoint's head whose number of labels differs."}
     )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A full-precision model fine-tuned on this task (e.g. the output of an FP run of this recipe): "
+            "the student is distilled from it (`stompp_hf.distillation`)."
+        },
+    )
+    init_from_teacher: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Initialise the student from the teacher's weights. Default: yes when the teacher has the "
+            "student's architecture (model_type and number of labels), as BinaryBERT initialises from the "
+            "fine-tuned model."
+        },
+    )
+
+
+@dataclass
+class DistillationArguments:
+    """Weights of the distillation loss (used with `--teacher_model_name_or_path`)."""
+
+    kd_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the logit KD term."})
+    kd_task_weight: float = field(default=1.0, metadata={"help": "Weight of the task (label) loss."})
+    kd_logit_weight: float = field(default=1.0, metadata={"help": "Weight of the logit KD term."})
+    kd_hidden_weight: float = field(default=0.0, metadata={"help": "Weight of the per-layer hidden-state MSE."})
+    kd_attention_weight: float = field(default=0.0, metadata={"help": "Weight of the per-layer attention MSE."})
+    teacher_dtype: str | None = field(
+        default=None, metadata={"help": "Run the teacher in this dtype (bfloat16, float16, float32; none: as loaded)."}
+    )
+
+    def __post_init__(self) -> None:
+        self.teacher_dtype = none_str(self.teacher_dtype)
+
+    def config(self):
+        from stompp_hf.distillation import DistillationConfig
+
+        return DistillationConfig(
+            temperature=self.kd_temperature,
+            task_weight=self.kd_task_weight,
+            logit_weight=self.kd_logit_weight,
+            hidden_weight=self.kd_hidden_weight,
+            attention_weight=self.kd_attention_weight,
+            teacher_dtype=self.teacher_dtype,
+        )
 
 
 @dataclass
@@ -116,8 +164,34 @@ class DataArguments:
         self.dataset_name = none_str(self.dataset_name)
 
 
+def load_teacher(path: str, num_labels: int):
+    """The full-precision teacher: a sequence classifier fine-tuned on the task (eval mode, never trained)."""
+    from transformers import AutoConfig
+
+    if getattr(AutoConfig.from_pretrained(path), "quantization_config", None) is not None:
+        raise ValueError(f"The teacher {path} is a StoMPP (quantized) model; distil from a full-precision one.")
+    teacher = AutoModelForSequenceClassification.from_pretrained(path)
+    if teacher.config.num_labels != num_labels:
+        raise ValueError(
+            f"The teacher {path} has {teacher.config.num_labels} labels, the task {num_labels}: it was not "
+            "fine-tuned on this task."
+        )
+    return teacher.eval()
+
+
+def init_from_teacher(model_args: ModelArguments, teacher, model_path: str) -> bool:
+    """Whether the student starts from the teacher's weights (`--init_from_teacher`, default: same model type)."""
+    if model_args.init_from_teacher is not None:
+        return model_args.init_from_teacher
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path).model_type == teacher.config.model_type
+
+
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, StoMPPArguments, TrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, StoMPPArguments, DistillationArguments, TrainingArguments)
+    )
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(os.path.abspath(argv[0]))
@@ -184,7 +258,7 @@ def preprocess(raw: DatasetDict, task: str, tokenizer, max_seq_length: int) -> D
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data, stompp_args, training_args = parse_args(argv)
+    model_args, data, stompp_args, distill_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
     task = data.task_name
@@ -204,6 +278,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     num_labels = TASKS[task][2]
     config = stompp_args.config(training_args.seed)
     extra = {"num_hidden_layers": model_args.num_hidden_layers} if model_args.num_hidden_layers else {}
+    teacher = None
+    if model_args.teacher_model_name_or_path:
+        teacher = load_teacher(model_args.teacher_model_name_or_path, num_labels)
+        if init_from_teacher(model_args, teacher, model_path):
+            logger.info(f"Student initialised from the teacher {model_args.teacher_model_name_or_path}")
+            model_path = model_args.teacher_model_name_or_path
+            extra = {}  # the teacher's own depth
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path,
         num_labels=num_labels,
@@ -232,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compute_metrics=compute_metrics,
         callbacks=callbacks,
         eval_binarized=stompp_args.eval_binarized,
+        teacher=teacher,
+        distillation=distill_args.config() if teacher is not None else None,
     )
 
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

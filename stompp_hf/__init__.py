@@ -51,6 +51,8 @@ _LAZY: dict[str, str] = {
     "summary": "stompp_hf.sizes",
     "StoMPPCallback": "stompp_hf.integrations.transformers.callback",
     "StoMPPArguments": "stompp_hf.integrations.transformers.arguments",
+    "DistillationConfig": "stompp_hf.integrations.transformers.distillation",
+    "DistillationTrainer": "stompp_hf.integrations.transformers.distillation",
 }
 
 #: Modules that moved in 0.2 and forward with a DeprecationWarning for one release (`stompp_hf._deprecation`).
@@ -72,6 +74,8 @@ __all__ = [
     "Binarizer",
     "BinaryConv2d",
     "BinaryLinear",
+    "DistillationConfig",
+    "DistillationTrainer",
     "ModelPolicy",
     "ModelSummary",
     "ProgressionController",
@@ -108,6 +112,7 @@ if TYPE_CHECKING:
     from .export import pack_model, packed_state_dict, set_kernel, set_unpack_cache
     from .integrations.transformers.arguments import StoMPPArguments
     from .integrations.transformers.callback import StoMPPCallback
+    from .integrations.transformers.distillation import DistillationConfig, DistillationTrainer
     from .nn import Binarizer, BinaryConv2d, BinaryLinear, StoMPPConv2d, StoMPPLinear, register_module
     from .progression import ProgressionController, binarized, find_config
     from .sizes import ModelSummary, summary

@@ -168,9 +168,37 @@ def test_recipe_regression_and_mnli(tmp_path, tiny_model_dir):
     assert "eval_accuracy" in results and "eval_mismatched_accuracy" in results
 
 
+@pytest.mark.parametrize("task", ["rte", "stsb"])
+def test_two_phase_distillation_on_local_files(tmp_path, tiny_model_dir, task):
+    """Phase 1 fine-tunes the full-precision teacher; phase 2 initialises the StoMPP student from it and distils."""
+    head = ["--ignore_mismatched_sizes", "true"] if task == "stsb" else []
+    (tmp_path / "fp").mkdir()
+    (tmp_path / "kd").mkdir()
+    teacher, _ = _run(tmp_path / "fp", tiny_model_dir, task, "--binarize", "false", *head)
+    out, results = _run(
+        tmp_path / "kd",
+        tiny_model_dir,
+        task,
+        "--teacher_model_name_or_path",
+        teacher,
+        "--kd_hidden_weight",
+        "0.5",
+        "--progression_fraction",
+        "1.0",
+    )
+    assert json.load(open(os.path.join(out, "config.json")))["quantization_config"]["packed"] is True
+    history = json.load(open(os.path.join(out, "trainer_state.json")))["log_history"]
+    logged = {k for e in history for k in e}
+    assert {"distill/logit", "distill/hidden"} <= logged
+    metric = "eval_pearson" if task == "stsb" else "eval_accuracy"
+    assert metric in results
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:  # the teacher is not in the export
+        assert not any("teacher" in k for k in f.keys())
+
+
 def test_presets_parse():
     demo = glue.parse_args([os.path.join(RECIPES, "experiments", "glue", "demo.json")])
-    model_args, data, stompp_args, training = demo
+    model_args, data, stompp_args, distill, training = demo
     assert model_args.model_name_or_path is None and data.task_name == "sst2" and glue._uses_embedded(data)
     assert stompp_args.binarize and stompp_args.config(0).weights == "stompp_ste"
     assert training.output_dir == "outputs/demo"
@@ -180,3 +208,5 @@ def test_presets_parse():
     assert configs["fp.json"] is None
     assert configs["stompp_bwn.json"].activations is None
     assert configs["ste_w1a1.json"].weights == "ste"
+    kd = glue.parse_args([os.path.join(RECIPES, "experiments", "glue", "stompp_ste_w1a1_kd.json")])
+    assert kd[0].teacher_model_name_or_path == "outputs/glue/fp-seed{seed}" and kd[3].config().logit_weight == 1.0

@@ -1,5 +1,6 @@
 """Transformers integration: the `HfQuantizer` for `quant_method="stompp"`, `StoMPPCallback`, model cards and Hub
-uploads, the Transformers model policy and the `HfArgumentParser` options generated from `StoMPPConfig`.
+uploads, the Transformers model policy, the `HfArgumentParser` options generated from `StoMPPConfig`, and
+`DistillationTrainer` (knowledge distillation from a full-precision teacher).
 
 Importing this package imports no Transformers code; its submodules do (the quantizer is imported, and so
 registered, by `import stompp_hf`).
@@ -21,6 +22,9 @@ _LAZY = {
     "is_stompp_model": "hub",
     "TransformersPolicy": "policy",
     "StoMPPArguments": "arguments",
+    "DistillationConfig": "distillation",
+    "DistillationTrainer": "distillation",
+    "distillation_loss": "distillation",
 }
 
 __all__ = ["is_transformers_model", *_LAZY]
