@@ -50,6 +50,12 @@ class StoMPPHfQuantizer(HfQuantizer):
 
     requires_calibration = False
 
+    def __init__(self, quantization_config, **kwargs) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._legacy_layout = False  # the checkpoint stores packed signs as `*.weight_packed`
+        self._legacy_renaming = None  # the load-time renaming of that layout, dropped after loading
+        self._digests: dict[str, str] = {}  # the checksums of the packed signs the checkpoint stored
+
     @property
     def loads_packed(self) -> bool:
         return self.pre_quantized and self.quantization_config.packed
@@ -94,7 +100,7 @@ class StoMPPHfQuantizer(HfQuantizer):
     def update_weight_conversions(self, weight_conversions, model):
         """Rename `<layer>.weight_packed` (the earlier packed layout) to `<layer>.weight` while loading."""
         conversions = super().update_weight_conversions(weight_conversions, model)
-        if getattr(self, "_legacy_layout", False):
+        if self._legacy_layout:
             from transformers.core_model_loading import WeightRenaming
 
             self._legacy_renaming = WeightRenaming(rf"\.{LEGACY_PACKED_KEY}$", ".weight")
@@ -103,12 +109,11 @@ class StoMPPHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
         attach_hub_support(model)
-        renaming = getattr(self, "_legacy_renaming", None)
-        if renaming is not None and getattr(model, "_weight_conversions", None):
+        if self._legacy_renaming is not None and getattr(model, "_weight_conversions", None):
             # `save_pretrained` reverts the load-time conversions: a re-save writes the current layout.
-            model._weight_conversions = [c for c in model._weight_conversions if c is not renaming]
+            model._weight_conversions = [c for c in model._weight_conversions if c is not self._legacy_renaming]
         if self.loads_packed:
-            validate_packed_model(model, getattr(self, "_digests", None), getattr(model, "base_model_prefix", None))
+            validate_packed_model(model, self._digests, getattr(model, "base_model_prefix", None))
         for name, module in model.named_modules():
             if isinstance(module, StoMPPMixin):
                 # An activation scale missing from the checkpoint (loading a full-precision model) was materialized
