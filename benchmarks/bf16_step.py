@@ -21,19 +21,10 @@ import time
 
 import torch
 from common import results_header
-from train_overhead import build
+from train_overhead import build, one_step
 
 SETUPS = [("FP", "fp32"), ("FP", "bf16"), ("StoMPP+STE", "fp32"), ("StoMPP+STE", "bf16")]
-
-
-def step(model, optimizer, controller, inputs, dtype: str) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        loss = model(**inputs).loss
-    loss.backward()
-    optimizer.step()
-    if controller is not None:
-        controller.advance(controller.step + 1)
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def main() -> None:
@@ -51,7 +42,7 @@ def main() -> None:
     for round_ in range(args.warmup + args.steps):
         for key, setup in setups.items():
             start = time.perf_counter()
-            step(*setup, key[1])
+            one_step(*setup, autocast=AUTOCAST[key[1]])
             if round_ >= args.warmup:
                 times[key].append(time.perf_counter() - start)
         print(f"  round {round_ + 1}/{args.warmup + args.steps}", flush=True)

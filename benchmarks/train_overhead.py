@@ -79,10 +79,13 @@ def build(model_name: str, rule: str, batch: int, seq: int):
     return model, optimizer, controller, inputs
 
 
-def one_step(model, optimizer, controller, inputs) -> float:
-    """One optimizer step; returns the seconds spent advancing the masks (the soft refresh)."""
+def one_step(model, optimizer, controller, inputs, autocast: torch.dtype | None = None) -> float:
+    """One optimizer step (the forward under CPU autocast to `autocast` when given, as `Trainer` with
+    `bf16=True, use_cpu=True`); returns the seconds spent advancing the masks (the soft refresh)."""
     optimizer.zero_grad(set_to_none=True)
-    model(**inputs).loss.backward()
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        loss = model(**inputs).loss
+    loss.backward()
     optimizer.step()
     if controller is None:
         return 0.0

@@ -214,6 +214,11 @@ def _key_prefixes(name: str, prefix: str | None) -> list[str]:
     return candidates
 
 
+def _find_key(keys: Iterable[str], name: str, prefix: str | None, suffix: str) -> str | None:
+    """The key of `name.suffix` among `keys`, allowing for a base-model prefix added or stripped; None if absent."""
+    return next((p + suffix for p in _key_prefixes(name, prefix) if p + suffix in keys), None)
+
+
 def _packed_key(index: Mapping[str, TensorInfo], name: str, prefix: str | None) -> tuple[str, bool] | None:
     """`(key prefix, legacy layout)` of layer `name` when the checkpoint packed it, else None."""
     for p in _key_prefixes(name, prefix):
@@ -271,7 +276,7 @@ def _check_layers_present(model, config, index, packed, prefix) -> None:
     for name, _ in select_modules(model, config):
         if name in packed:
             continue
-        key = next((p + "weight" for p in _key_prefixes(name, prefix) if p + "weight" in index), None)
+        key = _find_key(index, name, prefix, "weight")
         dtype = index[key].dtype if key is not None else None
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise ValueError(
@@ -375,7 +380,7 @@ def validate_packed_model(
         if not isinstance(module, BinaryMixin):
             continue
         if digests and module.binary_weights and module.weight.device.type != "meta":
-            key = next((p + "weight" for p in _key_prefixes(name, base_model_prefix) if p + "weight" in digests), None)
+            key = _find_key(digests, name, base_model_prefix, "weight")
             if key is not None and _digest(module.weight) != digests[key]:
                 raise ValueError(
                     f"Packed checkpoint tensor `{key}` does not match the checksum stored with it: the file is "

@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .config import StoMPPConfig
 from .conversion import stompp_modules
 from .core.dtensor import is_sharded
-from .core.masks import CONTINUOUS, FROZEN, TRANSITIONING, UNSIZED, make_generator
+from .core.masks import TRANSITIONING, make_generator, mask_code
 from .core.schedules import get_schedule, stage_progress
 from .nn import Binarizer, StoMPPModule
 from .nn.binarizer import LoadedMask
@@ -375,11 +375,9 @@ def _same_mask(model: nn.Module, key: str, code: int, mask: torch.Tensor | None)
     name, _, kind = key.rpartition(".")
     binarizer = next(b for b in model.get_submodule(name).binarizers() if b.kind == kind)
     current = binarizer.mask
-    if current is None:
-        return code == UNSIZED
-    if current.is_transitioning:
-        return code == TRANSITIONING and mask is not None and bool(torch.equal(current.value.cpu(), mask.cpu()))
-    return code == (FROZEN if current.value else CONTINUOUS)
+    if code != mask_code(current):
+        return False
+    return code != TRANSITIONING or (mask is not None and bool(torch.equal(current.value.cpu(), mask.cpu())))
 
 
 def commit(model: nn.Module) -> nn.Module:

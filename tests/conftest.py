@@ -7,6 +7,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 import stompp_hf  # noqa: F401  (registers the quantizer)
+from stompp_hf.kernels import xnor
 
 from .testing_utils import build_sealed_library, needs_cc, tiny_bert_config
 
@@ -27,3 +28,13 @@ def sealed_library(tmp_path_factory) -> bytes:
     if needs_cc.args[0]:
         pytest.skip("no C compiler")
     return build_sealed_library(tmp_path_factory.mktemp("built"))
+
+
+@pytest.fixture
+def fresh_kernel_state(monkeypatch):
+    """Drop the loaded kernel for one test, and restore the real one (via a fresh load) afterwards."""
+    xnor._reset_for_tests()
+    yield monkeypatch
+    monkeypatch.undo()
+    xnor._reset_for_tests()
+    assert xnor.is_available()

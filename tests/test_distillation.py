@@ -15,18 +15,20 @@ import os
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import BertForSequenceClassification, Trainer, TrainerCallback
 
 from stompp_hf import StoMPPCallback, StoMPPConfig, stompp_modules
 from stompp_hf.core.distillation import attention_mse, hidden_mse, layer_map, logit_kd
 from stompp_hf.distillation import DistillationConfig, DistillationTrainer, distillation_loss
 
 from .testing_utils import eval_ids, tiny_bert_config, toy_dataset
+from .testing_utils import training_args as shared_training_args
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -170,18 +172,8 @@ def bert(seed: int, **overrides) -> BertForSequenceClassification:
     return BertForSequenceClassification(tiny_bert_config(**NO_DROPOUT, **overrides))
 
 
-def training_args(out, **kwargs) -> TrainingArguments:
-    defaults = dict(
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        save_strategy="no",
-    )
-    return TrainingArguments(str(out), **{**defaults, **kwargs})
+#: The shared tiny-run arguments, without checkpoints unless a test asks for them.
+training_args = partial(shared_training_args, save_strategy="no")
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

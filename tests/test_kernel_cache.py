@@ -14,31 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from stompp_hf.core.packing import pack_signs, unpack_signs
+from stompp_hf.core.packing import pack_signs
 from stompp_hf.kernels import build, xnor
 
-from .testing_utils import kernel_path, loaded_from, needs_cc, plant, run_check
+from .testing_utils import kernel_path, loaded_from, needs_cc, plant, reference, run_check
 
 needs_kernel = pytest.mark.skipif(not xnor.is_available(), reason="XNOR kernel unavailable here")
-
-
-def reference(x, weight_packed, in_features, out_scale=None, bias=None):
-    y = F.linear(torch.where(x >= 0, 1.0, -1.0), unpack_signs(weight_packed, in_features).float() * 2 - 1)
-    if out_scale is not None:
-        y = y * out_scale
-    return y if bias is None else y + bias
-
-
-@pytest.fixture
-def fresh_kernel_state(monkeypatch):
-    """Drop the loaded kernel for one test, and restore the real one (via a fresh load) afterwards."""
-    xnor._reset_for_tests()
-    yield monkeypatch
-    monkeypatch.undo()
-    xnor._reset_for_tests()
-    assert xnor.is_available()
 
 
 @needs_cc

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from stompp_hf.core.packing import pack_signs, unpack_signs
+from stompp_hf.core.packing import pack_signs
 from stompp_hf.export import set_kernel
 from stompp_hf.kernels import build, cpu, xnor
 from stompp_hf.nn import BinaryLinear
+
+from .testing_utils import reference
 
 needs_kernel = pytest.mark.skipif(
     not xnor.is_available(), reason="XNOR kernel unavailable here (no working C compiler to build it)"
@@ -31,17 +32,6 @@ needs_kernel = pytest.mark.skipif(
 KS = (1, 7, 8, 9, 63, 64, 65, 100, 384, 1536)
 NS = (1, 3, 64, 384)
 MS = (1, 2, 5, 128)
-
-
-def reference(x, weight_packed, in_features, out_scale=None, bias=None):
-    sx = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-    sw = unpack_signs(weight_packed, in_features).to(x.dtype) * 2 - 1
-    y = F.linear(sx, sw)
-    if out_scale is not None:
-        y = y * out_scale
-    if bias is not None:
-        y = y + bias
-    return y
 
 
 def make_input(shape, gen):
@@ -271,16 +261,6 @@ def test_input_validation():
         xnor.xnor_linear(x.clone().requires_grad_(), weight_packed, 40)
     with pytest.raises(ValueError, match="inference-only"):
         xnor.xnor_linear(x, weight_packed, 40, out_scale.clone().requires_grad_())
-
-
-@pytest.fixture
-def fresh_kernel_state(monkeypatch):
-    """Drop the loaded kernel for one test, and restore the real one (via a fresh load) afterwards."""
-    xnor._reset_for_tests()
-    yield monkeypatch
-    monkeypatch.undo()
-    xnor._reset_for_tests()
-    assert xnor.is_available()
 
 
 @needs_kernel

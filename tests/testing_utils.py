@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 from transformers import (
@@ -24,6 +25,7 @@ from transformers import (
 )
 
 from stompp_hf import ProgressionController, StoMPPCallback, StoMPPConfig, StoMPPConv2d, StoMPPLinear
+from stompp_hf.core.packing import unpack_signs
 from stompp_hf.kernels import build, xnor
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,11 +122,9 @@ def logits(model, ids):
     return model(input_ids=ids).logits
 
 
-def trainer_for(model, output_dir, callbacks=(), **kwargs):
-    """A `Trainer` on the toy dataset with a `StoMPPCallback` (and `callbacks`); 6 steps unless `max_steps` given."""
-    kwargs.setdefault("max_steps", 6)
-    args = TrainingArguments(
-        str(output_dir),
+def training_args(output_dir, **kwargs) -> TrainingArguments:
+    """`TrainingArguments` for tiny CPU runs: batch 8, lr 1e-3, logging every step, no reporting, seed 0."""
+    defaults = dict(
         per_device_train_batch_size=8,
         learning_rate=1e-3,
         logging_steps=1,
@@ -132,8 +132,14 @@ def trainer_for(model, output_dir, callbacks=(), **kwargs):
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
-        **kwargs,
     )
+    return TrainingArguments(str(output_dir), **{**defaults, **kwargs})
+
+
+def trainer_for(model, output_dir, callbacks=(), **kwargs):
+    """A `Trainer` on the toy dataset with a `StoMPPCallback` (and `callbacks`); 6 steps unless `max_steps` given."""
+    kwargs.setdefault("max_steps", 6)
+    args = training_args(output_dir, **kwargs)
     return Trainer(model=model, args=args, train_dataset=toy_dataset(), callbacks=[StoMPPCallback(), *callbacks])
 
 
@@ -187,6 +193,19 @@ def frozen_training_module(kind, weights, activations, scales):
 
 # ---------------------------------------------------------------------------------------------------------------
 # kernel libraries: planted, truncated and real ones, loaded in a subprocess
+
+
+def reference(x, weight_packed, in_features, out_scale=None, bias=None):
+    """The dense formula the XNOR kernel must match bit for bit: `linear(sign(x), sign(W)) * scale + bias`."""
+    sx = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    sw = unpack_signs(weight_packed, in_features).to(x.dtype) * 2 - 1
+    y = F.linear(sx, sw)
+    if out_scale is not None:
+        y = y * out_scale
+    if bias is not None:
+        y = y + bias
+    return y
+
 
 needs_cc = pytest.mark.skipif(
     not build.compiler() or shutil.which(build.compiler()[0]) is None,

@@ -155,6 +155,15 @@ _FORMAT_VERSION = 1
 _HEADER = 2 + 1 + 1 + 3 * 8  # magic, version, code, step, total_steps, numel
 
 
+def mask_code(mask: MaskState | None) -> int:
+    """The state code of `mask`: `UNSIZED` (None), `CONTINUOUS`, `FROZEN` or `TRANSITIONING`."""
+    if mask is None:
+        return UNSIZED
+    if mask.is_transitioning:
+        return TRANSITIONING
+    return FROZEN if mask.value else CONTINUOUS
+
+
 def encode_mask_state(mask: MaskState | None, step: int = -1, total_steps: int = -1) -> torch.Tensor:
     """A uint8 tensor holding `mask` (its code, and its bits 8 per byte when transitioning) and the progression
     position `(step, total_steps)` it was drawn at (-1 when no controller moved it).
@@ -164,11 +173,7 @@ def encode_mask_state(mask: MaskState | None, step: int = -1, total_steps: int =
     """
     from .packing import pack_signs
 
-    if mask is None:
-        code, numel = UNSIZED, 0
-    else:
-        code = TRANSITIONING if mask.is_transitioning else (FROZEN if mask.value else CONTINUOUS)
-        numel = mask.numel
+    code, numel = mask_code(mask), (mask.numel if mask is not None else 0)
     header = _MAGIC + bytes([_FORMAT_VERSION, code])
     header += b"".join(int(v).to_bytes(8, "little", signed=True) for v in (step, total_steps, numel))
     out = torch.frombuffer(bytearray(header), dtype=torch.uint8)
