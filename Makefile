@@ -25,7 +25,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) recipes/glue.py recipes/experiments/glue/demo.json
+	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py
 
 vision-demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) recipes/vision.py recipes/experiments/vision/demo.json

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -26,21 +27,35 @@ from dataclasses import field
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 from stompp_hf import StoMPPCallback, StoMPPConfig, binarized
+from stompp_hf.conversion import stompp_modules
 from stompp_hf.distillation import DistillationTrainer
 from stompp_hf.export import binarization_progress
 from stompp_hf.integrations.transformers.arguments import stompp_arguments
 from stompp_hf.integrations.transformers.hub import is_stompp_model
-from stompp_hf.progression import recalibrate_batchnorm
+from stompp_hf.progression import (
+    count_stages,
+    recalibrate_batchnorm,
+    stage_length,
+    suggested_refresh_rate,
+)
 
 logger = logging.getLogger("recipes.common")
 
 
 #: The StoMPP defaults of the recipes, where they differ from (or deliberately restate) `StoMPPConfig`'s: they suit
 #: fine-tuning pretrained transformers; `recipes/vision.py` overrides them with the paper's CNN defaults.
-RECIPE_DEFAULTS: dict[str, Any] = {"weights": "stompp_ste", "activations": "stompp_ste", "granularity": "block"}
+#: `activation_clip=1000`: the continuous input path never clips, so a pretrained model keeps its function until its
+#: stage binarizes it (the paper's clip at 1 beta leaves a fine-tuned MiniLM at chance:
+#: `benchmarks/results/continuous_proxy.md`, docs/design.md "The continuous proxy of a pretrained transformer").
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "weights": "stompp_ste",
+    "activations": "stompp_ste",
+    "granularity": "block",
+    "activation_clip": 1000.0,
+}
 
 
 def recipe_fields() -> list[tuple[str, Any, Any]]:
@@ -57,6 +72,18 @@ def recipe_fields() -> list[tuple[str, Any, Any]]:
             ),
         ),
         (
+            "refresh_from_stage",
+            bool,
+            field(
+                default=True,
+                metadata={
+                    "help": "Size the soft-refresh rate from the stage length, r = stage steps / 8 (at least 1), so "
+                    "every mask entry is redrawn about 8 times per stage and follows p(tau); False uses "
+                    "`refresh_rate` as given (the default whenever `refresh_rate` is given explicitly)."
+                },
+            ),
+        ),
+        (
             "eval_binarized",
             bool,
             field(
@@ -65,6 +92,49 @@ def recipe_fields() -> list[tuple[str, Any, Any]]:
             ),
         ),
     ]
+
+
+def parse_recipe_args(parser: HfArgumentParser, argv: list[str]) -> tuple:
+    """`parser`'s dataclasses from `argv`: one JSON file, or command-line flags. A `refresh_rate` given explicitly
+    (flag or JSON key) turns `refresh_from_stage` off unless that is given too: an explicit rate wins."""
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        parsed = parser.parse_json_file(os.path.abspath(argv[0]))
+        with open(argv[0]) as f:
+            given = set(json.load(f))
+    else:
+        parsed = parser.parse_args_into_dataclasses(argv)
+        given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    if "refresh_rate" in given and "refresh_from_stage" not in given:
+        for args in parsed:
+            if hasattr(args, "refresh_from_stage"):
+                args.refresh_from_stage = False
+    return tuple(parsed)
+
+
+def planned_steps(args: TrainingArguments, train_samples: int) -> int:
+    """The optimizer steps `Trainer` will run (as `Trainer` computes them on one process)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(train_samples / (args.per_device_train_batch_size * max(1, args.world_size)))
+    return max(1, math.ceil(args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps)))
+
+
+def size_refresh_rate(
+    config: StoMPPConfig, model: torch.nn.Module, args: TrainingArguments, train_samples: int, fraction: float
+) -> int:
+    """Set `config.refresh_rate` (the config the model trains with) from the stage length of the planned run:
+    r = stage steps / 8, at least 1 (`suggested_refresh_rate`, for the largest tensor), so a transitioning mask is
+    redrawn about 8 times per entry within its stage and follows p(tau) (docs/design.md, "Soft refresh").
+    Returns r."""
+    progression_steps = max(1, int(planned_steps(args, train_samples) * fraction))
+    stage_steps = int(stage_length(progression_steps, count_stages(model), config.order))
+    sizes = [b.mask.numel for m in stompp_modules(model).values() for b in m.binarizers() if b.mask is not None]
+    config.refresh_rate = suggested_refresh_rate(max(1, stage_steps), max(sizes, default=1))
+    logger.info(
+        f"StoMPP: refresh rate r = {config.refresh_rate} (sized from {stage_steps} steps per stage; "
+        "`--refresh_rate` to set it)"
+    )
+    return config.refresh_rate
 
 
 def _config(self, seed: int) -> StoMPPConfig | None:
@@ -170,12 +240,11 @@ def _is_bn_statistic(model, key: str) -> bool:
 
 
 class StageProgressCallback(TrainerCallback):
-    """Log `stompp/stage_frozen_fraction`: the frozen fraction of the stage now transitioning (its weights; an
-    activation stage's activation).
+    """Record `stompp/stage_frozen_fraction` (the frozen fraction of the stage now transitioning, which
+    `StoMPPCallback` logs to every tracker) after every optimizer step, for the curves.
 
-    `StoMPPCallback` logs the average over all tensors, which rises smoothly; this one restarts at 0 at every stage
-    (1.0 once the progression is complete), which shows the stage-by-stage progression as a sawtooth. Add it after
-    the `StoMPPCallback` it reads from.
+    It restarts at 0 at every stage (1.0 once the progression is complete), which shows the stage-by-stage
+    progression as a sawtooth. Add it after the `StoMPPCallback` it reads from.
     """
 
     KEY = "stompp/stage_frozen_fraction"
@@ -187,31 +256,15 @@ class StageProgressCallback(TrainerCallback):
         self.points: list[tuple[int, float]] = []
 
     def value(self) -> float | None:
+        from stompp_hf.integrations.transformers.callback import stage_frozen_fraction
+
         controller = self.stompp_callback.controller
-        if controller is None:
-            return None
-        stage = controller.current_stage
-        if stage >= controller.num_stages:
-            return 1.0
-        tensors = [t for t in controller.tensors if t.stage == stage and t.binarizer.mask is not None]
-        weights = [t for t in tensors if t.binarizer.kind == "weight"]
-        fractions = [t.binarizer.mask.frozen_fraction for t in (weights or tensors)]
-        return sum(fractions) / len(fractions) if fractions else None
+        return None if controller is None else stage_frozen_fraction(controller)
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         value = self.value()
         if value is not None:
             self.points.append((state.global_step, value))
-
-    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
-        if logs is None or "loss" not in logs:
-            return
-        value = self.value()
-        if value is None:
-            return
-        logs[self.KEY] = value
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1][self.KEY] = value
 
 
 def rank_checkpoints_by_binarized(args: TrainingArguments, metric: str, config: StoMPPConfig | None) -> None:

@@ -33,7 +33,6 @@ import gzip
 import importlib.util
 import json
 import logging
-import math
 import os
 import struct
 import sys
@@ -46,9 +45,11 @@ import torch
 import torch.nn.functional as F
 from stompp_hf_recipes.common import (
     BinarizedEvalTrainer,
+    parse_recipe_args,
     plot_curves,
     rank_checkpoints_by_binarized,
     recipe_stompp_arguments,
+    size_refresh_rate,
     stompp_callbacks,
 )
 from torch import nn
@@ -58,14 +59,12 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 import stompp_hf
 import stompp_hf.integrations.timm.io as timm_io  # registers birealnet18 / 34 and cifar_resnet* with timm
 from stompp_hf import StoMPPConfig
-from stompp_hf.conversion import stompp_modules
 from stompp_hf.export import binarization_progress
 from stompp_hf.integrations.timm import cifar_resnet
 from stompp_hf.integrations.timm import policy as timm_policy
 from stompp_hf.integrations.timm.cifar_resnet import CifarResNet
 from stompp_hf.integrations.transformers.arguments import none_str
 from stompp_hf.integrations.transformers.hub import model_card
-from stompp_hf.progression import count_stages, stage_length, suggested_refresh_rate
 
 logger = logging.getLogger("recipes.vision")
 
@@ -218,6 +217,7 @@ VisionStoMPPArguments = recipe_stompp_arguments(
         "granularity": None,
         "weight_scale": "none",
         "activation_scale": "none",
+        "activation_clip": 1.0,
         "progression_fraction": 1.0,
     },
     doc="The recipes' StoMPP options with the paper's CNN defaults: rule 'stompp' for weights and activations, the "
@@ -234,18 +234,6 @@ VisionStoMPPArguments = recipe_stompp_arguments(
                 metadata={
                     "help": "Recompute BatchNorm statistics on this many training batches before every evaluation "
                     "(of the network as trained and of the binarized one); 0 disables."
-                },
-            ),
-        ),
-        (
-            "refresh_from_stage",
-            bool,
-            field(
-                default=True,
-                metadata={
-                    "help": "Size the soft-refresh rate from the stage length, r = stage steps / 8 (at least 1), so "
-                    "every mask entry is redrawn about 8 times per stage and follows p(tau); False uses "
-                    "`refresh_rate` as given (the default whenever `refresh_rate` is given explicitly)."
                 },
             ),
         ),
@@ -274,16 +262,7 @@ class VisionTrainingArguments(TrainingArguments):
 def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, VisionStoMPPArguments, VisionTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        parsed = parser.parse_json_file(os.path.abspath(argv[0]))
-        with open(argv[0]) as f:
-            given = set(json.load(f))
-    else:
-        parsed = parser.parse_args_into_dataclasses(argv)
-        given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-    if "refresh_rate" in given and "refresh_from_stage" not in given:
-        parsed[2].refresh_from_stage = False  # an explicit refresh rate wins over the stage-length rule
-    return parsed
+    return parse_recipe_args(parser, argv)
 
 
 # --------------------------------------------------------------------------------------------------- raw data
@@ -709,22 +688,6 @@ def _accepts_zero_init_last(model_name: str) -> bool:
         return False
 
 
-def planned_steps(args: TrainingArguments, train_samples: int) -> int:
-    """The optimizer steps `Trainer` will run (as `Trainer` computes them on one process)."""
-    if args.max_steps > 0:
-        return args.max_steps
-    batches = math.ceil(train_samples / (args.per_device_train_batch_size * max(1, args.world_size)))
-    return max(1, math.ceil(args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps)))
-
-
-def stage_refresh_rate(config: StoMPPConfig, model: nn.Module, progression_steps: int) -> int:
-    """The soft-refresh rate sized from the stage length: r = stage steps / 8, at least 1 (`suggested_refresh_rate`,
-    for the largest tensor), so a transitioning mask is redrawn about 8 times per entry within its stage."""
-    stage_steps = int(stage_length(progression_steps, count_stages(model), config.order))
-    largest = max(b.mask.numel for m in stompp_modules(model).values() for b in m.binarizers() if b.mask is not None)
-    return suggested_refresh_rate(max(1, stage_steps), largest)
-
-
 def verify_reload(model: nn.Module, output_dir: str, batch: torch.Tensor) -> bool:
     """Reload `output_dir` with `stompp_hf.integrations.timm.io.from_pretrained`; True when its eval logits equal
     `model`'s."""
@@ -840,11 +803,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stompp_hf.prepare_model(timm_model, config)
         config = timm_model.stompp_config  # with the model's defaults resolved (stages, activation sites)
         if stompp_args.refresh_from_stage:
-            steps = planned_steps(training_args, len(images.train))
-            config.refresh_rate = stage_refresh_rate(
-                config, timm_model, max(1, int(steps * stompp_args.progression_fraction))
-            )
-            logger.info(f"StoMPP: refresh rate r = {config.refresh_rate} (sized from the stage length)")
+            size_refresh_rate(config, timm_model, training_args, len(images.train), stompp_args.progression_fraction)
     model = ImageClassifier(timm_model)
 
     callbacks, stage_callback = stompp_callbacks(config, stompp_args.progression_fraction)
@@ -916,7 +875,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             model_card(
                 timm_model,
-                model_name=os.path.basename(os.path.normpath(output_dir)),
+                training_args.hub_model_id or output_dir,
                 base_model=pretrained_id,
                 task="image-classification",
                 dataset=images.hub_dataset,
@@ -928,7 +887,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     training_args,
                     stompp_args.progression_fraction,
                     create_kwargs,
-                    bool(timm_model.pretrained_cfg.get("cifar_stem")),
+                    bool(getattr(timm_model, "stompp_cifar_stem", False)),
                 ),
             ).save(os.path.join(output_dir, "README.md"))
         print(json.dumps({k: v for k, v in results.items() if "per_second" not in k}, indent=2))

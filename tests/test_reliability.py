@@ -90,8 +90,22 @@ def test_torch_compile_traces_a_training_step():
         torch.testing.assert_close(grads_c[name], grads[name], msg=name)
 
 
-def test_bf16_mixed_precision_on_cpu_trains_and_exports(tiny_bert_dir, tmp_path):
-    model = BertForSequenceClassification.from_pretrained(tiny_bert_dir, quantization_config=StoMPPConfig())
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {},  # StoMPP weights and inputs
+        {"weights": "stompp_ste", "activations": "stompp_ste"},
+        {"weights": "ste", "activations": "ste"},
+        {"weights": "stompp", "activations": None},  # a BWN
+        {"weights": "stompp_ste", "activations": "stompp_ste", "compensation": "surge"},
+        {"weights": "ste", "activations": "ste", "activation_scale": "none"},  # the raw setting
+    ],
+    ids=["stompp", "stompp_ste", "ste", "bwn", "surge", "ste_raw"],
+)
+def test_bf16_mixed_precision_on_cpu_trains_and_exports(tiny_bert_dir, tmp_path, rules):
+    """`bf16=True` on CPU (autocast) trains every rule to the end and exports a packed model whose reload gives
+    bit-identical logits."""
+    model = BertForSequenceClassification.from_pretrained(tiny_bert_dir, quantization_config=StoMPPConfig(**rules))
     trainer = trainer_for(model, tmp_path / "run", bf16=True)
     trainer.train()
     assert all(m.fully_frozen for m in stompp_modules(model).values())

@@ -53,6 +53,23 @@ def test_hand_computed_gradients():
     assert layer.bias.grad.item() == 1.0
 
 
+def test_auxiliary_branch_runs_under_the_forward_autocast():
+    """Under CPU bf16 autocast a layer's input is bfloat16 (the previous layer's output) while the auxiliary weight
+    is float32. The auxiliary forward runs in the backward pass, where autocast is off, so it must re-enter the
+    forward's autocast state: the hand-computed case of `test_hand_computed_gradients`, in bfloat16."""
+    layer = linear_layer("surge").train()
+    x = torch.tensor(X, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.item() == 2.25
+    out.float().sum().backward()
+    lam = 0.5 * 1.0 / (math.sqrt(0.13) + SURGE_EPS)
+    torch.testing.assert_close(layer.surge_lambda, torch.tensor(lam), rtol=1e-2, atol=0)
+    assert x.grad.dtype == torch.bfloat16 and layer.surge_weight.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad.float(), torch.tensor([[1 + lam * 0.3, -0.2 * lam]]), rtol=1e-2, atol=0)
+    torch.testing.assert_close(layer.surge_weight.grad, torch.tensor([[0.5 * lam, -2.0 * lam]]), rtol=1e-2, atol=0)
+
+
 def test_input_gradient_is_ste_plus_scaled_auxiliary_gradient():
     """On random data: dx(SURGE) = dx(STE) + lam * dx(auxiliary branch alone), lam by the formula, eta scaling."""
     torch.manual_seed(0)

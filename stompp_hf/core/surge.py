@@ -18,13 +18,20 @@ class SurgeLink:
     `on_scale(lam)` receives the lambda of every backward (the layer records it for logging).
     """
 
-    __slots__ = ("aux_fn", "eta", "on_scale", "grad_output")
+    __slots__ = ("aux_fn", "eta", "on_scale", "grad_output", "autocast")
 
-    def __init__(self, aux_fn, eta: float, on_scale=None) -> None:
+    def __init__(self, aux_fn, eta: float, on_scale=None, device_type: str = "cpu") -> None:
         self.aux_fn = aux_fn
         self.eta = eta
         self.on_scale = on_scale
         self.grad_output: torch.Tensor | None = None
+        # The forward's autocast state: the auxiliary forward runs in the backward pass, where autocast is off, and
+        # must see the dtypes the forward saw (as `torch.utils.checkpoint` does for its recomputation).
+        self.autocast = (
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
 
     def capture(self, grad: torch.Tensor) -> None:
         self.grad_output = grad
@@ -48,10 +55,12 @@ class _SurgeFork(torch.autograd.Function):
         grad_output, link.grad_output = link.grad_output, None
         if grad_output is None:  # the layer's output took no part in the loss
             return grad_b, None, None
-        with torch.enable_grad():
+        device_type, autocast, dtype = link.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
             x_a = x.detach().requires_grad_(True)
             w_a = aux_weight.detach().requires_grad_(True)
-            grad_x_a, grad_w_a = torch.autograd.grad(link.aux_fn(x_a, w_a), (x_a, w_a), grad_output)
+            out_a = link.aux_fn(x_a, w_a)
+            grad_x_a, grad_w_a = torch.autograd.grad(out_a, (x_a, w_a), grad_output.to(out_a.dtype))
         lam = link.eta * grad_b.float().norm() / (grad_x_a.float().norm() + SURGE_EPS)
         if link.on_scale is not None:
             link.on_scale(lam.detach())
@@ -71,10 +80,11 @@ def surge(x: torch.Tensor, aux_weight: torch.Tensor, binary_fn, aux_fn, eta: flo
     `lam = eta * ||g_b||_2 / (||g_a||_2 + 1e-8)` (the adaptive gradient scaler, per call). This is the gradient of
     `f_b + lam * f_a - stop_grad(lam * f_a)` with lam a constant, which is SURGE's formulation.
 
-    The auxiliary forward runs inside the backward pass: nothing extra is kept in memory between the two passes
-    except a reference to `x` (which the binary branch keeps anyway).
+    The auxiliary forward runs inside the backward pass, under the forward's autocast state (bf16 mixed precision
+    included): nothing extra is kept in memory between the two passes except a reference to `x` (which the binary
+    branch keeps anyway).
     """
-    link = SurgeLink(aux_fn, eta, on_scale)
+    link = SurgeLink(aux_fn, eta, on_scale, x.device.type)
     out = binary_fn(_SurgeFork.apply(x, aux_weight, link))
     if out.requires_grad:
         out.register_hook(link.capture)
