@@ -2,8 +2,8 @@
 
 * `BinarizedEvalTrainer`: a `Trainer` whose evaluation also reports the fully binarized network
   (`eval_binarized_*`, the paper's "quantized network" curve) for StoMPP models.
-* `StageProgressCallback`: logs the frozen fraction of the stage that is transitioning (`stompp/stage_frozen_fraction`,
-  a sawtooth that restarts at every stage) next to `StoMPPCallback`'s averages.
+* `StageProgressCallback`: records the frozen fraction of the stage that is transitioning at every step, the sawtooth
+  of `curves.png` (`StoMPPCallback` logs it as `stompp/stage_frozen_fraction` at logging steps).
 * `plot_curves`: `curves.png` from a `Trainer` log history.
 * `StoMPPArguments` / `recipe_stompp_arguments` / `stompp_callbacks`: the StoMPP command-line options of the recipes
   (generated from `StoMPPConfig` by `stompp_hf.integrations.transformers.arguments.stompp_arguments`, each recipe

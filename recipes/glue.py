@@ -37,8 +37,10 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from stompp_hf_recipes.common import (
     BinarizedEvalTrainer,
     StoMPPArguments,
+    parse_recipe_args,
     plot_curves,
     rank_checkpoints_by_binarized,
+    size_refresh_rate,
     stompp_callbacks,
 )
 from transformers import (
@@ -50,10 +52,11 @@ from transformers import (
     set_seed,
 )
 
-from stompp_hf.assets import load_rotten_tomatoes, minilm_path
+from stompp_hf.assets import ROTTEN_TOMATOES_HUB_ID, ROTTEN_TOMATOES_NAME, load_rotten_tomatoes, minilm_path
 from stompp_hf.integrations.transformers.arguments import none_str
 from stompp_hf.integrations.transformers.hub import model_card
 from stompp_hf.metrics import glue_main_metric, load_glue_metric
+from stompp_hf.progression import find_config
 
 logger = logging.getLogger("recipes.glue")
 
@@ -68,6 +71,17 @@ TASKS: dict[str, tuple[str, str | None, int]] = {
     "qnli": ("question", "sentence", 2),
     "rte": ("sentence1", "sentence2", 2),
     "wnli": ("sentence1", "sentence2", 2),
+}
+#: Label names of each classification task, in label order (those of `nyu-mll/glue`); pipelines print them.
+LABEL_NAMES: dict[str, list[str]] = {
+    "cola": ["unacceptable", "acceptable"],
+    "sst2": ["negative", "positive"],
+    "mrpc": ["not_equivalent", "equivalent"],
+    "qqp": ["not_duplicate", "duplicate"],
+    "mnli": ["entailment", "neutral", "contradiction"],
+    "qnli": ["entailment", "not_entailment"],
+    "rte": ["entailment", "not_entailment"],
+    "wnli": ["not_entailment", "entailment"],
 }
 #: Evaluation splits of each task in the GLUE layout.
 EVAL_SPLITS = {"mnli": ["validation_matched", "validation_mismatched"]}
@@ -192,10 +206,7 @@ def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, StoMPPArguments, DistillationArguments, TrainingArguments)
     )
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(argv)
+    return parse_recipe_args(parser, sys.argv[1:] if argv is None else argv)
 
 
 def _uses_embedded(data: DataArguments) -> bool:
@@ -230,6 +241,18 @@ def load_raw_datasets(data: DataArguments) -> DatasetDict:
         train, validation = load_rotten_tomatoes(data.embedded_train_samples, data.embedded_eval_samples)
         return DatasetDict({"train": Dataset.from_list(train), "validation": Dataset.from_list(validation)})
     return load_dataset("nyu-mll/glue", data.task_name)
+
+
+def label_maps(task: str, raw: DatasetDict) -> dict[str, dict]:
+    """`id2label` / `label2id` for the model config: the dataset's own class names when its `label` column is a
+    `ClassLabel` of the task's size, else the GLUE names (none for the regression task stsb)."""
+    if TASKS[task][2] == 1:
+        return {}
+    feature = raw[next(iter(raw))].features.get("label")
+    names = list(getattr(feature, "names", None) or [])
+    if len(names) != TASKS[task][2]:
+        names = LABEL_NAMES[task]
+    return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
 
 
 def eval_split_names(task: str, raw: DatasetDict) -> list[str]:
@@ -290,9 +313,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_labels=num_labels,
         quantization_config=config,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **label_maps(task, raw),
         **extra,
     )
 
+    if config is not None:
+        config = find_config(model)  # the config the model trains with (model defaults resolved)
+        if stompp_args.refresh_from_stage and "train" in datasets:
+            size_refresh_rate(config, model, training_args, len(datasets["train"]), stompp_args.progression_fraction)
     metric = load_glue_metric(task)
     main_metric = glue_main_metric(task)
 
@@ -338,12 +366,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         if config is not None:
             card_metrics = {k: v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)}
+            hub_dataset = data.dataset_name if data.dataset_name and not os.path.isdir(data.dataset_name) else None
             model_card(
                 model,
-                model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+                training_args.hub_model_id or training_args.output_dir,
                 base_model=None if model_args.model_name_or_path else PACKAGED_MODEL_ID,
                 task="text-classification",
-                dataset=EMBEDDED_DATASET if embedded else (data.dataset_name or task),
+                dataset=ROTTEN_TOMATOES_HUB_ID if embedded else hub_dataset,
+                dataset_name=ROTTEN_TOMATOES_NAME if embedded else f"{data.dataset_name or 'local files'} ({task})",
                 metrics={k: v for k, v in card_metrics.items() if not k.endswith(("runtime", "per_second"))},
             ).save(os.path.join(training_args.output_dir, "README.md"))
         print(json.dumps({k: v for k, v in results.items() if "per_second" not in k}, indent=2))

@@ -6,12 +6,15 @@
 
 Each (config, seed) runs `recipes/glue.py` in its own process with `seed` and `output_dir` (suffixed `-seed<N>`)
 overridden; a run whose `all_results.json` exists is reused, so an interrupted table resumes where it stopped.
+`--compare A:B` adds the difference of two rows (the binarized metric, or the metric of a full-precision row) with
+the seed spread of each; a section of the table file starting with `## Reading` is kept when the table is rewritten.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
 from stompp_hf_recipes.common import result_cells, results_header, run_config, write_markdown
 
@@ -22,7 +25,37 @@ def run_one(config_path: str, seed: int, force: bool = False) -> dict:
     return run_config(os.path.join(HERE, "glue.py"), config_path, seed, force)
 
 
-def write_table(rows: list[tuple[str, list[dict]]], path: str, command: str, metric: str) -> str:
+READING = "\n## Reading"
+
+
+def final_metric(results: list[dict], metric: str) -> list[float]:
+    """Per-seed final value: the binarized network's metric, or the metric of a full-precision run."""
+    return [r.get(f"eval_binarized_{metric}", r[f"eval_{metric}"]) for r in results]
+
+
+def comparison_lines(rows: dict[str, list[dict]], pairs: list[str], metric: str) -> list[str]:
+    """One table row per `A:B`: mean of A minus mean of B, each row's half-range, and whether the difference
+    exceeds the sum of the two half-ranges (the seeds' spread)."""
+    lines = [
+        "",
+        "| comparison | difference (points) | half-range A | half-range B | beyond the spread |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for pair in pairs:
+        a, b = pair.split(":")
+        if a not in rows or b not in rows:
+            continue
+        va, vb = (final_metric(rows[name], metric) for name in (a, b))
+        diff = 100 * (statistics.mean(va) - statistics.mean(vb))
+        ha, hb = (100 * (max(v) - min(v)) / 2 for v in (va, vb))
+        beyond = "yes" if abs(diff) > ha + hb else "no"
+        lines.append(f"| {a} - {b} | {diff:+.1f} | {ha:.1f} | {hb:.1f} | {beyond} |")
+    return lines if len(lines) > 3 else []
+
+
+def write_table(
+    rows: list[tuple[str, list[dict]]], path: str, command: str, metric: str, compare: list[str] | None = None
+) -> str:
     lines = [
         *results_header("GLUE results", command),
         f"Metric: `{metric}` in %, mean ± half-range over seeds (each seed a separate run).",
@@ -33,6 +66,12 @@ def write_table(rows: list[tuple[str, list[dict]]], path: str, command: str, met
         "|---|---:|---:|---:|---:|---|---:|",
     ]
     lines += [f"| {name} | {' | '.join(result_cells(results, metric))} |" for name, results in rows]
+    lines += comparison_lines(dict(rows), compare or [], metric)
+    if os.path.isfile(path):  # keep the hand-written reading below the generated table
+        with open(path) as f:
+            text = f.read()
+        if READING in text:
+            lines += ["", text[text.index(READING) + 1 :].rstrip("\n")]
     return write_markdown(path, lines)
 
 
@@ -43,16 +82,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", default="benchmarks/results/glue_sst2.md")
     parser.add_argument("--metric", default="accuracy")
     parser.add_argument("--force", action="store_true", help="Re-run even when results exist.")
+    parser.add_argument(
+        "--compare", nargs="*", default=[], metavar="A:B", help="Rows to compare (experiment names), e.g. x:y."
+    )
     args = parser.parse_args(argv)
     command = "HF_HUB_OFFLINE=1 .venv/bin/python recipes/glue_experiments.py " + " ".join(
         [*args.configs, "--seeds", *map(str, args.seeds), "--table", args.table]
+        + (["--compare", *args.compare] if args.compare else [])
     )
     rows = []
     for config in args.configs:
         name = os.path.splitext(os.path.basename(config))[0]
         rows.append((name, [run_one(config, seed, args.force) for seed in args.seeds]))
-        write_table(rows, args.table, command, args.metric)  # partial table after every experiment
-    print(write_table(rows, args.table, command, args.metric))
+        write_table(rows, args.table, command, args.metric, args.compare)  # partial table after every experiment
+    print(write_table(rows, args.table, command, args.metric, args.compare))
 
 
 if __name__ == "__main__":

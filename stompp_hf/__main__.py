@@ -1,4 +1,5 @@
-"""Command line: `python -m stompp_hf summary <checkpoint dir>` prints the size table of a StoMPP checkpoint."""
+"""Command line (`python -m stompp_hf`, or the `stompp-hf` script): `summary <checkpoint dir>` prints the size table
+of a StoMPP checkpoint; `--version` prints the version."""
 
 from __future__ import annotations
 
@@ -178,10 +179,19 @@ def _load(path: str):
     return model, None
 
 
+def _prog() -> str:
+    """How the user called the command line: the `stompp-hf` script, or `python -m stompp_hf`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("stompp-hf") else "python -m stompp_hf"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (1, with one line on stderr, for a checkpoint that does not
     load)."""
-    parser = argparse.ArgumentParser(prog="python -m stompp_hf", description=__doc__)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=_prog(), description=__doc__)
+    parser.add_argument("--version", action="version", version=f"stompp_hf {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     summary_parser = commands.add_parser("summary", help="Print parameters, bits, bytes and MACs per module group.")
     summary_parser.add_argument(

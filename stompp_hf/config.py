@@ -127,7 +127,8 @@ class StoMPPConfig(QuantizationConfigMixin):
         metadata={
             "help": "Clip bound of the continuous input path and of the STE window, in units of beta (of 1 with "
             "activation_scale='none'): smooth(x) = clamp(x, -c, c) with c = activation_clip * beta. 1.0 is the "
-            "paper's clip(-1, 1); pretrained transformers keep their function only with a wider bound (~3-4). "
+            "paper's clip(-1, 1); a pretrained transformer keeps its function only with a bound that never acts "
+            "(1000, the recipes' choice: docs/design.md, 'The continuous proxy of a pretrained transformer'). "
             "A finite number in [1e-3, 1e3]: a narrower window passes no gradient, a wider one never clips."
         },
     )

@@ -10,10 +10,13 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from stompp_hf_recipes import glue
-from transformers import AutoTokenizer, BertForSequenceClassification
+from stompp_hf_recipes import glue, glue_experiments
+from stompp_hf_recipes.common import size_refresh_rate
+from transformers import AutoTokenizer, BertForSequenceClassification, TrainingArguments
 
+from stompp_hf import StoMPPConfig
 from stompp_hf.assets import minilm_path
+from stompp_hf.progression import count_stages, find_config
 
 from .conftest import tiny_bert_config
 
@@ -196,12 +199,40 @@ def test_two_phase_distillation_on_local_files(tmp_path, tiny_model_dir, task):
         assert not any("teacher" in k for k in f.keys())
 
 
+def test_refresh_rate_is_sized_from_the_stage_length(tmp_path, tiny_model_dir):
+    model = BertForSequenceClassification.from_pretrained(tiny_model_dir, quantization_config=StoMPPConfig())
+    config = find_config(model)
+    stages = count_stages(model)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=160 * stages, report_to="none", use_cpu=True)
+    # 0.5 of 160 * S steps progress: 80 steps per stage, r = 80 / 8
+    assert size_refresh_rate(config, model, args, train_samples=100, fraction=0.5) == 10
+    assert find_config(model).refresh_rate == 10  # the config the controller reads
+
+
+def test_explicit_refresh_rate_wins_over_the_stage_length_rule(tmp_path):
+    base = json.load(open(os.path.join(RECIPES, "experiments", "glue", "stompp_ste_w1a1.json")))
+    for extra, expected in [
+        ({}, True),
+        ({"refresh_rate": 7}, False),
+        ({"refresh_rate": 7, "refresh_from_stage": True}, True),
+    ]:
+        path = tmp_path / "run.json"
+        path.write_text(json.dumps({**base, **extra}))
+        stompp_args = glue.parse_args([str(path)])[2]
+        assert stompp_args.refresh_from_stage is expected
+    stompp_args = glue.parse_args(["--output_dir", str(tmp_path), "--refresh_rate", "7"])[2]
+    assert stompp_args.refresh_from_stage is False and stompp_args.refresh_rate == 7
+
+
 def test_presets_parse():
     demo = glue.parse_args([os.path.join(RECIPES, "experiments", "glue", "demo.json")])
     model_args, data, stompp_args, distill, training = demo
     assert model_args.model_name_or_path is None and data.task_name == "sst2" and glue._uses_embedded(data)
     assert stompp_args.binarize and stompp_args.config(0).weights == "stompp_ste"
     assert training.output_dir == "outputs/demo"
+    assert model_args.teacher_model_name_or_path == "outputs/demo-fp"  # phase 2 of `recipes/demo.py`
+    phase1 = glue.parse_args([os.path.join(RECIPES, "experiments", "glue", "demo_fp.json")])
+    assert phase1[4].output_dir == "outputs/demo-fp" and phase1[2].config(0) is None
     experiments = sorted(glob.glob(os.path.join(RECIPES, "experiments", "glue", "*.json")))
     assert len(experiments) >= 6
     configs = {os.path.basename(p): glue.parse_args([p])[2].config(0) for p in experiments}
@@ -210,3 +241,22 @@ def test_presets_parse():
     assert configs["ste_w1a1.json"].weights == "ste"
     kd = glue.parse_args([os.path.join(RECIPES, "experiments", "glue", "stompp_ste_w1a1_kd.json")])
     assert kd[0].teacher_model_name_or_path == "outputs/glue/fp-seed{seed}" and kd[3].config().logit_weight == 1.0
+
+
+def test_results_table_compares_rows_and_keeps_the_reading(tmp_path):
+    def runs(values, binarized=True):
+        key = "eval_binarized_accuracy" if binarized else "eval_accuracy"
+        return [{"eval_accuracy": v, key: v, "train_steps": 8, "train_runtime": 1.0} for v in values]
+
+    rows = [("fp", runs([0.90, 0.92], binarized=False)), ("a", runs([0.80, 0.82])), ("b", runs([0.70, 0.79]))]
+    path = str(tmp_path / "table.md")
+    with open(path, "w") as f:
+        f.write("# old table\n\n## Reading\n\nhand-written notes\n")
+    text = glue_experiments.write_table(rows, path, "cmd", "accuracy", ["a:b", "fp:a", "a:missing"])
+    # a - b = 81.0 - 74.5 = +6.5 with half-ranges 1.0 and 4.5: beyond the spread; fp - a = +10.0 (1.0, 1.0): beyond
+    assert "| a - b | +6.5 | 1.0 | 4.5 | yes |" in text
+    assert "| fp - a | +10.0 | 1.0 | 1.0 | yes |" in text
+    assert "missing" not in text and "old table" not in text
+    assert text.rstrip().endswith("## Reading\n\nhand-written notes")
+    rows[2] = ("b", runs([0.70, 0.90]))  # a - b = +1.0 within the half-ranges 1.0 + 10.0
+    assert "| a - b | +1.0 | 1.0 | 10.0 | no |" in glue_experiments.write_table(rows, path, "cmd", "accuracy", ["a:b"])

@@ -106,7 +106,8 @@ def test_cifar_stem_forward_backward_and_input_masks():
     cifar_stem(model)
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1) and model.conv1.in_channels == 1
     assert isinstance(model.maxpool, nn.Identity)
-    assert model.pretrained_cfg["cifar_stem"] and model.pretrained_cfg["input_size"] == (1, 32, 32)
+    assert model.stompp_cifar_stem and model.pretrained_cfg["input_size"] == (1, 32, 32)
+    assert "cifar_stem" not in model.pretrained_cfg  # timm's own fields only: timm parses a saved config.json
     prepare_model(model, CNN)
     x = torch.randn(4, 1, 32, 32)
     with warnings.catch_warnings():
@@ -197,7 +198,7 @@ def test_model_card_for_a_timm_model():
     card = str(model_card(model, "user/bnn-resnet18", dataset="fashion_mnist", metrics={"eval_accuracy": 0.9}))
     assert "library_name: timm" in card
     assert "from stompp_hf.integrations.timm import from_pretrained" in card
-    assert 'model = from_pretrained(snapshot_download("user/bnn-resnet18"))' in card
+    assert 'model = from_pretrained("hf-hub:user/bnn-resnet18")' in card
     assert "stompp_hf.vision" not in card  # the load snippet uses no deprecated import path
     assert "AutoModel" not in card
     assert "MACs" in card  # the size table counts the convolutions on a 32x32 example

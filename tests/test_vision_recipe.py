@@ -79,7 +79,7 @@ def test_recipe_end_to_end_on_mnist_5k(tmp_path):
     assert saved["reload_bit_identical"] is True and results["reload_bit_identical"] is True
     # Packed 1-bit in timm's layout, with the model arguments and the CIFAR stem (auto at 16 px).
     config = json.load(open(os.path.join(out, "config.json")))
-    assert config["quantization_config"]["packed"] is True and config["pretrained_cfg"]["cifar_stem"] is True
+    assert config["quantization_config"]["packed"] is True and config["stompp_cifar_stem"] is True
     # binarized timm ResNets are built without zero-initialised last BatchNorms (their convs would get no gradient)
     assert config["model_args"] == {"channels": [8, 8, 8, 8], "in_chans": 1, "zero_init_last": False}
     assert config["pretrained_cfg"]["input_size"] == [1, 16, 16] and len(config["pretrained_cfg"]["mean"]) == 1

@@ -1,5 +1,5 @@
-"""Adapters at the edge: Transformers (quantizer, callback, Hub cards), timm (policy, save / load, Bi-Real Net) and
-peft (LoRA on packed layers).
+"""Adapters at the edge: Transformers (quantizer, callback, Hub cards), timm (policy, save / load, Bi-Real Net),
+peft (LoRA on packed layers) and sentence-transformers (its model cards).
 
 Importing this package only registers the model-family policies with `stompp_hf.conversion`: each registration is
 a cheap duck-typed test plus a loader, so no framework is imported until a model of its family is converted.

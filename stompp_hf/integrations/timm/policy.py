@@ -278,8 +278,9 @@ def cifar_stem(model: nn.Module) -> nn.Module:
     """Adapt a timm model to 28-32 px images in place: a 3x3 stride-1 first conv and no stem max-pool.
 
     The first conv (`pretrained_cfg["first_conv"]`) keeps its channels; a max-pool executed between it and the
-    next convolution (the stem pool) becomes `nn.Identity`. `pretrained_cfg["input_size"]` becomes 32x32.
-    Returns the model.
+    next convolution (the stem pool) becomes `nn.Identity`. `pretrained_cfg["input_size"]` becomes 32x32, and
+    `model.stompp_cifar_stem` is set (saved by `save_pretrained` next to `pretrained_cfg`, which keeps timm's
+    fields only, so timm's own loaders can read it). Returns the model.
     """
     name = _first_conv(model)
     old = model.get_submodule(name)
@@ -294,5 +295,6 @@ def cifar_stem(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.MaxPool2d):
             model.set_submodule(pool_name, nn.Identity())
             break
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (old.in_channels, 32, 32), "cifar_stem": True}
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (old.in_channels, 32, 32)}
+    model.stompp_cifar_stem = True
     return model

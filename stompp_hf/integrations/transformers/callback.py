@@ -1,8 +1,16 @@
 """`StoMPPCallback`: drives StoMPP progression from a Transformers `Trainer` (docs/design.md, "Training with
-Trainer")."""
+Trainer").
+
+Progress reaches every tracker (`report_to`: TensorBoard, wandb, MLflow, ...) through the Trainer's own logs:
+`Trainer` calls its reporting callbacks before the callbacks a user passes, so values a user callback adds in
+`on_log` would reach none of them. `Trainer.log` is therefore wrapped once a `StoMPPCallback` exists
+(`wrap_trainer_log`): for a Trainer with a `StoMPPCallback`, the `stompp/*` values join the training logs before any
+callback sees them (and before `log_history` records them). Other Trainers are untouched.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -41,9 +49,9 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         self.progression_fraction = progression_fraction
         # `trainer.push_to_hub()` then writes the StoMPP card (Trainer is loaded anyway when a callback is used)
         wrap_trainer_model_card()
+        wrap_trainer_log()
         self.controller: ProgressionController | None = None
         self.step = 0
-        self._tb_writer = None
         self._model = None
         self._models: list[torch.nn.Module] = []
 
@@ -60,6 +68,10 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         if model is None:
             raise ValueError("StoMPPCallback needs the model; it is passed by `Trainer`.")
         model = getattr(model, "module", model)  # unwrap DDP
+        if hasattr(model, "model_card_data"):  # a sentence-transformers model: its saved card must load it
+            from ..sentence_transformers import use_stompp_model_card
+
+            use_stompp_model_card(model)
         # Checkpoints written while training keep latent weights (resumable); `save_model` after training packs.
         self._models = _save_targets(model)
         for target in self._models:
@@ -137,27 +149,35 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         self.controller.advance(state.global_step)
         self.step = state.global_step
 
+    def progress(self) -> dict[str, float]:
+        """What is logged at every training log: `stompp/stage`, `stompp/num_stages`, the mean frozen fractions of
+        all weights and inputs (`stompp/weight_frozen_fraction`, `stompp/input_frozen_fraction`), the frozen
+        fraction of the stage now transitioning (`stompp/stage_frozen_fraction`: 0 to 1 within every stage, a
+        sawtooth over training) and SURGE's mean lambda (`stompp/surge_lambda`, with SURGE)."""
+        values = self.controller.stats()
+        stage = stage_frozen_fraction(self.controller)
+        if stage is not None:
+            values["stompp/stage_frozen_fraction"] = stage
+        return values
+
+    def add_progress(self, logs: dict[str, Any], state: TrainerState) -> None:
+        """Add `progress()` to a training log (one with a `loss`), after checking the latent weights and
+        activation scales are finite; `Trainer.log` calls it before any callback (`wrap_trainer_log`)."""
+        if self.controller is None or "loss" not in logs or "stompp/stage" in logs:
+            return
+        self._check_finite(state.global_step)
+        logs.update(self.progress())
+
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
     ) -> None:
-        if self.controller is None or logs is None or "loss" not in logs:
+        # Reached without the progress only when a Trainer subclass's `log` bypasses `Trainer.log`: add it for the
+        # callbacks after this one and for `log_history` (the reporting callbacks have run already).
+        if logs is None or self.controller is None or "loss" not in logs or "stompp/stage" in logs:
             return
-        self._check_finite(state.global_step)
-        stats = self.controller.stats()
-        logs.update(stats)
+        self.add_progress(logs, state)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(stats)
-        # Reporting callbacks run before user callbacks, so they never see these keys: write them ourselves.
-        if "tensorboard" in (args.report_to or []) and state.is_world_process_zero:
-            if self._tb_writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                # Same folder as Transformers' TensorBoardCallback when TENSORBOARD_LOGGING_DIR is set.
-                log_dir = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs", "stompp")
-                self._tb_writer = SummaryWriter(log_dir=log_dir, filename_suffix=".stompp")
-            for key, value in stats.items():
-                self._tb_writer.add_scalar(f"train/{key}", value, state.global_step)
-            self._tb_writer.flush()
+            state.log_history[-1].update({k: v for k, v in logs.items() if k.startswith("stompp/")})
 
     def _check_finite(self, step: int) -> None:
         """Stop with a clear error once a latent weight or an activation scale is NaN / Inf (a diverged loss, or a
@@ -191,9 +211,6 @@ class StoMPPCallback(TrainerCallback, ExportableState):
         self._check_best_model(args, state)
         if self._model is not None:
             stored_masks(self._model)  # masks `load_best_model_at_end` read are no resume to check later
-        if self._tb_writer is not None:
-            self._tb_writer.close()
-            self._tb_writer = None
 
     def _check_best_model(self, args: TrainingArguments, state: TrainerState) -> None:
         """After `load_best_model_at_end` loaded a checkpoint from mid-progression, say that the model is now that
@@ -230,6 +247,38 @@ class StoMPPCallback(TrainerCallback, ExportableState):
             "args": {"progression_steps": self.progression_steps, "progression_fraction": self.progression_fraction},
             "attributes": attributes,
         }
+
+
+def stage_frozen_fraction(controller: ProgressionController) -> float | None:
+    """The frozen fraction of the stage now transitioning: of its weights, or of its activation for an activation
+    stage; 1.0 once every stage is done, None for a stage with no sized mask."""
+    stage = controller.current_stage
+    if stage >= controller.num_stages:
+        return 1.0
+    tensors = [t for t in controller.tensors if t.stage == stage and t.binarizer.mask is not None]
+    weights = [t for t in tensors if t.binarizer.kind == "weight"]
+    fractions = [t.binarizer.mask.frozen_fraction for t in (weights or tensors)]
+    return sum(fractions) / len(fractions) if fractions else None
+
+
+def wrap_trainer_log() -> None:
+    """Make `Trainer.log` put the progress of the Trainer's `StoMPPCallback`s into its logs before calling any
+    callback, so the reporting callbacks (`report_to`) get it (idempotent; Trainers without one are untouched)."""
+    from transformers import Trainer
+
+    original = Trainer.log
+    if getattr(original, "_stompp_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def log(self, logs, *args, **kwargs):
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, StoMPPCallback):
+                callback.add_progress(logs, self.state)
+        return original(self, logs, *args, **kwargs)
+
+    log._stompp_wrapped = True
+    Trainer.log = log
 
 
 #: Config fields a resume does not compare: written by `save_pretrained`, not training options.

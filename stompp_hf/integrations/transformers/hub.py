@@ -1,7 +1,10 @@
 """Model cards rendered from `model_cards/` and Hub uploads of StoMPP checkpoints.
 
 * `model_card(model, ...)` renders the card: base model, task, dataset, StoMPP settings, the size table of
-  `summary`, evaluation metrics when known, how to load, tags `stompp` / `binarized` / `1-bit`, license.
+  `summary`, evaluation metrics when known, how to load, tags `stompp` / `binarized` / `1-bit`, license. Its title
+  says what the model is (never the output folder's name), its snippet loads the Hub repository or the folder given,
+  `pipeline_tag` comes from the model's head, and the metrics fill `model-index` when a Hub dataset id is known (no
+  `model-index` at all otherwise: the Hub rejects an empty one).
 * `push_to_hub(model, repo_id, ...)` saves the checkpoint (packed once every tensor is frozen) and the card in a
   temporary folder and uploads it. `model.push_to_hub(repo_id)` calls it on StoMPP models loaded through the
   quantizer or `prepare_model` (`attach_hub_support` binds it on the instance).
@@ -26,7 +29,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from ...export import checkpoint_format
@@ -65,18 +68,74 @@ def _base_model(model: nn.Module) -> str | None:
     return name
 
 
+#: Transformers head class suffix -> (its auto class, its Hub pipeline tag or None).
+_HEADS = (
+    ("ForSequenceClassification", "AutoModelForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "AutoModelForMaskedLM", "fill-mask"),
+    ("ForMultipleChoice", "AutoModelForMultipleChoice", None),
+)
+#: Where the loading snippet points when neither a Hub id nor a folder was given.
+PLACEHOLDER_LOCATION = "path/to/checkpoint"
+
+
 def _auto_class(model: nn.Module) -> str:
     name = type(model).__name__
-    for suffix, auto in (
-        ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-        ("ForTokenClassification", "AutoModelForTokenClassification"),
-        ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
-        ("ForMaskedLM", "AutoModelForMaskedLM"),
-        ("ForMultipleChoice", "AutoModelForMultipleChoice"),
-    ):
-        if name.endswith(suffix):
-            return auto
-    return "AutoModel"
+    return next((auto for suffix, auto, _ in _HEADS if name.endswith(suffix)), "AutoModel")
+
+
+def infer_task(model: nn.Module) -> str | None:
+    """The Hub pipeline tag of `model`: from its head class (Transformers), `image-classification` for timm models."""
+    if is_timm_model(model):
+        return "image-classification"
+    name = type(model).__name__
+    return next((task for suffix, _, task in _HEADS if name.endswith(suffix)), None)
+
+
+def _is_hub_id(location: str) -> bool:
+    """A Hub repository id (`name` or `owner/name`), as opposed to a local folder."""
+    return not (os.path.isabs(location) or os.path.exists(location) or location.startswith(".")) and (
+        location.count("/") <= 1
+    )
+
+
+def _precision_short(config) -> str:
+    """`W1A1`, `W1A32` (binary weights only) or `W32A1` (binary activations only)."""
+    return f"W{1 if config.weights is not None else 32}A{1 if config.activations is not None else 32}"
+
+
+def default_title(model: nn.Module, config, base_model: str | None, datasets: list[str]) -> str:
+    """`<base model> StoMPP W1A1 on <dataset>`: what the model is, never the name of the folder it was saved in."""
+    if base_model:
+        base = base_model.split("/")[-1]
+    elif is_timm_model(model):
+        base = model.pretrained_cfg.get("architecture") or type(model).__name__
+    else:
+        base = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    return f"{base} StoMPP {_precision_short(config)}" + (f" on {datasets[0].split('/')[-1]}" if datasets else "")
+
+
+def _eval_results(task: str | None, datasets: list[str], dataset_name: str | None, metrics: dict[str, Any]):
+    """The model-index entries of `metrics` (`{"eval_accuracy": 0.8, ...}`) on the first dataset, or None when the
+    task, the dataset or numeric metrics are missing (the Hub rejects partial entries)."""
+    numeric = {
+        k.removeprefix("eval_"): v
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(("runtime", "per_second"))
+    }
+    if not (task and datasets and numeric):
+        return None
+    return [
+        EvalResult(
+            task_type=task,
+            dataset_type=datasets[0],
+            dataset_name=dataset_name or datasets[0],
+            metric_type=name,
+            metric_value=value,
+        )
+        for name, value in numeric.items()
+    ]
 
 
 def _precision_text(config, vision: bool = False) -> str:
@@ -106,11 +165,12 @@ def _format_metric(value: Any) -> str:
 
 def model_card(
     model: nn.Module,
-    repo_id: str | None = None,
+    repo_id: str | os.PathLike | None = None,
     *,
     base_model: str | None = None,
     task: str | None = None,
     dataset: str | list[str] | None = None,
+    dataset_name: str | None = None,
     metrics: dict[str, Any] | None = None,
     license: str = "apache-2.0",
     model_name: str | None = None,
@@ -121,16 +181,22 @@ def model_card(
     """Render the model card of a StoMPP `model` from the `model_cards/` template.
 
     Args:
-        repo_id: the Hub repository, shown in the loading snippet.
+        repo_id: where the checkpoint lives, which the loading snippet loads: its Hub repository (`owner/name`) or
+            the local folder it is saved in (a placeholder when neither is given).
         base_model: Hub id of the model it was fine-tuned from (default: read from the config when it is one).
-        task / dataset: shown in the text and the metadata.
-        metrics: evaluation results, e.g. `{"eval_accuracy": 0.81}`.
+        task: the Hub pipeline tag (default: inferred from the model's head, e.g. `text-classification`).
+        dataset: Hub dataset id(s), for the metadata and the model-index.
+        dataset_name: how the text names the dataset (default: the ids).
+        metrics: evaluation results, e.g. `{"eval_accuracy": 0.81}`; with a task and a dataset they also fill the
+            card's `model-index`.
+        model_name: the title (default: `<base model> StoMPP W1A1 (<dataset>)`, or the repository's name).
         training_details: Markdown appended as "Training details" (e.g. the `Trainer`'s card body).
         card_data: metadata to start from (e.g. the `Trainer` card's); tags, license and library are added.
         template: a template path instead of `model_cards/stompp_model_card.md`.
     """
     config = find_config(model)
     base_model = base_model or _base_model(model)
+    task = task or infer_task(model)
     datasets = [dataset] if isinstance(dataset, str) else list(dataset or [])
     data = card_data or ModelCardData()
     timm_cfg = model.pretrained_cfg if is_timm_model(model) else None
@@ -141,8 +207,19 @@ def model_card(
         data.base_model = data.base_model or base_model
     if datasets:
         data.datasets = list(dict.fromkeys([*(data.datasets or []), *datasets]))
-    if task and not data.pipeline_tag and task in ("text-classification", "image-classification"):
+    if task and not data.pipeline_tag:
         data.pipeline_tag = task
+
+    location = os.fspath(repo_id) if repo_id is not None else None
+    hub_id = location if location is not None and _is_hub_id(location) else None
+    name = model_name or (hub_id.split("/")[-1] if hub_id else None)
+    name = name or default_title(model, config, base_model, datasets)
+    if not data.eval_results:  # keep the results a Trainer card brought; never write an empty model-index
+        data.eval_results = _eval_results(task, datasets, dataset_name, metrics or {})
+    if data.eval_results:
+        data.model_name = name
+    else:
+        data.eval_results, data.model_name = None, None
 
     packed, reason = checkpoint_format(model)
     packed = packed == "packed"
@@ -153,15 +230,16 @@ def model_card(
         example = example_input(model, size=timm_cfg.get("input_size", (0, 224, 224))[-1])
     table = summary(model, example_inputs=example, print_fn=None)
     settings = {k: v for k, v in config.to_dict().items() if k not in ("quant_method", "packed")}
-    name = model_name or (repo_id.split("/")[-1] if repo_id else type(model).__name__)
+    location = location or PLACEHOLDER_LOCATION
     return ModelCard.from_template(
         data,
         template_path=str(template or template_path()),
         model_name=name,
-        repo_id=repo_id or "<repo_id>",
+        repo_id=location,
+        timm_location=f"hf-hub:{hub_id}" if hub_id else location,
         base_model_text=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "model",
         task=task,
-        dataset_text=", ".join(datasets),
+        dataset_text=dataset_name or ", ".join(datasets),
         precision_text=_precision_text(config, vision=bool(timm_cfg)),
         checkpoint_format="packed 1-bit checkpoint" if packed else "latent (still training) checkpoint",
         format_text=(
@@ -256,6 +334,10 @@ def _last_eval_metrics(log_history: list[dict]) -> dict[str, Any]:
     return {}
 
 
+def _first(value: str | list[str] | None) -> str | None:
+    return value if isinstance(value, str) or value is None else (value[0] if value else None)
+
+
 def wrap_trainer_model_card() -> None:
     """Make `Trainer.create_model_card` write the StoMPP card for StoMPP models (idempotent; imports `Trainer`)."""
     from transformers import Trainer
@@ -272,12 +354,14 @@ def wrap_trainer_model_card() -> None:
             return
         path = os.path.join(self.args.output_dir, "README.md")
         trainer_card = ModelCard.load(path)
-        dataset = trainer_card.data.datasets
+        tasks = kwargs.get("tasks")
         card = model_card(
             model,
-            self.hub_model_id or kwargs.get("model_name"),
+            self.hub_model_id or self.args.output_dir,
             model_name=kwargs.get("model_name"),
-            dataset=dataset,
+            task=(tasks if isinstance(tasks, str) else (tasks or [None])[0]) or None,
+            dataset=trainer_card.data.datasets,
+            dataset_name=_first(kwargs.get("dataset")),
             metrics=_last_eval_metrics(self.state.log_history),
             license=kwargs.get("license") or trainer_card.data.license or "apache-2.0",
             training_details=_training_details(trainer_card.text) or None,

@@ -33,6 +33,7 @@ from ...export import (
 )
 from ...nn import BinaryMixin, StoMPPMixin
 from ...nn.packed import LEGACY_PACKED_KEY
+from ..peft_support import enable_peft_support
 from .hub import attach_hub_support
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ class StoMPPHfQuantizer(HfQuantizer):
             model._weight_conversions = [c for c in model._weight_conversions if c is not self._legacy_renaming]
         if self.loads_packed:
             validate_packed_model(model, self._digests, getattr(model, "base_model_prefix", None))
+            enable_peft_support()
         for name, module in model.named_modules():
             if isinstance(module, StoMPPMixin):
                 # An activation scale missing from the checkpoint (loading a full-precision model) was materialized
