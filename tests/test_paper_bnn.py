@@ -294,3 +294,20 @@ def test_torch_compile_of_the_paper_bnn_matches_eager_without_graph_breaks():
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_packed_activation_passes_the_clipped_ste_gradient_when_tracked():
+    """beta = 0.5, clip 2 -> window |x| <= 1: x = [-3, -1, 0, 0.4, 2] gives values 0.5 * [-1, -1, 1, 1, 1] and the
+    gradient of sum(w * y) with w = [1, 2, 3, 4, 5] is w * 1{|x| <= 1} = [0, 2, 3, 4, 0]; untracked input: no graph."""
+    act = BinaryActivation(input_scale=True, input_clip=2.0)
+    act.input_scale.fill_(0.5)
+    x = torch.tensor([-3.0, -1.0, 0.0, 0.4, 2.0], requires_grad=True)
+    y = act(x)
+    assert torch.equal(y.detach(), torch.tensor([-0.5, -0.5, 0.5, 0.5, 0.5]))
+    (y * torch.arange(1.0, 6.0)).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 3.0, 4.0, 0.0]))
+    assert torch.equal(act(x.detach()), y.detach()) and not act(x.detach()).requires_grad
+    plain = BinaryActivation()  # +-1, window |x| <= 1
+    x = torch.tensor([-1.5, 0.5], requires_grad=True)
+    plain(x).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0]))

@@ -132,9 +132,10 @@ def test_lora_on_packed_convolutions_trains_saves_reloads_and_merges(sites, tmp_
     }
     x = torch.randn(8, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     model.eval()  # BatchNorm statistics stay those of the base: they are not part of the adapter
-    if sites == "input":  # each packed conv binarizes its input with a straight-through gradient: all adapters learn
-        nn.functional.cross_entropy(model(x), torch.arange(8) % 4).backward()
-        assert all(m.lora_B["default"].weight.grad.abs().sum() > 0 for m in adapted)
+    # Packed convs binarize their inputs ("input"), or a packed BinaryActivation does ("activation"), with a
+    # straight-through gradient when autograd tracks the input: every adapter learns in both topologies.
+    nn.functional.cross_entropy(model(x), torch.arange(8) % 4).backward()
+    assert all(m.lora_B["default"].weight.grad.abs().sum() > 0 for m in adapted)
     with torch.no_grad():
         for m in adapted:
             m.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(0))

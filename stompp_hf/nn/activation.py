@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.functional import binary_sign
+from ..core.functional import binary_sign, hard_sign
 from .base import StoMPPModule
 from .binarizer import Binarizer
 
@@ -62,16 +62,26 @@ class StoMPPActivation(StoMPPModule, nn.Module):
 class BinaryActivation(nn.Module):
     """Packed twin of a fully frozen `StoMPPActivation`: `a * sign(x)` (or `sign(x)`), bit-identical to it.
 
-    Buffer `input_scale` (a scalar float32 beta) only with `activation_scale="tensor"`.
+    Buffer `input_scale` (a scalar float32 beta) only with `activation_scale="tensor"`. When autograd tracks `x`
+    (LoRA adapters before it training on a packed base), the same values come with the clipped straight-through
+    gradient `1{|x| <= input_clip * a}`, as the packed layers give their inputs, so gradients reach earlier layers.
     """
 
     #: What it binarizes, in the terms of `BinaryMixin` (an activation is one binarized tensor, the "input").
     binary_weights = False
     binary_inputs = True
 
-    def __init__(self, input_scale: bool = False, replaces: str = "", device: torch.device | str | None = None):
+    def __init__(
+        self,
+        input_scale: bool = False,
+        replaces: str = "",
+        device: torch.device | str | None = None,
+        input_clip: float = 1.0,
+    ):
         super().__init__()
         self.replaces = replaces
+        #: The STE window in units of the scale (`StoMPPConfig.activation_clip`); only gradients use it.
+        self.input_clip = float(input_clip)
         scale = torch.ones((), dtype=torch.float32, device=device) if input_scale else None
         self.register_buffer("input_scale", scale)
 
@@ -79,19 +89,26 @@ class BinaryActivation(nn.Module):
         return f"input_scale={self.input_scale is not None}, replaces={self.replaces!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.input_scale.to(x.dtype) if self.input_scale is not None else 1.0
+        if x.requires_grad and torch.is_grad_enabled():
+            return hard_sign(x, ste=True, scale=scale, bound=scale * self.input_clip)
         sign = binary_sign(x)
-        return sign if self.input_scale is None else sign * self.input_scale.to(x.dtype)
+        return sign if self.input_scale is None else sign * scale
 
     @classmethod
     def from_module(cls, module: nn.Module, config, unpack_cache: bool = False) -> BinaryActivation:
         """An empty packed activation for a checkpoint of `config` (the scale loads with the state dict)."""
-        return cls(config.activation_scale == "tensor", getattr(module, "replaces", ""))
+        return cls(
+            config.activation_scale == "tensor", getattr(module, "replaces", ""), input_clip=config.activation_clip
+        )
 
     @classmethod
     def from_stompp(cls, module: StoMPPActivation, unpack_cache: bool = False) -> BinaryActivation:
         """Pack a fully frozen `StoMPPActivation`: the result computes its outputs bit for bit."""
         binarizer = module.input_binarizer
-        new = cls(binarizer.scale is not None, module.replaces, device=module.stompp_device())
+        new = cls(
+            binarizer.scale is not None, module.replaces, device=module.stompp_device(), input_clip=binarizer.clip
+        )
         if new.input_scale is not None:
             with torch.no_grad():
                 new.input_scale.copy_(binarizer.scale)
