@@ -1,80 +1,369 @@
-"""Binarized inference: latency and resident memory of the reloaded packed model against FP32, per execution mode.
+"""Binarized inference against what a user would run instead: packed 1-bit layers and models side by side with
+dense FP32, bf16 and int8 peers, in one run.
 
-Reproduce (from the repository root, on an otherwise idle machine; about 10 minutes on 2 cores):
+Reproduce (from the repository root, on an otherwise idle machine; about 30 minutes on 2 cores):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference.py --threads 2
 
-Writes `benchmarks/results/inference.md`. Two models: the packaged all-MiniLM-L6-v2 (with a seeded random 2-label
-classifier) and a BERT-base-sized `BertConfig()` with seeded random weights. Each is saved FP32, reloaded with
-`StoMPPConfig()`, made fully binary, its activation scales measured by a few `model.train()` forwards, saved packed
-(`save_pretrained`) and reloaded with `from_pretrained`. Execution modes of the reloaded packed model
-(`stompp_hf.set_kernel`, `stompp_hf.set_unpack_cache`):
+Writes `benchmarks/results/inference.md`. `--quick` runs every part at toy sizes (a minute or two) and writes to a
+temporary file unless `--output` says otherwise: a check that the script works, not a measurement.
 
-* `reference`: every forward unpacks the sign bits to a +-1 float matrix and runs the dense matmul;
-* `reference + unpack cache`: the +-1 float matrices stay resident after the first forward;
-* `xnor`: the bit-packed XNOR-popcount kernel of `stompp_hf.kernels.xnor` (weights stay packed, inputs are packed
-  to bits on the fly).
+Parts, each timed as medians of interleaved repeats (every repeat runs each mode once, rotating the order), under
+`torch.no_grad()`, after one warm-up call per mode:
 
-Measured for each, batch 1 and 32 at sequence length 128, `model.eval()` under `torch.no_grad()`:
+* Linear layers, one per weight shape of all-MiniLM-L6-v2 and BERT-base, at 128 rows (batch 1 x sequence 128) and
+  4096 rows (batch 32): `F.linear` in FP32 and bf16 (inputs already bf16), `torch.ao` dynamic int8 quantization
+  (`quantize_dynamic`'s linear), and `BinaryLinear` in each mode: the reference path, the XNOR kernel on each code
+  path this CPU has (avx512 / avx2 / scalar, forced), and the exact int8 path (`torch._int_mm`).
+* Convolutions: the 3x3 layers of ResNet-18 at 32 px (CIFAR stem, so layer1 runs at 32x32: the 64->64 3x3 at 32x32
+  of issue #19) and at 224 px, batch 1 and 32: `F.conv2d` in FP32 (NCHW and channels-last) and bf16 (channels-last),
+  `torch.ao` static int8 (`quantized.Conv2d`, quantizing the input per tensor and dequantizing the output), and
+  `BinaryConv2d`: reference, the binary conv kernel (NCHW and channels-last input), and its scalar path at batch 1.
+* Whole models: all-MiniLM-L6-v2 (packaged, seeded classifier) and a BERT-base-sized `BertConfig()` with seeded
+  random weights, saved FP32, binarized with `StoMPPConfig()`, saved packed and reloaded (`from_pretrained`); modes
+  FP32, bf16, `torch.ao` dynamic int8, and the packed model under `reference` (+ unpack cache), `xnor`, `int8` and
+  `auto`. ResNet-18 (timm, seeded) at 32 and 224 px as the paper's BNN (`activation_sites="activation"`, no scales:
+  each binarized conv reads the +-1 output of a `BinaryActivation`), packed in memory: FP32, FP32 / bf16
+  channels-last, and the packed model under `reference` and `auto` (NCHW and channels-last).
+* Memory: for the transformers, a fresh process per mode loads the model and runs one forward at batch 1 and one at
+  batch 32; `VmRSS` after the imports (baseline) and `VmHWM` (peak) at the end. For every model: the bytes of its
+  parameters and buffers, and of the layouts the kernels build on first use (the XNOR panels; the int8 weights).
+* Exactness: every packed mode's logits against the in-memory binarized model's (`torch.equal`).
 
-* whole-model latency: median of interleaved repeats (each repeat runs every mode once, rotating the order);
-* binarized layers alone: the inputs of every binarized linear layer are captured in one forward, then the FP32
-  model's `nn.Linear` layers and each mode's packed layers are run on them, interleaved; this isolates what the
-  1-bit layers cost from the attention, embeddings and LayerNorms they do not change;
-* resident memory: a fresh process per mode loads the model and runs one forward at batch 1 then one at batch 32;
-  `VmRSS` after loading and `VmHWM` (peak) at the end, including the Python / torch baseline;
-* exactness: logits of every packed mode at batch 1 and 32 against the in-memory binarized model (`torch.equal`).
+The popcount limit: `threads x clock x 512` binary multiply-adds per second (one 512-bit VPOPCNTQ per cycle per
+core), the clock being `--clock-ghz` or, by default, the highest "cpu MHz" that /proc/cpuinfo reports. The XNOR rows
+give the fraction of it they reach.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from common import MONITOR, interleaved, iqr, results_header, vm_status_kib
+from torch import nn
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "inference.md")
-BATCHES = (1, 32)
-SEQ = 128
-TARGET = 1.5  # binarized layers of the fastest packed mode vs FP32, batch 1
-#: mode -> (kernel, unpack cache); None = the FP32 model
-MODES: dict[str, tuple[str, bool] | None] = {
-    "FP32": None,
-    "packed, reference": ("reference", False),
-    "packed, reference + unpack cache": ("reference", True),
-    "packed, xnor": ("xnor", False),
+#: transformer mode -> how the model is made: ("dense", dtype tag) or ("packed", kernel, unpack cache)
+TF_MODES: dict[str, tuple] = {
+    "FP32": ("dense", "fp32"),
+    "bf16": ("dense", "bf16"),
+    "int8 dynamic (torch.ao)": ("dense", "int8"),
+    "packed, reference": ("packed", "reference", False),
+    "packed, reference + unpack cache": ("packed", "reference", True),
+    "packed, xnor": ("packed", "xnor", False),
+    "packed, int8 (_int_mm)": ("packed", "int8", False),
+    "packed, auto": ("packed", "auto", False),
 }
-MODELS = {"minilm": "all-MiniLM-L6-v2", "base": "BERT-base-sized"}
+TF_MODELS = {"minilm": "all-MiniLM-L6-v2", "base": "BERT-base-sized"}
+DENSE_LINEAR = ("FP32", "bf16", "int8 dynamic (torch.ao)")
+DENSE_CONV = ("FP32", "FP32 channels-last", "bf16 channels-last", "int8 static (torch.ao)")
+
+
+@dataclass
+class Setting:
+    """Sizes of one run: the full measurement, or `--quick`'s toy version of every part."""
+
+    batches: tuple[int, int] = (1, 32)
+    seq: int = 128
+    linear_shapes: tuple[tuple[int, int], ...] = ((384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072))
+    linear_shapes_extra: tuple[tuple[int, int], ...] = ((3072, 768),)
+    image_sizes: tuple[int, ...] = (32, 224)
+    resnet_widths: tuple[int, ...] = (64, 128, 256, 512)
+    tiny_bert: bool = False
+    repeats: tuple[int, int] = (20, 5)  # batch 1, batch 32
+
+
+QUICK = Setting(
+    batches=(1, 2),
+    seq=16,
+    linear_shapes=((64, 96),),
+    linear_shapes_extra=(),
+    image_sizes=(32, 64),
+    resnet_widths=(8, 16, 16, 32),
+    tiny_bert=True,
+    repeats=(2, 1),
+)
 
 
 def log(msg: str) -> None:
     print(f"[inference] {msg}", flush=True)
 
 
-def fp_model(key: str):
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}" if seconds < 0.01 else f"{seconds * 1e3:.1f}"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the machine
+
+
+def clock_ghz(override: float | None) -> tuple[float, str]:
+    """The clock of the popcount limit and where it came from."""
+    if override:
+        return override, "`--clock-ghz`"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            mhz = [float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")]
+    except OSError:
+        mhz = []
+    if mhz:
+        return max(mhz) / 1000, "the highest `cpu MHz` in /proc/cpuinfo"
+    return 2.5, "an assumed 2.5 GHz (no clock in /proc/cpuinfo)"
+
+
+def popcount_limit(threads: int, ghz: float) -> float:
+    """Binary multiply-adds per second at one 512-bit popcount per cycle per core."""
+    return threads * ghz * 1e9 * 512
+
+
+@contextlib.contextmanager
+def forced(path: str | None):
+    from stompp_hf.kernels import xnor
+
+    with xnor.forced_path(path):
+        yield
+
+
+def kernel_paths() -> tuple[str, ...]:
+    from stompp_hf.kernels import xnor
+
+    return xnor.paths() if xnor.is_available() else ()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layers
+
+
+def seeded_binary_linear(k: int, n: int, seed: int):
+    from stompp_hf.core.packing import pack_signs
+    from stompp_hf.nn import BinaryLinear
+
+    g = torch.Generator().manual_seed(seed)
+    layer = BinaryLinear(k, n)
+    with torch.no_grad():
+        layer.weight.copy_(pack_signs(torch.rand(n, k, generator=g) < 0.5))
+        layer.weight_scale.uniform_(0.01, 0.1, generator=g)
+        layer.input_scale.fill_(0.5)
+        layer.bias.normal_(generator=g)
+    return layer.eval()
+
+
+def linear_table(setting: Setting, repeats: tuple[int, int], limit: float) -> list[dict]:
+    """Per shape and row count: every dense peer and every mode of `BinaryLinear`, interleaved."""
+    from stompp_hf.export import set_kernel
+    from stompp_hf.kernels import int8
+
+    rows_out = []
+    paths = kernel_paths()
+    for k, n in (*setting.linear_shapes, *setting.linear_shapes_extra):
+        dense = nn.Linear(k, n).eval()
+        bf16 = copy.deepcopy(dense).to(torch.bfloat16)
+        qint8 = torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(dense)), {nn.Linear})
+        binary = seeded_binary_linear(k, n, seed=k * 7 + n)
+        for b, reps in zip(setting.batches, repeats):
+            m = b * setting.seq
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            xb = x.bfloat16()
+
+            def ours(kernel: str, path: str | None = None, layer=binary, x=x):
+                def call():
+                    set_kernel(layer, kernel)
+                    with forced(path):
+                        return layer(x)
+
+                return call
+
+            calls: dict[str, Callable[[], object]] = {
+                "FP32": lambda f=dense, x=x: f(x),
+                "bf16": lambda f=bf16, x=xb: f(x),
+                "int8 dynamic (torch.ao)": lambda f=qint8, x=x: f(x),
+                "reference": ours("reference"),
+            }
+            for path in paths:
+                calls[f"xnor {path}"] = ours("xnor", path)
+            if int8.available():
+                calls["int8 (_int_mm)"] = ours("int8")
+            with torch.no_grad():
+                expected = ours("reference")()
+                exact = all(torch.equal(calls[c](), expected) for c in calls if c.startswith(("xnor", "int8 (")))
+                samples = interleaved(calls, reps)
+            row = {
+                "shape": (k, n),
+                "rows": m,
+                "batch": b,
+                "exact": exact,
+                "t": {c: median(v) for c, v in samples.items()},
+            }
+            row["iqr"] = max(iqr(v) for v in samples.values())
+            row["macs"] = m * n * k
+            rows_out.append(row)
+            best = paths[0] if paths else None
+            log(
+                f"linear {k}->{n}, {m} rows: "
+                + ", ".join(f"{c} {ms(t)} ms" for c, t in row["t"].items())
+                + (f"; xnor {best}: {row['macs'] / row['t'][f'xnor {best}'] / limit:.1%} of the limit" if best else "")
+            )
+    return rows_out
+
+
+def resnet18_conv_shapes(size: int, widths: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+    """(in, out, input map side, stride) of ResNet-18's distinct 3x3 convs at `size` px (CIFAR stem at <= 64 px:
+    layer1 at the full size; else the 7x7 stride-2 stem and the max-pool: layer1 at size / 4)."""
+    side = size if size <= 64 else size // 4
+    shapes = []
+    c_in = widths[0]
+    for i, c in enumerate(widths):
+        if i:
+            shapes.append((c_in, c, side, 2))
+            side = (side + 1) // 2
+        shapes.append((c, c, side, 1))
+        c_in = c
+    return shapes
+
+
+def static_int8_conv(conv: nn.Conv2d, x: torch.Tensor):
+    """`torch.ao`'s static int8 convolution of `conv` (per-channel weights, per-tensor activations calibrated on
+    `x`), as a float -> float call: quantize, `quantized.Conv2d`, dequantize."""
+    import torch.ao.nn.quantized as nnq
+
+    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    w = conv.weight.detach()
+    w_scale = w.abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / 127
+    qw = torch.quantize_per_channel(w, w_scale, torch.zeros_like(w_scale, dtype=torch.int64), 0, torch.qint8)
+    x_scale = float(x.abs().max().clamp_min(1e-8)) / 127
+    with torch.no_grad():
+        y = conv(x)
+    q = nnq.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+    q.set_weight_bias(qw, conv.bias.detach() if conv.bias is not None else None)
+    q.scale, q.zero_point = float(y.abs().max().clamp_min(1e-8)) / 127, 0
+
+    def call(x=x):
+        return q(torch.quantize_per_tensor(x, x_scale, 0, torch.qint8)).dequantize()
+
+    try:
+        call()
+    except RuntimeError:  # an engine without signed activations
+        q.zero_point = 128
+
+        def call(x=x):
+            return q(torch.quantize_per_tensor(x, x_scale, 128, torch.quint8)).dequantize()
+
+        call()
+    return call
+
+
+def conv_table(setting: Setting, repeats: tuple[int, int], limit: float) -> list[dict]:
+    from stompp_hf.core.packing import pack_signs
+    from stompp_hf.export import set_kernel
+    from stompp_hf.nn import BinaryConv2d
+
+    rows_out = []
+    paths = kernel_paths()
+    seen = set()
+    for size in setting.image_sizes:
+        for c_in, c_out, side, stride in resnet18_conv_shapes(size, setting.resnet_widths):
+            if (c_in, c_out, side, stride) in seen:
+                continue
+            seen.add((c_in, c_out, side, stride))
+            g = torch.Generator().manual_seed(c_in + c_out + side)
+            dense = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False).eval()
+            dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+            bf16_cl = copy.deepcopy(dense_cl).to(torch.bfloat16)
+            binary = BinaryConv2d(c_in, c_out, 3, stride, 1, bias=False).eval()
+            with torch.no_grad():
+                binary.weight.copy_(pack_signs(dense.weight.reshape(c_out, -1) >= 0))
+                binary.weight_scale.uniform_(0.01, 0.1, generator=g)
+                binary.input_scale.fill_(0.5)
+            for b, reps in zip(setting.batches, repeats):
+                x = torch.randn(b, c_in, side, side, generator=g)
+                x_cl = x.contiguous(memory_format=torch.channels_last)
+                x_bf = x_cl.bfloat16()
+
+                def ours(kernel: str, path: str | None = None, x=x, layer=binary):
+                    def call():
+                        set_kernel(layer, kernel)
+                        with forced(path):
+                            return layer(x)
+
+                    return call
+
+                calls: dict[str, Callable[[], object]] = {
+                    "FP32": lambda f=dense, x=x: f(x),
+                    "FP32 channels-last": lambda f=dense_cl, x=x_cl: f(x),
+                    "bf16 channels-last": lambda f=bf16_cl, x=x_bf: f(x),
+                    "int8 static (torch.ao)": static_int8_conv(dense, x),
+                    "reference": ours("reference"),
+                }
+                if "avx512" in paths:
+                    calls["xnor avx512"] = ours("xnor", "avx512")
+                    calls["xnor avx512, channels-last"] = ours("xnor", "avx512", x_cl)
+                if b == setting.batches[0] and paths:
+                    calls["xnor scalar"] = ours("xnor", "scalar")
+                with torch.no_grad():
+                    expected = ours("reference")()
+                    exact = all(torch.equal(calls[c](), expected) for c in calls if c.startswith("xnor"))
+                    samples = interleaved(calls, reps)
+                ho = (side - 1) // stride + 1
+                row = {
+                    "shape": (c_in, c_out, side, stride),
+                    "size": size,
+                    "batch": b,
+                    "exact": exact,
+                    "t": {c: median(v) for c, v in samples.items()},
+                    "iqr": max(iqr(v) for v in samples.values()),
+                    "macs": b * c_out * ho * ho * c_in * 9,
+                }
+                rows_out.append(row)
+                log(
+                    f"conv {c_in}->{c_out} at {side}x{side} /{stride}, batch {b}: "
+                    + ", ".join(f"{c} {ms(t)} ms" for c, t in row["t"].items())
+                )
+    return rows_out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformer models
+
+
+def fp_model(key: str, setting: Setting):
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     from stompp_hf.assets import minilm_path
 
     torch.manual_seed(0)
     if key == "minilm":
-        return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-    return BertForSequenceClassification(BertConfig(num_labels=2))
+        kwargs = {"num_hidden_layers": 1} if setting.tiny_bert else {}
+        return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2, **kwargs)
+    if setting.tiny_bert:
+        config = BertConfig(
+            num_labels=2, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2
+        )
+    else:
+        config = BertConfig(num_labels=2)
+    return BertForSequenceClassification(config)
 
 
-def token_batch(vocab: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
+def token_batch(vocab: int, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (batch, SEQ), generator=g)
+    ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -84,18 +373,23 @@ def load(path: str, mode: str):
 
     import stompp_hf
 
-    setting = MODES[mode]
+    setting = TF_MODES[mode]
     model = AutoModelForSequenceClassification.from_pretrained(
-        os.path.join(path, "fp32" if setting is None else "packed")
-    )
-    if setting is not None:
-        kernel, cache = setting
-        stompp_hf.set_kernel(model, kernel)
-        stompp_hf.set_unpack_cache(model, cache)
-    return model.eval()
+        os.path.join(path, "fp32" if setting[0] == "dense" else "packed")
+    ).eval()
+    if setting[0] == "dense":
+        if setting[1] == "bf16":
+            model = model.to(torch.bfloat16)
+        elif setting[1] == "int8":
+            model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        return model
+    _, kernel, cache = setting
+    stompp_hf.set_kernel(model, kernel)
+    stompp_hf.set_unpack_cache(model, cache)
+    return model
 
 
-def prepare(key: str, work: str) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, torch.Tensor], dict]:
+def prepare(key: str, work: str, setting: Setting) -> tuple[dict, dict, dict]:
     """Save the FP32 and packed checkpoints under `work`; return inputs, in-memory binarized logits, and facts."""
     from transformers import AutoModelForSequenceClassification
 
@@ -103,7 +397,7 @@ def prepare(key: str, work: str) -> tuple[dict[int, dict[str, torch.Tensor]], di
     from stompp_hf.conversion import stompp_modules
     from stompp_hf.export import binarization_progress
 
-    fp = fp_model(key)
+    fp = fp_model(key, setting)
     fp.save_pretrained(os.path.join(work, "fp32"))
     vocab = fp.config.vocab_size
     del fp
@@ -114,63 +408,38 @@ def prepare(key: str, work: str) -> tuple[dict[int, dict[str, torch.Tensor]], di
     model.train()
     with torch.no_grad():
         for seed in range(3):  # measures the activation scales
-            model(**token_batch(vocab, 8, 100 + seed))
+            model(**token_batch(vocab, 8, setting.seq, 100 + seed))
     model.eval()
     if not binarization_progress(model).complete:
         raise RuntimeError(f"{key}: not fully binary")
     layers = stompp_modules(model)
-    inputs = {b: token_batch(vocab, b, b) for b in BATCHES}
+    inputs = {b: token_batch(vocab, b, setting.seq, b) for b in setting.batches}
     with torch.no_grad():
-        reference = {b: model(**inputs[b]).logits for b in BATCHES}
+        reference = {b: model(**inputs[b]).logits for b in setting.batches}
     model.save_pretrained(os.path.join(work, "packed"))
     facts = {
         "layers": len(layers),
         "weights": sum(m.weight.numel() for m in layers.values()),
         "shapes": sorted({tuple(m.weight.shape) for m in layers.values()}),
+        "vocab": vocab,
     }
     return inputs, reference, facts
 
 
-def whole_model(models: dict, inputs: dict, repeats: dict[int, int]) -> dict[tuple[str, int], list[float]]:
-    names = list(models)
-    samples: dict[tuple[str, int], list[float]] = {}
-    with torch.no_grad():
-        for b in BATCHES:
-            # (the warm-up call fills the unpack cache and builds the kernel)
-            runs = interleaved({n: lambda m=models[n], x=inputs[b]: m(**x) for n in names}, repeats[b])
-            samples.update({(n, b): v for n, v in runs.items()})
-            medians = ", ".join(f"{n} {ms(statistics.median(samples[(n, b)]))} ms" for n in names)
-            log(f"batch {b}: {medians}")
-    return samples
+def tensor_mib(model: nn.Module) -> float:
+    ts = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in ts if t is not None) / 2**20
 
 
-def binarized_layers(models: dict, inputs: dict, repeats: dict[int, int]) -> dict[tuple[str, int], list[float]]:
-    """Time only the binarized layers: each mode's layers on the inputs captured from one packed forward."""
-    from stompp_hf.nn import BinaryMixin
+def layout_mib(model: nn.Module) -> float:
+    """MiB of the layouts the kernels built on first use (XNOR panels, int8 weights)."""
+    from stompp_hf.nn.packed import BinaryMixin
 
-    packed_names = [n for n in models if MODES[n] is not None]
-    probe = models[packed_names[0]]
-    names_in_model = [name for name, m in probe.named_modules() if isinstance(m, BinaryMixin)]
-    layers = {n: [models[n].get_submodule(name) for name in names_in_model] for n in models}
-    samples: dict[tuple[str, int], list[float]] = {}
-    with torch.no_grad():
-        for b in BATCHES:
-            captured: list[torch.Tensor] = []
-            hooks = [
-                m.register_forward_pre_hook(lambda mod, a, c=captured: c.append(a[0])) for m in layers[packed_names[0]]
-            ]
-            probe(**inputs[b])
-            for h in hooks:
-                h.remove()
-
-            def run(mods, xs=captured):
-                for m, x in zip(mods, xs):
-                    m(x)
-
-            runs = interleaved({n: lambda mods=layers[n]: run(mods) for n in models}, repeats[b])
-            samples.update({(n, b): v for n, v in runs.items()})
-            del captured
-    return samples
+    total = 0
+    for m in model.modules():
+        if isinstance(m, BinaryMixin):
+            total += sum(t.numel() * t.element_size() for _, t in m._kernel_layouts.values())
+    return total / 2**20
 
 
 def memory_child(path: str, mode: str) -> None:
@@ -178,148 +447,322 @@ def memory_child(path: str, mode: str) -> None:
 
     import stompp_hf  # noqa: F401
 
-    vocab = int(os.environ["STOMPP_BENCH_VOCAB"])
+    vocab, seq = int(os.environ["STOMPP_BENCH_VOCAB"]), int(os.environ["STOMPP_BENCH_SEQ"])
+    batches = json.loads(os.environ["STOMPP_BENCH_BATCHES"])
     baseline = vm_status_kib("VmRSS")
     model = load(path, mode)
-    tensors = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t is not None)
     with torch.no_grad():
-        for b in BATCHES:
-            model(**token_batch(vocab, b, b))
+        for b in batches:
+            model(**token_batch(vocab, b, seq, b))
     peak = vm_status_kib("VmHWM")
-    print(json.dumps({"tensors_mib": tensors / 2**20, "baseline_mib": baseline / 1024, "peak_mib": peak / 1024}))
+    out = {"tensors_mib": tensor_mib(model), "layouts_mib": layout_mib(model)}
+    print(json.dumps({**out, "baseline_mib": baseline / 1024, "peak_mib": peak / 1024}))
 
 
-def memory(path: str, mode: str, vocab: int, threads: int) -> dict[str, float]:
+def memory(path: str, mode: str, vocab: int, threads: int, setting: Setting) -> dict[str, float]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", path, mode]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "STOMPP_BENCH_VOCAB": str(vocab)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "STOMPP_BENCH_VOCAB": str(vocab),
+        "STOMPP_BENCH_SEQ": str(setting.seq),
+        "STOMPP_BENCH_BATCHES": json.dumps(list(setting.batches)),
+    }
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     result = json.loads(out.strip().splitlines()[-1])
     result["increment_mib"] = result["peak_mib"] - result["baseline_mib"]
     return result
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+def whole_model(models: dict, inputs: dict, repeats: dict[int, int], call=None) -> dict[tuple[str, int], float]:
+    call = call or (lambda m, x: m(**x))
+    names = list(models)
+    samples: dict[tuple[str, int], float] = {}
+    with torch.no_grad():
+        for b, x in inputs.items():
+            runs = interleaved({n: lambda m=models[n], x=x: call(m, x) for n in names}, repeats[b])
+            samples.update({(n, b): median(v) for n, v in runs.items()})
+            log(f"batch {b}: " + ", ".join(f"{n} {ms(samples[(n, b)])} ms" for n in names))
+    return samples
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}"
-
-
-def measure(key: str, args: argparse.Namespace) -> dict:
+def measure_transformer(key: str, args: argparse.Namespace, setting: Setting) -> dict:
     with tempfile.TemporaryDirectory() as work:
-        log(f"{MODELS[key]}: building checkpoints")
-        inputs, reference, facts = prepare(key, work)
-        models = {mode: load(work, mode) for mode in MODES}
-        vocab = models["FP32"].config.vocab_size
+        log(f"{TF_MODELS[key]}: building checkpoints")
+        inputs, reference, facts = prepare(key, work, setting)
+        models = {mode: load(work, mode) for mode in TF_MODES}
         exact = {}
         with torch.no_grad():
             for mode, model in models.items():
-                if MODES[mode] is not None:
-                    exact[mode] = all(torch.equal(model(**inputs[b]).logits, reference[b]) for b in BATCHES)
-        log(f"{MODELS[key]}: bit-identical {exact}")
-        repeats = {1: args.repeats_b1, 32: args.repeats_b32}
-        if key == "base":
-            repeats = {1: max(3, args.repeats_b1 // 3), 32: max(3, args.repeats_b32 // 2)}
+                if TF_MODES[mode][0] == "packed":
+                    exact[mode] = all(torch.equal(model(**inputs[b]).logits, reference[b]) for b in setting.batches)
+        log(f"{TF_MODELS[key]}: bit-identical {exact}")
+        repeats = dict(zip(setting.batches, setting.repeats))
+        if key == "base" and not setting.tiny_bert:
+            repeats = {b: max(3, r // 3) for b, r in repeats.items()}
         MONITOR.reset()
         whole = whole_model(models, inputs, repeats)
-        layer = binarized_layers(models, inputs, {b: 2 * r for b, r in repeats.items()})
         other_cpu = MONITOR.cores
+        layouts = {mode: layout_mib(model) for mode, model in models.items()}
         del models
         gc.collect()
-        mem = {mode: memory(work, mode, vocab, args.threads) for mode in MODES}
-        log(f"{MODELS[key]}: memory {mem}")
+        mem = {mode: memory(work, mode, facts["vocab"], args.threads, setting) for mode in TF_MODES}
+        log(f"{TF_MODELS[key]}: memory {mem}")
     return {
         "facts": facts,
         "exact": exact,
         "whole": whole,
-        "layer": layer,
         "memory": mem,
+        "layouts": layouts,
         "repeats": repeats,
         "other_cpu": other_cpu,
     }
 
 
-def render(results: dict[str, dict], command: str, args: argparse.Namespace, elapsed: float) -> str:
+# ---------------------------------------------------------------------------------------------------------------
+# ResNet-18, the paper's BNN
+
+
+PAPER_BNN = {
+    "weights": "stompp",
+    "activations": "stompp",
+    "weight_scale": "none",
+    "activation_scale": "none",
+    "refresh_rate": 1,
+}
+
+
+def resnet18(size: int, setting: Setting):
+    import timm
+
+    from stompp_hf.integrations.timm import policy
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10, channels=setting.resnet_widths)
+    if size <= 64:
+        policy.cifar_stem(model)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, size, size)}
+    return model.eval()
+
+
+def measure_resnet(size: int, setting: Setting) -> dict:
+    from stompp_hf import ProgressionController, StoMPPConfig, prepare_model, set_kernel
+    from stompp_hf.export import binarization_progress, pack_model
+
+    log(f"ResNet-18 at {size} px: building")
+    fp = resnet18(size, setting)
+    model = prepare_model(copy.deepcopy(fp), StoMPPConfig(**PAPER_BNN))
+    ProgressionController(model, total_steps=1).advance(1)
+    model.eval()
+    if not binarization_progress(model).complete:
+        raise RuntimeError("ResNet-18: not fully binary")
+    inputs = {b: torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(b)) for b in setting.batches}
+    with torch.no_grad():
+        reference = {b: model(x) for b, x in inputs.items()}
+    packed = pack_model(model)
+    facts = {"convs": sum(1 for m in packed.values() if m.__class__.__name__ == "BinaryConv2d")}
+    packed_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    set_kernel(packed_cl, "auto")
+    ref_model = copy.deepcopy(model)
+    set_kernel(ref_model, "reference")
+    set_kernel(model, "auto")
+    fp_cl = copy.deepcopy(fp).to(memory_format=torch.channels_last)
+    models = {
+        "FP32": (fp, lambda x: x),
+        "FP32 channels-last": (fp_cl, lambda x: x.contiguous(memory_format=torch.channels_last)),
+        "bf16 channels-last": (
+            copy.deepcopy(fp_cl).to(torch.bfloat16),
+            lambda x: x.contiguous(memory_format=torch.channels_last).bfloat16(),
+        ),
+        "packed, reference": (ref_model, lambda x: x),
+        "packed, auto": (model, lambda x: x),
+        "packed, auto, channels-last": (packed_cl, lambda x: x.contiguous(memory_format=torch.channels_last)),
+    }
+    staged = {name: {b: prep(x) for b, x in inputs.items()} for name, (_, prep) in models.items()}
+    exact = {}
+    with torch.no_grad():
+        for name in ("packed, reference", "packed, auto", "packed, auto, channels-last"):
+            m = models[name][0]
+            exact[name] = all(torch.equal(m(staged[name][b]), reference[b]) for b in setting.batches)
+    log(f"ResNet-18 at {size} px: bit-identical {exact}")
+    repeats = dict(zip(setting.batches, setting.repeats))
+    if size > 64 and not setting.tiny_bert:
+        repeats = {b: max(3, r // 2) for b, r in repeats.items()}
+    MONITOR.reset()
+    samples: dict[tuple[str, int], float] = {}
+    with torch.no_grad():
+        for b in setting.batches:
+            calls = {n: lambda m=models[n][0], x=staged[n][b]: m(x) for n in models}
+            runs = interleaved(calls, repeats[b])
+            samples.update({(n, b): median(v) for n, v in runs.items()})
+            log(f"ResNet-18 at {size} px, batch {b}: " + ", ".join(f"{n} {ms(samples[(n, b)])} ms" for n in models))
+    return {
+        "facts": facts,
+        "exact": exact,
+        "whole": samples,
+        "repeats": repeats,
+        "other_cpu": MONITOR.cores,
+        "tensors": {n: tensor_mib(m) for n, (m, _) in models.items()},
+        "layouts": {n: layout_mib(m) for n, (m, _) in models.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report
+
+
+def fastest(row: dict, names: tuple[str, ...]) -> tuple[str, float]:
+    name = min((n for n in names if n in row["t"]), key=lambda n: row["t"][n])
+    return name, row["t"][name]
+
+
+def ours_best(row: dict) -> tuple[str, float]:
+    name = min((n for n in row["t"] if n.startswith(("xnor", "int8 ("))), key=lambda n: row["t"][n])
+    return name, row["t"][name]
+
+
+def render_layers(title: str, rows: list[dict], dense: tuple[str, ...], limit: float, what: Callable) -> list[str]:
+    columns = list(dict.fromkeys(c for r in rows for c in r["t"]))
+    lines = [
+        title,
+        "",
+        "| layer | batch | " + " | ".join(f"{c} (ms)" for c in columns) + " | fastest dense | ours, best | "
+        "x fastest dense | popcount limit reached | bit-identical |",
+        "|---|---:|" + "---:|" * len(columns) + "---|---|---:|---:|---|",
+    ]
+    for r in rows:
+        peer, t_peer = fastest(r, dense)
+        mine, t_mine = ours_best(r)
+        xnor_times = [t for c, t in r["t"].items() if c.startswith("xnor")]
+        reached = f"{r['macs'] / min(xnor_times) / limit:.1%}" if xnor_times else "-"
+        cells = [what(r), str(r["batch"]), *(ms(r["t"][c]) if c in r["t"] else "-" for c in columns)]
+        cells += [peer, mine, f"{t_peer / t_mine:.2f}", reached, "**yes**" if r["exact"] else "NO"]
+        lines.append("| " + " | ".join(cells) + " |")
+    widest = max(r["iqr"] for r in rows)
+    lines += ["", f"Widest interquartile range of these timings: {ms(widest)} ms.", ""]
+    return lines
+
+
+def render(results: dict, command: str, args: argparse.Namespace, setting: Setting, elapsed: float) -> str:
     import transformers
 
+    from stompp_hf.kernels import int8, xnor
+
+    ghz, source = clock_ghz(args.clock_ghz)
+    limit = popcount_limit(args.threads, ghz)
+    b1, b32 = setting.batches
     lines = [
-        *results_header("Binarized inference: packed 1-bit models against FP32", command),
-        f"- Machine: {platform.machine()}, transformers {transformers.__version__}, "
-        f"`torch.set_num_threads({args.threads})`, no GPU. Whole run "
-        f"{elapsed / 60:.1f} min.",
-        f"- Sequence length {SEQ}; `model.eval()`, `torch.no_grad()`; one warm-up call per mode, then medians of "
-        "interleaved repeats (every repeat runs each mode once, rotating the order). Ratios are FP32 median / mode "
-        "median: above 1 is faster than FP32.",
-        "- Modes of the reloaded packed model: `reference` unpacks the sign bits to a +-1 float matrix on every "
-        "forward and runs the dense matmul; `+ unpack cache` keeps that matrix resident; `xnor` runs the bit-packed "
-        "XNOR-popcount kernel (`stompp_hf.kernels.xnor`): weights stay 1 bit, inputs are packed to bits on the fly, "
-        "`dot = K - 2 * popcount(x_bits XOR w_bits)`, then `* (beta * alpha) + bias` as in the reference.",
-        "- Memory: a fresh process per mode imports torch, transformers and stompp_hf (the baseline RSS), loads the "
-        "model and runs one forward at batch 1 and one at batch 32; the table gives the model's parameters and "
-        "buffers in bytes and the peak RSS (`VmHWM`) minus the baseline: weights, activations, allocator and "
-        "kernel overheads together. (`from_pretrained` memory-maps safetensors, so RSS right after loading would "
-        "not count weights that no forward has touched yet.)",
+        *results_header(
+            "Binarized inference: packed 1-bit layers and models against dense FP32, bf16 and int8", command
+        ),
+        f"- transformers {transformers.__version__}, `torch.set_num_threads({args.threads})`, no GPU. Whole run "
+        f"{elapsed / 60:.1f} min." + (" **`--quick`: toy sizes, not a measurement.**" if args.quick else ""),
+        f"- XNOR kernel paths on this CPU: {', '.join(kernel_paths()) or 'none (no kernel)'}; the binary "
+        f"convolution's: {', '.join(p for p in ('avx512', 'scalar') if p in kernel_paths()) or 'none'}. "
+        f"`auto` times the int8 path against XNOR only on CPUs with AMX int8: "
+        f"{'yes' if int8.worth_measuring() else 'not here'}.",
+        f"- Popcount limit = {args.threads} threads x {ghz:.2f} GHz ({source}) x 512 binary multiply-adds per cycle "
+        f"(one 512-bit VPOPCNTQ per cycle per core) = {limit / 1e12:.2f} T binary multiply-adds/s. The fraction "
+        "reached is the layer's multiply-adds (rows x inputs x outputs; for a conv, outputs x in channels x 9) over "
+        "the fastest XNOR path's median time and this limit.",
+        f"- Batch {b1} and {b32}, sequence {setting.seq} for the transformers; medians of interleaved repeats after "
+        "one warm-up call per mode; `x fastest dense` = fastest dense peer's median / our fastest mode's (above 1: "
+        "faster). bf16 peers get inputs already in bf16 (a bf16 model keeps its activations so); the int8 peers "
+        "quantize their inputs inside the call.",
         "",
     ]
-    for key, r in results.items():
+    if results["linear"]:
+        lines += render_layers(
+            f"## Linear layers: one `BinaryLinear` per weight shape (rows = batch x {setting.seq})",
+            results["linear"],
+            DENSE_LINEAR,
+            limit,
+            lambda r: f"{r['shape'][0]} -> {r['shape'][1]}, {r['rows']} rows",
+        )
+    if results["conv"]:
+        lines += render_layers(
+            "## Convolutions: ResNet-18's 3x3 layers (32 px with the CIFAR stem, and 224 px)",
+            results["conv"],
+            DENSE_CONV,
+            limit,
+            lambda r: (
+                f"{r['shape'][0]} -> {r['shape'][1]} at {r['shape'][2]}x{r['shape'][2]}"
+                + (" /2" if r["shape"][3] == 2 else "")
+                + f" ({r['size']} px)"
+            ),
+        )
+    for key, r in results["transformers"].items():
         f = r["facts"]
         lines += [
-            f"## {MODELS[key]}",
+            f"## {TF_MODELS[key]}: whole model",
             "",
             f"{f['layers']} binarized linear layers, {f['weights']:,} binarized weights; weight shapes "
             + ", ".join("x".join(map(str, s)) for s in f["shapes"])
-            + f". Repeats: {r['repeats'][1]} (batch 1) and {r['repeats'][32]} (batch 32) for the whole model, twice "
-            f"that for the layers alone. Other processes used {r['other_cpu']:.2f} of {os.cpu_count()} cores during "
-            "the timed calls.",
+            + f". Repeats {r['repeats']}. Other processes used {r['other_cpu']:.2f} of {os.cpu_count()} cores during "
+            "the timed calls. Kernel layouts: built on first use (XNOR panels, int8 weights); peak RSS includes them.",
             "",
-            "| mode | model, batch 1 (ms) | x FP32 | model, batch 32 (ms) | x FP32 | binarized layers, batch 1 (ms) "
-            "| x FP32 | binarized layers, batch 32 (ms) | x FP32 | model tensors (MiB) | peak RSS over baseline (MiB) "
-            "| logits bit-identical |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            f"| mode | batch {b1} (ms) | x FP32 | batch {b32} (ms) | x FP32 | model tensors (MiB) | kernel layouts "
+            "(MiB) | peak RSS over baseline (MiB) | logits bit-identical |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
-        for mode in MODES:
+        for mode in TF_MODES:
             cells = [mode]
-            for table in ("whole", "layer"):
-                for b in BATCHES:
-                    t = median(r[table][(mode, b)])
-                    fp = median(r[table][("FP32", b)])
-                    cells += [ms(t), f"{fp / t:.2f}"]
-            # reorder: whole b1, whole b32, layer b1, layer b32 already in that order
+            for b in setting.batches:
+                t, fp = r["whole"][(mode, b)], r["whole"][("FP32", b)]
+                cells += [ms(t), f"{fp / t:.2f}"]
             mem = r["memory"][mode]
-            cells += [f"{mem['tensors_mib']:.1f}", f"{mem['increment_mib']:.0f}"]
-            cells.append("(reference model)" if MODES[mode] is None else ("**yes**" if r["exact"][mode] else "NO"))
+            cells += [f"{mem['tensors_mib']:.1f}", f"{mem['layouts_mib']:.1f}", f"{mem['increment_mib']:.0f}"]
+            cells.append("(dense peer)" if TF_MODES[mode][0] == "dense" else ("**yes**" if r["exact"][mode] else "NO"))
             lines.append("| " + " | ".join(cells) + " |")
-        spreads = {b: max(iqr(v) for (m, bb), v in r["layer"].items() if bb == b) for b in BATCHES}
+        lines.append("")
+    for size, r in results["resnet"].items():
         lines += [
+            f"## ResNet-18 at {size} px (the paper's BNN): whole model",
             "",
-            f"Widest interquartile range of the layer timings: {ms(spreads[1])} ms (batch 1), {ms(spreads[32])} ms "
-            "(batch 32).",
+            f"{r['facts']['convs']} binarized convolutions (weights only; each reads a `BinaryActivation`'s +-1). "
+            f"Repeats {r['repeats']}. Other processes used {r['other_cpu']:.2f} of {os.cpu_count()} cores.",
             "",
+            f"| mode | batch {b1} (ms) | x FP32 | batch {b32} (ms) | x FP32 | model tensors (MiB) | kernel layouts "
+            "(MiB) | logits bit-identical |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
+        for mode in r["tensors"]:
+            cells = [mode]
+            for b in setting.batches:
+                t, fp = r["whole"][(mode, b)], r["whole"][("FP32", b)]
+                cells += [ms(t), f"{fp / t:.2f}"]
+            cells += [f"{r['tensors'][mode]:.1f}", f"{r['layouts'][mode]:.1f}"]
+            cells.append("**yes**" if r["exact"].get(mode) else ("(dense peer)" if mode not in r["exact"] else "NO"))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     lines += ["## Reading", ""]
-    for key, r in results.items():
-        fp = median(r["layer"][("FP32", 1)])
-        best = max((m for m in MODES if MODES[m] is not None), key=lambda m: fp / median(r["layer"][(m, 1)]))
-        speed = fp / median(r["layer"][(best, 1)])
-        verdict = "**met**" if speed >= TARGET and r["exact"][best] else "**not met**"
-        fp_mem, xn_mem = r["memory"]["FP32"], r["memory"]["packed, xnor"]
-        lines.append(
-            f"- **{MODELS[key]}**: the fastest packed mode at batch 1 is `{best}`: its binarized layers run "
-            f"{speed:.2f}x faster than the FP32 layers (target >= {TARGET}x with bit-identical logits: {verdict}); "
-            f"the whole model {median(r['whole'][('FP32', 1)]) / median(r['whole'][(best, 1)]):.2f}x. At batch 32: "
-            f"layers {median(r['layer'][('FP32', 32)]) / median(r['layer'][(best, 32)]):.2f}x, whole model "
-            f"{median(r['whole'][('FP32', 32)]) / median(r['whole'][(best, 32)]):.2f}x. Memory with `xnor`: "
-            f"{xn_mem['tensors_mib']:.1f} MiB of tensors vs {fp_mem['tensors_mib']:.1f} MiB for FP32 "
-            f"({xn_mem['tensors_mib'] / fp_mem['tensors_mib']:.2f}x); peak RSS over baseline "
-            f"{xn_mem['increment_mib']:.0f} vs {fp_mem['increment_mib']:.0f} MiB "
-            f"({xn_mem['increment_mib'] / fp_mem['increment_mib']:.2f}x)."
-        )
+    for kind, rows, dense in (("linear", results["linear"], DENSE_LINEAR), ("conv", results["conv"], DENSE_CONV)):
+        for b in setting.batches:
+            ratios = [fastest(r, dense)[1] / ours_best(r)[1] for r in rows if r["batch"] == b]
+            if not ratios:
+                continue
+            beaten = sum(x > 1 for x in ratios)
+            lines.append(
+                f"- {kind} layers, batch {b}: ours faster than the fastest dense peer on {beaten} of {len(ratios)} "
+                f"shapes (x {min(ratios):.2f} to {max(ratios):.2f}); target: all."
+            )
+    for kind, rows in (("linear", results["linear"]), ("conv", results["conv"])):
+        fracs = [
+            r["macs"] / min(t for c, t in r["t"].items() if c.startswith("xnor")) / limit
+            for r in rows
+            if r["batch"] == b32 and any(c.startswith("xnor") for c in r["t"])
+        ]
+        if fracs:
+            met = sum(f >= 0.25 for f in fracs)
+            lines.append(
+                f"- {kind} layers, batch {b32}: {min(fracs):.1%} to {max(fracs):.1%} of the popcount limit; "
+                f">= 25% on {met} of {len(fracs)} shapes (target: all)."
+            )
     lines += [
-        "- What is left of the whole-model time in `xnor` mode is what binarization does not touch: attention "
-        "(scores and softmax over 128 positions, in float32), the embeddings, LayerNorms, GELU and the classifier.",
-        "- GPU: no accelerator was lent to this session, so there are no GPU rows; the XNOR kernel is CPU-only and "
-        "GPU models use the reference path.",
+        "- Whole models: see each table's `x FP32` column and memory columns; the packed modes' logits are "
+        "compared bit for bit with the in-memory binarized model.",
+        f"- The XNOR kernel: {xnor.__name__}; binary conv: stompp_hf.kernels.bconv; int8 path: "
+        "stompp_hf.kernels.int8.",
         "",
     ]
     return "\n".join(lines)
@@ -328,28 +771,44 @@ def render(results: dict[str, dict], command: str, args: argparse.Namespace, ela
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats-b1", type=int, default=30)
-    parser.add_argument("--repeats-b32", type=int, default=7)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--quick", action="store_true", help="every part at toy sizes: a check, not a measurement")
+    parser.add_argument("--parts", nargs="+", default=["linear", "conv", "transformers", "resnet"])
+    parser.add_argument("--models", nargs="+", default=list(TF_MODELS), choices=list(TF_MODELS))
+    parser.add_argument("--clock-ghz", type=float, default=None, help="clock of the popcount limit")
     parser.add_argument("--idle-threshold", type=float, default=0.2)
-    parser.add_argument("--idle-budget", type=float, default=180.0)
-    parser.add_argument("--output", default=RESULTS)
+    parser.add_argument("--idle-budget", type=float, default=300.0)
+    parser.add_argument("--output", default=None, help=f"default {RESULTS} (a temporary file with --quick)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         memory_child(*args.child)
         return
+    setting = QUICK if args.quick else Setting()
+    output = args.output or (
+        os.path.join(tempfile.gettempdir(), "stompp_inference_quick.md") if args.quick else RESULTS
+    )
     torch.set_num_threads(args.threads)
-    MONITOR.threshold, MONITOR.budget = args.idle_threshold, args.idle_budget
+    MONITOR.threshold, MONITOR.budget = args.idle_threshold, (0.0 if args.quick else args.idle_budget)
     command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/inference.py", *sys.argv[1:]])
+    ghz, _ = clock_ghz(args.clock_ghz)
+    limit = popcount_limit(args.threads, ghz)
     start = time.perf_counter()
-    results = {key: measure(key, args) for key in args.models}
-    text = render(results, command, args, time.perf_counter() - start)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
+    results: dict = {"linear": [], "conv": [], "transformers": {}, "resnet": {}}
+    if "linear" in args.parts:
+        results["linear"] = linear_table(setting, setting.repeats, limit)
+    if "conv" in args.parts:
+        results["conv"] = conv_table(setting, setting.repeats, limit)
+    if "transformers" in args.parts:
+        results["transformers"] = {key: measure_transformer(key, args, setting) for key in args.models}
+    if "resnet" in args.parts:
+        results["resnet"] = {size: measure_resnet(size, setting) for size in setting.image_sizes}
+    text = render(results, command, args, setting, time.perf_counter() - start)
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
         f.write(text)
     print(text)
+    log(f"wrote {output}")
 
 
 if __name__ == "__main__":

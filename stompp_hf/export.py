@@ -411,15 +411,18 @@ def set_unpack_cache(model: nn.Module, enabled: bool = True) -> int:
 
 
 def set_kernel(model: nn.Module, kernel: str = "auto") -> int:
-    """Choose how the packed linear layers of `model` compute; return how many packed modules were set.
+    """Choose how the packed layers of `model` compute; return how many packed modules were set.
 
     Args:
-        kernel: "auto" (the default): the bit-packed XNOR-popcount kernel (`stompp_hf.kernels.xnor`) wherever it
-            applies (binary inputs and weights, float32 on CPU, no autograd) and compiles, the reference path
-            elsewhere;
-            "xnor": the kernel, raising where it cannot run; "reference": always unpack the signs to a float
-            matrix and use the dense matmul. All three give bit-identical outputs. Packed convolutions always use
-            the reference path.
+        kernel: "auto" (the default): the C kernels wherever they apply (binary weights, float32 on CPU, no
+            autograd, no tracer) and compile: XNOR-popcount for linear layers (`stompp_hf.kernels.xnor`, the
+            AVX-512, AVX2 or scalar path the CPU runs), the binary convolution (`stompp_hf.kernels.bconv`) for
+            convolutions except depthwise ones, and on CPUs with AMX int8 the exact int8 path for the linear shapes
+            where it measured faster; the reference path elsewhere.
+            "xnor": the kernels, raising where they cannot run (depthwise convolutions included);
+            "int8": +-1 as int8 through `torch._int_mm` (exact with int32 accumulation) for binary linear layers,
+            "auto" elsewhere; "reference": always unpack the signs to a float matrix and use the dense op. All give
+            bit-identical outputs on finite inputs.
     """
     if kernel not in KERNELS:
         raise ValueError(f"`kernel` must be one of {', '.join(map(repr, KERNELS))}, but got {kernel!r}.")

@@ -1,5 +1,6 @@
-"""The XNOR-popcount kernel against the dense torch reference: bit-identical outputs, validation, build cache;
-its C source compiles without warnings, and the CPU-features helper reads this machine."""
+"""The XNOR-popcount kernel against the dense torch reference: bit-identical outputs on every code path (avx512, avx2,
+scalar, each forced), validation, build cache; the exact int8 path and how "auto" picks between them; its C sources
+compile without warnings, and the CPU-features helper reads this machine."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 
 from stompp_hf.core.packing import pack_signs
 from stompp_hf.export import set_kernel
-from stompp_hf.kernels import build, cpu, xnor
+from stompp_hf.kernels import build, cpu, int8, xnor
 from stompp_hf.nn import BinaryLinear
 
 from .testing_utils import reference
@@ -29,9 +30,20 @@ needs_kernel = pytest.mark.skipif(
     not xnor.is_available(), reason="XNOR kernel unavailable here (no working C compiler to build it)"
 )
 
-KS = (1, 7, 8, 9, 63, 64, 65, 100, 384, 1536)
-NS = (1, 3, 64, 384)
-MS = (1, 2, 5, 128)
+KS = (1, 7, 8, 9, 31, 33, 63, 64, 65, 100, 384, 513, 1536)
+NS = (1, 3, 17, 33, 64, 100)
+MS = (1, 2, 7, 9, 33, 128)
+
+
+def available_paths():
+    return xnor.paths() if xnor.is_available() else ()
+
+
+# every code path, forced; the ones this CPU cannot run are skipped (and listed as such)
+PATH_PARAMS = [
+    pytest.param(p, marks=pytest.mark.skipif(p not in available_paths(), reason=f"no {p} path on this CPU"))
+    for p in xnor.PATHS
+]
 
 
 def make_input(shape, gen):
@@ -61,49 +73,68 @@ def every_path(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("simd_min_rows", [1, 10**9], ids=["simd", "scalar"])
-def test_bit_identical_to_reference(k, simd_min_rows, every_path, monkeypatch):
-    monkeypatch.setattr(xnor, "_SIMD_MIN_ROWS", simd_min_rows)
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_bit_identical_to_reference(k, path, every_path):
     gen = torch.Generator().manual_seed(1000 + k)
     variants = itertools.cycle([(False, False, 1), (True, False, 2), (False, True, 3), (True, True, 2)])
     for n, m in itertools.product(NS, MS):
         weight_packed, out_scale, bias = make_layer(n, k, gen)
+        prepared = xnor.prepare_weights(weight_packed, n, k)
         x = make_input((m, k), gen)
         with_scale, with_bias, threads = next(variants)
         s = out_scale if with_scale else None
         b = bias if with_bias else None
-        y = xnor.xnor_linear(x, weight_packed, k, s, b, num_threads=threads)
-        assert y.dtype == torch.float32 and y.shape == (m, n)
-        assert torch.equal(y, reference(x, weight_packed, k, s, b)), (k, n, m, with_scale, with_bias, threads)
+        expected = reference(x, weight_packed, k, s, b)
+        for prep in (None, prepared):
+            y = xnor.xnor_linear(x, weight_packed, k, s, b, num_threads=threads, path=path, prepared=prep)
+            assert y.dtype == torch.float32 and y.shape == (m, n)
+            assert torch.equal(y, expected), (k, n, m, with_scale, with_bias, threads, prep is not None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("simd_min_rows", [1, 10**9], ids=["simd", "scalar"])
+def test_default_path_choice_is_bit_identical(simd_min_rows, every_path, monkeypatch):
+    """Unforced calls: the path the kernel picks from the CPU and the row count (with and without prepared
+    weights, so that every default branch runs)."""
+    monkeypatch.setattr(xnor, "_SIMD_MIN_ROWS", simd_min_rows)
+    gen = torch.Generator().manual_seed(21)
+    for k, n, m in [(100, 17, 1), (384, 64, 12), (65, 33, 128)]:
+        weight_packed, out_scale, bias = make_layer(n, k, gen)
+        x = make_input((m, k), gen)
+        expected = reference(x, weight_packed, k, out_scale, bias)
+        for prep in (None, xnor.prepare_weights(weight_packed, n, k)):
+            assert torch.equal(xnor.xnor_linear(x, weight_packed, k, out_scale, bias, prepared=prep), expected)
 
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
-@pytest.mark.parametrize("simd_min_rows", [1, 10**9], ids=["simd", "scalar"])
-def test_threads_and_leading_dims(threads, simd_min_rows, every_path, monkeypatch):
-    monkeypatch.setattr(xnor, "_SIMD_MIN_ROWS", simd_min_rows)
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_threads_and_leading_dims(threads, path, every_path):
     gen = torch.Generator().manual_seed(7)
     for k, n in [(65, 3), (384, 64), (100, 1)]:  # 8 threads and 1 to 3 weight rows: more threads than work
         weight_packed, out_scale, bias = make_layer(n, k, gen)
         x = make_input((2, 3, k), gen)
-        y = xnor.xnor_linear(x, weight_packed, k, out_scale, bias, num_threads=threads)
+        y = xnor.xnor_linear(x, weight_packed, k, out_scale, bias, num_threads=threads, path=path)
         assert y.shape == (2, 3, n)
         assert torch.equal(y, reference(x, weight_packed, k, out_scale, bias))
         x1 = make_input((k,), gen)  # no leading dims at all
         assert torch.equal(
-            xnor.xnor_linear(x1, weight_packed, k, num_threads=threads), reference(x1, weight_packed, k)
+            xnor.xnor_linear(x1, weight_packed, k, num_threads=threads, path=path), reference(x1, weight_packed, k)
         )
 
 
 @needs_kernel
-def test_large_batch_split_over_rows(every_path):
-    """Many rows and few weight rows: the work is split over the activation rows."""
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_large_batch_split_over_rows(path, every_path):
+    """Many rows and few weight rows: the work is split over the activation rows (and, on the avx512 path, swept
+    in several row blocks; the last case in several panel blocks)."""
     gen = torch.Generator().manual_seed(3)
-    weight_packed, out_scale, bias = make_layer(5, 130, gen)
-    x = make_input((301, 130), gen)
-    for threads in (1, 2, 3):
-        y = xnor.xnor_linear(x, weight_packed, 130, out_scale, bias, num_threads=threads)
-        assert torch.equal(y, reference(x, weight_packed, 130, out_scale, bias))
+    for n, k, m in [(5, 130, 301), (200, 3000, 700), (1000, 3000, 37)]:
+        weight_packed, out_scale, bias = make_layer(n, k, gen)
+        x = make_input((m, k), gen)
+        for threads in (1, 2, 3):
+            y = xnor.xnor_linear(x, weight_packed, k, out_scale, bias, num_threads=threads, path=path)
+            assert torch.equal(y, reference(x, weight_packed, k, out_scale, bias))
 
 
 @needs_kernel
@@ -166,6 +197,35 @@ def test_forked_child_gets_a_fresh_pool(every_path):
 
 
 @needs_kernel
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_nan_input_is_refused_on_every_path(path):
+    gen = torch.Generator().manual_seed(15)
+    for m, k, at in [(4, 70, (0, 3)), (40, 300, (37, 299)), (1, 33, (0, 32))]:  # the last one: a tail word
+        weight_packed, out_scale, bias = make_layer(16, k, gen)
+        x = make_input((m, k), gen)
+        x[at] = math.nan
+        with pytest.raises(ValueError, match="NaN"):
+            xnor.xnor_linear(x, weight_packed, k, out_scale, bias, path=path, num_threads=2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_strict_inputs_must_be_plus_minus_one(path):
+    """`strict=True` (inputs that a binary activation produced): +-1 computes as usual, anything else (0, NaN, a
+    scaled sign) raises `InputNotBinary` without computing."""
+    gen = torch.Generator().manual_seed(16)
+    weight_packed, out_scale, bias = make_layer(24, 100, gen)
+    x = torch.where(make_input((9, 100), gen) >= 0, 1.0, -1.0)
+    y = xnor.xnor_linear(x, weight_packed, 100, out_scale, bias, path=path, strict=True)
+    assert torch.equal(y, reference(x, weight_packed, 100, out_scale, bias))
+    for bad in (0.0, math.nan, 0.5, -2.0):
+        x2 = x.clone()
+        x2[8, 99] = bad
+        with pytest.raises(xnor.InputNotBinary, match="strict"):
+            xnor.xnor_linear(x2, weight_packed, 100, out_scale, bias, path=path, strict=True)
+
+
+@needs_kernel
 def test_nan_input_is_refused_by_the_kernel_and_propagated_by_the_reference_path():
     gen = torch.Generator().manual_seed(5)
     weight_packed, out_scale, bias = make_layer(16, 70, gen)
@@ -186,17 +246,19 @@ def test_nan_input_is_refused_by_the_kernel_and_propagated_by_the_reference_path
 
 
 @needs_kernel
-@pytest.mark.parametrize("simd_min_rows", [1, 10**9], ids=["simd", "scalar"])
-def test_padding_bits_of_weights_are_ignored(simd_min_rows, monkeypatch):
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_padding_bits_of_weights_are_ignored(path):
     """Set bits past in_features in the last byte must not count (the reference drops them too)."""
-    monkeypatch.setattr(xnor, "_SIMD_MIN_ROWS", simd_min_rows)
     gen = torch.Generator().manual_seed(6)
     for k in (7, 63, 100):
         weight_packed, _, _ = make_layer(9, k, gen)
         dirty = weight_packed.clone()
         dirty[:, -1] |= torch.tensor(0xFF << (k % 8 or 8) & 0xFF, dtype=torch.uint8)
         x = make_input((3, k), gen)
-        assert torch.equal(xnor.xnor_linear(x, dirty, k), reference(x, weight_packed, k))
+        expected = reference(x, weight_packed, k)
+        assert torch.equal(xnor.xnor_linear(x, dirty, k, path=path), expected)
+        prepared = xnor.prepare_weights(dirty, 9, k)
+        assert torch.equal(xnor.xnor_linear(x, dirty, k, path=path, prepared=prepared), expected)
 
 
 @needs_kernel
@@ -261,6 +323,16 @@ def test_input_validation():
         xnor.xnor_linear(x.clone().requires_grad_(), weight_packed, 40)
     with pytest.raises(ValueError, match="inference-only"):
         xnor.xnor_linear(x, weight_packed, 40, out_scale.clone().requires_grad_())
+    with pytest.raises(ValueError, match="`path` must be one of"):
+        xnor.xnor_linear(x, weight_packed, 40, path="sse9")
+    with pytest.raises(ValueError, match="`prepared` must be"):
+        xnor.xnor_linear(x, weight_packed, 40, prepared=torch.zeros(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="prepare_weights expects"):
+        xnor.prepare_weights(weight_packed, 8, 41)
+    missing = [p for p in xnor.PATHS if p not in xnor.paths()]
+    for path in missing:
+        with pytest.raises(ValueError, match="does not run on this CPU"):
+            xnor.xnor_linear(x, weight_packed, 40, path=path)
 
 
 @needs_kernel
@@ -299,12 +371,27 @@ def test_failing_compiler_reports_its_output(tmp_path, fresh_kernel_state):
 
 
 def test_source_ships_as_package_data():
+    """`read_source` gives the translation unit the build compiles and hashes: xnor.c with the sibling files it
+    #includes pasted in place, between #line markers."""
+    here = Path(xnor.__file__).parent
     source = build.read_source("xnor.c")
-    assert source == (Path(xnor.__file__).parent / "xnor.c").read_text(encoding="utf-8")
-    assert "int xnor_linear_f32(" in source
+    main = (here / "xnor.c").read_text(encoding="utf-8")
+    for name in ("xnor_avx512.c", "xnor_conv.c"):
+        assert f'#include "{name}"' in main and f'#include "{name}"' not in source
+        assert f'#line 1 "{name}"\n' + (here / name).read_text(encoding="utf-8") in source
+    assert source.startswith(main[: main.index("#include <stdint.h>")])
+    assert "int xnor_linear_f32(" in source and "int xnor_conv2d_f32(" in source
 
 
-# -DXN_NO_SIMD: the scalar-only build of a CPU without AVX2; -march=x86-64: no AVX at all (the portable sign loop).
+def test_read_source_refuses_an_include_cycle(monkeypatch):
+    texts = {"a.c": '#include "b.c"\n', "b.c": 'int b;\n#include "a.c"\n'}
+    monkeypatch.setattr(build, "_read_one", texts.__getitem__)
+    with pytest.raises(build.XnorUnavailable, match=r"cycle \(a.c -> b.c -> a.c\)"):
+        build.read_source("a.c")
+
+
+# -DXN_NO_SIMD: the scalar-only build; -march=x86-64: no AVX at all in the baseline code (the portable sign loop), the
+# AVX2 and AVX-512 paths compiled through their target attributes.
 _WARNING_BUILDS = [(), ("-DXN_NO_SIMD",)]
 if platform.machine() in ("x86_64", "AMD64"):
     _WARNING_BUILDS.append(("-march=x86-64",))
@@ -361,3 +448,104 @@ def test_cache_key_covers_source_compiler_cpu_and_flags(monkeypatch, tmp_path):
     assert other_cpu != path
     monkeypatch.setattr(build, "CFLAGS", (*build.CFLAGS, "-DX"))
     assert build.library_path("xnor", "int f(void);", cc) not in (path, other_cpu)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run-time dispatch, the packed module's kernel layouts, and the exact int8 path
+
+
+@needs_kernel
+def test_paths_follow_the_cpu_flags():
+    flags = cpu.cpu_flags()
+    if not flags:
+        pytest.skip("the OS lists no CPU flags here")
+    have = xnor.paths()
+    assert have[-1] == "scalar" and list(have) == [p for p in xnor.PATHS if p in have]
+    avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vpopcntdq"} <= flags
+    assert ("avx512" in have) == avx512
+    assert ("avx2" in have) == ("avx2" in flags and "popcnt" in flags)
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_packed_linear_under_a_forced_path(path):
+    """`forced_path` reaches the packed modules; their kernel layout is rebuilt when the weight changes."""
+    gen = torch.Generator().manual_seed(30)
+    layer = BinaryLinear(100, 33)
+    weight_packed, out_scale, bias = make_layer(33, 100, gen)
+    with torch.no_grad():
+        layer.weight.copy_(weight_packed)
+        layer.weight_scale.copy_(out_scale.abs())
+        layer.input_scale.fill_(0.5)
+        layer.bias.copy_(bias)
+    x = make_input((2, 7, 100), gen)
+    set_kernel(layer, "reference")
+    with torch.no_grad():
+        expected = layer(x)
+        set_kernel(layer, "xnor")
+        with xnor.forced_path(path):
+            assert torch.equal(layer(x), expected)
+            other, _, _ = make_layer(33, 100, gen)
+            layer.load_state_dict({**layer.state_dict(), "weight": other})  # an in-place copy: a new version
+            y = layer(x)
+            set_kernel(layer, "reference")
+            assert torch.equal(y, layer(x))
+
+
+def test_forced_path_validates():
+    with pytest.raises(ValueError, match="`path` must be one of"), xnor.forced_path("neon"):
+        pass
+
+
+@needs_kernel
+@pytest.mark.skipif(not int8.available(), reason="no torch._int_mm")
+def test_int8_path_is_bit_identical():
+    gen = torch.Generator().manual_seed(40)
+    for m, k, n in [(1, 7, 3), (2, 100, 17), (33, 513, 64), (128, 384, 100)]:
+        weight_packed, out_scale, bias = make_layer(n, k, gen)
+        weight = int8.int8_weight(weight_packed, k)
+        assert weight.dtype == torch.int8 and weight.shape == (k, n)
+        x = make_input((m, k), gen)
+        for s, b in [(None, None), (out_scale, None), (None, bias), (out_scale, bias)]:
+            assert torch.equal(int8.int8_linear(x, weight, s, b), reference(x, weight_packed, k, s, b))
+        x[0, k // 2] = math.nan
+        with pytest.raises(ValueError, match="NaN"):
+            int8.int8_linear(x, weight, out_scale, bias)
+
+
+@needs_kernel
+@pytest.mark.skipif(not int8.available(), reason="no torch._int_mm")
+def test_auto_measures_int8_where_it_may_win(monkeypatch):
+    """On a CPU where the int8 path may win (AMX int8; forced here), "auto" times both paths once per shape and
+    then keeps the faster one; "int8" runs it always. Every choice gives the reference path's bits."""
+    monkeypatch.setattr(int8, "worth_measuring", lambda: True)
+    int8._reset_for_tests()
+    gen = torch.Generator().manual_seed(41)
+    layer = BinaryLinear(96, 40)
+    weight_packed, _, bias = make_layer(40, 96, gen)
+    with torch.no_grad():
+        layer.weight.copy_(weight_packed)
+        layer.bias.copy_(bias)
+    x = make_input((6, 96), gen)
+    set_kernel(layer, "reference")
+    with torch.no_grad():
+        expected = layer(x)
+        set_kernel(layer, "auto")
+        assert torch.equal(layer(x), expected)
+        assert set(int8._choices) == {(8, 40, 96)} and int8._choices[(8, 40, 96)] in ("xnor", "int8")
+        for choice in ("xnor", "int8"):
+            int8._choices[(8, 40, 96)] = choice
+            assert torch.equal(layer(x), expected)
+        set_kernel(layer, "int8")
+        assert torch.equal(layer(x), expected)
+        assert "int8" in layer._kernel_layouts
+    int8._reset_for_tests()
+
+
+@needs_kernel
+def test_auto_does_not_measure_int8_without_amx(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    monkeypatch.setattr(int8, "cpu_flags", cpu.cpu_flags)
+    assert not int8.worth_measuring()
+    monkeypatch.setattr(int8, "cpu_flags", lambda: frozenset({"amx_int8"}))
+    assert int8.worth_measuring() == int8.available()

@@ -1,13 +1,16 @@
 """CPU kernels for packed layers, compiled on first use from C sources shipped with the package.
 
-`KERNELS` are the modes `stompp_hf.set_kernel` accepts: "auto" (a kernel wherever it applies and builds, the
-reference path elsewhere), "xnor" (the XNOR-popcount kernel, raising where it cannot run) and "reference" (unpack
-the signs and use torch's dense ops). All modes give bit-identical outputs.
+`KERNELS` are the modes `stompp_hf.set_kernel` accepts: "auto" (a kernel wherever it applies, builds and pays, the
+reference path elsewhere), "xnor" (the XNOR-popcount kernels, raising where they cannot run), "int8" (binary linear
+layers through the exact int8 path where it applies, as "auto" elsewhere) and "reference" (unpack the signs and use
+torch's dense ops). All modes give bit-identical outputs.
 
-Modules: `xnor` (the XNOR-popcount kernel, C source in `xnor.c`), `build` (compiling, caching and loading the C
+Modules: `xnor` (the XNOR-popcount linear kernel and the shared library: C sources `xnor.c`, `xnor_avx512.c`,
+`xnor_conv.c`; code paths chosen at run time from the CPU's features), `bconv` (the binary convolution), `int8`
+(+-1 as int8 through `torch._int_mm`, and when "auto" measures it), `build` (compiling, caching and loading the C
 sources) and `cpu` (the host CPU's model and feature flags, for the build cache key and `describe_cpu`).
 """
 
-KERNELS: tuple[str, ...] = ("auto", "xnor", "reference")
+KERNELS: tuple[str, ...] = ("auto", "xnor", "int8", "reference")
 
 __all__ = ["KERNELS"]

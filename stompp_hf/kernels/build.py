@@ -1,6 +1,8 @@
 """Compile the C kernels shipped with the package on first use, cache the libraries, and load them with `ctypes`.
 
-A kernel is one C file next to this module (package data, read with `importlib.resources`). It is compiled with the
+A kernel is one C file next to this module (package data, read with `importlib.resources`), plus the sibling C files
+it pulls in with `#include "name.c"` lines, which `read_source` expands in place (with `#line` markers), so the text
+that is hashed is exactly the text that is compiled. It is compiled with the
 system C compiler (`$CC`, else `cc`, split like a shell command line so `CC="ccache gcc"` works) and `CFLAGS` into
 a per-user cache directory: `$STOMPP_HF_KERNEL_CACHE` if set, else `$XDG_CACHE_HOME/stompp_hf/kernels` (default
 `~/.cache/stompp_hf/kernels`). The library's name hashes the source, the flags, the compiler command and the host
@@ -34,6 +36,7 @@ import importlib.resources
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import stat
@@ -52,6 +55,7 @@ __all__ = [
     "compiler",
     "library_path",
     "load_kernel",
+    "load_library",
     "private_cache_dir",
     "read_source",
 ]
@@ -182,8 +186,11 @@ def compiler() -> list[str]:
     return shlex.split(os.environ.get("CC") or "cc")
 
 
-def read_source(name: str) -> str:
-    """The text of the kernel source `name` (e.g. "xnor.c") shipped in this package."""
+# A line that pulls a sibling C file of this package into the translation unit: `#include "xnor_conv.c"`.
+_LOCAL_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.c)"[ \t]*$', re.MULTILINE)
+
+
+def _read_one(name: str) -> str:
     try:
         return importlib.resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
     except (OSError, ModuleNotFoundError, TypeError):
@@ -192,6 +199,25 @@ def read_source(name: str) -> str:
         return Path(__file__).with_name(name).read_text(encoding="utf-8")
     except OSError as e:
         raise unavailable(f"its C source {name} is missing from the stompp_hf installation ({e})") from e
+
+
+def read_source(name: str, _seen: tuple[str, ...] = ()) -> str:
+    """The text of the kernel source `name` (e.g. "xnor.c") shipped in this package, with every
+    `#include "<sibling>.c"` line replaced by that file's text (recursively), between `#line` markers so that
+    compiler messages name the right file and line."""
+    if name in _seen:
+        raise unavailable(f"its C sources include each other in a cycle ({' -> '.join((*_seen, name))})")
+    text = _read_one(name)
+    parts: list[str] = []
+    end = 0
+    for match in _LOCAL_INCLUDE.finditer(text):
+        parts.append(text[end : match.start()])
+        after = text.count("\n", 0, match.end()) + 2  # the line below the #include
+        body = read_source(match.group(1), (*_seen, name))
+        parts.append(f'#line 1 "{match.group(1)}"\n{body}\n#line {after} "{name}"')
+        end = match.end()
+    parts.append(text[end:])
+    return "".join(parts)
 
 
 def _cpu_tag() -> str:
@@ -264,9 +290,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _build(source_name: str, source: str, cc: list[str], path: Path, symbol: str) -> Callable[..., int]:
-    """Compile `source` into `path` and return its function `symbol`: a temporary file in the same directory is
-    sealed (`_seal`) and loaded, then renamed into place, so only a library that loads is ever published."""
+def _build(source_name: str, source: str, cc: list[str], path: Path, symbol: str) -> ctypes.CDLL:
+    """Compile `source` into `path` and return the loaded library, checked to export `symbol`: a temporary file in
+    the same directory is sealed (`_seal`) and loaded, then renamed into place, so only a library that loads is ever
+    published."""
     cache = path.parent
     cmd = [*cc, *CFLAGS, "-x", "c", "-", "-o"]
     try:
@@ -293,7 +320,8 @@ def _build(source_name: str, source: str, cc: list[str], path: Path, symbol: str
             raise unavailable(f"cannot write the kernel cache directory {cache} ({e})", fix=_FIX_CACHE) from e
         # Loaded under its temporary (unique) name, so the loader cannot hand back an older library of this path.
         try:
-            fn = getattr(ctypes.CDLL(tmp), symbol)
+            lib = ctypes.CDLL(tmp)
+            getattr(lib, symbol)
         except (OSError, AttributeError) as e:
             raise unavailable(f"the freshly built kernel does not load ({e})", [*cmd, tmp]) from e
         try:
@@ -301,17 +329,16 @@ def _build(source_name: str, source: str, cc: list[str], path: Path, symbol: str
         except OSError as e:
             raise unavailable(f"cannot write the kernel cache directory {cache} ({e})", fix=_FIX_CACHE) from e
         _fsync_dir(cache)
-        return fn
+        return lib
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def load_kernel(
-    source_name: str, symbol: str, argtypes: Sequence[type], restype: type | None
-) -> tuple[Callable[..., int], Path]:
+def load_library(source_name: str, symbol: str) -> tuple[ctypes.CDLL, Path]:
     """Load the library of `source_name` from the private cache (building it if it is missing, or replacing it if it
-    fails the checks or does not load) and return its function `symbol` and the library's path.
+    fails the checks, does not load or lacks `symbol`) and return it with its path; bind its functions with
+    `getattr(library, name)` and set their `argtypes` / `restype`.
 
     Raises:
         XnorUnavailable: No compiler, a failed build, no private or writable cache, or a library that does not load
@@ -321,15 +348,29 @@ def load_kernel(
     cc = _resolved_compiler()
     path = library_path(Path(source_name).stem, source, cc, private_cache_dir())
     problem = _library_problem(path)
-    fn = None
+    lib = None
     if problem is None:
         try:
-            fn = getattr(ctypes.CDLL(str(path)), symbol)
+            lib = ctypes.CDLL(str(path))
+            getattr(lib, symbol)
         except (OSError, AttributeError) as e:
-            problem = f"it does not load ({e})"
-    if fn is None:
+            lib, problem = None, f"it does not load ({e})"
+    if lib is None:
         logger.info("Building the kernel library %s: %s.", path, problem)
-        fn = _build(source_name, source, cc, path, symbol)
+        lib = _build(source_name, source, cc, path, symbol)
+    return lib, path
+
+
+def load_kernel(
+    source_name: str, symbol: str, argtypes: Sequence[type], restype: type | None
+) -> tuple[Callable[..., int], Path]:
+    """`load_library`, then its function `symbol` with `argtypes` and `restype` set, and the library's path.
+
+    Raises:
+        XnorUnavailable: As `load_library`.
+    """
+    lib, path = load_library(source_name, symbol)
+    fn = getattr(lib, symbol)
     fn.argtypes = list(argtypes)
     fn.restype = restype
     return fn, path

@@ -1,4 +1,4 @@
-/* Exact XNOR-popcount CPU kernel for a binary-input x binary-weight linear layer (stompp_hf.kernels.xnor).
+/* Exact XNOR-popcount CPU kernels for binary-input x binary-weight layers (stompp_hf.kernels.xnor / .bconv).
 
    xnor_linear_f32 computes, bit for bit, what the dense torch path computes:
 
@@ -8,16 +8,27 @@
        y  = y * out_scale                                 optional, one float32 rounding
        y  = y + bias                                      optional, one float32 rounding
 
-   The activations are packed into 64-bit sign words, and every dot product is K - 2 * popcount(xa ^ w) summed over
-   the words. The epilogue does the multiply and the add as two separately rounded float32 operations (the kernel is
-   built with -ffp-contract=off, so no fused multiply-add), which is what makes the result identical to torch's.
-   A NaN in x has no sign: packing the activations ORs an `x != x` test into a flag, and the call then returns 2
-   without computing y (the Python wrapper raises ValueError).
+   and xnor_conv2d_f32 (xnor_conv.c) the same for F.conv2d with zero padding, any stride, dilation and groups.
+   Every dot product is K - 2 * popcount(signs(x) ^ w) over sign words. The epilogue does the multiply and the add as
+   two separately rounded float32 operations (the kernel is built with -ffp-contract=off, so no fused multiply-add),
+   which is what makes the result identical to torch's. A NaN in x has no sign: packing the activations ORs an
+   `x != x` test into a flag, and the call then returns XN_NAN without computing y (the Python wrapper raises
+   ValueError). With `strict` set, the inputs must already be +-1 (the output of a binary activation) and any other
+   value, NaN included, returns XN_NOT_PM1 (the wrapper then falls back to the dense path).
 
-   There are two code paths. With few rows (M < simd_min_rows, e.g. batch-1 inference) a scalar path reads the
-   packed weights in place and runs popcnt on register tiles of 4 activation rows x 2 weight rows. With more rows an
-   AVX2 path first copies the weights into nibble planes, 4 rows interleaved per 64-bit word, and counts bits with two
-   16-entry byte table lookups (vpshufb) per word on register tiles of 6 activation rows x 4 weight rows.
+   Three code paths, chosen at run time from the CPU's features (xnor_paths; `path` forces one, for tests):
+
+   * avx512 (AVX-512 F/BW/DQ/VL + VPOPCNTDQ, xnor_avx512.c): weights in 16-row panels, one 32-bit word of 16 rows
+     per 512-bit vector; a register tile of 8 activation rows x 2 panels broadcasts each activation word against the
+     panel words (vpxord, vpopcntd, vpaddd), so 32 outputs accumulate in 16 registers with no horizontal sums. Tiles
+     sweep one panel pair over a block of rows (the panel stays in L1, the rows in L2).
+   * avx2 (from simd_min_rows rows on): weights copied into nibble planes, 4 rows interleaved per 64-bit word, bits
+     counted with two 16-entry byte table lookups (vpshufb) per word on register tiles of 6 rows x 4 weight rows.
+   * scalar (any CPU): popcnt on register tiles of 4 activation rows x 2 weight rows, read from the packed weights.
+
+   The AVX2 and AVX-512 code is compiled with `target` attributes, so every path is built whatever -march says and
+   the CPU check alone decides what runs. The panel layout of the avx512 path can be built once per weight
+   (xnor_prepare_weights, kept by the packed modules); without it a call builds it in scratch memory.
 
    Work is split over weight rows (or over activation rows when there are many) between the calling thread and up to
    nthreads - 1 workers of a process-wide pthread pool. The pool starts on first need and is kept, because starting
@@ -25,9 +36,10 @@
    repay waking a worker, or a call made while another thread's call holds the pool, runs on the calling thread alone.
 
    This file is compiled on first use with the system C compiler ($CC, else cc) into a per-user cache directory by
-   stompp_hf.kernels.build, then loaded with ctypes: no Python headers, no torch headers. Threads are plain pthreads
-   (not OpenMP, whose runtime torch already bundles); ctypes releases the GIL during a call. It must compile without
-   warnings under -Wall -Wextra (tests/test_xnor.py checks with -Werror). */
+   stompp_hf.kernels.build, then loaded with ctypes: no Python headers, no torch headers. The build reads the sibling
+   files it #includes (xnor_avx512.c, xnor_conv.c) into one translation unit. Threads are plain pthreads (not OpenMP,
+   whose runtime torch already bundles); ctypes releases the GIL during a call. It must compile without warnings
+   under -Wall -Wextra (tests/test_xnor.py checks with -Werror, also with -DXN_NO_SIMD and -march=x86-64). */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,13 +48,32 @@
 #include <sched.h>
 #include <signal.h>
 #include <time.h>
-#if defined(__AVX__)
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(XN_NO_SIMD)
+#define XN_X86_SIMD 1   /* the AVX2 and AVX-512 paths are compiled (and chosen at run time) */
 #include <immintrin.h>
-#endif
-#if defined(__AVX2__) && !defined(XN_NO_SIMD)
-#define XN_SIMD 1
 #else
-#define XN_SIMD 0
+#define XN_X86_SIMD 0
+#if defined(__AVX__)
+#include <immintrin.h>  /* the sign loop of the portable path */
+#endif
+#endif
+
+#define XN_PATH_AUTO (-1)
+#define XN_PATH_SCALAR 0
+#define XN_PATH_AVX2 1
+#define XN_PATH_AVX512 2
+
+/* Status codes of the entry points (the Python wrappers map them to exceptions). */
+#define XN_OK 0
+#define XN_NOMEM 1        /* scratch memory could not be allocated */
+#define XN_NAN 2          /* x has a NaN (y not written) */
+#define XN_NOT_PM1 3      /* strict: x has a value other than +-1 (y not written) */
+#define XN_NO_PATH 4      /* the requested path is not compiled or not supported by this CPU */
+#define XN_BAD_ARGS 5     /* a shape the kernel does not handle */
+
+#if XN_X86_SIMD
+#define XN_AVX2_FN __attribute__((target("avx2,popcnt")))
+#define XN_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx2,popcnt")))
 #endif
 
 /* Scalar path: register tile of XN_MR activation rows x XN_NR weight rows, read straight from the packed weights. */
@@ -56,29 +87,188 @@
 
 static const uint64_t XN_LO4 = 0x0F0F0F0F0F0F0F0FULL;
 
-typedef struct {
-    const float *x;
-    int64_t ldx;
-    const uint8_t *w;
-    int64_t nbytes;          /* bytes per packed weight row: ceil(K / 8) */
-    const float *scale;
-    const float *bias;
-    float *y;
-    int64_t M, N, K;
-    int64_t nw;              /* 64-bit words per row: ceil(K / 64) */
-    int64_t nfull;           /* whole words per row: K / 64 */
-    int tail_bytes;          /* bytes in the last partial word (0 if none) */
-    uint64_t tail_mask;      /* its valid bits */
-    int simd;
-    int split_m;
+/* The bitmask of paths this build and this CPU support: bit XN_PATH_* set where that path can run. */
+int xnor_paths(void)
+{
+    int paths = 1 << XN_PATH_SCALAR;
+#if XN_X86_SIMD
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) paths |= 1 << XN_PATH_AVX2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vpopcntdq"))
+        paths |= 1 << XN_PATH_AVX512;
+#endif
+    return paths;
+}
+
+static int xn_supported(int path) { return path >= 0 && path <= 2 && ((xnor_paths() >> path) & 1); }
+
+/* ------------------------------------------------------------------------------------------------------------
+   The worker pool runs tasks: a task is a struct that starts with xn_task, whose `run` each thread calls with its
+   id. A task packs its operands, meets the other threads at xn_barrier, then computes its share of the outputs. */
+
+typedef struct xn_task xn_task;
+struct xn_task {
+    void (*run)(xn_task *task, int tid);
     int nthreads;
-    uint64_t *xa;            /* scalar: sign words [M, nw]; simd: nibble planes, each word 4 times [Mpad, nw, 2, 4] */
-    uint64_t *wv;            /* simd: nibble planes of the weights [Gpad, nw, 2, 4] */
-    int64_t mpad, gpad;      /* simd: rows padded to XN_VMR, weight groups of 4 padded to XN_VNG */
-    int64_t block;           /* scalar: weight rows per cache block; simd: groups per cache block */
     int arrived;             /* threads done packing their share of the operands */
-    int nan;                 /* set by a thread whose share of x has a NaN */
-} xn_job;
+    int status;              /* XN_NAN / XN_NOT_PM1 if some share of x has one (only ever set to one of them) */
+};
+
+static void xn_fail(xn_task *t, int status) { __atomic_store_n(&t->status, status, __ATOMIC_RELAXED); }
+
+static int xn_failed(xn_task *t) { return __atomic_load_n(&t->status, __ATOMIC_RELAXED); }
+
+static inline void xn_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Wait until every thread of the task has arrived (has packed its share). */
+static void xn_barrier(xn_task *t)
+{
+    if (t->nthreads <= 1) return;
+    __atomic_add_fetch(&t->arrived, 1, __ATOMIC_ACQ_REL);
+    for (long spins = 0; __atomic_load_n(&t->arrived, __ATOMIC_ACQUIRE) < t->nthreads; spins++) {
+        if (spins < 4096) xn_pause();
+        else sched_yield();
+    }
+}
+
+/* Share `tid` of `nthreads` of `total` items, in whole units of `unit` items. */
+static void xn_share(int64_t total, int64_t unit, int tid, int nthreads, int64_t *lo, int64_t *hi)
+{
+    const int64_t units = (total + unit - 1) / unit;
+    const int64_t a = units * tid / nthreads * unit, b = units * (tid + 1) / nthreads * unit;
+    *lo = a < total ? a : total;
+    *hi = b < total ? b : total;
+}
+
+/* Threads for `work` (row, column, word) triples: at most `nthreads`, each with at least `min_work`, at most
+   `units` (the number of pieces the work splits into). */
+static int xn_threads(int nthreads, int64_t work, int64_t min_work, int64_t units)
+{
+    int64_t t = nthreads < 1 ? 1 : nthreads > XN_MAX_THREADS ? XN_MAX_THREADS : nthreads;
+    if (min_work > 0 && work / min_work < t) t = work / min_work;
+    if (units < t) t = units;
+    return t < 1 ? 1 : (int)t;
+}
+
+/* A process-wide pool of worker threads, started on demand and kept: starting threads on every call costs tens of
+   microseconds. One call at a time uses it (a concurrent call runs on its own thread); idle workers spin for
+   XN_SPIN_NS, then sleep on a condition variable. A forked child starts with an empty pool. */
+#define XN_SPIN_NS 20000
+
+static pthread_mutex_t xn_busy = PTHREAD_MUTEX_INITIALIZER;   /* held by the call that owns the pool */
+static pthread_mutex_t xn_mu = PTHREAD_MUTEX_INITIALIZER;     /* guards the fields below */
+static pthread_cond_t xn_wake = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t xn_done = PTHREAD_COND_INITIALIZER;
+static int xn_size;                 /* workers started (tids 1..xn_size) */
+static unsigned long xn_gen;        /* bumped for every task */
+static xn_task *xn_current;
+static int xn_active;               /* threads on the current task, the caller included */
+static int xn_pending;              /* workers not yet done with the current task */
+static unsigned long xn_start_gen[XN_MAX_THREADS];
+static pthread_once_t xn_once = PTHREAD_ONCE_INIT;
+
+static void xn_after_fork_child(void)
+{
+    pthread_mutex_init(&xn_busy, NULL);
+    pthread_mutex_init(&xn_mu, NULL);
+    pthread_cond_init(&xn_wake, NULL);
+    pthread_cond_init(&xn_done, NULL);
+    xn_size = 0;
+    xn_active = 0;
+    xn_pending = 0;
+    xn_current = NULL;
+}
+
+static void xn_register_fork(void) { pthread_atfork(NULL, NULL, xn_after_fork_child); }
+
+static int64_t xn_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void *xn_pool_worker(void *arg)
+{
+    const int tid = (int)(intptr_t)arg;
+    unsigned long seen = xn_start_gen[tid];
+    for (;;) {
+        const int64_t t0 = xn_now_ns();
+        for (int i = 0; __atomic_load_n(&xn_gen, __ATOMIC_ACQUIRE) == seen; i++) {
+            if ((i & 63) == 63 && xn_now_ns() - t0 > XN_SPIN_NS) break;
+            xn_pause();
+        }
+        pthread_mutex_lock(&xn_mu);
+        while (__atomic_load_n(&xn_gen, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&xn_wake, &xn_mu);
+        seen = xn_gen;
+        xn_task *t = tid < xn_active ? xn_current : NULL;   /* workers past the task's thread count sit it out */
+        pthread_mutex_unlock(&xn_mu);
+        if (!t) continue;
+        t->run(t, tid);
+        pthread_mutex_lock(&xn_mu);
+        if (__atomic_sub_fetch(&xn_pending, 1, __ATOMIC_ACQ_REL) == 0) pthread_cond_signal(&xn_done);
+        pthread_mutex_unlock(&xn_mu);
+    }
+    return NULL;
+}
+
+/* Run `t` on the calling thread plus t->nthreads - 1 pool workers (fewer if the pool is busy or cannot grow). */
+static void xn_run(xn_task *t)
+{
+    if (t->nthreads > 1 && pthread_mutex_trylock(&xn_busy) != 0) t->nthreads = 1;
+    if (t->nthreads <= 1) {
+        t->nthreads = 1;
+        t->run(t, 0);
+        return;
+    }
+    pthread_once(&xn_once, xn_register_fork);
+    pthread_mutex_lock(&xn_mu);
+    if (xn_size < t->nthreads - 1) {
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);   /* workers never take signals meant for the interpreter */
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        while (xn_size < t->nthreads - 1) {
+            pthread_t th;
+            xn_start_gen[xn_size + 1] = xn_gen;
+            if (pthread_create(&th, &attr, xn_pool_worker, (void *)(intptr_t)(xn_size + 1)) != 0) break;
+            xn_size++;
+        }
+        pthread_attr_destroy(&attr);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (xn_size < t->nthreads - 1) t->nthreads = xn_size + 1;
+    }
+    xn_current = t;
+    xn_active = t->nthreads;
+    xn_pending = t->nthreads - 1;
+    __atomic_add_fetch(&xn_gen, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&xn_wake);
+    pthread_mutex_unlock(&xn_mu);
+
+    t->run(t, 0);
+
+    for (int i = 0; __atomic_load_n(&xn_pending, __ATOMIC_ACQUIRE) > 0 && i < 2000; i++) xn_pause();
+    pthread_mutex_lock(&xn_mu);
+    while (xn_pending > 0) pthread_cond_wait(&xn_done, &xn_mu);
+    xn_current = NULL;
+    xn_active = 0;
+    pthread_mutex_unlock(&xn_mu);
+    pthread_mutex_unlock(&xn_busy);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   Shared helpers: loads from the packed weights and the portable sign loop. */
 
 static inline uint64_t xn_load64(const uint8_t *p)
 {
@@ -90,14 +280,13 @@ static inline uint64_t xn_load64(const uint8_t *p)
     return v;
 }
 
-/* Word `k` of packed weight row `n`, with bits past K cleared. */
-static inline uint64_t xn_wword(const xn_job *j, int64_t n, int64_t k)
+/* Bits [32 * k, 32 * k + 32) of a packed row of `nbytes` bytes holding K entries, with bits past K cleared. */
+static inline uint32_t xn_word32(const uint8_t *row, int64_t nbytes, int64_t K, int64_t k)
 {
-    const uint8_t *p = j->w + n * j->nbytes + 8 * k;
-    if (k < j->nfull) return xn_load64(p);
-    uint64_t v = 0;
-    for (int i = 0; i < j->tail_bytes; i++) v |= (uint64_t)p[i] << (8 * i);
-    return v & j->tail_mask;
+    uint32_t v = 0;
+    for (int b = 0; b < 4 && 4 * k + b < nbytes; b++) v |= (uint32_t)row[4 * k + b] << (8 * b);
+    const int64_t left = K - 32 * k;
+    return left >= 32 ? v : v & (((uint32_t)1 << left) - 1);
 }
 
 /* Sign bits of 64 (or `cnt` < 64) floats: bit k is p[k] >= 0 (-0.0 -> 1, NaN -> 0), bits past cnt are 0.
@@ -130,14 +319,60 @@ static inline uint64_t xn_signs(const float *p, int64_t cnt, unsigned *nan)
     return bits;
 }
 
+/* Whether p[0..cnt) are all exactly +1 or -1 (the strict mode's check; NaN is not). */
+static int xn_all_pm1(const float *p, int64_t cnt)
+{
+    int ok = 1;
+    for (int64_t k = 0; k < cnt; k++) ok &= (p[k] == 1.0f) | (p[k] == -1.0f);
+    return ok;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   Linear layer, scalar and AVX2 paths. */
+
+typedef struct {
+    xn_task task;
+    const float *x;
+    int64_t ldx;
+    const uint8_t *w;
+    int64_t nbytes;          /* bytes per packed weight row: ceil(K / 8) */
+    const float *scale;
+    const float *bias;
+    float *y;
+    int64_t M, N, K;
+    int64_t nw;              /* 64-bit words per row: ceil(K / 64) */
+    int64_t nfull;           /* whole words per row: K / 64 */
+    int tail_bytes;          /* bytes in the last partial word (0 if none) */
+    uint64_t tail_mask;      /* its valid bits */
+    int simd;                /* the AVX2 path */
+    int split_m;
+    int strict;
+    uint64_t *xa;            /* scalar: sign words [M, nw]; simd: nibble planes, each word 4 times [Mpad, nw, 2, 4] */
+    uint64_t *wv;            /* simd: nibble planes of the weights [Gpad, nw, 2, 4] */
+    int64_t mpad, gpad;      /* simd: rows padded to XN_VMR, weight groups of 4 padded to XN_VNG */
+    int64_t block;           /* scalar: weight rows per cache block; simd: groups per cache block */
+} xn_job;
+
+/* Word `k` of packed weight row `n`, with bits past K cleared. */
+static inline uint64_t xn_wword(const xn_job *j, int64_t n, int64_t k)
+{
+    const uint8_t *p = j->w + n * j->nbytes + 8 * k;
+    if (k < j->nfull) return xn_load64(p);
+    uint64_t v = 0;
+    for (int i = 0; i < j->tail_bytes; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v & j->tail_mask;
+}
+
 /* Pack activation rows [m0, m1) into the layout of the active path (zero rows past M for the simd path); flag a
-   NaN among them in j->nan. */
+   NaN (or, strict, a value other than +-1) among them. */
 static void xn_pack_x(xn_job *j, int64_t m0, int64_t m1)
 {
     const int64_t nw = j->nw;
     unsigned nan = 0;
+    int pm1 = 1;
     for (int64_t m = m0; m < m1; m++) {
         const float *r = j->x + m * j->ldx;
+        if (j->strict && m < j->M) pm1 &= xn_all_pm1(r, j->K);
         if (j->simd) {
             uint64_t *o = j->xa + m * nw * 8;
             for (int64_t k = 0; k < nw; k++) {
@@ -152,41 +387,8 @@ static void xn_pack_x(xn_job *j, int64_t m0, int64_t m1)
             for (int64_t k = 0; k < nw; k++) o[k] = xn_signs(r + 64 * k, j->K - 64 * k, &nan);
         }
     }
-    if (nan) __atomic_store_n(&j->nan, 1, __ATOMIC_RELAXED);
+    if (j->strict ? !pm1 : nan != 0) xn_fail(&j->task, j->strict ? XN_NOT_PM1 : XN_NAN);
 }
-
-#if XN_SIMD
-/* simd path: nibble planes of weight groups [g0, g1), 4 rows interleaved per word (zero rows past N). */
-static void xn_pack_w(const xn_job *j, int64_t g0, int64_t g1)
-{
-    const int64_t nw = j->nw, nfull = j->nfull;
-    for (int64_t g = g0; g < g1; g++) {
-        uint64_t *o = j->wv + g * nw * 8;
-        const uint8_t *row[4];
-        uint64_t keep[4];
-        int64_t n[4];
-        for (int q = 0; q < 4; q++) {
-            n[q] = 4 * g + q < j->N ? 4 * g + q : 4 * g;   /* a row past N reads row 4g and is zeroed */
-            keep[q] = 4 * g + q < j->N ? ~(uint64_t)0 : 0;
-            row[q] = j->w + n[q] * j->nbytes;
-        }
-        for (int64_t k = 0; k < nfull; k++) {
-            for (int q = 0; q < 4; q++) {
-                const uint64_t b = xn_load64(row[q] + 8 * k) & keep[q];
-                o[8 * k + q] = b & XN_LO4;
-                o[8 * k + 4 + q] = (b >> 4) & XN_LO4;
-            }
-        }
-        if (nfull < nw) {
-            for (int q = 0; q < 4; q++) {
-                const uint64_t b = xn_wword(j, n[q], nfull) & keep[q];
-                o[8 * nfull + q] = b & XN_LO4;
-                o[8 * nfull + 4 + q] = (b >> 4) & XN_LO4;
-            }
-        }
-    }
-}
-#endif
 
 static inline void xn_store(const xn_job *j, int64_t m, int64_t n, uint64_t count)
 {
@@ -270,12 +472,43 @@ static void xn_compute(const xn_job *j, int64_t m0, int64_t m1, int64_t n0, int6
     }
 }
 
-#if XN_SIMD
-/* simd register tile: padded rows [m, m + XN_VMR) x weight groups [g, g + XN_VNG). Per byte, popcount is the sum
+#if XN_X86_SIMD
+/* AVX2 path: nibble planes of weight groups [g0, g1), 4 rows interleaved per word (zero rows past N). */
+static void xn_pack_w(const xn_job *j, int64_t g0, int64_t g1)
+{
+    const int64_t nw = j->nw, nfull = j->nfull;
+    for (int64_t g = g0; g < g1; g++) {
+        uint64_t *o = j->wv + g * nw * 8;
+        const uint8_t *row[4];
+        uint64_t keep[4];
+        int64_t n[4];
+        for (int q = 0; q < 4; q++) {
+            n[q] = 4 * g + q < j->N ? 4 * g + q : 4 * g;   /* a row past N reads row 4g and is zeroed */
+            keep[q] = 4 * g + q < j->N ? ~(uint64_t)0 : 0;
+            row[q] = j->w + n[q] * j->nbytes;
+        }
+        for (int64_t k = 0; k < nfull; k++) {
+            for (int q = 0; q < 4; q++) {
+                const uint64_t b = xn_load64(row[q] + 8 * k) & keep[q];
+                o[8 * k + q] = b & XN_LO4;
+                o[8 * k + 4 + q] = (b >> 4) & XN_LO4;
+            }
+        }
+        if (nfull < nw) {
+            for (int q = 0; q < 4; q++) {
+                const uint64_t b = xn_wword(j, n[q], nfull) & keep[q];
+                o[8 * nfull + q] = b & XN_LO4;
+                o[8 * nfull + 4 + q] = (b >> 4) & XN_LO4;
+            }
+        }
+    }
+}
+
+/* AVX2 register tile: padded rows [m, m + XN_VMR) x weight groups [g, g + XN_VNG). Per byte, popcount is the sum
    of two 16-entry table lookups (low and high nibble); byte sums are flushed to 64-bit lanes every 31 words. */
-static inline __attribute__((always_inline)) void xn_vchunk(const uint64_t *xr, const uint64_t *wr, int64_t nw,
-                                                              int64_t k0, int64_t k1,
-                                                              __m256i acc[XN_VMR][XN_VNG])
+static inline __attribute__((always_inline)) XN_AVX2_FN void xn_vchunk(const uint64_t *xr, const uint64_t *wr,
+                                                                         int64_t nw, int64_t k0, int64_t k1,
+                                                                         __m256i acc[XN_VMR][XN_VNG])
 {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
@@ -298,7 +531,7 @@ static inline __attribute__((always_inline)) void xn_vchunk(const uint64_t *xr, 
     }
 }
 
-static void xn_vtile(const xn_job *j, int64_t m, int64_t g)
+XN_AVX2_FN static void xn_vtile(const xn_job *j, int64_t m, int64_t g)
 {
     const int64_t nw = j->nw;
     const __m256i zero = _mm256_setzero_si256();
@@ -342,7 +575,7 @@ static void xn_vtile(const xn_job *j, int64_t m, int64_t g)
     }
 }
 
-/* simd path: padded rows [m0, m1) x groups [g0, g1), the weight groups swept in cache blocks. */
+/* AVX2 path: padded rows [m0, m1) x groups [g0, g1), the weight groups swept in cache blocks. */
 static void xn_vcompute(const xn_job *j, int64_t m0, int64_t m1, int64_t g0, int64_t g1)
 {
     for (int64_t b0 = g0; b0 < g1; b0 += j->block) {
@@ -353,34 +586,17 @@ static void xn_vcompute(const xn_job *j, int64_t m0, int64_t m1, int64_t g0, int
 }
 #endif
 
-/* Share `tid` of `nthreads` of `total` items, in whole units of `unit` items. */
-static void xn_share(int64_t total, int64_t unit, int tid, int nthreads, int64_t *lo, int64_t *hi)
-{
-    const int64_t units = (total + unit - 1) / unit;
-    const int64_t a = units * tid / nthreads * unit, b = units * (tid + 1) / nthreads * unit;
-    *lo = a < total ? a : total;
-    *hi = b < total ? b : total;
-}
-
-static inline void xn_pause(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
 /* Thread `tid`'s share of one call: pack its share of the operands, wait until every thread has packed its own,
    then compute its share of the outputs (nothing if some share of x has a NaN). */
-static void xn_run_share(xn_job *j, int tid)
+static void xn_linear_share(xn_task *task, int tid)
 {
-    const int T = j->nthreads;
+    xn_job *j = (xn_job *)task;
+    const int T = task->nthreads;
     int64_t lo, hi;
     if (j->simd) {
         xn_share(j->mpad, XN_VMR, tid, T, &lo, &hi);
         xn_pack_x(j, lo, hi);
-#if XN_SIMD
+#if XN_X86_SIMD
         xn_share(j->gpad, XN_VNG, tid, T, &lo, &hi);
         xn_pack_w(j, lo, hi);
 #endif
@@ -388,15 +604,9 @@ static void xn_run_share(xn_job *j, int tid)
         xn_share(j->M, XN_MR, tid, T, &lo, &hi);
         xn_pack_x(j, lo, hi);
     }
-    if (T > 1) {
-        __atomic_add_fetch(&j->arrived, 1, __ATOMIC_ACQ_REL);
-        for (long spins = 0; __atomic_load_n(&j->arrived, __ATOMIC_ACQUIRE) < T; spins++) {
-            if (spins < 4096) xn_pause();
-            else sched_yield();
-        }
-    }
-    if (__atomic_load_n(&j->nan, __ATOMIC_RELAXED)) return;
-#if XN_SIMD
+    xn_barrier(task);
+    if (xn_failed(task)) return;
+#if XN_X86_SIMD
     if (j->simd) {
         if (j->split_m) {
             xn_share(j->mpad, XN_VMR, tid, T, &lo, &hi);
@@ -417,124 +627,13 @@ static void xn_run_share(xn_job *j, int tid)
     }
 }
 
-/* A process-wide pool of worker threads, started on demand and kept: starting threads on every call costs tens of
-   microseconds. One call at a time uses it (a concurrent call runs on its own thread); idle workers spin for
-   XN_SPIN_NS, then sleep on a condition variable. A forked child starts with an empty pool. */
-#define XN_SPIN_NS 20000
-
-static pthread_mutex_t xn_busy = PTHREAD_MUTEX_INITIALIZER;   /* held by the call that owns the pool */
-static pthread_mutex_t xn_mu = PTHREAD_MUTEX_INITIALIZER;     /* guards the fields below */
-static pthread_cond_t xn_wake = PTHREAD_COND_INITIALIZER;
-static pthread_cond_t xn_done = PTHREAD_COND_INITIALIZER;
-static int xn_size;                 /* workers started (tids 1..xn_size) */
-static unsigned long xn_gen;        /* bumped for every job */
-static xn_job *xn_current;
-static int xn_active;               /* threads on the current job, the caller included */
-static int xn_pending;              /* workers not yet done with the current job */
-static unsigned long xn_start_gen[XN_MAX_THREADS];
-static pthread_once_t xn_once = PTHREAD_ONCE_INIT;
-
-static void xn_after_fork_child(void)
+static int xn_linear_scalar_avx2(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,
+                                 const float *scale, const float *bias, float *y, int nthreads, int64_t min_work,
+                                 int simd, int strict)
 {
-    pthread_mutex_init(&xn_busy, NULL);
-    pthread_mutex_init(&xn_mu, NULL);
-    pthread_cond_init(&xn_wake, NULL);
-    pthread_cond_init(&xn_done, NULL);
-    xn_size = 0;
-    xn_active = 0;
-    xn_pending = 0;
-    xn_current = NULL;
-}
-
-static void xn_register_fork(void) { pthread_atfork(NULL, NULL, xn_after_fork_child); }
-
-static int64_t xn_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static void *xn_pool_worker(void *arg)
-{
-    const int tid = (int)(intptr_t)arg;
-    unsigned long seen = xn_start_gen[tid];
-    for (;;) {
-        const int64_t t0 = xn_now_ns();
-        for (int i = 0; __atomic_load_n(&xn_gen, __ATOMIC_ACQUIRE) == seen; i++) {
-            if ((i & 63) == 63 && xn_now_ns() - t0 > XN_SPIN_NS) break;
-            xn_pause();
-        }
-        pthread_mutex_lock(&xn_mu);
-        while (__atomic_load_n(&xn_gen, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&xn_wake, &xn_mu);
-        seen = xn_gen;
-        xn_job *j = tid < xn_active ? xn_current : NULL;   /* workers past the job's thread count sit it out */
-        pthread_mutex_unlock(&xn_mu);
-        if (!j) continue;
-        xn_run_share(j, tid);
-        pthread_mutex_lock(&xn_mu);
-        if (__atomic_sub_fetch(&xn_pending, 1, __ATOMIC_ACQ_REL) == 0) pthread_cond_signal(&xn_done);
-        pthread_mutex_unlock(&xn_mu);
-    }
-    return NULL;
-}
-
-/* Run `j` on the calling thread plus j->nthreads - 1 pool workers (fewer if the pool is busy or cannot grow). */
-static void xn_run(xn_job *j)
-{
-    if (j->nthreads > 1 && pthread_mutex_trylock(&xn_busy) != 0) j->nthreads = 1;
-    if (j->nthreads <= 1) {
-        j->nthreads = 1;
-        xn_run_share(j, 0);
-        return;
-    }
-    pthread_once(&xn_once, xn_register_fork);
-    pthread_mutex_lock(&xn_mu);
-    if (xn_size < j->nthreads - 1) {
-        sigset_t all, old;
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &old);   /* workers never take signals meant for the interpreter */
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        while (xn_size < j->nthreads - 1) {
-            pthread_t t;
-            xn_start_gen[xn_size + 1] = xn_gen;
-            if (pthread_create(&t, &attr, xn_pool_worker, (void *)(intptr_t)(xn_size + 1)) != 0) break;
-            xn_size++;
-        }
-        pthread_attr_destroy(&attr);
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-        if (xn_size < j->nthreads - 1) j->nthreads = xn_size + 1;
-    }
-    xn_current = j;
-    xn_active = j->nthreads;
-    xn_pending = j->nthreads - 1;
-    __atomic_add_fetch(&xn_gen, 1, __ATOMIC_RELEASE);
-    pthread_cond_broadcast(&xn_wake);
-    pthread_mutex_unlock(&xn_mu);
-
-    xn_run_share(j, 0);
-
-    for (int i = 0; __atomic_load_n(&xn_pending, __ATOMIC_ACQUIRE) > 0 && i < 2000; i++) xn_pause();
-    pthread_mutex_lock(&xn_mu);
-    while (xn_pending > 0) pthread_cond_wait(&xn_done, &xn_mu);
-    xn_current = NULL;
-    xn_active = 0;
-    pthread_mutex_unlock(&xn_mu);
-    pthread_mutex_unlock(&xn_busy);
-}
-
-/* y[M, N] = epilogue(K - 2 * popcount(signs(x[m]) ^ w[n])), with optional (NULL) scale and bias. Uses the AVX2
-   path when compiled with it and M >= simd_min_rows; at most `nthreads` threads, each with >= min_work word pairs.
-   Returns 0 on success, 1 if scratch memory could not be allocated, 2 if x has a NaN (then y is not written). */
-int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,
-                    const float *scale, const float *bias, float *y, int nthreads, int64_t min_work,
-                    int64_t simd_min_rows)
-{
-    if (M <= 0 || N <= 0 || K <= 0) return 0;
     xn_job j;
     memset(&j, 0, sizeof j);
+    j.task.run = xn_linear_share;
     j.x = x; j.ldx = ldx; j.w = w; j.nbytes = (K + 7) / 8;
     j.scale = scale; j.bias = bias; j.y = y;
     j.M = M; j.N = N; j.K = K;
@@ -542,7 +641,8 @@ int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uin
     j.nfull = K / 64;
     j.tail_bytes = (int)(j.nbytes - 8 * j.nfull);
     j.tail_mask = (K % 64) ? ((uint64_t)1 << (K % 64)) - 1 : ~(uint64_t)0;
-    j.simd = XN_SIMD && M >= simd_min_rows;
+    j.simd = simd;
+    j.strict = strict;
 
     int64_t mtiles, ntiles;
     if (j.simd) {
@@ -558,7 +658,7 @@ int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uin
         if (!j.xa || !j.wv) {
             free(j.xa);
             free(j.wv);
-            return 1;
+            return XN_NOMEM;
         }
     } else {
         j.block = XN_BLOCK_BYTES / j.nbytes / XN_NR * XN_NR;
@@ -566,19 +666,156 @@ int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uin
         mtiles = (M + XN_MR - 1) / XN_MR;
         ntiles = (N + XN_NR - 1) / XN_NR;
         j.xa = (uint64_t *)malloc((size_t)(M * j.nw) * sizeof(uint64_t));
-        if (!j.xa) return 1;
+        if (!j.xa) return XN_NOMEM;
     }
-
-    int64_t t = nthreads < 1 ? 1 : nthreads > XN_MAX_THREADS ? XN_MAX_THREADS : nthreads;
-    const int64_t work = M * N * j.nw;
-    if (min_work > 0 && work / min_work < t) t = work / min_work;
-    if (t < 1) t = 1;
+    int t = xn_threads(nthreads, M * N * j.nw, min_work, INT64_MAX);
     j.split_m = mtiles >= 8 * t && mtiles >= ntiles;
-    const int64_t units = j.split_m ? mtiles : ntiles;
-    if (units < t) t = units;
-    j.nthreads = (int)t;
-    xn_run(&j);
+    t = xn_threads(t, 1, 0, j.split_m ? mtiles : ntiles);
+    j.task.nthreads = t;
+    xn_run(&j.task);
     free(j.xa);
     free(j.wv);
-    return j.nan ? 2 : 0;
+    return j.task.status;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   The weight panels of the avx512 path (also the conv kernel's weight layout, xnor_conv.c), built by portable C. */
+
+/* Words of the panel layout: panels of 16 output channels (per conv group), each `T = taps * cw` steps of 16
+   32-bit words, plus a table S[o][tap] = sum over the tap's input channels of sign(w), as int32. */
+static int64_t xn_panel_words(int64_t O, int64_t Cg, int64_t taps, int64_t groups)
+{
+    const int64_t Og = O / groups, P16 = (Og + 15) / 16, cw = (Cg + 31) / 32;
+    return groups * P16 * taps * cw * 16 + O * taps;
+}
+
+/* Fill the panels of output channels [o0, o1) (whole panels of one group) and their rows of S. The packed weight
+   row of channel o holds entry (c, tap) at bit c * taps + tap (F.conv2d's weight flattened; taps = 1 for linear). */
+static void xn_fill_panels(const uint8_t *w, int64_t O, int64_t Cg, int64_t taps, int64_t groups, int64_t panel0,
+                           int64_t panel1, uint32_t *out)
+{
+    const int64_t Og = O / groups, P16 = (Og + 15) / 16, cw = (Cg + 31) / 32, T = taps * cw;
+    const int64_t K = Cg * taps, nbytes = (K + 7) / 8;
+    int32_t *S = (int32_t *)(out + groups * P16 * T * 16);
+    for (int64_t gp = panel0; gp < panel1; gp++) {
+        const int64_t g = gp / P16, p = gp % P16;
+        uint32_t *panel = out + gp * T * 16;
+        memset(panel, 0, (size_t)(T * 16) * sizeof(uint32_t));
+        for (int q = 0; q < 16; q++) {
+            const int64_t n = 16 * p + q;
+            if (n >= Og) break;
+            const int64_t o = g * Og + n;
+            const uint8_t *row = w + o * nbytes;
+            if (taps == 1) {   /* linear / 1x1: the packed row is already the channel words */
+                int32_t pos = 0;
+                for (int64_t k = 0; k < cw; k++) {
+                    const uint32_t v = xn_word32(row, nbytes, K, k);
+                    panel[k * 16 + q] = v;
+                    pos += __builtin_popcount(v);
+                }
+                S[o] = 2 * pos - (int32_t)Cg;
+                continue;
+            }
+            for (int64_t t = 0; t < taps; t++) {
+                int32_t pos = 0;
+                for (int64_t c = 0; c < Cg; c++) {
+                    const int64_t k = c * taps + t;
+                    const uint32_t bit = (row[k >> 3] >> (k & 7)) & 1u;
+                    panel[(t * cw + (c >> 5)) * 16 + q] |= bit << (c & 31);
+                    pos += (int32_t)bit;
+                }
+                S[o * taps + t] = 2 * pos - (int32_t)Cg;
+            }
+        }
+    }
+}
+
+#if XN_X86_SIMD
+#include "xnor_avx512.c"
+#endif
+#include "xnor_conv.c"
+
+/* ------------------------------------------------------------------------------------------------------------
+   Entry points (called through ctypes; see xnor.py / bconv.py). */
+
+/* Bytes of the prepared weight layout of a layer with O outputs, Cg inputs per group and `taps` kernel taps. */
+int64_t xnor_prepared_bytes(int64_t O, int64_t Cg, int64_t taps, int64_t groups)
+{
+    if (O <= 0 || Cg <= 0 || taps <= 0 || groups <= 0 || O % groups) return -1;
+    return xn_panel_words(O, Cg, taps, groups) * (int64_t)sizeof(uint32_t);
+}
+
+/* Build the prepared weight layout (the avx512 linear path's panels, the conv kernel's weights) into `out`, of
+   xnor_prepared_bytes bytes, on the calling thread. */
+int xnor_prepare_weights(const uint8_t *w, int64_t O, int64_t Cg, int64_t taps, int64_t groups, void *out)
+{
+    if (xnor_prepared_bytes(O, Cg, taps, groups) < 0) return XN_BAD_ARGS;
+    const int64_t P16 = (O / groups + 15) / 16;
+    xn_fill_panels(w, O, Cg, taps, groups, 0, groups * P16, (uint32_t *)out);
+    return XN_OK;
+}
+
+/* y[M, N] = epilogue(K - 2 * popcount(signs(x[m]) ^ w[n])), with optional (NULL) scale and bias. `path` is
+   XN_PATH_* or XN_PATH_AUTO: avx512 where supported (with `prepared` panels, or from simd_min_rows rows on), else
+   avx2 from simd_min_rows rows on, else scalar. `prepared` (NULL, or xnor_prepare_weights' layout of w) is used by
+   the avx512 path only. At most `nthreads` threads, each with >= min_work word pairs. `strict`: x must be +-1.
+   Returns XN_OK, or XN_NOMEM / XN_NAN / XN_NOT_PM1 / XN_NO_PATH (then y is not written). */
+int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,
+                    const float *scale, const float *bias, float *y, int nthreads, int64_t min_work,
+                    int64_t simd_min_rows, int path, const void *prepared, int strict)
+{
+    if (M <= 0 || N <= 0 || K <= 0) return XN_OK;
+    if (path == XN_PATH_AUTO) {
+        const int paths = xnor_paths();
+        if ((paths >> XN_PATH_AVX512) & 1 && (prepared || M >= simd_min_rows)) path = XN_PATH_AVX512;
+        else if ((paths >> XN_PATH_AVX2) & 1 && M >= simd_min_rows) path = XN_PATH_AVX2;
+        else path = XN_PATH_SCALAR;
+    } else if (!xn_supported(path)) {
+        return XN_NO_PATH;
+    }
+#if XN_X86_SIMD
+    if (path == XN_PATH_AVX512)
+        return xz_linear(x, M, ldx, K, w, N, scale, bias, y, nthreads, min_work, (const uint32_t *)prepared, strict);
+#endif
+    return xn_linear_scalar_avx2(x, M, ldx, K, w, N, scale, bias, y, nthreads, min_work, path == XN_PATH_AVX2,
+                                 strict);
+}
+
+/* The int8 path's operands (stompp_hf.kernels.int8): out[m, k] = x[m, k] >= 0 ? 1 : -1 as int8, rows of x `ldx`
+   floats apart. Returns XN_OK, or XN_NAN if x has a NaN (out is then partly written). */
+int xnor_signs_i8(const float *x, int64_t M, int64_t ldx, int64_t K, int8_t *out)
+{
+    unsigned nan = 0;
+    for (int64_t m = 0; m < M; m++) {
+        const float *r = x + m * ldx;
+        int8_t *o = out + m * K;
+        for (int64_t k = 0; k < K; k++) {
+            o[k] = (int8_t)(r[k] >= 0.0f ? 1 : -1);
+            nan |= r[k] != r[k];
+        }
+    }
+    return nan ? XN_NAN : XN_OK;
+}
+
+/* The int8 path's epilogue: y[m, n] = (float)acc[m, n] * scale[n] + bias[n], rounded like torch (two roundings;
+   scale and bias optional). Exact integer-to-float conversion for |acc| < 2**24. */
+int xnor_epilogue_i32(const int32_t *acc, int64_t M, int64_t N, const float *scale, const float *bias, float *y)
+{
+    for (int64_t m = 0; m < M; m++) {
+        const int32_t *a = acc + m * N;
+        float *o = y + m * N;
+        if (scale && bias) {
+            for (int64_t n = 0; n < N; n++) {
+                const float d = (float)a[n] * scale[n];
+                o[n] = d + bias[n];
+            }
+        } else if (scale) {
+            for (int64_t n = 0; n < N; n++) o[n] = (float)a[n] * scale[n];
+        } else if (bias) {
+            for (int64_t n = 0; n < N; n++) o[n] = (float)a[n] + bias[n];
+        } else {
+            for (int64_t n = 0; n < N; n++) o[n] = (float)a[n];
+        }
+    }
+    return XN_OK;
 }

@@ -8,10 +8,13 @@
     y  = y * out_scale                                 # optional, one float32 rounding
     y  = y + bias                                      # optional, one float32 rounding
 
-as `K - 2 * popcount(signs(x) ^ w)` over 64-bit sign words, with a scalar `popcnt` path for few rows (batch-1
-inference) and an AVX2 path from `_SIMD_MIN_ROWS` rows on, split over a process-wide pthread pool. A NaN in `x` has
-no sign: the kernel notices it while it packs the signs, and `xnor_linear` raises `ValueError` (the dense path would
-count it as -1). The algorithm is described at the top of its C source, `xnor.c` next to this module, which
+as `K - 2 * popcount(signs(x) ^ w)` over sign words, split over a process-wide pthread pool, on one of three code
+paths chosen at run time from the CPU's features (`paths()`): "avx512" (AVX-512 VPOPCNTDQ + BW; weights in 16-row
+panels, which `prepare_weights` builds once per weight), "avx2" (from `_SIMD_MIN_ROWS` rows on) and "scalar"
+(`popcnt`; few rows, or any CPU). `path=` or `forced_path(...)` picks one (for tests and measurements). A NaN in `x`
+has no sign: the kernel notices it while it packs the signs, and `xnor_linear` raises `ValueError` (the dense path
+would count it as -1). The algorithm is described at the top of its C source, `xnor.c` next to this module (with
+`xnor_avx512.c` and `xnor_conv.c`, the binary convolution of `stompp_hf.kernels.bconv`), which
 `stompp_hf.kernels.build` compiles on first use with the system C compiler (`$CC`, else `cc`) into a private per-user
 cache directory (`$STOMPP_HF_KERNEL_CACHE`, else under `$XDG_CACHE_HOME` or `~/.cache`) and loads with `ctypes`,
 after checking the library's owner, mode and digest: no Python or torch headers. ctypes releases the GIL during a
@@ -20,68 +23,142 @@ call.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from .build import XnorUnavailable, load_kernel, unavailable
+from .build import XnorUnavailable, load_library, unavailable
 
-__all__ = ["XnorUnavailable", "is_available", "xnor_linear"]
+__all__ = [
+    "PATHS",
+    "InputNotBinary",
+    "XnorUnavailable",
+    "forced_path",
+    "is_available",
+    "paths",
+    "prepare_weights",
+    "xnor_linear",
+]
 
 _SOURCE = "xnor.c"
 _SYMBOL = "xnor_linear_f32"
 
+#: The kernel's code paths, fastest first: "avx512" (AVX-512 F/BW/DQ/VL + VPOPCNTDQ), "avx2", "scalar" (any CPU).
+PATHS: tuple[str, ...] = ("avx512", "avx2", "scalar")
+_PATH_IDS = {"scalar": 0, "avx2": 1, "avx512": 2}
+_AUTO = -1
+
 # Below this many (row, column, word) triples per thread, waking another thread costs more than it saves.
 _MIN_WORK_PER_THREAD = 1 << 13
 
-# From this many activation rows on, the AVX2 path (which first copies the weights into nibble planes) is used.
+# From this many activation rows on, a call without prepared weights uses a SIMD path (which first copies the
+# weights into its own layout); with fewer, the scalar path reads the packed weights in place.
 _SIMD_MIN_ROWS = 10
 
 _F32 = torch.float32
 _U8 = torch.uint8
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
-# The C entry point's status codes: 0 is success.
+_INT = ctypes.c_int
+# The C entry points' status codes: 0 is success.
 _RC_NO_MEMORY = 1
 _RC_NAN = 2
+_RC_NOT_PM1 = 3
+_RC_NO_PATH = 4
+_RC_BAD_ARGS = 5
 
-# x, M, ldx, K, w, N, scale, bias, y, nthreads, min_work, simd_min_rows
-_ARGTYPES = (_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int, _I64, _I64)
+# x, M, ldx, K, w, N, scale, bias, y, nthreads, min_work, simd_min_rows, path, prepared, strict
+_ARGTYPES = (_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _I64, _I64, _INT, _P, _INT)
+# x, geometry, prepared, scale, bias, y, nchw_out, strict, nthreads, min_work, path
+_CONV_ARGTYPES = (_P, _P, _P, _P, _P, _P, _INT, _INT, _INT, _I64, _INT)
+
+
+class InputNotBinary(ValueError):
+    """`strict=True` and the input has a value other than -1 and +1 (NaN included): nothing was computed."""
+
+
+class _Library(NamedTuple):
+    linear: Callable[..., int]
+    conv2d: Callable[..., int]
+    signs_i8: Callable[..., int]
+    epilogue_i32: Callable[..., int]
+    prepared_bytes: Callable[..., int]
+    prepare: Callable[..., int]
+    paths: tuple[str, ...]
+
 
 _lock = threading.Lock()
+_lib: _Library | None = None
 _kernel_fn: Callable[..., int] | None = None
 _kernel_error: XnorUnavailable | None = None
 _kernel_path: Path | None = None
+_forced: str | None = None
 
 
-def _kernel() -> Callable[..., int]:
-    """The loaded C entry point, built on first use; raises the (cached) `XnorUnavailable` on failure."""
-    global _kernel_fn, _kernel_error, _kernel_path
-    fn = _kernel_fn
-    if fn is not None:
-        return fn
+def _bind(lib: ctypes.CDLL, name: str, argtypes: tuple, restype: type) -> Callable[..., int]:
+    fn = getattr(lib, name)
+    fn.argtypes = list(argtypes)
+    fn.restype = restype
+    return fn
+
+
+def _load() -> _Library:
+    lib, path = load_library(_SOURCE, _SYMBOL)
+    try:
+        mask = _bind(lib, "xnor_paths", (), _INT)()
+        bound = _Library(
+            linear=_bind(lib, _SYMBOL, _ARGTYPES, _INT),
+            conv2d=_bind(lib, "xnor_conv2d_f32", _CONV_ARGTYPES, _INT),
+            signs_i8=_bind(lib, "xnor_signs_i8", (_P, _I64, _I64, _I64, _P), _INT),
+            epilogue_i32=_bind(lib, "xnor_epilogue_i32", (_P, _I64, _I64, _P, _P, _P), _INT),
+            prepared_bytes=_bind(lib, "xnor_prepared_bytes", (_I64, _I64, _I64, _I64), _I64),
+            prepare=_bind(lib, "xnor_prepare_weights", (_P, _I64, _I64, _I64, _I64, _P), _INT),
+            paths=tuple(p for p in PATHS if mask >> _PATH_IDS[p] & 1),
+        )
+    except AttributeError as e:  # a library of this name and digest that lacks an entry point: not ours
+        raise unavailable(f"the library {path} lacks an entry point ({e})") from e
+    global _kernel_path
+    _kernel_path = path
+    return bound
+
+
+def _library() -> _Library:
+    """The loaded C library, built on first use; raises the (cached) `XnorUnavailable` on failure."""
+    global _lib, _kernel_fn, _kernel_error
+    lib = _lib
+    if lib is not None:
+        return lib
     with _lock:
-        if _kernel_fn is None:
+        if _lib is None:
             if _kernel_error is not None:
                 raise _kernel_error
             try:
-                _kernel_fn, _kernel_path = load_kernel(_SOURCE, _SYMBOL, _ARGTYPES, ctypes.c_int)
+                _lib = _load()
             except XnorUnavailable as e:
                 _kernel_error = e
                 raise
             except Exception as e:  # anything else a build can throw still means "unavailable", never a crash
                 _kernel_error = unavailable(f"building or loading failed unexpectedly ({e!r})")
                 raise _kernel_error from e
-        return _kernel_fn
+            _kernel_fn = _lib.linear
+        return _lib
+
+
+def _kernel() -> Callable[..., int]:
+    """The loaded linear entry point (see `_library`)."""
+    return _library().linear
 
 
 def _reset_for_tests() -> None:
     """Forget the loaded kernel and any cached failure, so that the next call builds or loads it again."""
-    global _kernel_fn, _kernel_error, _kernel_path
+    global _lib, _kernel_fn, _kernel_error, _kernel_path
     with _lock:
+        _lib = None
         _kernel_fn = None
         _kernel_error = None
         _kernel_path = None
@@ -95,10 +172,94 @@ def is_available() -> bool:
         and `xnor_linear` raises it as `XnorUnavailable`).
     """
     try:
-        _kernel()
+        _library()
     except XnorUnavailable:
         return False
     return True
+
+
+def paths() -> tuple[str, ...]:
+    """The code paths this build and this CPU support, fastest first: a subset of `PATHS`, "scalar" always included.
+
+    The C side decides from the CPU's own feature report (`cpuid`, as `__builtin_cpu_supports` reads it); the
+    library itself is built for the host (`-march=native`), and its cache key includes `/proc/cpuinfo`'s flags.
+
+    Raises:
+        XnorUnavailable: When the kernel could not be compiled or loaded.
+    """
+    return _library().paths
+
+
+@contextlib.contextmanager
+def forced_path(path: str | None) -> Iterator[None]:
+    """Run every kernel call that does not name a `path` on `path` ("avx512", "avx2" or "scalar"; None: choose)
+    inside the block, packed layers included: for tests and measurements. The convolution, which has no "avx2" path,
+    runs its "scalar" one under "avx2". Not thread-local."""
+    global _forced
+    if path is not None and path not in PATHS:
+        raise ValueError(f"`path` must be one of {', '.join(map(repr, PATHS))} or None, but got {path!r}.")
+    previous, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _path_id(path: str | None, kernel: str) -> int:
+    """The C id of `path` (or of the forced one; -1 = let the kernel choose), checked against `paths()`."""
+    path = path if path is not None else _forced
+    if path is None:
+        return _AUTO
+    if path not in PATHS:
+        raise ValueError(f"`path` must be one of {', '.join(map(repr, PATHS))} or None, but got {path!r}.")
+    if path not in paths():
+        raise ValueError(
+            f"The {kernel} kernel's {path!r} path does not run on this CPU (it supports {', '.join(paths())})."
+        )
+    return _PATH_IDS[path]
+
+
+def prepare_weights(
+    weight_packed: torch.Tensor, out_features: int, in_per_group: int, taps: int = 1, groups: int = 1
+) -> torch.Tensor:
+    """The weights in the kernels' panel layout: 16 output channels per panel, one 32-bit word of each per step,
+    plus the per-tap sums of sign(w) the convolution's padding correction needs.
+
+    Built once per weight and kept by the packed modules (about the size of `weight_packed`); the avx512 linear path
+    and every convolution use it.
+
+    Args:
+        weight_packed: Uint8 `[out_features, ceil(in_per_group * taps / 8)]` (`pack_signs` layout; for a conv, the
+            weight `[O, Cg, kh, kw]` flattened per output channel).
+        out_features: Output channels O.
+        in_per_group: Inputs per output and tap: `in_features` for linear, `in_channels // groups` for a conv.
+        taps: Kernel taps `kh * kw` (1 for linear).
+        groups: Conv groups.
+
+    Returns:
+        A uint8 CPU tensor holding the layout, to pass as `prepared=`.
+    """
+    lib = _library()
+    k = int(in_per_group) * int(taps)
+    if (
+        not isinstance(weight_packed, torch.Tensor)
+        or weight_packed.dtype is not _U8
+        or not weight_packed.is_cpu
+        or tuple(weight_packed.shape) != (out_features, (k + 7) // 8)
+    ):
+        raise ValueError(
+            f"prepare_weights expects weight_packed as a uint8 CPU tensor [{out_features}, {(k + 7) // 8}], got "
+            f"{_describe(weight_packed)}."
+        )
+    nbytes = lib.prepared_bytes(out_features, in_per_group, taps, groups)
+    if nbytes < 0:
+        raise ValueError(
+            f"prepare_weights cannot lay out {out_features} outputs in {groups} groups of {in_per_group} inputs "
+            f"x {taps} taps."
+        )
+    out = torch.empty(nbytes, dtype=_U8)
+    lib.prepare(weight_packed.contiguous().data_ptr(), out_features, in_per_group, taps, groups, out.data_ptr())
+    return out
 
 
 def xnor_linear(
@@ -108,6 +269,10 @@ def xnor_linear(
     out_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     num_threads: int | None = None,
+    *,
+    path: str | None = None,
+    prepared: torch.Tensor | None = None,
+    strict: bool = False,
 ) -> torch.Tensor:
     """Binary-input x binary-weight linear layer with XNOR and popcount, bit-identical to the dense torch path.
 
@@ -125,13 +290,20 @@ def xnor_linear(
         out_scale: Optional float32 CPU tensor `[N]`, multiplied into the integer dot products.
         bias: Optional float32 CPU tensor `[N]`, added last.
         num_threads: Threads to use (default `torch.get_num_threads()`); small problems use fewer.
+        path: "avx512", "avx2" or "scalar" to force a code path (it must be in `paths()`); default: the fastest for
+            the CPU and the problem (see the module docstring).
+        prepared: `prepare_weights(weight_packed, N, in_features)`, which spares the avx512 path rebuilding its
+            weight panels on every call.
+        strict: The inputs are already +-1 (a binary activation's output): any other value raises `InputNotBinary`.
 
     Returns:
         Float32 tensor `[..., N]`.
 
     Raises:
-        ValueError: On a wrong dtype, device or shape, when `x` has a NaN value, or when grad mode is on and `x`,
-            `out_scale` or `bias` requires grad (the kernel has no backward pass).
+        ValueError: On a wrong dtype, device or shape, when `x` has a NaN value, when `path` does not run on this
+            CPU, or when grad mode is on and `x`, `out_scale` or `bias` requires grad (the kernel has no backward
+            pass).
+        InputNotBinary: With `strict`, when `x` has a value other than +-1.
         XnorUnavailable: When the kernel could not be compiled or loaded.
         MemoryError: When the kernel's scratch buffers (packed activations, a weight copy) cannot be allocated.
     """
@@ -170,10 +342,12 @@ def xnor_linear(
             "The XNOR kernel is inference-only (no autograd): call it under torch.no_grad() or "
             "torch.inference_mode(), or with tensors that do not require grad."
         )
-    if num_threads is None:
-        num_threads = torch.get_num_threads()
-    elif num_threads < 1:
-        raise ValueError(f"xnor_linear expects num_threads >= 1, got {num_threads}.")
+    num_threads = _threads(num_threads, "xnor_linear")
+    path_id = _path_id(path, "XNOR")
+    prepared_ptr = None
+    if prepared is not None:
+        _check_prepared(prepared, n, k, 1, 1)
+        prepared_ptr = prepared.data_ptr()
     if not weight_packed.is_contiguous():
         weight_packed = weight_packed.contiguous()
 
@@ -196,20 +370,58 @@ def xnor_linear(
             num_threads,
             _MIN_WORK_PER_THREAD,
             _SIMD_MIN_ROWS,
+            path_id,
+            prepared_ptr,
+            int(strict),
         )
-        if rc == _RC_NAN:
-            raise ValueError(
-                f"xnor_linear got an input x of shape {tuple(x.shape)} with NaN values, which have no sign: "
-                "the layers before this one produced NaN (e.g. a diverged model or an invalid input)."
-            )
-        if rc == _RC_NO_MEMORY:
-            raise MemoryError("xnor_linear could not allocate its scratch memory.")
+        _raise_for(rc, "xnor_linear", x)
     return y if x.ndim == 2 else y.view(*x.shape[:-1], n)
 
 
-def _check_vector(name: str, t: object, n: int) -> torch.Tensor:
+def _threads(num_threads: int | None, name: str) -> int:
+    if num_threads is None:
+        return torch.get_num_threads()
+    if num_threads < 1:
+        raise ValueError(f"{name} expects num_threads >= 1, got {num_threads}.")
+    return num_threads
+
+
+def _check_prepared(prepared: object, n: int, in_per_group: int, taps: int, groups: int) -> None:
+    nbytes = _library().prepared_bytes(n, in_per_group, taps, groups)
+    if (
+        not isinstance(prepared, torch.Tensor)
+        or prepared.dtype is not _U8
+        or not prepared.is_cpu
+        or prepared.shape != (nbytes,)
+        or not prepared.is_contiguous()
+    ):
+        raise ValueError(
+            f"`prepared` must be prepare_weights' uint8 CPU tensor of {nbytes} bytes for this weight, got "
+            f"{_describe(prepared)}."
+        )
+
+
+def _raise_for(rc: int, name: str, x: torch.Tensor) -> None:
+    """Raise what the kernel's status code `rc` means (nothing for 0)."""
+    if rc == 0:
+        return
+    if rc == _RC_NAN:
+        raise ValueError(
+            f"{name} got an input x of shape {tuple(x.shape)} with NaN values, which have no sign: "
+            "the layers before this one produced NaN (e.g. a diverged model or an invalid input)."
+        )
+    if rc == _RC_NOT_PM1:
+        raise InputNotBinary(f"{name} was told its input is +-1 (strict=True), but x has other values.")
+    if rc == _RC_NO_MEMORY:
+        raise MemoryError(f"{name} could not allocate its scratch memory.")
+    if rc == _RC_NO_PATH:
+        raise ValueError(f"{name}: the requested code path does not run on this CPU (it supports {paths()}).")
+    raise ValueError(f"{name}: the kernel rejected the arguments (status {rc}).")
+
+
+def _check_vector(name: str, t: object, n: int, fn: str = "xnor_linear") -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.dtype is not _F32 or not t.is_cpu or t.shape != (n,):
-        raise ValueError(f"xnor_linear expects {name} as a float32 CPU tensor [{n}], got {_describe(t)}.")
+        raise ValueError(f"{fn} expects {name} as a float32 CPU tensor [{n}], got {_describe(t)}.")
     return t if t.stride(0) == 1 else t.contiguous()
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from ..core.dtensor import full_tensor
 from ..core.functional import binary_sign, hard_sign, output_scale, scale_output
 from ..core.packing import pack_signs, unpack_signs
-from ..kernels import xnor
+from ..kernels import bconv, int8, xnor
 
 if TYPE_CHECKING:
     from .training import StoMPPMixin
@@ -78,12 +78,14 @@ class BinaryMixin:
         self.weight_shape = tuple(weight_shape)
         self.binary_inputs = binary_inputs
         self.unpack_cache = unpack_cache
-        #: How binary-input x binary-weight layers compute (`set_kernel`): "auto", "xnor" or "reference".
+        #: How the layer computes (`set_kernel`): "auto", "xnor", "int8" or "reference" (see its `forward`).
         self.kernel = "auto"
         #: STE window of the input binarization, in units of beta (`StoMPPConfig.activation_clip`); only used when
         #: gradients flow through the layer.
         self.input_clip = 1.0
         self._unpacked: tuple[int, torch.Tensor] | None = None
+        #: The kernels' weight layouts, built on first use: name -> ((data pointer, version) of `weight`, layout).
+        self._kernel_layouts: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
         self._binary_weights = binary_weights
         factory = {"dtype": dtype, "device": device}
         if binary_weights:
@@ -171,6 +173,45 @@ class BinaryMixin:
         """`beta * alpha`, the factor of the layer output (see `output_scale`)."""
         return output_scale(self.input_scale, self.weight_scale, self.feature_ndim)
 
+    def __getstate__(self) -> dict:
+        # the kernels' layouts are rebuilt on first use: a pickled or deep-copied module does not carry them
+        state = super().__getstate__()
+        state["_kernel_layouts"] = {}
+        return state
+
+    def kernel_layout(self, name: str, build) -> torch.Tensor:
+        """The weight in a kernel's own layout (`name`: "xnor" panels, "int8" matrix), built by `build()` on first
+        use and kept until `weight` changes (a `load_state_dict`, a move): about the packed weight's size for the
+        XNOR panels, 8 bits per weight for int8."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        cached = self._kernel_layouts.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, build())
+            self._kernel_layouts[name] = cached
+        return cached[1]
+
+    def kernel_scale(self) -> torch.Tensor | None:
+        """`output_scale()` as the kernels take it: a float32 vector over the output channels, or None."""
+        scale = self.output_scale()
+        if scale is None:
+            return None
+        return scale.reshape(-1).expand(self.weight_shape[0]) if scale.numel() == 1 else scale.reshape(-1)
+
+    def kernel_inapplicable(self, x: torch.Tensor) -> str | None:
+        """Why no kernel can compute this forward (the reasons every kernel shares), or None."""
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            return "a tracer (torch.export, torch.jit.trace) cannot see into the C kernels"
+        if not self.binary_weights:
+            return "the layer's weights are not binary"
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return f"the kernels take float32 inputs on CPU, got {x.dtype} on {x.device.type}"
+        tracked = (x, self.bias, self.weight_scale, self.input_scale)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
+            return "autograd tracks this forward and the kernels have no backward pass"
+        if any(t is not None and t.dtype != torch.float32 for t in (self.weight_scale, self.input_scale, self.bias)):
+            return "the layer's scales or bias are not float32"
+        return None
+
     def _binary_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         y = op(self.binarize_input(x), self.sign_weight(x.dtype), None)
         return scale_output(y, self.output_scale(), self.bias, self.feature_ndim)
@@ -245,35 +286,54 @@ class BinaryLinear(BinaryMixin, nn.Module):
         )
 
     def xnor_applies(self, x: torch.Tensor) -> str | None:
-        """Why the XNOR kernel cannot compute this forward, or None when it can."""
+        """Why the XNOR kernel (and the int8 path) cannot compute this forward, or None when it can."""
         if not (self.binary_weights and self.binary_inputs):
             return "the layer does not binarize both its weights and its inputs"
-        if x.device.type != "cpu" or x.dtype != torch.float32:
-            return f"the XNOR kernel takes float32 inputs on CPU, got {x.dtype} on {x.device.type}"
-        tracked = (x, self.bias, self.weight_scale, self.input_scale)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
-            return "autograd tracks this forward and the XNOR kernel has no backward pass"
-        if any(t is not None and t.dtype != torch.float32 for t in (self.weight_scale, self.input_scale, self.bias)):
-            return "the layer's scales or bias are not float32"
-        return None
+        return self.kernel_inapplicable(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`kernel` "reference": unpack and `F.linear`; "xnor": the XNOR-popcount kernel, raising where it cannot
+        run; "auto": the kernel where it runs (and, on CPUs with AMX int8, the exact int8 path for the shapes where
+        it measured faster: `kernels.int8.choose`), the reference path elsewhere; "int8": the int8 path where it
+        runs, as "auto" elsewhere. All give the same bits."""
         if self.kernel != "reference":
             reason = self.xnor_applies(x)
             if reason is None and (self.kernel == "xnor" or xnor.is_available()):
-                scale = self.output_scale()
-                if scale is not None and scale.ndim == 0:  # beta alone: the same product for every output
-                    scale = scale.expand(self.out_features)
-                return xnor.xnor_linear(x, self.weight, self.in_features, scale, self.bias)
-            if self.kernel == "xnor" and reason is not None:
+                return self._kernel_forward(x)
+            if self.kernel == "xnor":
                 raise ValueError(f"kernel='xnor' cannot run this forward: {reason}. Use kernel='auto' to fall back.")
         return self._binary_forward(x, F.linear)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.kernel_scale()
+        k = self.in_features
+
+        def run_int8() -> torch.Tensor:
+            weight = self.kernel_layout("int8", lambda: int8.int8_weight(self.weight, k))
+            return int8.int8_linear(x, weight, scale, self.bias)
+
+        def run_xnor() -> torch.Tensor:
+            prepared = None
+            if "avx512" in xnor.paths():
+                prepared = self.kernel_layout("xnor", lambda: xnor.prepare_weights(self.weight, self.out_features, k))
+            return xnor.xnor_linear(x, self.weight, k, scale, self.bias, prepared=prepared)
+
+        if self.kernel == "int8" and int8.available():
+            return run_int8()
+        if self.kernel == "auto" and int8.worth_measuring():
+            choice, y = int8.choose(x.numel() // k, self.out_features, k, run_xnor, run_int8)
+            if choice == "xnor" and not int8.chosen_anywhere():
+                self._kernel_layouts.pop("int8", None)  # measured slower everywhere so far: free its weight
+            return y
+        return run_xnor()
 
 
 class BinaryConv2d(BinaryMixin, nn.Module):
     """Packed 1-bit inference twin of `StoMPPConv2d`; padding is applied to the binarized input, as in training."""
 
     feature_ndim = 3
+    #: Set when a weights-only layer met an input that is not all +-1: "auto" then keeps to the reference path.
+    _inputs_not_binary = False
 
     def __init__(
         self,
@@ -341,5 +401,77 @@ class BinaryConv2d(BinaryMixin, nn.Module):
             padding = 0
         return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
 
+    def conv_padding(self) -> tuple[int, int] | None:
+        """The symmetric zero padding (rows, columns) the binary conv kernel applies after `padding_mode` padding
+        (which `F.pad` does first, as in the reference path), or None for an asymmetric `"same"` padding."""
+        if self.padding_mode != "zeros":
+            return (0, 0)
+        if isinstance(self.padding, str):
+            left, right, top, bottom = self._reversed_padding_repeated_twice
+            return (top, left) if (left, top) == (right, bottom) else None
+        return tuple(self.padding)
+
+    def conv_kernel_applies(self, x: torch.Tensor) -> str | None:
+        """Why the binary conv kernel cannot compute this forward, or None when it can. A layer that binarizes
+        only its weights runs it when its inputs are +-1 already (a `BinaryActivation` before it, the paper's BNN):
+        the kernel checks that while it packs them."""
+        reason = self.kernel_inapplicable(x)
+        if reason is not None:
+            return reason
+        if self.conv_padding() is None:
+            return "its 'same' padding is asymmetric"
+        if max(self.kernel_size) > 32:
+            return "its kernel is larger than 32"
+        return None
+
+    def conv_kernel_pays(self) -> bool:
+        """Whether "auto" should use the kernel here: it needs the avx512 path (or a forced one) and at least 1/32
+        of its vector lanes x bits busy, min(outputs per group, 16) x min(inputs per group, 32) >= 16 (measured at
+        4 x 4 per group: about even with the dense path; depthwise (1 x 1): 4 to 8 times slower)."""
+        if "avx512" not in xnor.paths() and xnor._forced is None:
+            return False
+        per_group_out, per_group_in = self.out_channels // self.groups, self.in_channels // self.groups
+        return min(per_group_out, 16) * min(per_group_in, 32) >= 16
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`kernel` "reference": unpack and `F.conv2d`; "xnor": the binary conv kernel (`kernels.bconv`), raising
+        where it cannot run; "auto" and "int8": the kernel where it runs and pays (`conv_kernel_pays`), the
+        reference path elsewhere. All give the same bits."""
+        if self.kernel != "reference":
+            reason = self.conv_kernel_applies(x)
+            auto = xnor.is_available() and self.conv_kernel_pays() and not self._inputs_not_binary
+            use = reason is None and (self.kernel == "xnor" or auto)
+            if use:
+                try:
+                    return self._kernel_forward(x)
+                except xnor.InputNotBinary:
+                    if self.kernel == "xnor":
+                        raise ValueError(
+                            "kernel='xnor' cannot run this forward: the layer binarizes its weights only and its "
+                            "inputs are not all +-1. Use kernel='auto' to fall back."
+                        ) from None
+                    self._inputs_not_binary = True  # "auto" stops trying for this layer
+            elif self.kernel == "xnor":
+                raise ValueError(f"kernel='xnor' cannot run this forward: {reason}. Use kernel='auto' to fall back.")
         return self._binary_forward(x, self._conv)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.conv_padding()
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        prepared = self.kernel_layout(
+            "xnor", lambda: bconv.prepare_conv2d(self.weight, self.weight_shape, self.groups)
+        )
+        return bconv.binary_conv2d(
+            x,
+            self.weight,
+            self.weight_shape,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            self.kernel_scale(),
+            self.bias,
+            strict=not self.binary_inputs,
+            prepared=prepared,
+        )

@@ -1,0 +1,281 @@
+/* The AVX-512 (F/BW/DQ/VL + VPOPCNTDQ) path of the XNOR kernels: sign packing, the register tile, the epilogue and
+   the linear driver. Part of xnor.c's translation unit (it #includes this file), not compiled alone; every
+   function carries the target attribute, so it builds whatever -march says, and runs only where xnor_paths says.
+
+   Weights are panels of 16 output channels: step u of a panel is one 512-bit vector holding 32-bit word u of each
+   of its 16 channels (xn_fill_panels). An activation row (a pixel, for the conv kernel) is a run of 32-bit sign
+   words; `off[u]` says where its word for step u is (u itself for linear; a tap and channel-word offset into the
+   packed image for conv). The register tile broadcasts the word of each of its XZ_MR rows against the words of
+   XZ_NG panels, so 16 outputs accumulate per register with no horizontal sums:
+
+       acc[i][h] += popcount(broadcast(x_i[off[u]]) ^ panel_h[u])        vpxord (embedded broadcast), vpopcntd, vpaddd
+
+   which is three vector operations per 512 binary multiply-adds. */
+
+#define XZ_MR 8                 /* activation rows (pixels) per register tile */
+#define XZ_NG 2                 /* panels of 16 output channels per register tile */
+#define XZ_X_BLOCK 16384        /* bytes of packed activation rows per cache block (L1) */
+#define XZ_W_BLOCK 131072       /* bytes of weight panels per cache block (L2) */
+#define XZ_INLINE static inline __attribute__((always_inline)) XN_AVX512_FN
+
+XZ_INLINE __mmask16 xz_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+/* Sign words of the `cnt` floats at p: bit b of word k is p[32 * k + b] >= 0 (-0.0 -> 1), bits past cnt are 0.
+   Returns XN_NAN if one of them is a NaN, or, with `strict`, XN_NOT_PM1 if one is not exactly +-1; else 0. */
+XZ_INLINE int xz_signs(const float *p, int64_t cnt, uint32_t *out, int strict)
+{
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    __mmask16 bad = 0;
+    int64_t k = 0, w = 0;
+    for (; k + 32 <= cnt; k += 32, w++) {
+        const __m512 a = _mm512_loadu_ps(p + k), b = _mm512_loadu_ps(p + k + 16);
+        out[w] = (uint32_t)_mm512_cmp_ps_mask(a, zero, _CMP_GE_OQ) |
+                 (uint32_t)_mm512_cmp_ps_mask(b, zero, _CMP_GE_OQ) << 16;
+        if (strict)
+            bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(a), one, _CMP_NEQ_UQ) |
+                   _mm512_cmp_ps_mask(_mm512_abs_ps(b), one, _CMP_NEQ_UQ);
+        else
+            bad |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
+    }
+    if (k < cnt) {
+        const __mmask16 la = xz_lanes(cnt - k), lb = cnt - k > 16 ? xz_lanes(cnt - k - 16) : 0;
+        const __m512 a = _mm512_maskz_loadu_ps(la, p + k), b = _mm512_maskz_loadu_ps(lb, p + k + 16);
+        out[w] = (uint32_t)_mm512_mask_cmp_ps_mask(la, a, zero, _CMP_GE_OQ) |
+                 (uint32_t)_mm512_mask_cmp_ps_mask(lb, b, zero, _CMP_GE_OQ) << 16;
+        if (strict)
+            bad |= _mm512_mask_cmp_ps_mask(la, _mm512_abs_ps(a), one, _CMP_NEQ_UQ) |
+                   _mm512_mask_cmp_ps_mask(lb, _mm512_abs_ps(b), one, _CMP_NEQ_UQ);
+        else
+            bad |= _mm512_mask_cmp_ps_mask(la, a, a, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(lb, b, b, _CMP_UNORD_Q);
+    }
+    return bad ? (strict ? XN_NOT_PM1 : XN_NAN) : 0;
+}
+
+/* The register tile: acc[i][h] = popcount counts of rows i < XZ_MR against panels h < ng over T steps. Rows past
+   the real ones point at a real row (their sums are computed and dropped). `pstride`: words between panels. This
+   generic form serves the partial tiles; xz_dot8 is the full one. */
+XZ_INLINE void xz_dot(const uint32_t *const xr[XZ_MR], const int32_t *off, int64_t T, const uint32_t *wp,
+                      int64_t pstride, const int mr, const int ng, __m512i acc[XZ_MR][XZ_NG])
+{
+    for (int i = 0; i < XZ_MR; i++)
+        for (int h = 0; h < XZ_NG; h++) acc[i][h] = _mm512_setzero_si512();
+    for (int64_t u = 0; u < T; u++) {
+        const int64_t o = off[u];
+        __m512i wv[XZ_NG];
+        for (int h = 0; h < ng; h++) wv[h] = _mm512_loadu_si512((const void *)(wp + h * pstride + 16 * u));
+        for (int i = 0; i < mr; i++) {
+            const __m512i xv = _mm512_set1_epi32((int)xr[i][o]);
+            for (int h = 0; h < ng; h++)
+                acc[i][h] = _mm512_add_epi32(acc[i][h], _mm512_popcnt_epi32(_mm512_xor_si512(xv, wv[h])));
+        }
+    }
+}
+
+/* The full tile, 8 rows x 2 panels (or 1, `two` = 0), with its 16 accumulators as named variables: GCC keeps
+   those in registers, where it spills and copies an accumulator array. */
+#define XZ_POP(a, x, w) a = _mm512_add_epi32(_mm512_popcnt_epi32(_mm512_xor_si512(x, w)), a)
+#define XZ_ROW(i)                                                      \
+    {                                                                  \
+        const __m512i xv = _mm512_set1_epi32((int)x##i[o]);             \
+        XZ_POP(a##i##0, xv, w0);                                        \
+        if (two) XZ_POP(a##i##1, xv, w1);                               \
+    }
+#define XZ_OUT(i)             \
+    acc[i][0] = a##i##0;      \
+    if (two) acc[i][1] = a##i##1;
+
+XZ_INLINE void xz_dot8(const uint32_t *const xr[XZ_MR], const int32_t *off, int64_t T, const uint32_t *wp,
+                       int64_t pstride, const int two, __m512i acc[XZ_MR][XZ_NG])
+{
+    const uint32_t *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
+    const uint32_t *x4 = xr[4], *x5 = xr[5], *x6 = xr[6], *x7 = xr[7];
+    const __m512i z = _mm512_setzero_si512();
+    __m512i a00 = z, a10 = z, a20 = z, a30 = z, a40 = z, a50 = z, a60 = z, a70 = z;
+    __m512i a01 = z, a11 = z, a21 = z, a31 = z, a41 = z, a51 = z, a61 = z, a71 = z;
+    const uint32_t *w = wp;
+    for (int64_t u = 0; u < T; u++, w += 16) {
+        const int64_t o = off[u];
+        const __m512i w0 = _mm512_loadu_si512((const void *)w);
+        const __m512i w1 = two ? _mm512_loadu_si512((const void *)(w + pstride)) : w0;
+        XZ_ROW(0) XZ_ROW(1) XZ_ROW(2) XZ_ROW(3) XZ_ROW(4) XZ_ROW(5) XZ_ROW(6) XZ_ROW(7)
+    }
+    XZ_OUT(0) XZ_OUT(1) XZ_OUT(2) XZ_OUT(3) XZ_OUT(4) XZ_OUT(5) XZ_OUT(6) XZ_OUT(7)
+    (void)a01; (void)a11; (void)a21; (void)a31; (void)a41; (void)a51; (void)a61; (void)a71;
+}
+
+/* The outputs of 16 channels from their counts: (kc - 2 * count + corr) * scale + bias, the multiply and the add
+   rounded separately (no FMA), each step only where its operand exists (adding a zero bias would turn -0.0 into
+   +0.0). `corr` is the zero padding's correction (conv) or zero. */
+XZ_INLINE __m512 xz_finish(__m512i count, __m512i kc, __m512i corr, const __m512 *scale, const __m512 *bias)
+{
+    const __m512i d = _mm512_add_epi32(_mm512_sub_epi32(kc, _mm512_add_epi32(count, count)), corr);
+    __m512 f = _mm512_cvtepi32_ps(d);   /* exact: |d| <= K < 2**24 */
+    if (scale) f = _mm512_mul_ps(f, *scale);
+    if (bias) f = _mm512_add_ps(f, *bias);
+    return f;
+}
+
+/* Store 8 pixels x 16 channels (f[i] = the channels of pixel i) into channel-major planes: channel c's 8 values go
+   to y + c * plane; channels from `nl` on are not stored. A transpose in registers, then 256-bit stores. */
+XZ_INLINE void xz_store_planes(const __m512 f[8], float *y, int64_t plane, int nl)
+{
+    __m512 t[8], s[8];
+    for (int p = 0; p < 4; p++) {
+        t[2 * p] = _mm512_unpacklo_ps(f[2 * p], f[2 * p + 1]);
+        t[2 * p + 1] = _mm512_unpackhi_ps(f[2 * p], f[2 * p + 1]);
+    }
+    for (int half = 0; half < 2; half++) {   /* s[4 * half + j], 128-bit lane L: pixels 4 * half .. + 3 of 4L + j */
+        const __m512 *u = t + 4 * half;
+        s[4 * half + 0] = _mm512_shuffle_ps(u[0], u[2], 0x44);
+        s[4 * half + 1] = _mm512_shuffle_ps(u[0], u[2], 0xEE);
+        s[4 * half + 2] = _mm512_shuffle_ps(u[1], u[3], 0x44);
+        s[4 * half + 3] = _mm512_shuffle_ps(u[1], u[3], 0xEE);
+    }
+    const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int j = 0; j < 4; j++) {
+        const __m512 a = _mm512_permutex2var_ps(s[j], lo, s[4 + j]);   /* channels j | 4 + j */
+        const __m512 b = _mm512_permutex2var_ps(s[j], hi, s[4 + j]);   /* channels 8 + j | 12 + j */
+        if (j < nl) _mm256_storeu_ps(y + j * plane, _mm512_castps512_ps256(a));
+        if (4 + j < nl) _mm256_storeu_ps(y + (4 + j) * plane, _mm512_extractf32x8_ps(a, 1));
+        if (8 + j < nl) _mm256_storeu_ps(y + (8 + j) * plane, _mm512_castps512_ps256(b));
+        if (12 + j < nl) _mm256_storeu_ps(y + (12 + j) * plane, _mm512_extractf32x8_ps(b, 1));
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   Linear layer. */
+
+typedef struct {
+    xn_task task;
+    const float *x;
+    int64_t ldx, M, N, K;
+    const uint8_t *w;
+    const uint32_t *wz;      /* panels [P16][T][16]: prepared, or `own` filled by this call */
+    uint32_t *own;
+    const float *scale, *bias;
+    float *y;
+    int64_t T, P16, NQ;      /* steps (32-bit words per row), panels, panel pairs */
+    int64_t mtiles, mblock;  /* row tiles, row tiles per cache block */
+    int64_t qblock;          /* panel pairs per cache block */
+    uint32_t *xa;            /* sign words [M][T] */
+    int32_t *off;            /* 0 .. T - 1 */
+    int split_m, strict;
+} xz_linear_job;
+
+XZ_INLINE void xz_linear_tile(const xz_linear_job *j, int64_t m0, int64_t p0, const int mr, const int ng)
+{
+    const uint32_t *xr[XZ_MR];
+    for (int i = 0; i < XZ_MR; i++) xr[i] = j->xa + (m0 + (i < mr ? i : 0)) * j->T;
+    __m512i acc[XZ_MR][XZ_NG];
+    if (mr == XZ_MR) xz_dot8(xr, j->off, j->T, j->wz + p0 * j->T * 16, j->T * 16, ng == XZ_NG, acc);
+    else xz_dot(xr, j->off, j->T, j->wz + p0 * j->T * 16, j->T * 16, mr, ng, acc);
+    const __m512i kc = _mm512_set1_epi32((int)j->K), zero = _mm512_setzero_si512();
+    for (int h = 0; h < ng; h++) {
+        const int64_t n = 16 * (p0 + h);
+        const __mmask16 lanes = xz_lanes(j->N - n);
+        const __m512 sv = j->scale ? _mm512_maskz_loadu_ps(lanes, j->scale + n) : _mm512_setzero_ps();
+        const __m512 bv = j->bias ? _mm512_maskz_loadu_ps(lanes, j->bias + n) : _mm512_setzero_ps();
+        for (int i = 0; i < mr; i++) {
+            const __m512 f = xz_finish(acc[i][h], kc, zero, j->scale ? &sv : NULL, j->bias ? &bv : NULL);
+            _mm512_mask_storeu_ps(j->y + (m0 + i) * j->N + n, lanes, f);
+        }
+    }
+}
+
+#define XZ_LINEAR_CASE(R)                                      \
+    case R:                                                    \
+        if (ng == XZ_NG) xz_linear_tile(j, m0, p0, R, XZ_NG);  \
+        else xz_linear_tile(j, m0, p0, R, 1);                  \
+        break;
+
+XN_AVX512_FN static void xz_linear_tile_any(const xz_linear_job *j, int64_t m0, int64_t p0, int mr, int ng)
+{
+    switch (mr) {
+        XZ_LINEAR_CASE(1)
+        XZ_LINEAR_CASE(2)
+        XZ_LINEAR_CASE(3)
+        XZ_LINEAR_CASE(4)
+        XZ_LINEAR_CASE(5)
+        XZ_LINEAR_CASE(6)
+        XZ_LINEAR_CASE(7)
+    default:
+        if (ng == XZ_NG) xz_linear_tile(j, m0, p0, XZ_MR, XZ_NG);
+        else xz_linear_tile(j, m0, p0, XZ_MR, 1);
+        break;
+    }
+}
+
+XN_AVX512_FN static void xz_linear_share(xn_task *task, int tid)
+{
+    xz_linear_job *j = (xz_linear_job *)task;
+    const int nt = task->nthreads;
+    int64_t lo, hi;
+    xn_share(j->M, XZ_MR, tid, nt, &lo, &hi);
+    int bad = 0;
+    for (int64_t m = lo; m < hi; m++) bad |= xz_signs(j->x + m * j->ldx, j->K, j->xa + m * j->T, j->strict);
+    if (bad) xn_fail(task, bad);
+    if (j->own) {
+        xn_share(j->P16, 1, tid, nt, &lo, &hi);
+        xn_fill_panels(j->w, j->N, j->K, 1, 1, lo, hi, j->own);
+    }
+    xn_barrier(task);
+    if (xn_failed(task)) return;
+    int64_t t0 = 0, t1 = j->mtiles, q0 = 0, q1 = j->NQ;
+    if (j->split_m) xn_share(j->mtiles, 1, tid, nt, &t0, &t1);
+    else xn_share(j->NQ, 1, tid, nt, &q0, &q1);
+    /* A block of panels stays in L2 while blocks of rows (in L1) sweep it, each panel pair from L1 across the
+       row block's tiles; the outputs of a (row block, panel block) pair stay in L2 until they are complete. */
+    for (int64_t qb = q0; qb < q1; qb += j->qblock) {
+        const int64_t qe = qb + j->qblock < q1 ? qb + j->qblock : q1;
+        for (int64_t tb = t0; tb < t1; tb += j->mblock) {
+            const int64_t te = tb + j->mblock < t1 ? tb + j->mblock : t1;
+            for (int64_t q = qb; q < qe; q++) {
+                const int64_t p0 = q * XZ_NG;
+                const int ng = j->P16 - p0 < XZ_NG ? (int)(j->P16 - p0) : XZ_NG;
+                for (int64_t t = tb; t < te; t++) {
+                    const int64_t m0 = t * XZ_MR;
+                    xz_linear_tile_any(j, m0, p0, j->M - m0 < XZ_MR ? (int)(j->M - m0) : XZ_MR, ng);
+                }
+            }
+        }
+    }
+}
+
+static int xz_linear(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,
+                     const float *scale, const float *bias, float *y, int nthreads, int64_t min_work,
+                     const uint32_t *prepared, int strict)
+{
+    xz_linear_job j;
+    memset(&j, 0, sizeof j);
+    j.task.run = xz_linear_share;
+    j.x = x; j.ldx = ldx; j.M = M; j.N = N; j.K = K; j.w = w;
+    j.scale = scale; j.bias = bias; j.y = y; j.strict = strict;
+    j.T = (K + 31) / 32;
+    j.P16 = (N + 15) / 16;
+    j.NQ = (j.P16 + XZ_NG - 1) / XZ_NG;
+    j.mtiles = (M + XZ_MR - 1) / XZ_MR;
+    j.mblock = XZ_X_BLOCK / (j.T * 4 * XZ_MR);
+    if (j.mblock < 1) j.mblock = 1;
+    j.qblock = XZ_W_BLOCK / (j.T * 64 * XZ_NG);
+    if (j.qblock < 1) j.qblock = 1;
+    j.xa = (uint32_t *)malloc((size_t)(M * j.T) * sizeof(uint32_t));
+    j.off = (int32_t *)malloc((size_t)j.T * sizeof(int32_t));
+    if (!prepared) j.own = (uint32_t *)malloc((size_t)xn_panel_words(N, K, 1, 1) * sizeof(uint32_t));
+    if (!j.xa || !j.off || (!prepared && !j.own)) {
+        free(j.xa);
+        free(j.off);
+        free(j.own);
+        return XN_NOMEM;
+    }
+    for (int64_t u = 0; u < j.T; u++) j.off[u] = (int32_t)u;
+    j.wz = prepared ? prepared : j.own;
+    int t = xn_threads(nthreads, M * N * ((K + 63) / 64), min_work, INT64_MAX);
+    j.split_m = j.mtiles >= 8 * t && j.mtiles >= j.NQ;
+    j.task.nthreads = xn_threads(t, 1, 0, j.split_m ? j.mtiles : j.NQ);
+    xn_run(&j.task);
+    free(j.xa);
+    free(j.off);
+    free(j.own);
+    return j.task.status;
+}

@@ -1,0 +1,385 @@
+/* Binary convolution: xnor_conv2d_f32 computes, bit for bit, what the dense torch path of a packed conv computes,
+
+       y = F.conv2d(sign(x), sign(W), None, stride, padding, dilation, groups) * out_scale + bias
+
+   with zero padding (the padded entries count 0, not -1 or +1). Part of xnor.c's translation unit, not compiled
+   alone.
+
+   Layout. The signs of x are packed into a zero-bordered bit image, one 32-bit word per pixel per 32 input channels
+   of a group, channel-word planes [B][groups * cw][H + 2 * ph][W + 2 * pw] (cw = ceil(Cg / 32)). Each output pixel
+   is then an implicit im2col row: its word for step u = (tap, channel word) sits at a fixed offset `off[u]` from the
+   pixel's corner, for every pixel, border pixels included. The weights are the linear kernel's panels (16 output
+   channels of a group, step u holding the tap's channel words; xn_fill_panels), so the same register tile runs
+   both: 8 output pixels x 2 panels on the avx512 path, a plain loop on the scalar path.
+
+   Padding. The border words are 0, i.e. the padded entries read as -1, and every dot product runs over all
+   kh * kw taps: the inner loop has no bounds tests, and border pixels cost what interior ones cost (at 7x7 maps half
+   the pixels touch the border, at 1x1 all of them). A padded tap then contributes -S[o][tap] instead of 0, where
+   S[o][tap] = sum over its input channels of sign(w) (built with the panels), so the epilogue adds back
+       corr = sum over the pixel's padded taps of S[o][tap].
+   Which taps are padded depends only on the output row's class (which kernel rows fall outside the input) and the
+   output column's class; the classes are few (about 2 * ceil(padding / stride) + 1 each), and one table of
+   corr[row class][column class][O] int32 is built per call: one vector load and add per 16 outputs. Channel words
+   past Cg are 0 in both operands, so they never count; the count is K = Cg * kh * kw.
+
+   Inputs in NCHW order pack 16 pixels of a row per vector (one compare and one masked OR per channel); channels-last
+   inputs pack 32 channels of a pixel per word. Outputs go out in the input's memory format: channels-last directly,
+   NCHW through an 8 x 16 transpose in registers. With `strict` the input must already be +-1 (the output of a
+   binary activation), else XN_NOT_PM1. */
+
+#define XN_CONV_GEOM 18   /* B, C, H, W, stride of B, C, H, W (elements), O, kh, kw, sh, sw, ph, pw, dh, dw, groups */
+#define XN_CONV_TILE 8    /* output pixels per tile (XZ_MR on the avx512 path) */
+#define XN_CONV_NG 2      /* panels per tile (XZ_NG on the avx512 path) */
+
+typedef struct {
+    xn_task task;
+    const float *x;
+    int64_t B, C, H, W, sB, sC, sH, sW;
+    int64_t O, kh, kw, sh, sw, ph, pw, dh, dw, G;
+    int64_t Cg, Og, cw, Gcw, Hp, Wp, PS, IS;  /* words per group's channels, planes, padded size, plane / image size */
+    int64_t Ho, Wo, HWo, P, K;                /* output size, pixels per image, all pixels, inputs per output */
+    int64_t P16, NQ, PT, T, units;            /* panels per group, panel pairs, pixel tiles, steps, work units */
+    const uint32_t *wp;
+    const float *scale, *bias;
+    float *y;
+    int nchw_out, strict, simd;
+    uint32_t *xb;                             /* the packed bit image */
+    int32_t *off;                             /* [T] */
+    int32_t *corr;                            /* [row classes][column classes][O], or NULL without padding */
+    int32_t *rcls, *ccls;                     /* class of each output row / column */
+    int64_t ncc;                              /* column classes */
+} xn_conv_job;
+
+/* Pack input rows: padded rows [r0, r1) of the flattened [B][Hp] (each with every channel-word plane), portable C
+   for any strides. Border rows and columns are zeroed. Returns XN_NAN / XN_NOT_PM1 / 0. */
+static int xn_conv_pack_scalar(const xn_conv_job *j, int64_t r0, int64_t r1)
+{
+    unsigned nan = 0;
+    int pm1 = 1;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t b = r / j->Hp, hp = r % j->Hp, h = hp - j->ph;
+        for (int64_t k = 0; k < j->Gcw; k++) {
+            uint32_t *row = j->xb + b * j->IS + k * j->PS + hp * j->Wp;
+            memset(row, 0, (size_t)j->Wp * sizeof(uint32_t));
+            if (h < 0 || h >= j->H) continue;
+            const int64_t g = k / j->cw, c0 = g * j->Cg + 32 * (k % j->cw);
+            const int64_t cnt = j->Cg - 32 * (k % j->cw) < 32 ? j->Cg - 32 * (k % j->cw) : 32;
+            for (int64_t w = 0; w < j->W; w++) {
+                const float *p = j->x + b * j->sB + c0 * j->sC + h * j->sH + w * j->sW;
+                uint32_t word = 0;
+                for (int64_t c = 0; c < cnt; c++) {
+                    const float v = p[c * j->sC];
+                    word |= (uint32_t)(v >= 0.0f) << c;
+                    nan |= v != v;
+                    pm1 &= (v == 1.0f) | (v == -1.0f);
+                }
+                row[j->pw + w] = word;
+            }
+        }
+    }
+    if (j->strict) return pm1 ? 0 : XN_NOT_PM1;
+    return nan ? XN_NAN : 0;
+}
+
+/* The pixels of tile `tile`: their corners in group g's planes (tap (0, 0), channel word 0), image, offset in the
+   image's output plane, and row of the padding correction table; returns how many are real (the rest repeat the
+   first). One division per tile, then the coordinates advance. */
+static int xn_conv_pixels(const xn_conv_job *j, int64_t tile, int64_t g, const uint32_t *xr[XN_CONV_TILE],
+                          int64_t b[XN_CONV_TILE], int64_t r[XN_CONV_TILE], int64_t cls[XN_CONV_TILE])
+{
+    const int64_t p0 = tile * XN_CONV_TILE;
+    const int np = j->P - p0 < XN_CONV_TILE ? (int)(j->P - p0) : XN_CONV_TILE;
+    int64_t bi = p0 / j->HWo, ri = p0 % j->HWo, ho = ri / j->Wo, wo = ri % j->Wo;
+    for (int i = 0; i < XN_CONV_TILE; i++) {
+        if (i >= np) {
+            xr[i] = xr[0], b[i] = b[0], r[i] = r[0], cls[i] = cls[0];
+            continue;
+        }
+        xr[i] = j->xb + bi * j->IS + g * j->cw * j->PS + ho * j->sh * j->Wp + wo * j->sw;
+        b[i] = bi;
+        r[i] = ri;
+        cls[i] = j->corr ? (j->rcls[ho] * j->ncc + j->ccls[wo]) * j->O : 0;
+        ri++;
+        if (++wo == j->Wo) {
+            wo = 0;
+            if (++ho == j->Ho) ho = 0, ri = 0, bi++;
+        }
+    }
+    return np;
+}
+
+/* The scalar epilogue: the outputs of channels [n0, n0 + nl) of group g at a pixel (image b, offset r in the
+   image's plane, global index p, row `cls` of the padding correction table) from their counts. */
+static void xn_conv_store_scalar(const xn_conv_job *j, int64_t p, int64_t b, int64_t r, int64_t cls, int64_t g,
+                                 int64_t n0, int nl, const int64_t *cnt)
+{
+    for (int q = 0; q < nl; q++) {
+        const int64_t oc = g * j->Og + n0 + q;
+        float d = (float)(j->K - 2 * cnt[q] + (j->corr ? j->corr[cls + oc] : 0));
+        if (j->scale) d = d * j->scale[oc];
+        if (j->bias) d = d + j->bias[oc];
+        if (j->nchw_out) j->y[(b * j->O + oc) * j->HWo + r] = d;
+        else j->y[p * j->O + oc] = d;
+    }
+}
+
+/* Scalar path: work unit u = (group, panel pair, pixel tile). */
+static void xn_conv_unit_scalar(const xn_conv_job *j, int64_t u)
+{
+    const int64_t tile = u % j->PT, gq = u / j->PT, q = gq % j->NQ, g = gq / j->NQ;
+    const uint32_t *xr[XN_CONV_TILE];
+    int64_t r[XN_CONV_TILE], b[XN_CONV_TILE], cls[XN_CONV_TILE];
+    const int np = xn_conv_pixels(j, tile, g, xr, b, r, cls);
+    for (int i = 0; i < np; i++) {
+        for (int64_t panel = q * XN_CONV_NG; panel < (q + 1) * XN_CONV_NG && panel < j->P16; panel++) {
+            const uint32_t *wr = j->wp + (g * j->P16 + panel) * j->T * 16;
+            int64_t cnt[16] = {0};
+            for (int64_t s = 0; s < j->T; s++) {
+                const uint32_t xv = xr[i][j->off[s]];
+                for (int lane = 0; lane < 16; lane++) cnt[lane] += __builtin_popcount(xv ^ wr[16 * s + lane]);
+            }
+            const int64_t n0 = 16 * panel;
+            xn_conv_store_scalar(j, tile * XN_CONV_TILE + i, b[i], r[i], cls[i], g, n0,
+                                 j->Og - n0 < 16 ? (int)(j->Og - n0) : 16, cnt);
+        }
+    }
+}
+
+#if XN_X86_SIMD
+/* avx512 packing of padded rows [r0, r1) (see xn_conv_pack_scalar): 16 pixels of a row per vector when the width
+   is contiguous (NCHW), 32 channels of a pixel per word when the channels are (channels-last). */
+XN_AVX512_FN static int xz_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r1)
+{
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    __mmask16 bad = 0;
+    const int channels_last = j->sC == 1;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t b = r / j->Hp, hp = r % j->Hp, h = hp - j->ph;
+        uint32_t *rows = j->xb + b * j->IS + hp * j->Wp;   /* this row of plane 0; plane k at + k * PS */
+        for (int64_t k = 0; k < j->Gcw; k++) memset(rows + k * j->PS, 0, (size_t)j->Wp * sizeof(uint32_t));
+        if (h < 0 || h >= j->H) continue;
+        const float *xrow = j->x + b * j->sB + h * j->sH;
+        for (int64_t k = 0; k < j->Gcw; k++) {
+            const int64_t kk = k % j->cw, c0 = (k / j->cw) * j->Cg + 32 * kk;
+            const int64_t cnt = j->Cg - 32 * kk < 32 ? j->Cg - 32 * kk : 32;
+            uint32_t *out = rows + k * j->PS + j->pw;
+            if (channels_last) {
+                const __mmask16 la = xz_lanes(cnt), lb = cnt > 16 ? xz_lanes(cnt - 16) : 0;
+                for (int64_t w = 0; w < j->W; w++) {
+                    const float *p = xrow + w * j->sW + c0;
+                    const __m512 a = _mm512_maskz_loadu_ps(la, p), v = _mm512_maskz_loadu_ps(lb, p + 16);
+                    out[w] = (uint32_t)_mm512_mask_cmp_ps_mask(la, a, zero, _CMP_GE_OQ) |
+                             (uint32_t)_mm512_mask_cmp_ps_mask(lb, v, zero, _CMP_GE_OQ) << 16;
+                    if (j->strict)
+                        bad |= _mm512_mask_cmp_ps_mask(la, _mm512_abs_ps(a), one, _CMP_NEQ_UQ) |
+                               _mm512_mask_cmp_ps_mask(lb, _mm512_abs_ps(v), one, _CMP_NEQ_UQ);
+                    else
+                        bad |= _mm512_mask_cmp_ps_mask(la, a, a, _CMP_UNORD_Q) |
+                               _mm512_mask_cmp_ps_mask(lb, v, v, _CMP_UNORD_Q);
+                }
+                continue;
+            }
+            for (int64_t c = 0; c < cnt; c++) {   /* width contiguous: OR channel c's bit into 16 pixels at a time */
+                const float *p = xrow + (c0 + c) * j->sC;
+                const __m512i bit = _mm512_set1_epi32((int)(1u << c));
+                for (int64_t w = 0; w < j->W; w += 16) {
+                    const __mmask16 lanes = xz_lanes(j->W - w);
+                    const __m512 v = _mm512_maskz_loadu_ps(lanes, p + w);
+                    const __mmask16 ge = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
+                    const __m512i acc = _mm512_maskz_loadu_epi32(lanes, out + w);
+                    _mm512_mask_storeu_epi32(out + w, lanes, _mm512_mask_or_epi32(acc, ge, acc, bit));
+                    if (j->strict) bad |= _mm512_mask_cmp_ps_mask(lanes, _mm512_abs_ps(v), one, _CMP_NEQ_UQ);
+                    else bad |= _mm512_mask_cmp_ps_mask(lanes, v, v, _CMP_UNORD_Q);
+                }
+            }
+        }
+    }
+    return bad ? (j->strict ? XN_NOT_PM1 : XN_NAN) : 0;
+}
+
+/* avx512 path: one work unit (group, panel pair, pixel tile) with a register tile of 8 pixels x ng panels. */
+XZ_INLINE void xz_conv_unit(const xn_conv_job *j, int64_t g, int64_t q, int64_t tile, const int ng)
+{
+    const uint32_t *xr[XZ_MR];
+    int64_t r[XZ_MR], b[XZ_MR], cls[XZ_MR];
+    const int np = xn_conv_pixels(j, tile, g, xr, b, r, cls);
+    const int64_t p0 = tile * XZ_MR, panel0 = q * XZ_NG;
+    __m512i acc[XZ_MR][XZ_NG];
+    xz_dot8(xr, j->off, j->T, j->wp + (g * j->P16 + panel0) * j->T * 16, j->T * 16, ng == XZ_NG, acc);
+    const __m512i kc = _mm512_set1_epi32((int)j->K), zero = _mm512_setzero_si512();
+    /* NCHW stores 8 consecutive pixels of one image as 8 consecutive floats of each channel plane */
+    const int planes = j->nchw_out && np == XZ_MR && b[0] == b[XZ_MR - 1];
+    for (int h = 0; h < ng; h++) {
+        const int64_t n = 16 * (panel0 + h), oc = g * j->Og + n;
+        const int nl = j->Og - n < 16 ? (int)(j->Og - n) : 16;
+        const __mmask16 lanes = xz_lanes(nl);
+        const __m512 sv = j->scale ? _mm512_maskz_loadu_ps(lanes, j->scale + oc) : _mm512_setzero_ps();
+        const __m512 bv = j->bias ? _mm512_maskz_loadu_ps(lanes, j->bias + oc) : _mm512_setzero_ps();
+        __m512 f[XZ_MR];
+        for (int i = 0; i < XZ_MR; i++) {
+            const __m512i corr = j->corr ? _mm512_maskz_loadu_epi32(lanes, j->corr + cls[i] + oc) : zero;
+            f[i] = xz_finish(acc[i][h], kc, corr, j->scale ? &sv : NULL, j->bias ? &bv : NULL);
+        }
+        if (planes) {
+            xz_store_planes(f, j->y + (b[0] * j->O + oc) * j->HWo + r[0], j->HWo, nl);
+        } else if (!j->nchw_out) {
+            for (int i = 0; i < np; i++) _mm512_mask_storeu_ps(j->y + (p0 + i) * j->O + oc, lanes, f[i]);
+        } else {
+            for (int i = 0; i < np; i++) {
+                float v[16];
+                _mm512_storeu_ps(v, f[i]);
+                for (int c = 0; c < nl; c++) j->y[(b[i] * j->O + oc + c) * j->HWo + r[i]] = v[c];
+            }
+        }
+    }
+}
+
+XN_AVX512_FN static void xz_conv_units(const xn_conv_job *j, int64_t u0, int64_t u1)
+{
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t tile = u % j->PT, gq = u / j->PT, q = gq % j->NQ, g = gq / j->NQ;
+        if (j->P16 - q * XZ_NG >= XZ_NG) xz_conv_unit(j, g, q, tile, XZ_NG);
+        else xz_conv_unit(j, g, q, tile, 1);
+    }
+}
+#endif
+
+static void xn_conv_share(xn_task *task, int tid)
+{
+    xn_conv_job *j = (xn_conv_job *)task;
+    const int nt = task->nthreads;
+    int64_t lo, hi;
+    xn_share(j->B * j->Hp, 1, tid, nt, &lo, &hi);
+    int bad;
+#if XN_X86_SIMD
+    if (j->simd) bad = xz_conv_pack(j, lo, hi);
+    else
+#endif
+        bad = xn_conv_pack_scalar(j, lo, hi);
+    if (bad) xn_fail(task, bad);
+    xn_barrier(task);
+    if (xn_failed(task)) return;
+    xn_share(j->units, 1, tid, nt, &lo, &hi);
+#if XN_X86_SIMD
+    if (j->simd) {
+        xz_conv_units(j, lo, hi);
+        return;
+    }
+#endif
+    for (int64_t u = lo; u < hi; u++) xn_conv_unit_scalar(j, u);
+}
+
+/* Bitmask of the kernel rows (or columns) that output row (column) `o` reads from the padding. */
+static uint32_t xn_pad_mask(int64_t o, int64_t stride, int64_t pad, int64_t dil, int64_t taps, int64_t size)
+{
+    uint32_t m = 0;
+    for (int64_t i = 0; i < taps; i++) {
+        const int64_t at = o * stride - pad + i * dil;
+        if (at < 0 || at >= size) m |= (uint32_t)1 << i;
+    }
+    return m;
+}
+
+/* Classes of the output rows (or columns) by their padding mask: cls[o] indexes masks[]; returns the count. */
+static int64_t xn_pad_classes(int64_t n, int64_t stride, int64_t pad, int64_t dil, int64_t taps, int64_t size,
+                              int32_t *cls, uint32_t *masks)
+{
+    int64_t count = 0;
+    for (int64_t o = 0; o < n; o++) {
+        const uint32_t m = xn_pad_mask(o, stride, pad, dil, taps, size);
+        int64_t c = 0;
+        while (c < count && masks[c] != m) c++;
+        if (c == count) masks[count++] = m;
+        cls[o] = (int32_t)c;
+    }
+    return count;
+}
+
+/* y = F.conv2d(sign(x), sign(W)) * scale + bias (see the top of this file). `geom`: XN_CONV_GEOM values;
+   `prepared`: xnor_prepare_weights' layout of the packed weight [O, ceil(Cg * kh * kw / 8)]; `nchw_out`: write y
+   as [B, O, Ho, Wo] contiguous, else [B, Ho, Wo, O]. `path`: XN_PATH_AUTO (avx512 where supported, else scalar),
+   XN_PATH_AVX512 or XN_PATH_SCALAR. Returns XN_OK, or XN_NOMEM / XN_NAN / XN_NOT_PM1 / XN_NO_PATH / XN_BAD_ARGS
+   (then y is not written). */
+int xnor_conv2d_f32(const float *x, const int64_t *geom, const void *prepared, const float *scale,
+                    const float *bias, float *y, int nchw_out, int strict, int nthreads, int64_t min_work, int path)
+{
+    xn_conv_job j;
+    memset(&j, 0, sizeof j);
+    j.task.run = xn_conv_share;
+    j.x = x;
+    j.B = geom[0]; j.C = geom[1]; j.H = geom[2]; j.W = geom[3];
+    j.sB = geom[4]; j.sC = geom[5]; j.sH = geom[6]; j.sW = geom[7];
+    j.O = geom[8]; j.kh = geom[9]; j.kw = geom[10]; j.sh = geom[11]; j.sw = geom[12];
+    j.ph = geom[13]; j.pw = geom[14]; j.dh = geom[15]; j.dw = geom[16]; j.G = geom[17];
+    if (j.G <= 0 || j.C <= 0 || j.O <= 0 || j.C % j.G || j.O % j.G || j.kh <= 0 || j.kw <= 0 || j.kh > 32 ||
+        j.kw > 32 || j.sh <= 0 || j.sw <= 0 || j.dh <= 0 || j.dw <= 0 || j.ph < 0 || j.pw < 0 || j.H <= 0 ||
+        j.W <= 0 || j.B < 0)
+        return XN_BAD_ARGS;
+    j.Ho = (j.H + 2 * j.ph - j.dh * (j.kh - 1) - 1) / j.sh + 1;
+    j.Wo = (j.W + 2 * j.pw - j.dw * (j.kw - 1) - 1) / j.sw + 1;
+    if (j.H + 2 * j.ph - j.dh * (j.kh - 1) - 1 < 0 || j.W + 2 * j.pw - j.dw * (j.kw - 1) - 1 < 0)
+        return XN_BAD_ARGS;
+    if (j.B == 0) return XN_OK;
+    if (path == XN_PATH_AUTO) path = xn_supported(XN_PATH_AVX512) ? XN_PATH_AVX512 : XN_PATH_SCALAR;
+    if (path == XN_PATH_AVX2 || !xn_supported(path)) return XN_NO_PATH;
+    j.simd = path == XN_PATH_AVX512;
+    j.scale = scale; j.bias = bias; j.y = y; j.nchw_out = nchw_out; j.strict = strict;
+    j.Cg = j.C / j.G; j.Og = j.O / j.G;
+    j.cw = (j.Cg + 31) / 32; j.Gcw = j.G * j.cw;
+    j.Hp = j.H + 2 * j.ph; j.Wp = j.W + 2 * j.pw;
+    j.PS = j.Hp * j.Wp; j.IS = j.Gcw * j.PS;
+    j.HWo = j.Ho * j.Wo; j.P = j.B * j.HWo;
+    j.K = j.Cg * j.kh * j.kw;
+    j.P16 = (j.Og + 15) / 16;
+    j.NQ = (j.P16 + XN_CONV_NG - 1) / XN_CONV_NG;
+    j.PT = (j.P + XN_CONV_TILE - 1) / XN_CONV_TILE;
+    j.T = j.kh * j.kw * j.cw;
+    j.units = j.G * j.NQ * j.PT;
+    j.wp = (const uint32_t *)prepared;
+    const int32_t *S = (const int32_t *)(j.wp + j.G * j.P16 * j.T * 16);
+
+    j.xb = (uint32_t *)malloc((size_t)(j.B * j.IS) * sizeof(uint32_t));
+    j.off = (int32_t *)malloc((size_t)j.T * sizeof(int32_t));
+    j.rcls = (int32_t *)malloc((size_t)(j.Ho + j.Wo) * sizeof(int32_t));
+    uint32_t *masks = (uint32_t *)malloc((size_t)(j.Ho + j.Wo) * sizeof(uint32_t));
+    int rc = XN_NOMEM;
+    if (!j.xb || !j.off || !j.rcls || !masks) goto done;
+    j.ccls = j.rcls + j.Ho;
+    for (int64_t i = 0; i < j.kh; i++)
+        for (int64_t jj = 0; jj < j.kw; jj++)
+            for (int64_t kk = 0; kk < j.cw; kk++)
+                j.off[(i * j.kw + jj) * j.cw + kk] = (int32_t)(kk * j.PS + i * j.dh * j.Wp + jj * j.dw);
+
+    /* the padding's correction: corr[rc][cc][o] = sum of S[o][tap] over the taps that row class rc or column
+       class cc reads from the padding */
+    const int64_t nrc = xn_pad_classes(j.Ho, j.sh, j.ph, j.dh, j.kh, j.H, j.rcls, masks);
+    uint32_t *cmasks = masks + nrc;
+    j.ncc = xn_pad_classes(j.Wo, j.sw, j.pw, j.dw, j.kw, j.W, j.ccls, cmasks);
+    int padded = 0;
+    for (int64_t c = 0; c < nrc; c++) padded |= masks[c] != 0;
+    for (int64_t c = 0; c < j.ncc; c++) padded |= cmasks[c] != 0;
+    if (padded) {
+        j.corr = (int32_t *)malloc((size_t)(nrc * j.ncc * j.O) * sizeof(int32_t));
+        if (!j.corr) goto done;
+        for (int64_t a = 0; a < nrc; a++)
+            for (int64_t c = 0; c < j.ncc; c++)
+                for (int64_t o = 0; o < j.O; o++) {
+                    int32_t s = 0;
+                    for (int64_t i = 0; i < j.kh; i++)
+                        for (int64_t jj = 0; jj < j.kw; jj++)
+                            if (((masks[a] >> i) | (cmasks[c] >> jj)) & 1) s += S[o * j.kh * j.kw + i * j.kw + jj];
+                    j.corr[(a * j.ncc + c) * j.O + o] = s;
+                }
+    }
+    int t = xn_threads(nthreads, j.P * j.O * ((j.K + 63) / 64), min_work, j.units);
+    j.task.nthreads = t;
+    xn_run(&j.task);
+    rc = j.task.status;
+done:
+    free(j.xb);
+    free(j.off);
+    free(j.rcls);
+    free(masks);
+    free(j.corr);
+    return rc;
+}
