@@ -35,7 +35,7 @@ def final_metric(results: list[dict], metric: str) -> list[float]:
 
 def comparison_lines(rows: dict[str, list[dict]], pairs: list[str], metric: str) -> list[str]:
     """One table row per `A:B`: mean of A minus mean of B, each row's half-range, and whether the difference
-    exceeds the sum of the two half-ranges (the seeds' spread)."""
+    exceeds the sum of the two half-ranges (the seeds' spread; not judged with fewer than 2 seeds in a row)."""
     lines = [
         "",
         "| comparison | difference (points) | half-range A | half-range B | beyond the spread |",
@@ -48,7 +48,10 @@ def comparison_lines(rows: dict[str, list[dict]], pairs: list[str], metric: str)
         va, vb = (final_metric(rows[name], metric) for name in (a, b))
         diff = 100 * (statistics.mean(va) - statistics.mean(vb))
         ha, hb = (100 * (max(v) - min(v)) / 2 for v in (va, vb))
-        beyond = "yes" if abs(diff) > ha + hb else "no"
+        if min(len(va), len(vb)) < 2:
+            beyond = "n/a (fewer than 2 seeds)"
+        else:
+            beyond = "yes" if abs(diff) > ha + hb else "no"
         lines.append(f"| {a} - {b} | {diff:+.1f} | {ha:.1f} | {hb:.1f} | {beyond} |")
     return lines if len(lines) > 3 else []
 

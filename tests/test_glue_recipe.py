@@ -258,5 +258,10 @@ def test_results_table_compares_rows_and_keeps_the_reading(tmp_path):
     assert "| fp - a | +10.0 | 1.0 | 1.0 | yes |" in text
     assert "missing" not in text and "old table" not in text
     assert text.rstrip().endswith("## Reading\n\nhand-written notes")
+    rows[1] = ("a", runs([0.80]))  # one seed: no spread to judge against
+    assert "| a - b | +5.5 | 0.0 | 4.5 | n/a (fewer than 2 seeds) |" in glue_experiments.write_table(
+        rows, path, "cmd", "accuracy", ["a:b"]
+    )
+    rows[1] = ("a", runs([0.80, 0.82]))
     rows[2] = ("b", runs([0.70, 0.90]))  # a - b = +1.0 within the half-ranges 1.0 + 10.0
     assert "| a - b | +1.0 | 1.0 | 10.0 | no |" in glue_experiments.write_table(rows, path, "cmd", "accuracy", ["a:b"])
