@@ -142,6 +142,18 @@ def forced(path: str | None):
         yield
 
 
+def kernel_call(layer: nn.Module, x: torch.Tensor, kernel: str, path: str | None = None) -> Callable[[], object]:
+    """A timed call of a packed layer in one of our modes: `kernel` (`set_kernel`) and, for "xnor", a forced path."""
+    from stompp_hf.export import set_kernel
+
+    def call():
+        set_kernel(layer, kernel)
+        with forced(path):
+            return layer(x)
+
+    return call
+
+
 def kernel_paths() -> tuple[str, ...]:
     from stompp_hf.kernels import xnor
 
@@ -168,7 +180,6 @@ def seeded_binary_linear(k: int, n: int, seed: int):
 
 def linear_table(setting: Setting, repeats: tuple[int, int], limit: float) -> list[dict]:
     """Per shape and row count: every dense peer and every mode of `BinaryLinear`, interleaved."""
-    from stompp_hf.export import set_kernel
     from stompp_hf.kernels import int8
 
     rows_out = []
@@ -183,26 +194,18 @@ def linear_table(setting: Setting, repeats: tuple[int, int], limit: float) -> li
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
             xb = x.bfloat16()
 
-            def ours(kernel: str, path: str | None = None, layer=binary, x=x):
-                def call():
-                    set_kernel(layer, kernel)
-                    with forced(path):
-                        return layer(x)
-
-                return call
-
             calls: dict[str, Callable[[], object]] = {
                 "FP32": lambda f=dense, x=x: f(x),
                 "bf16": lambda f=bf16, x=xb: f(x),
                 "int8 dynamic (torch.ao)": lambda f=qint8, x=x: f(x),
-                "reference": ours("reference"),
+                "reference": kernel_call(binary, x, "reference"),
             }
             for path in paths:
-                calls[f"xnor {path}"] = ours("xnor", path)
+                calls[f"xnor {path}"] = kernel_call(binary, x, "xnor", path)
             if int8.available():
-                calls["int8 (_int_mm)"] = ours("int8")
+                calls["int8 (_int_mm)"] = kernel_call(binary, x, "int8")
             with torch.no_grad():
-                expected = ours("reference")()
+                expected = kernel_call(binary, x, "reference")()
                 exact = all(torch.equal(calls[c](), expected) for c in calls if c.startswith(("xnor", "int8 (")))
                 samples = interleaved(calls, reps)
             row = {
@@ -272,7 +275,6 @@ def static_int8_conv(conv: nn.Conv2d, x: torch.Tensor):
 
 def conv_table(setting: Setting, repeats: tuple[int, int], limit: float) -> list[dict]:
     from stompp_hf.core.packing import pack_signs
-    from stompp_hf.export import set_kernel
     from stompp_hf.nn import BinaryConv2d
 
     rows_out = []
@@ -297,28 +299,20 @@ def conv_table(setting: Setting, repeats: tuple[int, int], limit: float) -> list
                 x_cl = x.contiguous(memory_format=torch.channels_last)
                 x_bf = x_cl.bfloat16()
 
-                def ours(kernel: str, path: str | None = None, x=x, layer=binary):
-                    def call():
-                        set_kernel(layer, kernel)
-                        with forced(path):
-                            return layer(x)
-
-                    return call
-
                 calls: dict[str, Callable[[], object]] = {
                     "FP32": lambda f=dense, x=x: f(x),
                     "FP32 channels-last": lambda f=dense_cl, x=x_cl: f(x),
                     "bf16 channels-last": lambda f=bf16_cl, x=x_bf: f(x),
                     "int8 static (torch.ao)": static_int8_conv(dense, x),
-                    "reference": ours("reference"),
+                    "reference": kernel_call(binary, x, "reference"),
                 }
                 if "avx512" in paths:
-                    calls["xnor avx512"] = ours("xnor", "avx512")
-                    calls["xnor avx512, channels-last"] = ours("xnor", "avx512", x_cl)
+                    calls["xnor avx512"] = kernel_call(binary, x, "xnor", "avx512")
+                    calls["xnor avx512, channels-last"] = kernel_call(binary, x_cl, "xnor", "avx512")
                 if b == setting.batches[0] and paths:
-                    calls["xnor scalar"] = ours("xnor", "scalar")
+                    calls["xnor scalar"] = kernel_call(binary, x, "xnor", "scalar")
                 with torch.no_grad():
-                    expected = ours("reference")()
+                    expected = kernel_call(binary, x, "reference")()
                     exact = all(torch.equal(calls[c](), expected) for c in calls if c.startswith("xnor"))
                     samples = interleaved(calls, reps)
                 ho = (side - 1) // stride + 1

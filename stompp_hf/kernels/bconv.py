@@ -136,13 +136,8 @@ def binary_conv2d(
             "The binary convolution kernel is inference-only (no autograd): call it under torch.no_grad() or "
             "torch.inference_mode(), or with tensors that do not require grad."
         )
-    scale_ptr = bias_ptr = None
-    if out_scale is not None:
-        out_scale = xnor._check_vector("out_scale", out_scale, o, "binary_conv2d")
-        scale_ptr = out_scale.data_ptr()
-    if bias is not None:
-        bias = xnor._check_vector("bias", bias, o, "binary_conv2d")
-        bias_ptr = bias.data_ptr()
+    out_scale, scale_ptr = xnor._vector_pointer("out_scale", out_scale, o, "binary_conv2d")
+    bias, bias_ptr = xnor._vector_pointer("bias", bias, o, "binary_conv2d")
     num_threads = xnor._threads(num_threads, "binary_conv2d")
     if path is None and xnor._forced is not None and xnor._forced not in CONV_PATHS:
         path = "scalar"  # a forced linear-only path ("avx2"): the convolution's portable one

@@ -85,13 +85,8 @@ def int8_linear(
         raise ValueError(f"int8_linear is exact for K < 2**24, got K = {k}.")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, out_scale, bias)):
         raise ValueError("The int8 path is inference-only (no autograd): call it under torch.no_grad().")
-    scale_ptr = bias_ptr = None
-    if out_scale is not None:
-        out_scale = xnor._check_vector("out_scale", out_scale, n, "int8_linear")
-        scale_ptr = out_scale.data_ptr()
-    if bias is not None:
-        bias = xnor._check_vector("bias", bias, n, "int8_linear")
-        bias_ptr = bias.data_ptr()
+    out_scale, scale_ptr = xnor._vector_pointer("out_scale", out_scale, n, "int8_linear")
+    bias, bias_ptr = xnor._vector_pointer("bias", bias, n, "int8_linear")
     x2 = x.reshape(-1, k)
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()

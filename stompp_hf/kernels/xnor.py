@@ -327,16 +327,9 @@ def xnor_linear(
             f"got {_describe(weight_packed)}."
         )
     n = weight_packed.shape[0]
-    scale_ptr = bias_ptr = None
-    grad = torch.is_grad_enabled() and x.requires_grad
-    if out_scale is not None:
-        out_scale = _check_vector("out_scale", out_scale, n)
-        grad = grad or (out_scale.requires_grad and torch.is_grad_enabled())
-        scale_ptr = out_scale.data_ptr()
-    if bias is not None:
-        bias = _check_vector("bias", bias, n)
-        grad = grad or (bias.requires_grad and torch.is_grad_enabled())
-        bias_ptr = bias.data_ptr()
+    out_scale, scale_ptr = _vector_pointer("out_scale", out_scale, n, "xnor_linear")
+    bias, bias_ptr = _vector_pointer("bias", bias, n, "xnor_linear")
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, out_scale, bias))
     if grad:
         raise ValueError(
             "The XNOR kernel is inference-only (no autograd): call it under torch.no_grad() or "
@@ -417,6 +410,14 @@ def _raise_for(rc: int, name: str, x: torch.Tensor) -> None:
     if rc == _RC_NO_PATH:
         raise ValueError(f"{name}: the requested code path does not run on this CPU (it supports {paths()}).")
     raise ValueError(f"{name}: the kernel rejected the arguments (status {rc}).")
+
+
+def _vector_pointer(name: str, t: object | None, n: int, fn: str) -> tuple[torch.Tensor | None, int | None]:
+    """An optional float32 `[n]` argument checked (`_check_vector`) and its data pointer; `(None, None)` for None."""
+    if t is None:
+        return None, None
+    t = _check_vector(name, t, n, fn)
+    return t, t.data_ptr()
 
 
 def _check_vector(name: str, t: object, n: int, fn: str = "xnor_linear") -> torch.Tensor:
