@@ -48,6 +48,9 @@
 #include <sched.h>
 #include <signal.h>
 #include <time.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(XN_NO_SIMD)
 #define XN_X86_SIMD 1   /* the AVX2 and AVX-512 paths are compiled (and chosen at run time) */
 #include <immintrin.h>
@@ -100,6 +103,23 @@ int xnor_paths(void)
         paths |= 1 << XN_PATH_AVX512;
 #endif
     return paths;
+}
+
+/* Ask the kernel to back the 2 MiB-aligned interior of a large output buffer with transparent huge pages (Linux,
+   THP "madvise" or "always" mode; a no-op elsewhere). A fresh output of a few MiB is otherwise first touched 4 KiB
+   at a time: at batch 32 those page faults cost as much as the popcounts (768 -> 3072 at 4096 rows: 61 -> 37 ms on
+   one EPYC core). Only the faults change: no byte is read or written here. */
+static void xn_hugepage_hint(void *p, int64_t bytes)
+{
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)1 << 21;
+    if (bytes < (int64_t)(2 * huge)) return;
+    const uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1), hi = ((uintptr_t)p + (uintptr_t)bytes) & ~(huge - 1);
+    if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)bytes;
+#endif
 }
 
 static int xn_supported(int path) { return path >= 0 && path <= 2 && ((xnor_paths() >> path) & 1); }
@@ -765,6 +785,7 @@ int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uin
                     int64_t simd_min_rows, int path, const void *prepared, int strict)
 {
     if (M <= 0 || N <= 0 || K <= 0) return XN_OK;
+    xn_hugepage_hint(y, M * N * (int64_t)sizeof(float));
     if (path == XN_PATH_AUTO) {
         const int paths = xnor_paths();
         if ((paths >> XN_PATH_AVX512) & 1 && (prepared || M >= simd_min_rows)) path = XN_PATH_AVX512;

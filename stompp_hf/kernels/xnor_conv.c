@@ -320,6 +320,7 @@ int xnor_conv2d_f32(const float *x, const int64_t *geom, const void *prepared, c
     if (j.H + 2 * j.ph - j.dh * (j.kh - 1) - 1 < 0 || j.W + 2 * j.pw - j.dw * (j.kw - 1) - 1 < 0)
         return XN_BAD_ARGS;
     if (j.B == 0) return XN_OK;
+    xn_hugepage_hint(y, j.B * j.O * j.Ho * j.Wo * (int64_t)sizeof(float));
     if (path == XN_PATH_AUTO) path = xn_supported(XN_PATH_AVX512) ? XN_PATH_AVX512 : XN_PATH_SCALAR;
     if (path == XN_PATH_AVX2 || !xn_supported(path)) return XN_NO_PATH;
     j.simd = path == XN_PATH_AVX512;
