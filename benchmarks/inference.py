@@ -654,7 +654,12 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
         f"- XNOR kernel paths on this CPU: {', '.join(kernel_paths()) or 'none (no kernel)'}; the binary "
         f"convolution's: {', '.join(p for p in ('avx512', 'scalar') if p in kernel_paths()) or 'none'}. "
         f"`auto` times the int8 path against XNOR only on CPUs with AMX int8: "
-        f"{'yes' if int8.worth_measuring() else 'not here'}.",
+        f"{'yes' if int8.worth_measuring() else 'not here'}. Kernel threads: "
+        + (
+            "torch's own OpenMP team (`xnor.thread_runtime()` = openmp)."
+            if kernel_paths() and xnor.thread_runtime() == "openmp"
+            else "the kernel's pthread pool."
+        ),
         f"- Popcount limit = {args.threads} threads x {ghz:.2f} GHz ({source}) x 512 binary multiply-adds per cycle "
         f"(one 512-bit VPOPCNTQ per cycle per core) = {limit / 1e12:.2f} T binary multiply-adds/s. The fraction "
         "reached is the layer's multiply-adds (rows x inputs x outputs; for a conv, outputs x in channels x 9) over "

@@ -102,6 +102,27 @@ def test_bit_identical_to_reference(name, path, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("runtime", xnor.THREAD_RUNTIMES)
+def test_both_thread_runtimes_are_bit_identical(runtime, fresh_kernel_state, monkeypatch):
+    """The convolution on torch's OpenMP threads and on the kernel's own pool (`STOMPP_HF_KERNEL_THREADS`)."""
+    if runtime == "openmp" and xnor._openmp_symbols() is None:
+        pytest.skip("torch does not run on GNU OpenMP here")
+    fresh_kernel_state.setenv("STOMPP_HF_KERNEL_THREADS", runtime)
+    monkeypatch.setattr(bconv, "_MIN_WORK_PER_THREAD", 0)
+    assert xnor.thread_runtime() == runtime
+    gen = torch.Generator().manual_seed(31)
+    for name in ("resnet 3x3 stride 2", "grouped", "dilated stride 3"):
+        x, weight_packed, shape, geometry, scale, bias = make_case(CASES[name], gen)
+        expected = reference(x, weight_packed, shape, *geometry, scale, bias)
+        for path in bconv.conv_paths():
+            for threads in (2, 3, 5):
+                y = bconv.binary_conv2d(
+                    x, weight_packed, shape, *geometry, scale, bias, num_threads=threads, path=path
+                )
+                assert torch.equal(y, expected), (runtime, name, path, threads)
+
+
+@needs_kernel
 def test_non_contiguous_input_and_unprepared_weights():
     gen = torch.Generator().manual_seed(3)
     x, weight_packed, shape, geometry, scale, bias = make_case(CASES["resnet 3x3"], gen)

@@ -181,8 +181,9 @@ def test_forked_child_gets_a_fresh_pool(every_path):
     x = make_input((40, 200), gen)
     expected = xnor.xnor_linear(x, weight_packed, 200, out_scale, bias, num_threads=2).numpy().tobytes()
     pid = os.fork()
-    if pid == 0:  # the child: the parent's pool threads do not exist here
+    if pid == 0:  # the child: the parent's pool threads (or OpenMP team) do not exist here
         ok = xnor.xnor_linear(x, weight_packed, 200, out_scale, bias, num_threads=2).numpy().tobytes() == expected
+        ok = ok and xnor.thread_runtime() == "pthreads"
         os._exit(0 if ok else 1)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -194,6 +195,69 @@ def test_forked_child_gets_a_fresh_pool(every_path):
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail("the forked child hung in xnor_linear")
+
+
+needs_gomp = pytest.mark.skipif(
+    not xnor.is_available() or xnor._openmp_symbols() is None, reason="torch does not run on GNU OpenMP here"
+)
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@needs_kernel
+@needs_gomp
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
+def test_calls_run_on_torchs_own_openmp_threads(every_path):
+    """By default a multi-threaded call runs on the OpenMP team torch's ops use: it starts no thread of its own
+    (the kernel's pthread pool would add one per extra thread)."""
+    assert xnor.thread_runtime() == "openmp"
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(21)
+        weight_packed, out_scale, bias = make_layer(96, 300, gen)
+        x = make_input((64, 300), gen)
+        torch.nn.functional.gelu(torch.randn(256, 1024))  # torch's team exists
+        threads = thread_count()
+        for n in (2, 2, 2):
+            y = xnor.xnor_linear(x, weight_packed, 300, out_scale, bias, num_threads=n)
+            assert torch.equal(y, reference(x, weight_packed, 300, out_scale, bias))
+        assert thread_count() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("runtime", xnor.THREAD_RUNTIMES)
+def test_both_thread_runtimes_are_bit_identical(runtime, fresh_kernel_state, every_path):
+    """`STOMPP_HF_KERNEL_THREADS` picks the runtime; either gives the reference's bits for every thread count, more
+    threads than cores included (an OpenMP team smaller than asked shrinks the split)."""
+    if runtime == "openmp" and xnor._openmp_symbols() is None:
+        pytest.skip("torch does not run on GNU OpenMP here")
+    fresh_kernel_state.setenv("STOMPP_HF_KERNEL_THREADS", runtime)
+    assert xnor.thread_runtime() == runtime
+    gen = torch.Generator().manual_seed(22)
+    for n, k, m in [(64, 200, 40), (130, 384, 129), (7, 65, 300)]:
+        weight_packed, out_scale, bias = make_layer(n, k, gen)
+        x = make_input((m, k), gen)
+        expected = reference(x, weight_packed, k, out_scale, bias)
+        for path in xnor.paths():
+            prepared = xnor.prepare_weights(weight_packed, n, k) if path == "avx512" else None
+            for threads in (1, 2, 3, 5):
+                y = xnor.xnor_linear(
+                    x, weight_packed, k, out_scale, bias, num_threads=threads, path=path, prepared=prepared
+                )
+                assert torch.equal(y, expected), (runtime, path, threads, n, k, m)
+
+
+@needs_kernel
+def test_unknown_thread_runtime_warns_and_uses_the_default(fresh_kernel_state):
+    fresh_kernel_state.setenv("STOMPP_HF_KERNEL_THREADS", "fibers")
+    with pytest.warns(UserWarning, match="STOMPP_HF_KERNEL_THREADS='fibers'"):
+        assert xnor.is_available()
+    assert xnor.thread_runtime() == ("pthreads" if xnor._openmp_symbols() is None else "openmp")
 
 
 @needs_kernel

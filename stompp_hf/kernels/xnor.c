@@ -179,6 +179,17 @@ static int xn_threads(int nthreads, int64_t work, int64_t min_work, int64_t unit
     return t < 1 ? 1 : (int)t;
 }
 
+/* torch's OpenMP runtime, when xnor_use_openmp has handed it over (GNU libgomp's ABI: GOMP_parallel is what
+   `#pragma omp parallel` compiles to). The kernels then run on torch's own intra-op threads instead of this file's
+   pool: between two torch ops those threads spin (libgomp's default wait policy), so a second pool's worker would
+   share a core with a spinning torch thread, and a 2-thread call ran slower than a 1-thread one inside a model
+   (docs/design.md, "Threads"). Set once, before the first call. */
+typedef void (*xn_gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+static xn_gomp_parallel_fn xn_gomp_parallel;
+static int (*xn_omp_thread_num)(void);
+static int (*xn_omp_num_threads)(void);
+static void (*xn_gomp_barrier)(void);
+
 /* A process-wide pool of worker threads, started on demand and kept: starting threads on every call costs tens of
    microseconds. One call at a time uses it (a concurrent call runs on its own thread); idle workers spin for
    XN_SPIN_NS, then sleep on a condition variable. A forked child starts with an empty pool. */
@@ -198,6 +209,7 @@ static pthread_once_t xn_once = PTHREAD_ONCE_INIT;
 
 static void xn_after_fork_child(void)
 {
+    xn_gomp_parallel = NULL;   /* libgomp's team does not survive fork(): a child runs on a fresh pool of its own */
     pthread_mutex_init(&xn_busy, NULL);
     pthread_mutex_init(&xn_mu, NULL);
     pthread_cond_init(&xn_wake, NULL);
@@ -241,9 +253,28 @@ static void *xn_pool_worker(void *arg)
     return NULL;
 }
 
-/* Run `t` on the calling thread plus t->nthreads - 1 pool workers (fewer if the pool is busy or cannot grow). */
+/* One thread of an OpenMP team: the team may be smaller than asked, so thread 0 shrinks the task to it before any
+   thread splits the work. */
+static void xn_omp_body(void *arg)
+{
+    xn_task *t = (xn_task *)arg;
+    const int tid = xn_omp_thread_num();
+    if (tid == 0) {
+        const int n = xn_omp_num_threads();
+        if (n < t->nthreads) t->nthreads = n;
+    }
+    xn_gomp_barrier();
+    if (tid < t->nthreads) t->run(t, tid);
+}
+
+/* Run `t` on the calling thread plus t->nthreads - 1 workers: torch's OpenMP threads when handed over, else this
+   file's pool (fewer if the pool is busy or cannot grow). */
 static void xn_run(xn_task *t)
 {
+    if (t->nthreads > 1 && xn_gomp_parallel) {
+        xn_gomp_parallel(xn_omp_body, t, (unsigned)t->nthreads, 0);
+        return;
+    }
     if (t->nthreads > 1 && pthread_mutex_trylock(&xn_busy) != 0) t->nthreads = 1;
     if (t->nthreads <= 1) {
         t->nthreads = 1;
@@ -757,6 +788,26 @@ static void xn_fill_panels(const uint8_t *w, int64_t O, int64_t Cg, int64_t taps
 
 /* ------------------------------------------------------------------------------------------------------------
    Entry points (called through ctypes; see xnor.py / bconv.py). */
+
+/* Run multi-threaded calls on an OpenMP runtime (the addresses of libgomp's GOMP_parallel, omp_get_thread_num,
+   omp_get_num_threads and GOMP_barrier, from the copy torch has loaded), or, with any of them NULL, on this file's
+   pthread pool. Call it before the first kernel call; returns 1 when OpenMP is in use, 0 otherwise. */
+int xnor_use_openmp(void *parallel, void *thread_num, void *num_threads, void *barrier)
+{
+    if (!parallel || !thread_num || !num_threads || !barrier) {
+        xn_gomp_parallel = NULL;
+        return 0;
+    }
+    pthread_once(&xn_once, xn_register_fork);
+    xn_omp_thread_num = (int (*)(void))thread_num;
+    xn_omp_num_threads = (int (*)(void))num_threads;
+    xn_gomp_barrier = (void (*)(void))barrier;
+    xn_gomp_parallel = (xn_gomp_parallel_fn)parallel;
+    return 1;
+}
+
+/* 1 while multi-threaded calls run on the OpenMP runtime (not in a forked child), 0 on this file's pool. */
+int xnor_openmp_in_use(void) { return xn_gomp_parallel != NULL; }
 
 /* Bytes of the prepared weight layout of a layer with O outputs, Cg inputs per group and `taps` kernel taps. */
 int64_t xnor_prepared_bytes(int64_t O, int64_t Cg, int64_t taps, int64_t groups)

@@ -8,7 +8,8 @@
     y  = y * out_scale                                 # optional, one float32 rounding
     y  = y + bias                                      # optional, one float32 rounding
 
-as `K - 2 * popcount(signs(x) ^ w)` over sign words, split over a process-wide pthread pool, on one of three code
+as `K - 2 * popcount(signs(x) ^ w)` over sign words, split over torch's own OpenMP threads (or the kernel's pthread
+pool: `thread_runtime()`), on one of three code
 paths chosen at run time from the CPU's features (`paths()`): "avx512" (AVX-512 VPOPCNTDQ + BW; weights in 16-row
 panels, which `prepare_weights` builds once per weight), "avx2" (from `_SIMD_MIN_ROWS` rows on) and "scalar"
 (`popcnt`; few rows, or any CPU). `path=` or `forced_path(...)` picks one (for tests and measurements). A NaN in `x`
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -42,6 +45,7 @@ __all__ = [
     "is_available",
     "paths",
     "prepare_weights",
+    "thread_runtime",
     "xnor_linear",
 ]
 
@@ -52,6 +56,14 @@ _SYMBOL = "xnor_linear_f32"
 PATHS: tuple[str, ...] = ("avx512", "avx2", "scalar")
 _PATH_IDS = {"scalar": 0, "avx2": 1, "avx512": 2}
 _AUTO = -1
+
+#: Where a multi-threaded kernel call runs: "openmp", on the threads of the GNU OpenMP runtime (libgomp) that torch
+#: itself uses, or "pthreads", on the kernel's own pool. "openmp" wherever torch runs on libgomp: between two torch
+#: ops torch's threads spin, so a second pool would share cores with them (docs/design.md, "Threads").
+#: `STOMPP_HF_KERNEL_THREADS=pthreads` forces the pool.
+THREAD_RUNTIMES: tuple[str, ...] = ("openmp", "pthreads")
+_THREADS_ENV = "STOMPP_HF_KERNEL_THREADS"
+_GOMP_SYMBOLS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads", "GOMP_barrier")
 
 # Below this many (row, column, word) triples per thread, waking another thread costs more than it saves.
 _MIN_WORK_PER_THREAD = 1 << 13
@@ -90,6 +102,7 @@ class _Library(NamedTuple):
     prepared_bytes: Callable[..., int]
     prepare: Callable[..., int]
     paths: tuple[str, ...]
+    openmp_in_use: Callable[[], int]
 
 
 _lock = threading.Lock()
@@ -107,9 +120,37 @@ def _bind(lib: ctypes.CDLL, name: str, argtypes: tuple, restype: type) -> Callab
     return fn
 
 
+def _openmp_symbols() -> tuple[int, ...] | None:
+    """The addresses of `_GOMP_SYMBOLS` in the libgomp that torch has already loaded, or None: torch not on OpenMP,
+    on another runtime (Intel's, LLVM's), or no such library in the process (never loads a second copy)."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        gomp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        return tuple(ctypes.cast(getattr(gomp, name), ctypes.c_void_p).value for name in _GOMP_SYMBOLS)
+    except (OSError, AttributeError):  # not loaded, not Linux / glibc, or a library without the GNU ABI
+        return None
+
+
+def _choose_threads(use_openmp: Callable[..., int]) -> None:
+    """Hand the OpenMP runtime to the library (`xnor_use_openmp`) unless `STOMPP_HF_KERNEL_THREADS` says
+    "pthreads" or there is none (then the library's own pool runs the threads)."""
+    wanted = os.environ.get(_THREADS_ENV, "openmp").strip().lower() or "openmp"
+    if wanted not in THREAD_RUNTIMES:
+        warnings.warn(
+            f"{_THREADS_ENV}={wanted!r} is not one of {', '.join(THREAD_RUNTIMES)}; using 'openmp' where torch "
+            "runs on libgomp.",
+            stacklevel=3,
+        )
+        wanted = "openmp"
+    symbols = _openmp_symbols() if wanted == "openmp" else None
+    use_openmp(*(symbols or (None,) * len(_GOMP_SYMBOLS)))
+
+
 def _load() -> _Library:
     lib, path = load_library(_SOURCE, _SYMBOL)
     try:
+        _choose_threads(_bind(lib, "xnor_use_openmp", (_P, _P, _P, _P), _INT))
         mask = _bind(lib, "xnor_paths", (), _INT)()
         bound = _Library(
             linear=_bind(lib, _SYMBOL, _ARGTYPES, _INT),
@@ -119,6 +160,7 @@ def _load() -> _Library:
             prepared_bytes=_bind(lib, "xnor_prepared_bytes", (_I64, _I64, _I64, _I64), _I64),
             prepare=_bind(lib, "xnor_prepare_weights", (_P, _I64, _I64, _I64, _I64, _P), _INT),
             paths=tuple(p for p in PATHS if mask >> _PATH_IDS[p] & 1),
+            openmp_in_use=_bind(lib, "xnor_openmp_in_use", (), _INT),
         )
     except AttributeError as e:  # a library of this name and digest that lacks an entry point: not ours
         raise unavailable(f"the library {path} lacks an entry point ({e})") from e
@@ -188,6 +230,17 @@ def paths() -> tuple[str, ...]:
         XnorUnavailable: When the kernel could not be compiled or loaded.
     """
     return _library().paths
+
+
+def thread_runtime() -> str:
+    """Where multi-threaded kernel calls run (one of `THREAD_RUNTIMES`): "openmp" (torch's intra-op threads) or
+    "pthreads" (the kernel's own pool). Chosen when the library loads (`STOMPP_HF_KERNEL_THREADS`); a forked child
+    runs on the pool (an OpenMP team does not survive `fork`).
+
+    Raises:
+        XnorUnavailable: When the kernel could not be compiled or loaded.
+    """
+    return "openmp" if _library().openmp_in_use() else "pthreads"
 
 
 @contextlib.contextmanager
