@@ -90,6 +90,26 @@ def test_torch_compile_traces_a_training_step():
         torch.testing.assert_close(grads_c[name], grads[name], msg=name)
 
 
+@pytest.mark.parametrize("rules", [{}, {"weights": "stompp_ste", "activations": "stompp_ste"}, {"weights": "ste"}])
+@pytest.mark.parametrize("progress", [0, 3, 8], ids=["continuous", "mid-progression", "fully-frozen"])
+def test_binarized_layers_keep_the_autocast_dtype(rules, progress):
+    """Under CPU bf16 autocast every binarized layer returns bf16, as the nn.Linear it replaces does: continuous,
+    transitioning and frozen (the factored form, whose float32 bias once promoted the output and every op after it to
+    float32)."""
+    from stompp_hf import prepare_model
+
+    torch.manual_seed(0)
+    model = prepare_model(BertForSequenceClassification(tiny_bert_config()), StoMPPConfig(**rules))
+    controller = ProgressionController(model, total_steps=8)
+    controller.advance(progress)
+    dtypes = {}
+    for name, module in stompp_modules(model).items():
+        module.register_forward_hook(lambda m, a, out, name=name: dtypes.__setitem__(name, out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=eval_ids())
+    assert dtypes and set(dtypes.values()) == {torch.bfloat16}, dtypes
+
+
 @pytest.mark.parametrize(
     "rules",
     [

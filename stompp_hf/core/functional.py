@@ -399,9 +399,11 @@ def output_scale(
 def scale_output(
     y: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, feature_ndim: int
 ) -> torch.Tensor:
-    """`y * scale + bias` as two separately rounded operations (the XNOR kernel computes the same)."""
+    """`y * scale + bias` as two separately rounded operations (the XNOR kernel computes the same), in `y`'s dtype:
+    under autocast a binarized layer's output has the autocast dtype, as the `F.linear` / conv it replaces (a
+    float32 bias would promote it, and every op downstream would run in float32)."""
     if scale is not None:
         y = y * scale.to(y.dtype)
     if bias is not None:
-        y = y + bias.view(-1, *([1] * (feature_ndim - 1)))
+        y = y + bias.to(y.dtype).view(-1, *([1] * (feature_ndim - 1)))
     return y

@@ -176,7 +176,7 @@ class StoMPPMixin(StoMPPModule):
         if scale is not None:
             y = y * torch.where(frozen, scale, 1.0).to(y.dtype)
         if bias is not None:
-            y = y + torch.where(frozen, bias, 0.0).view(-1, *([1] * (self.feature_ndim - 1)))
+            y = y + torch.where(frozen, bias, 0.0).to(y.dtype).view(-1, *([1] * (self.feature_ndim - 1)))
         return y
 
     def binary_flags(self) -> dict[str, bool]:
