@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from common import results_header
+from common import iqr, results_header
 from train_overhead import build, one_step
 
 SETUPS = [("FP", "fp32"), ("FP", "bf16"), ("StoMPP+STE", "fp32"), ("StoMPP+STE", "bf16")]
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=11)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--output", default="benchmarks/results/bf16_step.md")
@@ -47,20 +47,27 @@ def main() -> None:
                 times[key].append(time.perf_counter() - start)
         print(f"  round {round_ + 1}/{args.warmup + args.steps}", flush=True)
     median = {key: statistics.median(v) for key, v in times.items()}
+
+    def paired(a: tuple[str, str], b: tuple[str, str]) -> str:
+        """Median and interquartile range of the per-round ratios a / b (both timed in the same round)."""
+        ratios = [x / y for x, y in zip(times[a], times[b])]
+        return f"{statistics.median(ratios):.3f} ({iqr(ratios):.3f})"
+
     command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bf16_step.py --threads " + str(args.threads)
     lines = [
         *results_header("Training step in bf16 autocast vs fp32 (CPU)", command),
         f"all-MiniLM-L6-v2, batch {args.batch} x sequence {args.seq}, {args.steps} timed rounds after "
-        f"{args.warmup} warm-up, setups interleaved; medians.",
+        f"{args.warmup} warm-up, setups interleaved. Steps: median (interquartile range) over the rounds; ratios: "
+        "median (interquartile range) of the ratios of the two steps timed in the same round.",
         "",
         "| rule | fp32 step (s) | bf16 step (s) | bf16 / fp32 | step / FP step (fp32) | step / FP step (bf16) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for rule in ("FP", "StoMPP+STE"):
-        f32, b16 = median[(rule, "fp32")], median[(rule, "bf16")]
+        f32, b16 = (rule, "fp32"), (rule, "bf16")
         lines.append(
-            f"| {rule} | {f32:.3f} | {b16:.3f} | {b16 / f32:.3f} | {f32 / median[('FP', 'fp32')]:.3f} | "
-            f"{b16 / median[('FP', 'bf16')]:.3f} |"
+            f"| {rule} | {median[f32]:.3f} ({iqr(times[f32]):.3f}) | {median[b16]:.3f} ({iqr(times[b16]):.3f}) | "
+            f"{paired(b16, f32)} | {paired(f32, ('FP', 'fp32'))} | {paired(b16, ('FP', 'bf16'))} |"
         )
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:

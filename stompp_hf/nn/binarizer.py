@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -94,7 +95,9 @@ class Binarizer(nn.Module):
     def weight_scale(self, w: torch.Tensor) -> torch.Tensor | float:
         """alpha: the per-output-channel mean |W| (`'channel'`), or 1."""
         if self.scale_mode == "channel":
-            return w.detach().abs().mean(dim=tuple(range(1, w.ndim)), keepdim=True)
+            # an L1 norm reduces |W| without materialising it (abs().mean() writes a weight-sized temporary)
+            dims = tuple(range(1, w.ndim))
+            return torch.linalg.vector_norm(w.detach(), 1, dim=dims, keepdim=True) / max(1, math.prod(w.shape[1:]))
         return 1.0
 
     def ensure_mask(self, feature_shape: tuple[int, ...]) -> MaskState:
@@ -118,7 +121,8 @@ class Binarizer(nn.Module):
         close over it, and the next training forward updates the buffer in place, which would break (or silently
         change) the backward of a forward run before it, as in two forwards then one backward.
         """
-        batch = x.detach().abs().mean().float()
+        # mean |x| as an L1 norm in float32: no activation-sized |x| temporary (a fresh multi-MB block per layer)
+        batch = torch.linalg.vector_norm(x.detach(), 1, dtype=torch.float32) / x.numel()
         if self.training and not self.force_frozen and not _in_backward():
             with torch.no_grad():
                 ema = (1 - ACTIVATION_SCALE_MOMENTUM) * self.scale + ACTIVATION_SCALE_MOMENTUM * batch
