@@ -129,6 +129,24 @@ def clock_ghz(override: float | None) -> tuple[float, str]:
     return 2.5, "an assumed 2.5 GHz (no clock in /proc/cpuinfo)"
 
 
+def copy_bandwidth(mib: int = 256, repeats: int = 7) -> dict[str, float]:
+    """Bytes per second (read + written) of `dst.copy_(src)` on `mib` MiB of float32, medians of `repeats`: into a
+    destination already touched ("warm", the memory floor used below) and into a fresh `torch.empty` each time
+    ("fresh", which pays the page faults every layer's fresh output pays)."""
+    src = torch.randn(mib * 2**18)
+    dst = torch.empty_like(src).copy_(src)
+    nbytes = 2 * src.numel() * 4
+    warm, fresh = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        warm.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        torch.empty_like(src).copy_(src)
+        fresh.append(time.perf_counter() - start)
+    return {"warm": nbytes / median(warm), "fresh": nbytes / median(fresh), "mib": mib}
+
+
 def popcount_limit(threads: int, ghz: float) -> float:
     """Binary multiply-adds per second at one 512-bit popcount per cycle per core."""
     return threads * ghz * 1e9 * 512
@@ -217,6 +235,7 @@ def linear_table(setting: Setting, repeats: tuple[int, int], limit: float) -> li
             }
             row["iqr"] = max(iqr(v) for v in samples.values())
             row["macs"] = m * n * k
+            row["io_bytes"] = 4 * m * (k + n)  # float32 input read, float32 output written
             rows_out.append(row)
             best = paths[0] if paths else None
             log(
@@ -324,6 +343,7 @@ def conv_table(setting: Setting, repeats: tuple[int, int], limit: float) -> list
                     "t": {c: median(v) for c, v in samples.items()},
                     "iqr": max(iqr(v) for v in samples.values()),
                     "macs": b * c_out * ho * ho * c_in * 9,
+                    "io_bytes": 4 * b * (c_in * side * side + c_out * ho * ho),
                 }
                 rows_out.append(row)
                 log(
@@ -615,22 +635,32 @@ def ours_best(row: dict) -> tuple[str, float]:
     return name, row["t"][name]
 
 
-def render_layers(title: str, rows: list[dict], dense: tuple[str, ...], limit: float, what: Callable) -> list[str]:
+def floor_seconds(row: dict, limit: float, bandwidth: float) -> tuple[float, float]:
+    """(popcount floor, memory floor) of a layer: its multiply-adds at the popcount limit, and its float32 input
+    and output at the warm copy bandwidth (weights and packed bits, a few % of it, left out)."""
+    return row["macs"] / limit, row["io_bytes"] / bandwidth
+
+
+def render_layers(
+    title: str, rows: list[dict], dense: tuple[str, ...], limit: float, bandwidth: float, what: Callable
+) -> list[str]:
     columns = list(dict.fromkeys(c for r in rows for c in r["t"]))
     lines = [
         title,
         "",
         "| layer | batch | " + " | ".join(f"{c} (ms)" for c in columns) + " | fastest dense | ours, best | "
-        "x fastest dense | popcount limit reached | bit-identical |",
-        "|---|---:|" + "---:|" * len(columns) + "---|---|---:|---:|---|",
+        "x fastest dense | popcount limit reached | memory floor (ms) | tighter floor reached | bit-identical |",
+        "|---|---:|" + "---:|" * len(columns) + "---|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         peer, t_peer = fastest(r, dense)
         mine, t_mine = ours_best(r)
         xnor_times = [t for c, t in r["t"].items() if c.startswith("xnor")]
         reached = f"{r['macs'] / min(xnor_times) / limit:.1%}" if xnor_times else "-"
+        pop, mem = floor_seconds(r, limit, bandwidth)
+        tighter = f"{max(pop, mem) / min(xnor_times):.1%}" if xnor_times else "-"
         cells = [what(r), str(r["batch"]), *(ms(r["t"][c]) if c in r["t"] else "-" for c in columns)]
-        cells += [peer, mine, f"{t_peer / t_mine:.2f}", reached, "**yes**" if r["exact"] else "NO"]
+        cells += [peer, mine, f"{t_peer / t_mine:.2f}", reached, ms(mem), tighter, "**yes**" if r["exact"] else "NO"]
         lines.append("| " + " | ".join(cells) + " |")
     widest = max(r["iqr"] for r in rows)
     lines += ["", f"Widest interquartile range of these timings: {ms(widest)} ms.", ""]
@@ -644,6 +674,7 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
 
     ghz, source = clock_ghz(args.clock_ghz)
     limit = popcount_limit(args.threads, ghz)
+    bandwidth = results["bandwidth"]["warm"]
     b1, b32 = setting.batches
     lines = [
         *results_header(
@@ -664,6 +695,12 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
         f"(one 512-bit VPOPCNTQ per cycle per core) = {limit / 1e12:.2f} T binary multiply-adds/s. The fraction "
         "reached is the layer's multiply-adds (rows x inputs x outputs; for a conv, outputs x in channels x 9) over "
         "the fastest XNOR path's median time and this limit.",
+        f"- Memory floor = the layer's float32 input and output bytes at the copy bandwidth measured at the start "
+        f"(`dst.copy_(src)`, {results['bandwidth']['mib']} MiB, read + written): {bandwidth / 1e9:.1f} GB/s into "
+        "touched memory (the floor), "
+        f"{results['bandwidth']['fresh'] / 1e9:.1f} GB/s into a fresh `torch.empty` (what a fresh output pays). "
+        "`tighter floor reached` = max(popcount floor, memory floor) / the fastest XNOR time: a layer whose memory "
+        "floor is above its popcount floor cannot reach the popcount limit, whatever the kernel does.",
         f"- Batch {b1} and {b32}, sequence {setting.seq} for the transformers; medians of interleaved repeats after "
         "one warm-up call per mode; `x fastest dense` = fastest dense peer's median / our fastest mode's (above 1: "
         "faster). bf16 peers get inputs already in bf16 (a bf16 model keeps its activations so); the int8 peers "
@@ -676,6 +713,7 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
             results["linear"],
             DENSE_LINEAR,
             limit,
+            bandwidth,
             lambda r: f"{r['shape'][0]} -> {r['shape'][1]}, {r['rows']} rows",
         )
     if results["conv"]:
@@ -684,6 +722,7 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
             results["conv"],
             DENSE_CONV,
             limit,
+            bandwidth,
             lambda r: (
                 f"{r['shape'][0]} -> {r['shape'][1]} at {r['shape'][2]}x{r['shape'][2]}"
                 + (" /2" if r["shape"][3] == 2 else "")
@@ -757,6 +796,21 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
                 f"- {kind} layers, batch {b32}: {min(fracs):.1%} to {max(fracs):.1%} of the popcount limit; "
                 f">= 25% on {met} of {len(fracs)} shapes (target: all)."
             )
+            misses = [
+                (r, min(t for c, t in r["t"].items() if c.startswith("xnor")))
+                for r in rows
+                if r["batch"] == b32 and any(c.startswith("xnor") for c in r["t"])
+            ]
+            misses = [(r, t) for r, t in misses if r["macs"] / t / limit < 0.25]
+            if misses:
+                bound = [floor_seconds(r, limit, bandwidth) for r, _ in misses]
+                memory_bound = sum(mem > 0.25 * t for (r, t), (_, mem) in zip(misses, bound))
+                lines.append(
+                    f"  Of the {len(misses)} below 25%, {memory_bound} have a memory floor above a quarter of their "
+                    f"time (moving their float32 input and output alone takes "
+                    f"{min(m / t for (_, t), (_, m) in zip(misses, bound)):.0%} to "
+                    f"{max(m / t for (_, t), (_, m) in zip(misses, bound)):.0%} of it at the warm copy bandwidth)."
+                )
     lines += [
         "- Whole models: see each table's `x FP32` column and memory columns; the packed modes' logits are "
         "compared bit for bit with the in-memory binarized model.",
@@ -794,6 +848,10 @@ def main() -> None:
     limit = popcount_limit(args.threads, ghz)
     start = time.perf_counter()
     results: dict = {"linear": [], "conv": [], "transformers": {}, "resnet": {}}
+    MONITOR.wait_idle()
+    results["bandwidth"] = copy_bandwidth(16 if args.quick else 256)
+    bw = results["bandwidth"]
+    log(f"copy bandwidth: {bw['warm'] / 1e9:.1f} GB/s warm, {bw['fresh'] / 1e9:.1f} GB/s fresh")
     if "linear" in args.parts:
         results["linear"] = linear_table(setting, setting.repeats, limit)
     if "conv" in args.parts:
