@@ -102,3 +102,28 @@ def test_constant_masks_match_materialized_masks(rule, clip_smooth):
         full_out, full_grad = run(rule, clip_smooth, mask=torch.full((6,), constant))
         assert torch.equal(fast_out, full_out)
         assert torch.equal(fast_grad, full_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bound", [1.0, 0.3, 1.006, 0.0])
+def test_fused_clipped_identity_gradient_matches_the_product(dtype, bound):
+    """The one-pass CPU window gradient (aten's hardtanh_backward with bounds one ulp outside) gives the values of
+    `1{|u| <= bound} * g`, the closed ends included: at `u = +-bound` exactly, one ulp inside and outside, zeros and
+    bounds that the input's dtype rounds (1.006 rounds up in bf16, so a bf16 input equal to the rounded bound passes,
+    as it does in the comparison)."""
+    from stompp_hf.core.functional import _window, _windowed_grad
+
+    b = torch.tensor(bound)
+    edge = b.to(dtype)
+    up = torch.nextafter(edge, torch.tensor(float("inf"), dtype=dtype))
+    down = torch.nextafter(edge, torch.tensor(-float("inf"), dtype=dtype))
+    special = torch.stack([edge, -edge, up, -up, down, -down]).to(dtype)
+    u = torch.cat([special, torch.tensor([0.0, -0.0], dtype=dtype), torch.randn(997, dtype=dtype)])
+    g = torch.randn(u.shape, dtype=dtype)
+    expected = _window(u, b, g.dtype).mul_(g)
+    got = _windowed_grad(g, u, b)
+    assert got.dtype == g.dtype and torch.equal(got, expected)
+    assert torch.equal(got[:2] != 0, g[:2] != 0)  # u = +-bound (as rounded): inside
+    assert not got[2:4].any()  # one ulp outside
+    if bound > 0:
+        assert torch.equal(got[4:6] != 0, g[4:6] != 0)  # one ulp inside
