@@ -8,21 +8,78 @@ Each (config, seed) runs `recipes/glue.py` in its own process with `seed` and `o
 overridden; a run whose `all_results.json` exists is reused, so an interrupted table resumes where it stopped.
 `--compare A:B` adds the difference of two rows (the binarized metric, or the metric of a full-precision row) with
 the seed spread of each; a section of the table file starting with `## Reading` is kept when the table is rewritten.
+
+`--jobs N` runs N of them at once, each with `OMP_NUM_THREADS` = cores / N; a run whose teacher is the output of
+another run of the same invocation (`teacher_model_name_or_path`, e.g. `outputs/glue/fp-seed{seed}`) starts once
+that run has finished. On 2 cores, two 1-thread runs finished about 1.3x sooner than one 2-thread run after the
+other (MiniLM, batch 32, 752 steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from stompp_hf_recipes.common import result_cells, results_header, run_config, write_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_one(config_path: str, seed: int, force: bool = False) -> dict:
-    return run_config(os.path.join(HERE, "glue.py"), config_path, seed, force)
+def run_one(config_path: str, seed: int, force: bool = False, env: dict[str, str] | None = None) -> dict:
+    return run_config(os.path.join(HERE, "glue.py"), config_path, seed, force, env)
+
+
+def _run_paths(config_path: str, seed: int) -> tuple[str, str | None]:
+    """(output_dir, teacher path or None) of one run, as `run_config` resolves them."""
+    with open(config_path) as f:
+        config = json.load(f)
+    teacher = config.get("teacher_model_name_or_path")
+    teacher = teacher.replace("{seed}", str(seed)) if isinstance(teacher, str) else None
+    return f"{config['output_dir']}-seed{seed}", teacher
+
+
+def run_all(
+    configs: list[str], seeds: list[int], force: bool = False, jobs: int = 1, on_done=None
+) -> dict[tuple[str, int], dict]:
+    """Every (config, seed) run, `jobs` at a time (see the module docstring); `on_done(results so far)` after each.
+    A failed run raises once the others have ended."""
+    tasks = [(config, seed) for config in configs for seed in seeds]
+    producers = {_run_paths(*task)[0]: task for task in tasks}
+    # teachers first: a run waits only on runs before it (in parallel: submitted before it, FIFO)
+    ordered = sorted(tasks, key=lambda t: _run_paths(*t)[1] in producers)
+    results: dict[tuple[str, int], dict] = {}
+    if jobs <= 1:
+        for task in ordered:
+            results[task] = run_one(*task, force)
+            if on_done:
+                on_done(results)
+        return results
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    futures: dict[tuple[str, int], Future] = {}
+    lock = threading.Lock()
+
+    def run(task: tuple[str, int]) -> dict:
+        teacher = _run_paths(*task)[1]
+        if teacher in producers and producers[teacher] != task:
+            futures[producers[teacher]].result()  # submitted earlier (FIFO), so running or done: no deadlock
+        result = run_one(*task, force, env)
+        with lock:
+            results[task] = result
+            if on_done:
+                on_done(dict(results))
+        return result
+
+    with ThreadPoolExecutor(jobs) as pool:
+        for task in ordered:
+            futures[task] = pool.submit(run, task)
+    for future in futures.values():
+        future.result()
+    return results
 
 
 READING = "\n## Reading"
@@ -85,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", default="benchmarks/results/glue_sst2.md")
     parser.add_argument("--metric", default="accuracy")
     parser.add_argument("--force", action="store_true", help="Re-run even when results exist.")
+    parser.add_argument("--jobs", type=int, default=1, help="Runs at once, each with cores / jobs threads.")
     parser.add_argument(
         "--compare", nargs="*", default=[], metavar="A:B", help="Rows to compare (experiment names), e.g. x:y."
     )
@@ -93,12 +151,19 @@ def main(argv: list[str] | None = None) -> None:
         [*args.configs, "--seeds", *map(str, args.seeds), "--table", args.table]
         + (["--compare", *args.compare] if args.compare else [])
     )
-    rows = []
-    for config in args.configs:
-        name = os.path.splitext(os.path.basename(config))[0]
-        rows.append((name, [run_one(config, seed, args.force) for seed in args.seeds]))
-        write_table(rows, args.table, command, args.metric, args.compare)  # partial table after every experiment
-    print(write_table(rows, args.table, command, args.metric, args.compare))
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+
+    def table(results: dict[tuple[str, int], dict]) -> str:
+        rows = []
+        for config in args.configs:
+            runs = [results[(config, seed)] for seed in args.seeds if (config, seed) in results]
+            if runs:
+                rows.append((os.path.splitext(os.path.basename(config))[0], runs))
+        return write_table(rows, args.table, command, args.metric, args.compare)
+
+    # a partial table after every run, so an interrupted invocation leaves what it finished
+    print(table(run_all(args.configs, args.seeds, args.force, args.jobs, on_done=table)))
 
 
 if __name__ == "__main__":

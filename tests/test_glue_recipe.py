@@ -265,3 +265,44 @@ def test_results_table_compares_rows_and_keeps_the_reading(tmp_path):
     rows[1] = ("a", runs([0.80, 0.82]))
     rows[2] = ("b", runs([0.70, 0.90]))  # a - b = +1.0 within the half-ranges 1.0 + 10.0
     assert "| a - b | +1.0 | 1.0 | 10.0 | no |" in glue_experiments.write_table(rows, path, "cmd", "accuracy", ["a:b"])
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3])
+def test_parallel_runs_wait_for_their_teacher(tmp_path, monkeypatch, jobs):
+    """`--jobs N`: N runs at once with cores / N threads each; a run distilled from another run of the same
+    invocation starts only after that run has finished, and every (config, seed) runs once."""
+    import threading
+    import time
+
+    fp = tmp_path / "fp.json"
+    fp.write_text(json.dumps({"output_dir": str(tmp_path / "fp")}))
+    kd = tmp_path / "kd.json"
+    kd.write_text(
+        json.dumps({"output_dir": str(tmp_path / "kd"), "teacher_model_name_or_path": str(tmp_path / "fp-seed{seed}")})
+    )
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"output_dir": str(tmp_path / "other")}))
+    events, lock = [], threading.Lock()
+
+    def fake_run_one(config, seed, force=False, env=None):
+        name = os.path.splitext(os.path.basename(config))[0]
+        with lock:
+            events.append(("start", name, seed, (env or {}).get("OMP_NUM_THREADS")))
+        time.sleep(0.05 if name == "fp" else 0.01)
+        with lock:
+            events.append(("end", name, seed, None))
+        return {"name": name, "seed": seed}
+
+    monkeypatch.setattr(glue_experiments, "run_one", fake_run_one)
+    seen = []
+    results = glue_experiments.run_all(
+        [str(kd), str(other), str(fp)], [0, 1], jobs=jobs, on_done=lambda r: seen.append(len(r))
+    )
+    assert sorted(results) == sorted((str(c), s) for c in (kd, other, fp) for s in (0, 1))
+    assert sorted(seen) == list(range(1, 7))
+    for seed in (0, 1):
+        fp_end = events.index(("end", "fp", seed, None))
+        kd_start = next(i for i, e in enumerate(events) if e[:3] == ("start", "kd", seed))
+        assert fp_end < kd_start
+    threads = {e[3] for e in events if e[0] == "start"}
+    assert threads == ({None} if jobs == 1 else {str(max(1, (os.cpu_count() or 1) // jobs))})
