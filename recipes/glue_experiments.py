@@ -11,8 +11,8 @@ the seed spread of each; a section of the table file starting with `## Reading` 
 
 `--jobs N` runs N of them at once, each with `OMP_NUM_THREADS` = cores / N; a run whose teacher is the output of
 another run of the same invocation (`teacher_model_name_or_path`, e.g. `outputs/glue/fp-seed{seed}`) starts once
-that run has finished. On 2 cores, two 1-thread runs finished about 1.3x sooner than one 2-thread run after the
-other (MiniLM, batch 32, 752 steps).
+that run has finished. Whether that beats one run at a time with every core depends on how well one run uses the
+cores: measure before relying on it.
 """
 
 from __future__ import annotations
