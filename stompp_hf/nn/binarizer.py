@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -95,9 +94,7 @@ class Binarizer(nn.Module):
     def weight_scale(self, w: torch.Tensor) -> torch.Tensor | float:
         """alpha: the per-output-channel mean |W| (`'channel'`), or 1."""
         if self.scale_mode == "channel":
-            # an L1 norm reduces |W| without materialising it (abs().mean() writes a weight-sized temporary)
-            dims = tuple(range(1, w.ndim))
-            return torch.linalg.vector_norm(w.detach(), 1, dim=dims, keepdim=True) / max(1, math.prod(w.shape[1:]))
+            return w.detach().abs().mean(dim=tuple(range(1, w.ndim)), keepdim=True)
         return 1.0
 
     def ensure_mask(self, feature_shape: tuple[int, ...]) -> MaskState:
