@@ -56,8 +56,9 @@ def _windowed_grad(grad: torch.Tensor, u: torch.Tensor, bound: torch.Tensor) -> 
     same values (a zero may come out as +0.0 where the product gave -0.0) in one pass on CPU: aten's fused
     `hardtanh_backward`, which passes `grad` strictly inside `(lo, hi)`, with `lo, hi` one ulp outside `+-bound`
     (rounded to `u`'s dtype, as the comparison rounds it), so the window keeps its closed ends: no float lies
-    between `bound` and the next one up. 4-7x faster than the comparison, product and their temporaries. Elsewhere
-    (another device, under `torch.compile`, which must not read `bound` back to the host) the product itself."""
+    between `bound` and the next one up (a NaN `u`, which the comparison excludes, passes `grad` here: a diverged
+    input, which the callback's check of beta stops). 4-7x faster than the comparison, product and temporaries.
+    Elsewhere (another device, under `torch.compile`, which must not read `bound` back to the host) the product."""
     if not (u.is_cpu and grad.is_cpu) or bound.numel() != 1 or torch.compiler.is_compiling():
         return _window(u, bound, grad.dtype).mul_(grad)
     step = torch.float64 if u.dtype == torch.float64 else torch.float32  # bf16 / fp16 values are float32 values
