@@ -347,6 +347,18 @@ def plot_curves(
     return path
 
 
+def resolve_config(config_path: str, seed: int) -> dict[str, Any]:
+    """The arguments `run_config` runs `config_path` with for `seed`: `{seed}` in any string value becomes N, `seed`
+    is set and `output_dir` gets the suffix `-seed<N>`."""
+    with open(config_path) as f:
+        config = json.load(f)
+    # `{seed}` in a value names a per-seed input, e.g. the teacher `outputs/glue/fp-seed{seed}` of a two-phase run
+    config = {k: v.replace("{seed}", str(seed)) if isinstance(v, str) else v for k, v in config.items()}
+    config["seed"] = seed
+    config["output_dir"] = f"{config['output_dir']}-seed{seed}"
+    return config
+
+
 def run_config(
     script: str, config_path: str, seed: int, force: bool = False, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -356,12 +368,7 @@ def run_config(
     `all_results.json` exists is reused unless `force`.
     `env` adds environment variables for the run. Returns the run's `all_results.json`.
     """
-    with open(config_path) as f:
-        config = json.load(f)
-    # `{seed}` in a value names a per-seed input, e.g. the teacher `outputs/glue/fp-seed{seed}` of a two-phase run
-    config = {k: v.replace("{seed}", str(seed)) if isinstance(v, str) else v for k, v in config.items()}
-    config["seed"] = seed
-    config["output_dir"] = f"{config['output_dir']}-seed{seed}"
+    config = resolve_config(config_path, seed)
     results_path = os.path.join(config["output_dir"], "all_results.json")
     if os.path.isfile(results_path) and not force:
         print(f"[reuse] {results_path}", flush=True)

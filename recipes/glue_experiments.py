@@ -18,13 +18,12 @@ cores: measure before relying on it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from stompp_hf_recipes.common import result_cells, results_header, run_config, write_markdown
+from stompp_hf_recipes.common import resolve_config, result_cells, results_header, run_config, write_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,24 +32,17 @@ def run_one(config_path: str, seed: int, force: bool = False, env: dict[str, str
     return run_config(os.path.join(HERE, "glue.py"), config_path, seed, force, env)
 
 
-def _run_paths(config_path: str, seed: int) -> tuple[str, str | None]:
-    """(output_dir, teacher path or None) of one run, as `run_config` resolves them."""
-    with open(config_path) as f:
-        config = json.load(f)
-    teacher = config.get("teacher_model_name_or_path")
-    teacher = teacher.replace("{seed}", str(seed)) if isinstance(teacher, str) else None
-    return f"{config['output_dir']}-seed{seed}", teacher
-
-
 def run_all(
     configs: list[str], seeds: list[int], force: bool = False, jobs: int = 1, on_done=None
 ) -> dict[tuple[str, int], dict]:
     """Every (config, seed) run, `jobs` at a time (see the module docstring); `on_done(results so far)` after each.
     A failed run raises once the others have ended."""
     tasks = [(config, seed) for config in configs for seed in seeds]
-    producers = {_run_paths(*task)[0]: task for task in tasks}
+    resolved = {task: resolve_config(*task) for task in tasks}
+    producers = {resolved[task]["output_dir"]: task for task in tasks}
+    teachers = {task: producers.get(resolved[task].get("teacher_model_name_or_path")) for task in tasks}
     # teachers first: a run waits only on runs before it (in parallel: submitted before it, FIFO)
-    ordered = sorted(tasks, key=lambda t: _run_paths(*t)[1] in producers)
+    ordered = sorted(tasks, key=lambda t: teachers[t] is not None)
     results: dict[tuple[str, int], dict] = {}
     if jobs <= 1:
         for task in ordered:
@@ -64,9 +56,9 @@ def run_all(
     lock = threading.Lock()
 
     def run(task: tuple[str, int]) -> dict:
-        teacher = _run_paths(*task)[1]
-        if teacher in producers and producers[teacher] != task:
-            futures[producers[teacher]].result()  # submitted earlier (FIFO), so running or done: no deadlock
+        teacher = teachers[task]
+        if teacher is not None and teacher != task:
+            futures[teacher].result()  # submitted earlier (FIFO), so running or done: no deadlock
         result = run_one(*task, force, env)
         with lock:
             results[task] = result
