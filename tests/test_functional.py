@@ -127,3 +127,26 @@ def test_fused_clipped_identity_gradient_matches_the_product(dtype, bound):
     assert not got[2:4].any()  # one ulp outside
     if bound > 0:
         assert torch.equal(got[4:6] != 0, g[4:6] != 0)  # one ulp inside
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bound", [1.0, 0.3, 1000.0, 0.0])
+def test_clamp_to_a_read_back_bound_matches_the_tensor_bound(dtype, bound):
+    """`clamp_to` (on CPU the bound read back as a Python number) gives torch's clamp to tensor bounds bit for bit:
+    at the bound and one ulp either side, signed zeros and infinities, in every float dtype; a NaN stays a NaN (its
+    sign bit may differ in bfloat16, which no later step reads: the sign of a NaN is -1 either way)."""
+    from stompp_hf.core.functional import clamp_to
+
+    b = torch.tensor(bound, dtype=dtype)
+    up = torch.nextafter(b, torch.tensor(float("inf"), dtype=dtype))
+    down = torch.nextafter(b, torch.tensor(-float("inf"), dtype=dtype))
+    special = torch.stack([b, -b, up, -up, down, -down]).to(dtype)
+    odd = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")], dtype=dtype)
+    u = torch.cat([special, odd, 3 * torch.randn(989, dtype=dtype)])
+    got = clamp_to(u, b)
+    expected = torch.clamp(u, -b, b)
+    assert got.dtype == dtype
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    nan = u.isnan()
+    assert torch.equal(got.view(bits)[~nan], expected.view(bits)[~nan])  # the same bits: signed zeros included
+    assert got[nan].isnan().all() and got.abs().le(b).sum() == u.numel() - 1

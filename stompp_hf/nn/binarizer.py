@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..core.functional import hard_sign, masked_binarize, state_binarize
+from ..core.functional import clamp_to, hard_sign, masked_binarize, state_binarize
 from ..core.masks import (
     ABSENT,
     FROZEN,
@@ -118,8 +118,9 @@ class Binarizer(nn.Module):
         close over it, and the next training forward updates the buffer in place, which would break (or silently
         change) the backward of a forward run before it, as in two forwards then one backward.
         """
-        # mean |x| as an L1 norm in float32: no activation-sized |x| temporary (a fresh multi-MB block per layer)
-        batch = torch.linalg.vector_norm(x.detach(), 1, dtype=torch.float32) / x.numel()
+        # mean |x|, summed in float32: |x| then a sum is 3-4x faster on CPU than `vector_norm(x, 1)`, whose kernel
+        # is not vectorized (an activation of 4096 x 1536: 2.6 against 9.3 ms in float32, 3.5 against 10.8 in bf16)
+        batch = x.detach().abs().sum(dtype=torch.float32) / x.numel()
         if self.training and not self.force_frozen and not _in_backward():
             with torch.no_grad():
                 ema = (1 - ACTIVATION_SCALE_MOMENTUM) * self.scale + ACTIVATION_SCALE_MOMENTUM * batch
@@ -209,7 +210,7 @@ class Binarizer(nn.Module):
         out = masked_binarize(u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input")
         if recompute and mask is False and self.kind == "input":
             b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
-            return out, None, _recipe(u, lambda: torch.clamp(u.detach(), -b, b))
+            return out, None, _recipe(u, lambda: clamp_to(u.detach(), b))
         return out, None, None
 
     def binarize_by_state(
