@@ -3,8 +3,9 @@
     HF_HUB_OFFLINE=1 .venv/bin/python recipes/demo.py
 
 Phase 1 fine-tunes the packaged all-MiniLM-L6-v2 in full precision on the packaged Rotten Tomatoes snippets (the
-SST-2 stand-in) with `recipes/experiments/glue/demo_fp.json`. Phase 2 (`demo.json`) initialises a W1A1 StoMPP + STE
-student from that model and distils from it (`--teacher_model_name_or_path`), then exports it packed 1-bit. A
+SST-2 stand-in) with `recipes/experiments/glue/demo_fp.json`. Phase 2 (`demo.json`) initialises a W1A1 student from
+that model and distils from it (`--teacher_model_name_or_path`), then exports it packed 1-bit. The student's rule is
+the best W1A1 row of `benchmarks/results/glue_sst2.md`, vanilla STE with KD (`ste_w1a1_kd.json`), at demo size. A
 phase whose `all_results.json` exists is reused (`--force` re-runs both). Outputs: `outputs/demo-fp`,
 `outputs/demo` (checkpoint, `curves.png`, model card).
 """
