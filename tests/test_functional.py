@@ -23,6 +23,25 @@ def test_sign_of_zero_is_plus_one():
     assert torch.equal(binary_sign(torch.tensor([-0.0, 0.0, -1e-8, 3.0])), torch.tensor([1.0, 1.0, -1.0, 1.0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_binary_sign_bits_in_every_dtype(dtype):
+    """Exactly +1 or -1 (the bits of `torch.ones`), with sign(+-0) = +1, sign(NaN) = -1 (either NaN sign), the
+    smallest subnormals and the infinities, on a strided view too; the dtype is kept."""
+    tiny = torch.finfo(dtype).smallest_normal / 4 if dtype != torch.bfloat16 else 1e-40
+    nan = torch.tensor(float("nan"), dtype=dtype)
+    special = torch.stack(
+        [torch.tensor(v, dtype=dtype) for v in (-0.0, 0.0, tiny, -tiny, float("inf"), -float("inf"))]
+    )
+    u = torch.cat([special, nan[None], -nan[None], torch.randn(40, dtype=dtype)])
+    expected = torch.where(u >= 0, torch.ones((), dtype=dtype), -torch.ones((), dtype=dtype))
+    assert expected[:8].tolist() == [1, 1, 1, -1, 1, -1, -1, -1]
+    for x, want in ((u, expected), (u.view(2, -1).t(), expected.view(2, -1).t())):
+        got = binary_sign(x)
+        assert got.dtype == dtype and got.stride() == torch.empty_like(x).stride()
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+        assert torch.equal(got.contiguous().view(bits), want.contiguous().view(bits))
+
+
 def test_input_forward_and_stompp_gradient():
     out, grad = run("stompp", clip_smooth=True)
     # frozen -> sign, continuous -> clip(u, -1, 1)

@@ -37,11 +37,14 @@ RULES: tuple[str, ...] = ("stompp", "stompp_ste", "ste")
 def binary_sign(u: torch.Tensor) -> torch.Tensor:
     """`sign` with `sign(0) = sign(-0.0) = +1` and `sign(NaN) = -1`: values in {-1, +1} with the dtype of `u`.
 
-    Computed as `2 * (u >= 0) - 1` with the comparison written straight into a float tensor: three vectorized
-    passes, several times faster on CPU than `torch.where` or a bool intermediate.
+    Computed as `-1 + 2 * (u >= 0)`: the comparison written straight into a float tensor, then one in-place `add`
+    of a 0-d `-1` (which aten treats as a scalar): two vectorized passes, exact (the values are -1 and 1), and on
+    CPU 1.4-2x faster than `(u >= 0) * 2 - 1` in two in-place steps and many times faster than `torch.where` or a
+    bool intermediate.
     """
     u = u.detach()
-    return torch.ge(u, 0, out=torch.empty_like(u)).mul_(2).sub_(1)
+    out = torch.ge(u, 0, out=torch.empty_like(u))
+    return torch.add(torch.full((), -1.0, dtype=u.dtype, device=u.device), out, alpha=2, out=out)
 
 
 def _window(u: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
