@@ -9,6 +9,9 @@ overridden; a run whose `all_results.json` exists is reused, so an interrupted t
 `--compare A:B` adds the difference of two rows (the binarized metric, or the metric of a full-precision row) with
 the seed spread of each; a section of the table file starting with `## Reading` is kept when the table is rewritten.
 
+`--collect` runs nothing: it writes the table from the runs that have finished (their `all_results.json`), e.g.
+while another invocation or another checkout (the same `output_dir`s) is still running the rest.
+
 `--jobs N` runs N of them at once, each with `OMP_NUM_THREADS` = cores / N; a run whose teacher is the output of
 another run of the same invocation (`teacher_model_name_or_path`, e.g. `outputs/glue/fp-seed{seed}`) starts once
 that run has finished. Whether that beats one run at a time with every core depends on how well one run uses the
@@ -18,6 +21,7 @@ cores: measure before relying on it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import threading
@@ -71,6 +75,18 @@ def run_all(
             futures[task] = pool.submit(run, task)
     for future in futures.values():
         future.result()
+    return results
+
+
+def finished_runs(configs: list[str], seeds: list[int]) -> dict[tuple[str, int], dict]:
+    """The `all_results.json` of every (config, seed) run that has finished; nothing runs."""
+    results = {}
+    for config in configs:
+        for seed in seeds:
+            path = os.path.join(resolve_config(config, seed)["output_dir"], "all_results.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    results[(config, seed)] = json.load(f)
     return results
 
 
@@ -138,9 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compare", nargs="*", default=[], metavar="A:B", help="Rows to compare (experiment names), e.g. x:y."
     )
+    parser.add_argument(
+        "--collect", action="store_true", help="Run nothing: write the table from the runs that have finished."
+    )
     args = parser.parse_args(argv)
+    # the command that runs (or resumes) the whole table, whatever this invocation does
     command = "HF_HUB_OFFLINE=1 .venv/bin/python recipes/glue_experiments.py " + " ".join(
-        [*args.configs, "--seeds", *map(str, args.seeds), "--table", args.table]
+        [*args.configs, "--seeds", *map(str, args.seeds)]
+        + (["--jobs", str(args.jobs)] if args.jobs > 1 else [])
+        + ["--table", args.table]
         + (["--compare", *args.compare] if args.compare else [])
     )
     if args.jobs < 1:
@@ -154,6 +176,11 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append((os.path.splitext(os.path.basename(config))[0], runs))
         return write_table(rows, args.table, command, args.metric, args.compare)
 
+    if args.collect:
+        if args.force:
+            parser.error("--collect runs nothing, so --force has nothing to re-run")
+        print(table(finished_runs(args.configs, args.seeds)))
+        return
     # a partial table after every run, so an interrupted invocation leaves what it finished
     print(table(run_all(args.configs, args.seeds, args.force, args.jobs, on_done=table)))
 

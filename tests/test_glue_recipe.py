@@ -308,3 +308,33 @@ def test_parallel_runs_wait_for_their_teacher(tmp_path, monkeypatch, jobs):
         assert fp_end < kd_start
     threads = {e[3] for e in events if e[0] == "start"}
     assert threads == ({None} if jobs == 1 else {str(max(1, (os.cpu_count() or 1) // jobs))})
+
+
+def test_collect_writes_the_table_from_finished_runs_only(tmp_path, monkeypatch):
+    """`--collect` runs nothing: rows from the `all_results.json` that exist (a missing seed is left out, a config
+    with none has no row), the hand-written reading kept, and the table's command the one that runs everything."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("--collect must not run anything")
+
+    monkeypatch.setattr(glue_experiments, "run_one", fail)
+    configs = []
+    for name, accuracies in (("a", [0.8, 0.82, None]), ("b", [None, None, None])):
+        config = tmp_path / f"{name}.json"
+        config.write_text(json.dumps({"output_dir": str(tmp_path / "out" / name)}))
+        configs.append(str(config))
+        for seed, accuracy in enumerate(accuracies):
+            if accuracy is not None:
+                run = tmp_path / "out" / f"{name}-seed{seed}"
+                run.mkdir(parents=True)
+                result = {"eval_accuracy": accuracy, "eval_binarized_accuracy": accuracy, "train_steps": 8}
+                (run / "all_results.json").write_text(json.dumps({**result, "train_runtime": 1.0}))
+    table = tmp_path / "table.md"
+    table.write_text("old\n\n## Reading\n\nnotes\n")
+    glue_experiments.main([*configs, "--seeds", "0", "1", "2", "--jobs", "2", "--table", str(table), "--collect"])
+    text = table.read_text()
+    assert "| a | 2 | 8 | 81.0 ± 1.0 | 81.0 ± 1.0 | 80.0, 82.0 |" in text
+    assert "| b |" not in text and text.rstrip().endswith("## Reading\n\nnotes")
+    assert "--seeds 0 1 2 --jobs 2 --table" in text and "--collect" not in text
+    with pytest.raises(SystemExit):
+        glue_experiments.main([*configs, "--table", str(table), "--collect", "--force"])
