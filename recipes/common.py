@@ -359,6 +359,11 @@ def resolve_config(config_path: str, seed: int) -> dict[str, Any]:
     return config
 
 
+def results_path(config: dict[str, Any]) -> str:
+    """The `all_results.json` a run of the resolved `config` (`resolve_config`) writes."""
+    return os.path.join(config["output_dir"], "all_results.json")
+
+
 def run_config(
     script: str, config_path: str, seed: int, force: bool = False, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -369,9 +374,9 @@ def run_config(
     `env` adds environment variables for the run. Returns the run's `all_results.json`.
     """
     config = resolve_config(config_path, seed)
-    results_path = os.path.join(config["output_dir"], "all_results.json")
-    if os.path.isfile(results_path) and not force:
-        print(f"[reuse] {results_path}", flush=True)
+    path = results_path(config)
+    if os.path.isfile(path) and not force:
+        print(f"[reuse] {path}", flush=True)
     else:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tmp:
             json.dump(config, tmp)
@@ -382,7 +387,7 @@ def run_config(
         finally:
             os.unlink(tmp.name)
         print(f"[done] {time.time() - start:.0f} s", flush=True)
-    with open(results_path) as f:
+    with open(path) as f:
         return json.load(f)
 
 

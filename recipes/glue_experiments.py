@@ -27,7 +27,14 @@ import statistics
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from stompp_hf_recipes.common import resolve_config, result_cells, results_header, run_config, write_markdown
+from stompp_hf_recipes.common import (
+    resolve_config,
+    result_cells,
+    results_header,
+    results_path,
+    run_config,
+    write_markdown,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -83,7 +90,7 @@ def finished_runs(configs: list[str], seeds: list[int]) -> dict[tuple[str, int],
     results = {}
     for config in configs:
         for seed in seeds:
-            path = os.path.join(resolve_config(config, seed)["output_dir"], "all_results.json")
+            path = results_path(resolve_config(config, seed))
             if os.path.isfile(path):
                 with open(path) as f:
                     results[(config, seed)] = json.load(f)

@@ -54,6 +54,12 @@ def _window(u: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype | None = No
     return torch.le(u.abs(), bound, out=torch.empty_like(u, dtype=dtype))
 
 
+def _bound_on_host(bound: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether an op on `tensors` may read the 0-d `bound` back as a Python number: all of them on CPU, outside
+    `torch.compile` (which must not read a tensor back to the host)."""
+    return bound.numel() == 1 and all(t.is_cpu for t in tensors) and not torch.compiler.is_compiling()
+
+
 def _windowed_grad(grad: torch.Tensor, u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """`_window(u, bound, grad.dtype).mul_(grad)`, the clipped-identity gradient `1{|u| <= bound} * grad`, with the
     same values (a zero may come out as +0.0 where the product gave -0.0) in one pass on CPU: aten's fused
@@ -62,7 +68,7 @@ def _windowed_grad(grad: torch.Tensor, u: torch.Tensor, bound: torch.Tensor) -> 
     between `bound` and the next one up (a NaN `u`, which the comparison excludes, passes `grad` here: a diverged
     input, which the callback's check of beta stops). 4-7x faster than the comparison, product and temporaries.
     Elsewhere (another device, under `torch.compile`, which must not read `bound` back to the host) the product."""
-    if not (u.is_cpu and grad.is_cpu) or bound.numel() != 1 or torch.compiler.is_compiling():
+    if not _bound_on_host(bound, u, grad):
         return _window(u, bound, grad.dtype).mul_(grad)
     step = torch.float64 if u.dtype == torch.float64 else torch.float32  # bf16 / fp16 values are float32 values
     b = bound.detach().reshape(()).to(u.dtype).to(step)
@@ -76,7 +82,7 @@ def clamp_to(u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     read `bound` back to the host) the bound is read back as a Python number, which gives the same values: a clamp
     to scalars is one plain vectorized pass, while tensor bounds go through aten's broadcasting three-input kernel,
     2.5x (float32) to 15x (bfloat16) slower on this project's CPUs (an activation of 4096 x 1536)."""
-    if u.is_cpu and bound.is_cpu and bound.numel() == 1 and not torch.compiler.is_compiling():
+    if _bound_on_host(bound, u, bound):
         b = bound.item()
         return torch.clamp(u, -b, b)
     return torch.clamp(u, -bound, bound)
