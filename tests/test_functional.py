@@ -169,3 +169,93 @@ def test_clamp_to_a_read_back_bound_matches_the_tensor_bound(dtype, bound):
     nan = u.isnan()
     assert torch.equal(got.view(bits)[~nan], expected.view(bits)[~nan])  # the same bits: signed zeros included
     assert got[nan].isnan().all() and got.abs().le(b).sum() == u.numel() - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bound", [1.0, 0.3, 1.006, 0.0])
+def test_int8_window_matches_the_comparison(dtype, bound):
+    """The saved window of a transitioning input (on CPU a `hardtanh_backward` of broadcast ones) is
+    `1{|u| <= bound}` as int8, at the bound and one ulp either side, signed zeros included."""
+    from stompp_hf.core.functional import _window, _window_int8
+
+    b = torch.tensor(bound)
+    edge = b.to(dtype)
+    up = torch.nextafter(edge, torch.tensor(float("inf"), dtype=dtype))
+    down = torch.nextafter(edge, torch.tensor(-float("inf"), dtype=dtype))
+    u = torch.cat([torch.stack([edge, -edge, up, -up, down, -down]).to(dtype), torch.tensor([0.0, -0.0], dtype=dtype)])
+    u = torch.cat([u, torch.randn(992, dtype=dtype)]).reshape(10, 100)
+    got = _window_int8(u, b)
+    assert got.dtype == torch.int8 and got.shape == u.shape
+    assert torch.equal(got, _window(u, b).to(torch.int8))
+    assert got[0, :2].tolist() == [1, 1] and got[0, 2:4].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["input", "weight"])
+def test_masked_values_written_in_place_match_the_out_of_place_ops(dtype, kind):
+    """`_masked_values` writes `a * sign(u)` and the `where` into the sign's tensor; the values are those of
+    `where(M, sign(u) * a, smooth(u))` computed out of place, bit for bit, for a per-tensor (input, 0-d) and a
+    per-channel (weight, [out, 1]) scale, and for a scale of another dtype (which promotes)."""
+    from stompp_hf.core.functional import _masked_values
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(6, 40, generator=g).to(dtype)
+    u[0, :3] = torch.tensor([0.0, -0.0, float("nan")])
+    bound = torch.tensor(0.7, dtype=dtype)
+    if kind == "input":
+        mask, scales = torch.rand(40, generator=g) < 0.5, [torch.tensor(0.7, dtype=dtype), 1.0]
+    else:
+        mask = torch.rand(6, 40, generator=g) < 0.5
+        scales = [u.abs().mean(dim=1, keepdim=True), torch.rand(6, 1, generator=g, dtype=torch.float64), 1.0]
+    for scale in scales:
+        sign = torch.where(u >= 0, 1.0, -1.0).to(dtype)
+        soft = torch.clamp(u, -bound, bound) if kind == "input" else u
+        expected = torch.where(mask, sign * scale, soft)
+        got = _masked_values(u, mask, scale, bound, kind == "input")
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        bits = torch.int16 if got.dtype.itemsize == 2 else {4: torch.int32, 8: torch.int64}[got.dtype.itemsize]
+        nan = expected.isnan()
+        assert torch.equal(got.view(bits)[~nan], expected.view(bits)[~nan]) and got[nan].isnan().all()
+
+
+def test_scale_output_in_place_gives_the_two_rounded_steps_and_their_gradients():
+    """`scale_output` updates the op's fresh output in place; values `(y * s) + b` rounded step by step, and the
+    gradients to the op's operands and the bias are those of the out-of-place expression."""
+    from stompp_hf.core.functional import scale_output
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 7, generator=g).sign().requires_grad_()
+    w = torch.randn(3, 7, generator=g).sign().requires_grad_()
+    b = torch.randn(3, generator=g, requires_grad=True)
+    s = torch.rand(3, generator=g) + 0.5
+    gy = torch.randn(5, 3, generator=g)
+    ref = torch.nn.functional.linear(x, w) * s + b
+    ref.backward(gy)
+    expected = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    got = scale_output(torch.nn.functional.linear(x, w), s, b, 1)
+    assert torch.equal(got, ref.detach())
+    got.backward(gy)
+    assert all(torch.equal(t.grad, e) for t, e in zip((x, w, b), expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 5), (2, 1 << 20), (3, 700_001)])
+def test_abs_sum_is_the_float32_sum_of_abs(dtype, shape, monkeypatch):
+    """`abs_sum` (chunked on CPU above `_ABS_SUM_CHUNK` elements) is the float32 sum of |x|: exactly for values
+    whose partial sums are exact in float32 (small integers), and to float32 rounding for random ones; a chunk
+    boundary inside a row and a partial last chunk included; a non-contiguous input takes the plain sum."""
+    from stompp_hf.core import functional
+
+    g = torch.Generator().manual_seed(0)
+    ints = torch.randint(-8, 9, shape, generator=g).to(dtype)
+    assert functional.abs_sum(ints).dtype == torch.float32
+    assert functional.abs_sum(ints).item() == ints.double().abs().sum().item()
+    x = torch.randn(shape, generator=g).to(dtype)
+    exact = x.double().abs().sum().item()
+    assert abs(functional.abs_sum(x).item() - exact) <= 1e-5 * exact
+    assert abs(functional.abs_sum(x.t()).item() - exact) <= 1e-5 * exact
+    monkeypatch.setattr(functional, "_ABS_SUM_CHUNK", 7)  # many chunks, the last one partial
+    small = torch.randint(-8, 9, (3, 10), generator=g).to(dtype)
+    assert functional.abs_sum(small).item() == small.double().abs().sum().item()

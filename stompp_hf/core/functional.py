@@ -47,6 +47,34 @@ def binary_sign(u: torch.Tensor) -> torch.Tensor:
     return torch.add(torch.full((), -1.0, dtype=u.dtype, device=u.device), out, alpha=2, out=out)
 
 
+#: Elements per chunk of `abs_sum`'s float32 casts (4 MiB of float32: they stay in the caches and the allocator's
+#: free lists instead of faulting in fresh pages).
+_ABS_SUM_CHUNK = 1 << 20
+
+
+def abs_sum(x: torch.Tensor) -> torch.Tensor:
+    """`x.abs().sum(dtype=torch.float32)`, the sum of |x| accumulated in float32 (a 0-d float32 tensor).
+
+    The plain expression writes `|x|` into an activation-sized temporary, and for a bfloat16 / float16 `x` the sum
+    first casts all of it to float32 (twice `x`'s size). In a training step on CPU those allocations cost more than
+    the arithmetic (fresh pages fault in: 4.8 against 2.2 ms per step for a float32 activation of 4096 x 1536, 8.1
+    against 1.5 ms in bfloat16). So on CPU the sum runs over chunks of `_ABS_SUM_CHUNK` elements, whose
+    temporaries stay in the caches and the allocator's free lists; the chunk sums are added in float32, so the
+    result may differ from one whole sum in the last bits. Float64 inputs, small or non-contiguous ones, other
+    devices and `torch.compile` (which fuses the whole expression) take the plain expression."""
+    x = x.detach()
+    if (
+        x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+        or not x.is_cpu
+        or x.numel() <= _ABS_SUM_CHUNK
+        or not x.is_contiguous()
+        or torch.compiler.is_compiling()
+    ):
+        return x.abs().sum(dtype=torch.float32)
+    parts = [chunk.abs().sum(dtype=torch.float32) for chunk in x.view(-1).split(_ABS_SUM_CHUNK)]
+    return torch.stack(parts).sum()
+
+
 def _window(u: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`1{|u| <= bound}` as 0/1 floats of `dtype` (default `u`'s), the comparison written straight into them (a
     bool intermediate is much slower on CPU)."""
@@ -77,6 +105,16 @@ def _windowed_grad(grad: torch.Tensor, u: torch.Tensor, bound: torch.Tensor) -> 
     return torch.ops.aten.hardtanh_backward(grad, u.detach(), lo, hi)
 
 
+def _window_int8(u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """`_window(u, bound).to(torch.int8)`, on CPU as `_windowed_grad` of a gradient of ones (a broadcast 0-d
+    tensor, so nothing activation-sized is read for it): two passes instead of four (|u|, the comparison, the
+    cast), 2-4x faster on this project's CPUs. Like `_windowed_grad` it counts a NaN `u` inside the window."""
+    if not _bound_on_host(bound, u):
+        return _window(u, bound).to(torch.int8)
+    ones = torch.ones((), dtype=u.dtype, device=u.device).expand_as(u)
+    return _windowed_grad(ones, u, bound).to(torch.int8)
+
+
 def clamp_to(u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """`clamp(u, -bound, bound)` for a 0-d `bound` of `u`'s dtype. On CPU (outside `torch.compile`, which must not
     read `bound` back to the host) the bound is read back as a Python number, which gives the same values: a clamp
@@ -90,10 +128,19 @@ def clamp_to(u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
 
 def _masked_values(u, mask, scale, bound, clip_smooth: bool) -> torch.Tensor:
     """`where(M, a * sign(u), smooth(u))`: the forward of `_MaskedBinarize`, and all of it where no gradient is
-    taken (`no_grad`, `inference_mode`, a `u` that needs none), which then keeps no window."""
-    hard = binary_sign(u) * scale
+    taken (`no_grad`, `inference_mode`, a `u` that needs none), which then keeps no window.
+
+    `a * sign(u)` and the `where` are written into the sign's own tensor (one activation-sized allocation instead
+    of three) wherever that gives the dtype and shape of the out-of-place ops."""
+    hard = binary_sign(u)
     soft = clamp_to(u, bound) if clip_smooth else u
-    return torch.where(mask, hard, soft)
+    if isinstance(scale, torch.Tensor) and torch.result_type(hard, scale) != hard.dtype:
+        hard = hard * scale
+    elif not (isinstance(scale, float) and scale == 1.0):
+        hard.mul_(scale)
+    if torch.broadcast_shapes(mask.shape, hard.shape, soft.shape) != hard.shape or soft.dtype != hard.dtype:
+        return torch.where(mask, hard, soft)
+    return torch.where(mask, hard, soft, out=hard)
 
 
 class _MaskedBinarize(torch.autograd.Function):
@@ -107,7 +154,7 @@ class _MaskedBinarize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, mask, scale, bound, clip_smooth: bool, ste_on_frozen: bool):  # type: ignore[override]
         # the window as int8: one byte per entry, and casts to and from int8 are cheap (bool ones are not)
-        window = _window(u, bound).to(torch.int8) if clip_smooth else None
+        window = _window_int8(u, bound) if clip_smooth else None
         ctx.save_for_backward(None if ste_on_frozen else mask, window)
         ctx.clip_smooth = clip_smooth
         ctx.ste_on_frozen = ste_on_frozen
@@ -438,9 +485,13 @@ def scale_output(
 ) -> torch.Tensor:
     """`y * scale + bias` as two separately rounded operations (the XNOR kernel computes the same), in `y`'s dtype:
     under autocast a binarized layer's output has the autocast dtype, as the `F.linear` / conv it replaces (a
-    float32 bias would promote it, and every op downstream would run in float32)."""
+    float32 bias would promote it, and every op downstream would run in float32).
+
+    `y` must be the fresh output of the layer's op, which nothing else holds: it is updated in place (autograd
+    allows it, since neither a matmul nor a convolution saves its output), which saves two output-sized
+    allocations, each of which costs more than the arithmetic on CPU (fresh pages fault in)."""
     if scale is not None:
-        y = y * scale.to(y.dtype)
+        y = y.mul_(scale.to(y.dtype))
     if bias is not None:
-        y = y + bias.to(y.dtype).view(-1, *([1] * (feature_ndim - 1)))
+        y = y.add_(bias.to(y.dtype).view(-1, *([1] * (feature_ndim - 1))))
     return y

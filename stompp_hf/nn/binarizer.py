@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..core.functional import clamp_to, hard_sign, masked_binarize, state_binarize
+from ..core.functional import abs_sum, clamp_to, hard_sign, masked_binarize, state_binarize
 from ..core.masks import (
     ABSENT,
     FROZEN,
@@ -120,7 +120,7 @@ class Binarizer(nn.Module):
         """
         # mean |x|, summed in float32: |x| then a sum is 3-4x faster on CPU than `vector_norm(x, 1)`, whose kernel
         # is not vectorized (an activation of 4096 x 1536: 2.6 against 9.3 ms in float32, 3.5 against 10.8 in bf16)
-        batch = x.detach().abs().sum(dtype=torch.float32) / x.numel()
+        batch = abs_sum(x) / x.numel()
         if self.training and not self.force_frozen and not _in_backward():
             with torch.no_grad():
                 ema = (1 - ACTIVATION_SCALE_MOMENTUM) * self.scale + ACTIVATION_SCALE_MOMENTUM * batch
