@@ -702,9 +702,10 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
         "`tighter floor reached` = max(popcount floor, memory floor) / the fastest XNOR time: a layer whose memory "
         "floor is above its popcount floor cannot reach the popcount limit, whatever the kernel does.",
         f"- Batch {b1} and {b32}, sequence {setting.seq} for the transformers; medians of interleaved repeats after "
-        "one warm-up call per mode; `x fastest dense` = fastest dense peer's median / our fastest mode's (above 1: "
-        "faster). bf16 peers get inputs already in bf16 (a bf16 model keeps its activations so); the int8 peers "
-        "quantize their inputs inside the call.",
+        f"one warm-up call per mode (layer tables: {results['layer_repeats'][0]} repeats at batch {b1}, "
+        f"{results['layer_repeats'][1]} at batch {b32}); `x fastest dense` = fastest dense peer's median / our "
+        "fastest mode's (above 1: faster). bf16 peers get inputs already in bf16 (a bf16 model keeps its "
+        "activations so); the int8 peers quantize their inputs inside the call.",
         "",
     ]
     if results["linear"]:
@@ -828,6 +829,15 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["linear", "conv", "transformers", "resnet"])
     parser.add_argument("--models", nargs="+", default=list(TF_MODELS), choices=list(TF_MODELS))
     parser.add_argument("--clock-ghz", type=float, default=None, help="clock of the popcount limit")
+    parser.add_argument(
+        "--layer-repeats",
+        type=int,
+        nargs=2,
+        metavar=("BATCH1", "BATCH32"),
+        default=None,
+        help=f"repeats of the layer tables at batch 1 and 32 (default {Setting().repeats[0]} {Setting().repeats[1]}; "
+        "more where sporadic stalls of the machine move the medians)",
+    )
     parser.add_argument("--idle-threshold", type=float, default=0.2)
     parser.add_argument("--idle-budget", type=float, default=300.0)
     parser.add_argument("--output", default=None, help=f"default {RESULTS} (a temporary file with --quick)")
@@ -852,10 +862,12 @@ def main() -> None:
     results["bandwidth"] = copy_bandwidth(16 if args.quick else 256)
     bw = results["bandwidth"]
     log(f"copy bandwidth: {bw['warm'] / 1e9:.1f} GB/s warm, {bw['fresh'] / 1e9:.1f} GB/s fresh")
+    layer_repeats = tuple(args.layer_repeats) if args.layer_repeats else setting.repeats
+    results["layer_repeats"] = layer_repeats
     if "linear" in args.parts:
-        results["linear"] = linear_table(setting, setting.repeats, limit)
+        results["linear"] = linear_table(setting, layer_repeats, limit)
     if "conv" in args.parts:
-        results["conv"] = conv_table(setting, setting.repeats, limit)
+        results["conv"] = conv_table(setting, layer_repeats, limit)
     if "transformers" in args.parts:
         results["transformers"] = {key: measure_transformer(key, args, setting) for key in args.models}
     if "resnet" in args.parts:
