@@ -195,7 +195,8 @@ def test_int8_window_matches_the_comparison(dtype, bound):
 def test_masked_values_written_in_place_match_the_out_of_place_ops(dtype, kind):
     """`_masked_values` writes `a * sign(u)` and the `where` into the sign's tensor; the values are those of
     `where(M, sign(u) * a, smooth(u))` computed out of place, bit for bit, for a per-tensor (input, 0-d) and a
-    per-channel (weight, [out, 1]) scale, and for a scale of another dtype (which promotes)."""
+    per-channel (weight, [out, 1]) scale, for a scale of another dtype (which promotes) and one that broadcasts
+    beyond `u`'s shape."""
     from stompp_hf.core.functional import _masked_values
 
     g = torch.Generator().manual_seed(0)
@@ -206,7 +207,12 @@ def test_masked_values_written_in_place_match_the_out_of_place_ops(dtype, kind):
         mask, scales = torch.rand(40, generator=g) < 0.5, [torch.tensor(0.7, dtype=dtype), 1.0]
     else:
         mask = torch.rand(6, 40, generator=g) < 0.5
-        scales = [u.abs().mean(dim=1, keepdim=True), torch.rand(6, 1, generator=g, dtype=torch.float64), 1.0]
+        scales = [
+            u.abs().mean(dim=1, keepdim=True),
+            torch.rand(6, 1, generator=g, dtype=torch.float64),
+            torch.rand(2, 6, 1, generator=g).to(dtype),  # broadcasts beyond u's shape: out of place
+            1.0,
+        ]
     for scale in scales:
         sign = torch.where(u >= 0, 1.0, -1.0).to(dtype)
         soft = torch.clamp(u, -bound, bound) if kind == "input" else u
