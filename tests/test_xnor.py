@@ -613,3 +613,63 @@ def test_auto_does_not_measure_int8_without_amx(monkeypatch):
     assert not int8.worth_measuring()
     monkeypatch.setattr(int8, "cpu_flags", lambda: frozenset({"amx_int8"}))
     assert int8.worth_measuring() == int8.available()
+
+
+def _fake_virtio(root: Path, devices: dict[str, tuple[str, str]]) -> str:
+    for name, (device, features) in devices.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "device").write_text(device + "\n")
+        (root / name / "features").write_text(features + "\n")
+    return str(root)
+
+
+def test_free_page_reporting_reads_the_balloon_feature_bit(tmp_path):
+    """A virtio balloon (device 0x0005) whose feature string has bit 5 (VIRTIO_BALLOON_F_REPORTING) set reports
+    free pages; the same bit on another device, a balloon without it, or no virtio bus at all does not."""
+    reporting = "0110010100000000000000000000000010"
+    quiet = "0110000100000000000000000000000010"
+    assert xnor.free_page_reporting(_fake_virtio(tmp_path / "a", {"virtio0": ("0x0005", reporting)}))
+    assert xnor.free_page_reporting(
+        _fake_virtio(tmp_path / "b", {"virtio0": ("0x0002", reporting), "virtio1": ("0x0005", reporting)})
+    )
+    assert not xnor.free_page_reporting(_fake_virtio(tmp_path / "c", {"virtio0": ("0x0005", quiet)}))
+    assert not xnor.free_page_reporting(_fake_virtio(tmp_path / "d", {"virtio0": ("0x0002", reporting)}))
+    assert not xnor.free_page_reporting(str(tmp_path / "missing"))
+
+
+def test_hugepage_default_follows_the_environment_then_the_machine(monkeypatch):
+    """`STOMPP_HF_KERNEL_HUGEPAGES` "1" / "0" decides; unset, the advice is on unless the balloon reports free
+    pages; any other value warns and falls back to the machine."""
+    monkeypatch.setattr(xnor, "free_page_reporting", lambda: True)
+    monkeypatch.setenv("STOMPP_HF_KERNEL_HUGEPAGES", "1")
+    assert xnor._hugepages_default() == 1
+    monkeypatch.setenv("STOMPP_HF_KERNEL_HUGEPAGES", "0")
+    assert xnor._hugepages_default() == 0
+    monkeypatch.delenv("STOMPP_HF_KERNEL_HUGEPAGES")
+    assert xnor._hugepages_default() == 0
+    monkeypatch.setattr(xnor, "free_page_reporting", lambda: False)
+    assert xnor._hugepages_default() == 1
+    monkeypatch.setenv("STOMPP_HF_KERNEL_HUGEPAGES", "yes")
+    with pytest.warns(UserWarning, match="not '0' or '1'"):
+        assert xnor._hugepages_default() == 1
+
+
+@needs_kernel
+def test_hugepage_advice_changes_no_value():
+    """With and without the huge-page advice (an output of 8 MiB, so it applies) the kernel writes the same bits;
+    `set_hugepages` returns the previous setting and takes only a bool."""
+    g = torch.Generator().manual_seed(3)
+    k, n, m = 256, 1024, 2048
+    w = pack_signs(torch.rand(n, k, generator=g) < 0.5)
+    x = torch.randn(m, k, generator=g)
+    previous = xnor.set_hugepages(True)
+    try:
+        on = xnor.xnor_linear(x, w, k)
+        assert xnor.set_hugepages(False) is True
+        off = xnor.xnor_linear(x, w, k)
+        assert xnor.set_hugepages(False) is False
+        assert torch.equal(on, off)
+        with pytest.raises(TypeError, match="must be a bool"):
+            xnor.set_hugepages(1)
+    finally:
+        xnor.set_hugepages(previous)

@@ -105,6 +105,13 @@ int xnor_paths(void)
     return paths;
 }
 
+/* Whether outputs get the huge-page advice below. On a VM whose balloon reports free memory to the host, a huge
+   page can fault back in from the host and stall a call, so xnor.py turns it off there (`set_hugepages`). Returns
+   the previous setting. */
+static int xn_hugepages = 1;
+
+int xnor_set_hugepages(int on) { return __atomic_exchange_n(&xn_hugepages, on != 0, __ATOMIC_RELAXED); }
+
 /* Ask the kernel to back the 2 MiB-aligned interior of a large output buffer with transparent huge pages (Linux,
    THP "madvise" or "always" mode; a no-op elsewhere). A fresh output of a few MiB is otherwise first touched 4 KiB
    at a time: at batch 32 those page faults cost as much as the popcounts (768 -> 3072 at 4096 rows: 61 -> 37 ms on
@@ -113,7 +120,7 @@ static void xn_hugepage_hint(void *p, int64_t bytes)
 {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const uintptr_t huge = (uintptr_t)1 << 21;
-    if (bytes < (int64_t)(2 * huge)) return;
+    if (bytes < (int64_t)(2 * huge) || !__atomic_load_n(&xn_hugepages, __ATOMIC_RELAXED)) return;
     const uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1), hi = ((uintptr_t)p + (uintptr_t)bytes) & ~(huge - 1);
     if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
 #else

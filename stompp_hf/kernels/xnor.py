@@ -42,9 +42,11 @@ __all__ = [
     "InputNotBinary",
     "XnorUnavailable",
     "forced_path",
+    "free_page_reporting",
     "is_available",
     "paths",
     "prepare_weights",
+    "set_hugepages",
     "thread_runtime",
     "xnor_linear",
 ]
@@ -63,6 +65,8 @@ _AUTO = -1
 #: `STOMPP_HF_KERNEL_THREADS=pthreads` forces the pool.
 THREAD_RUNTIMES: tuple[str, ...] = ("openmp", "pthreads")
 _THREADS_ENV = "STOMPP_HF_KERNEL_THREADS"
+#: "1" / "0": the huge-page advice on the kernels' outputs on / off (`set_hugepages`), read when the library loads.
+_HUGEPAGES_ENV = "STOMPP_HF_KERNEL_HUGEPAGES"
 _GOMP_SYMBOLS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads", "GOMP_barrier")
 
 # Below this many (row, column, word) triples per thread, waking another thread costs more than it saves.
@@ -103,6 +107,7 @@ class _Library(NamedTuple):
     prepare: Callable[..., int]
     paths: tuple[str, ...]
     openmp_in_use: Callable[[], int]
+    set_hugepages: Callable[[int], int]
 
 
 _lock = threading.Lock()
@@ -147,6 +152,57 @@ def _choose_threads(use_openmp: Callable[..., int]) -> None:
     use_openmp(*(symbols or (None,) * len(_GOMP_SYMBOLS)))
 
 
+#: virtio device id of a memory balloon, and its feature bit for free page reporting (VIRTIO_BALLOON_F_REPORTING).
+_VIRTIO_BALLOON, _BALLOON_F_REPORTING = "0x0005", 5
+
+
+def free_page_reporting(root: str = "/sys/bus/virtio/devices") -> bool:
+    """Whether this Linux machine is a VM whose virtio balloon reports free memory to the host (read from sysfs:
+    a balloon device whose feature string has bit 5 set). There, free 2 MiB blocks are handed back to the host,
+    and a huge page built from one faults back in from the host when it is first touched."""
+    try:
+        devices = sorted(os.listdir(root))
+    except OSError:
+        return False
+    for name in devices:
+        try:
+            with open(os.path.join(root, name, "device"), encoding="ascii") as f:
+                if f.read().strip() != _VIRTIO_BALLOON:
+                    continue
+            with open(os.path.join(root, name, "features"), encoding="ascii") as f:
+                features = f.read().strip()
+        except OSError:
+            continue
+        if len(features) > _BALLOON_F_REPORTING and features[_BALLOON_F_REPORTING] == "1":
+            return True
+    return False
+
+
+def _hugepages_default() -> int:
+    """`STOMPP_HF_KERNEL_HUGEPAGES` ("1" or "0") if set, else on unless the balloon reports free pages."""
+    value = os.environ.get(_HUGEPAGES_ENV, "").strip()
+    if value in ("0", "1"):
+        return int(value)
+    if value:
+        warnings.warn(f"{_HUGEPAGES_ENV}={value!r} is not '0' or '1'; choosing from the machine.", stacklevel=4)
+    return int(not free_page_reporting())
+
+
+def set_hugepages(enabled: bool) -> bool:
+    """Whether the kernels advise their large fresh outputs (2 MiB and up) as transparent huge pages (Linux). The
+    advice turns thousands of 4 KiB page faults per call into a few; on a VM whose balloon reports free memory to
+    the host (`free_page_reporting`), such a huge page can fault back in from the host, and calls stall. So the
+    default, set when the library loads, is on except there, and `STOMPP_HF_KERNEL_HUGEPAGES=1` / `=0` overrides
+    it. Only the page faults change, never a value. Returns the previous setting. Process-wide, not thread-local.
+
+    Raises:
+        XnorUnavailable: When the kernel could not be compiled or loaded.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"`enabled` must be a bool, got {type(enabled).__name__}.")
+    return bool(_library().set_hugepages(int(enabled)))
+
+
 def _load() -> _Library:
     lib, path = load_library(_SOURCE, _SYMBOL)
     try:
@@ -161,7 +217,9 @@ def _load() -> _Library:
             prepare=_bind(lib, "xnor_prepare_weights", (_P, _I64, _I64, _I64, _I64, _P), _INT),
             paths=tuple(p for p in PATHS if mask >> _PATH_IDS[p] & 1),
             openmp_in_use=_bind(lib, "xnor_openmp_in_use", (), _INT),
+            set_hugepages=_bind(lib, "xnor_set_hugepages", (_INT,), _INT),
         )
+        bound.set_hugepages(_hugepages_default())
     except AttributeError as e:  # a library of this name and digest that lacks an entry point: not ours
         raise unavailable(f"the library {path} lacks an entry point ({e})") from e
     global _kernel_path
