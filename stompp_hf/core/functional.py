@@ -62,7 +62,8 @@ def abs_sum(x: torch.Tensor) -> torch.Tensor:
     temporaries stay in the caches and the allocator's free lists; the chunk sums are added in float32, so the
     result may differ from one whole sum in the last bits. Float64 inputs, small or non-contiguous ones, tensor
     subclasses (a `DTensor`), other devices and `torch.compile` (which fuses the whole expression) take the plain
-    expression."""
+    expression. `vector_norm(x, 1)` needs no temporary but is 3-4x slower on CPU, its kernel not vectorized (an
+    activation of 4096 x 1536: 9.3 against 2.6 ms in float32, 10.8 against 3.5 in bf16)."""
     x = x.detach()
     if (
         type(x) is not torch.Tensor  # a DTensor or another subclass: the global sum, as the subclass defines it
