@@ -14,7 +14,7 @@ from torch import nn
 
 from stompp_hf.core.packing import pack_signs, unpack_signs
 from stompp_hf.export import set_kernel
-from stompp_hf.kernels import bconv, xnor
+from stompp_hf.kernels import bconv, int8, xnor
 from stompp_hf.nn import BinaryConv2d
 from stompp_hf.nn.activation import BinaryActivation
 
@@ -309,3 +309,83 @@ def test_tracing_takes_the_reference_path():
         set_kernel(layer, "xnor")
         with pytest.raises(ValueError, match="tracer"):
             torch.export.export(layer, (x,))
+
+
+needs_amx = pytest.mark.skipif(
+    not (xnor.is_available() and int8.amx_available()), reason="no AMX int8 tiles on this CPU (or OS)"
+)
+AMX_CASES = {name: case for name, case in CASES.items() if case[-1] == 1}
+
+
+@needs_amx
+@pytest.mark.parametrize("name", list(AMX_CASES))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_conv_is_bit_identical(name, threads, monkeypatch):
+    """The AMX int8 convolution against the dense formula, for every groups-1 case: NCHW and channels-last inputs
+    (the output in the same format), batches of 1, 2 and 5 (shared image buffer, or one image per thread in its own
+    buffer), stride 1 (tiles over the flattened padded grid) and the rest (tiles along output rows)."""
+    monkeypatch.setattr(int8, "_MIN_WORK_PER_THREAD", 0)
+    gen = torch.Generator().manual_seed(11)
+    _, weight_packed, shape, (stride, padding, dilation, _), scale, bias = make_case(AMX_CASES[name], gen)
+    o, c, kh, kw = shape
+    weight = int8.amx_weight(weight_packed, o, c, kh * kw)
+    h, w = AMX_CASES[name][2:4]
+    for batch in (1, 2, 5):
+        x = make_input((batch, c, h, w), gen)
+        for s, b in [(None, None), (scale, bias)]:
+            expected = reference(x, weight_packed, shape, stride, padding, dilation, 1, s, b)
+            for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+                y = int8.amx_conv2d(xx, weight, shape, stride, padding, dilation, s, b, num_threads=threads)
+                assert torch.equal(y, expected), (name, batch)
+                channels_last = xx.is_contiguous(memory_format=torch.channels_last) and not xx.is_contiguous()
+                assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@needs_amx
+def test_amx_conv_nan_strict_and_validation():
+    gen = torch.Generator().manual_seed(12)
+    _, weight_packed, shape, _, scale, bias = make_case(CASES["resnet 3x3"], gen)
+    weight = int8.amx_weight(weight_packed, 64, 64, 9)
+    pm1 = torch.where(torch.rand(2, 64, 8, 8, generator=gen) < 0.5, 1.0, -1.0)
+    for x in (pm1, pm1.contiguous(memory_format=torch.channels_last)):
+        expected = reference(pm1, weight_packed, shape, 1, 1, 1, 1, scale, bias)
+        assert torch.equal(int8.amx_conv2d(x, weight, shape, 1, 1, 1, scale, bias, strict=True), expected)
+        bad = x.clone()
+        bad[1, 7, 3, 2] = 0.25
+        with pytest.raises(xnor.InputNotBinary):
+            int8.amx_conv2d(bad, weight, shape, 1, 1, 1, strict=True)
+        bad[1, 7, 3, 2] = math.nan
+        with pytest.raises(ValueError, match="NaN"):
+            int8.amx_conv2d(bad, weight, shape, 1, 1, 1)
+    with pytest.raises(ValueError, match="weight_amx from amx_weight"):
+        int8.amx_conv2d(pm1, weight[:-64], shape, 1, 1)
+    with pytest.raises(ValueError, match="amx_conv2d expects x as a 4-D float32"):
+        int8.amx_conv2d(pm1[0], weight, shape, 1, 1)
+    with pytest.raises(ValueError, match="amx_conv2d expects `stride`"):
+        int8.amx_conv2d(pm1, weight, shape, (1, 1, 1), 1)
+
+
+@needs_amx
+def test_auto_measures_the_amx_conv(monkeypatch):
+    """Where "auto" may pick the AMX convolution, it times both once per shape and keeps the faster; either choice
+    and "int8" (always AMX) give the reference bits; grouped layers never take it."""
+    monkeypatch.setattr(int8, "worth_measuring", lambda: True)
+    int8._reset_for_tests()
+    gen = torch.Generator().manual_seed(13)
+    layer = make_layer(gen)
+    x = make_input((3, 32, 9, 10), gen).contiguous(memory_format=torch.channels_last)
+    out = outputs_by_kernel(layer, x)
+    for kernel in ("auto", "xnor", "int8"):
+        assert torch.equal(out[kernel], out["reference"]), kernel
+    (key,) = int8._choices
+    assert key[0] == "conv2d" and int8._choices[key] in ("xnor", "int8")
+    assert "amx" in layer._kernel_layouts  # "int8" ran the AMX path
+    with torch.no_grad():
+        set_kernel(layer, "auto")
+        for choice in ("xnor", "int8"):
+            int8._choices[key] = choice
+            assert torch.equal(layer(x), out["reference"])
+    grouped = make_layer(gen, groups=4)
+    assert torch.equal(outputs_by_kernel(grouped, x)["int8"], outputs_by_kernel(grouped, x)["reference"])
+    assert "amx" not in grouped._kernel_layouts
+    int8._reset_for_tests()

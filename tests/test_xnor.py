@@ -602,8 +602,61 @@ def test_auto_measures_int8_where_it_may_win(monkeypatch):
             assert torch.equal(layer(x), expected)
         set_kernel(layer, "int8")
         assert torch.equal(layer(x), expected)
-        assert "int8" in layer._kernel_layouts
+        assert ("amx" if int8.amx_available() else "int8") in layer._kernel_layouts
     int8._reset_for_tests()
+
+
+needs_amx = pytest.mark.skipif(
+    not (xnor.is_available() and int8.amx_available()), reason="no AMX int8 tiles on this CPU (or OS)"
+)
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_linear_is_bit_identical(threads, monkeypatch):
+    """The AMX int8 path against the dense formula: K and N not multiples of 64 / 32, rows split by row pairs (each
+    thread packing blocks into its own buffer: several blocks at K = 1536) or by output channels (few rows, one
+    shared buffer), several weight blocks (N = 700 at K = 1536), every scale / bias combination."""
+    monkeypatch.setattr(int8, "_MIN_WORK_PER_THREAD", 0)
+    gen = torch.Generator().manual_seed(44)
+    for m, k, n in [(1, 7, 3), (2, 100, 17), (33, 513, 64), (128, 384, 100), (200, 65, 33), (1000, 1536, 700)]:
+        weight_packed, out_scale, bias = make_layer(n, k, gen)
+        weight = int8.amx_weight(weight_packed, n, k)
+        assert weight.dtype == torch.uint8 and weight.numel() == -(-n // 32) * 32 * -(-k // 64) * 64
+        x = make_input((m, k), gen)
+        for s, b in [(None, None), (out_scale, None), (None, bias), (out_scale, bias)]:
+            y = int8.amx_linear(x, weight, n, s, b, num_threads=threads)
+            assert torch.equal(y, reference(x, weight_packed, k, s, b)), (m, k, n)
+        x3 = x.view(1, m, k)[:, :, :]
+        assert torch.equal(
+            int8.amx_linear(x3, weight, n, out_scale, bias),
+            reference(x, weight_packed, k, out_scale, bias).view(1, m, n),
+        )
+        x[m // 2, k // 2] = math.nan
+        with pytest.raises(ValueError, match="NaN"):
+            int8.amx_linear(x, weight, n, out_scale, bias, num_threads=threads)
+
+
+@needs_amx
+def test_amx_linear_strict_and_validation():
+    gen = torch.Generator().manual_seed(45)
+    weight_packed, out_scale, bias = make_layer(40, 96, gen)
+    weight = int8.amx_weight(weight_packed, 40, 96)
+    x = torch.where(torch.rand(8, 96, generator=gen) < 0.5, 1.0, -1.0)
+    assert torch.equal(int8.amx_linear(x, weight, 40, strict=True), reference(x, weight_packed, 96, None, None))
+    x[3, 5] = 0.5
+    with pytest.raises(xnor.InputNotBinary):
+        int8.amx_linear(x, weight, 40, strict=True)
+    with pytest.raises(ValueError, match="weight_amx from amx_weight"):
+        int8.amx_linear(x, weight[:-1], 40)
+    with pytest.raises(ValueError, match="weight_amx from amx_weight"):
+        int8.amx_linear(x, weight, 65)
+    with pytest.raises(ValueError, match="float32 CPU tensor"):
+        int8.amx_linear(x.double(), weight, 40)
+    with pytest.raises(ValueError, match=r"uint8 CPU tensor \[40, 12\]"):
+        int8.amx_weight(weight_packed[:, :-1], 40, 96)
+    with pytest.raises(ValueError, match="inference-only"):
+        int8.amx_linear(x.requires_grad_(), weight, 40)
 
 
 @needs_kernel

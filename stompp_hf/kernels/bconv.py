@@ -24,7 +24,7 @@ import torch
 
 from . import xnor
 
-__all__ = ["CONV_PATHS", "binary_conv2d", "conv_paths", "prepare_conv2d"]
+__all__ = ["CONV_PATHS", "binary_conv2d", "conv_geometry", "conv_paths", "prepare_conv2d"]
 
 #: The convolution kernel's code paths, fastest first.
 CONV_PATHS: tuple[str, ...] = ("avx512", "scalar")
@@ -47,11 +47,52 @@ def prepare_conv2d(weight_packed: torch.Tensor, weight_shape: Sequence[int], gro
     return xnor.prepare_weights(weight_packed, o, cg, kh * kw, groups)
 
 
-def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
+def _pair(v: int | Sequence[int], name: str, caller: str = "binary_conv2d") -> tuple[int, int]:
     pair = (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
     if len(pair) != 2:
-        raise ValueError(f"binary_conv2d expects `{name}` as an int or a pair, got {v!r}.")
+        raise ValueError(f"{caller} expects `{name}` as an int or a pair, got {v!r}.")
     return pair  # type: ignore[return-value]
+
+
+def conv_geometry(
+    x: torch.Tensor,
+    weight_shape: Sequence[int],
+    stride: int | Sequence[int],
+    padding: int | Sequence[int],
+    dilation: int | Sequence[int],
+    groups: int,
+    caller: str,
+) -> tuple[ctypes.Array, tuple[int, int, int]]:
+    """The 18 int64 geometry values the C convolutions read (B, C, H, W, the strides of `x` in elements, O, kh, kw,
+    stride, padding, dilation, groups) and `(B, Ho, Wo)`, after checking them.
+
+    Raises:
+        ValueError: On a non-float32 / non-CPU / non-4-D `x`, or a geometry no kernel handles.
+    """
+    o, cg, kh, kw = (int(v) for v in weight_shape)
+    (sh, sw), (ph, pw), (dh, dw) = (
+        _pair(v, n, caller) for v, n in ((stride, "stride"), (padding, "padding"), (dilation, "dilation"))
+    )
+    if not isinstance(x, torch.Tensor) or x.dtype is not torch.float32 or not x.is_cpu or x.ndim != 4:
+        raise ValueError(f"{caller} expects x as a 4-D float32 CPU tensor, got {xnor._describe(x)}.")
+    b, c, h, w = x.shape
+    if groups < 1 or c != cg * groups or o % groups or not 0 < kh <= _MAX_TAPS or not 0 < kw <= _MAX_TAPS:
+        raise ValueError(
+            f"{caller} expects weight_shape (O, C / groups, kh, kw) with O divisible by groups and kernel sides "
+            f"up to {_MAX_TAPS}; got weight_shape={tuple(weight_shape)}, groups={groups} for x of shape "
+            f"{tuple(x.shape)}."
+        )
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError(
+            f"{caller} expects positive stride and dilation and non-negative padding, got stride={stride}, "
+            f"padding={padding}, dilation={dilation}."
+        )
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"{caller}: the kernel does not fit the padded input {tuple(x.shape)}.")
+    geometry = (ctypes.c_int64 * 18)(b, c, h, w, *x.stride(), o, kh, kw, sh, sw, ph, pw, dh, dw, groups)
+    return geometry, (b, ho, wo)
 
 
 def binary_conv2d(
@@ -100,25 +141,7 @@ def binary_conv2d(
     """
     lib = xnor._library()
     o, cg, kh, kw = (int(v) for v in weight_shape)
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    if not isinstance(x, torch.Tensor) or x.dtype is not torch.float32 or not x.is_cpu or x.ndim != 4:
-        raise ValueError(f"binary_conv2d expects x as a 4-D float32 CPU tensor, got {xnor._describe(x)}.")
-    b, c, h, w = x.shape
-    if groups < 1 or c != cg * groups or o % groups or not 0 < kh <= _MAX_TAPS or not 0 < kw <= _MAX_TAPS:
-        raise ValueError(
-            f"binary_conv2d expects weight_shape (O, C / groups, kh, kw) with O divisible by groups and kernel sides "
-            f"up to {_MAX_TAPS}; got weight_shape={tuple(weight_shape)}, groups={groups} for x of shape "
-            f"{tuple(x.shape)}."
-        )
-    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
-        raise ValueError(
-            f"binary_conv2d expects positive stride and dilation and non-negative padding, got stride={stride}, "
-            f"padding={padding}, dilation={dilation}."
-        )
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if ho < 1 or wo < 1:
-        raise ValueError(f"binary_conv2d: the kernel does not fit the padded input {tuple(x.shape)}.")
+    geometry, (b, ho, wo) = conv_geometry(x, weight_shape, stride, padding, dilation, groups, "binary_conv2d")
     nbytes = (cg * kh * kw + 7) // 8
     if (
         not isinstance(weight_packed, torch.Tensor)
@@ -152,13 +175,13 @@ def binary_conv2d(
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if not channels_last and not x.is_contiguous():
         x = x.contiguous()
+        geometry[4:8] = x.stride()
     if channels_last:
         y = torch.empty((b, ho, wo, o), dtype=torch.float32).permute(0, 3, 1, 2)
     else:
         y = torch.empty((b, o, ho, wo), dtype=torch.float32)
     if b == 0:
         return y
-    geometry = (ctypes.c_int64 * 18)(b, c, h, w, *x.stride(), o, kh, kw, sh, sw, ph, pw, dh, dw, groups)
     rc = lib.conv2d(
         x.data_ptr(),
         ctypes.addressof(geometry),

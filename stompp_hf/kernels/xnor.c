@@ -790,6 +790,7 @@ static void xn_fill_panels(const uint8_t *w, int64_t O, int64_t Cg, int64_t taps
 
 #if XN_X86_SIMD
 #include "xnor_avx512.c"
+#include "xnor_amx.c"
 #endif
 #include "xnor_conv.c"
 
@@ -858,6 +859,71 @@ int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uin
 #endif
     return xn_linear_scalar_avx2(x, M, ldx, K, w, N, scale, bias, y, nthreads, min_work, path == XN_PATH_AVX2,
                                  strict);
+}
+
+/* The AMX int8 path (xnor_amx.c; stompp_hf.kernels.int8). xnor_amx_available: 1 where it runs (CPU and OS). */
+#if !XN_X86_SIMD
+int xnor_amx_available(void) { return 0; }
+#endif
+
+/* Bytes of the AMX weight layout of O outputs, Cg inputs per tap, `taps` taps (groups = 1); -1 for bad sizes. */
+int64_t xnor_amx_weight_bytes(int64_t O, int64_t Cg, int64_t taps)
+{
+    if (O <= 0 || Cg <= 0 || taps <= 0) return -1;
+#if XN_X86_SIMD
+    return xa_weight_bytes(O, Cg, taps);
+#else
+    return ((O + 31) / 32 * 32) * taps * ((Cg + 63) / 64 * 64);
+#endif
+}
+
+/* Fill the AMX weight layout (xnor_amx_weight_bytes bytes at `out`) from packed signs [O, ceil(Cg * taps / 8)]. */
+int xnor_amx_prepare(const uint8_t *w, int64_t O, int64_t Cg, int64_t taps, void *out)
+{
+    if (xnor_amx_weight_bytes(O, Cg, taps) < 0) return XN_BAD_ARGS;
+#if XN_X86_SIMD
+    xa_fill_weights(w, O, Cg, taps, (int8_t *)out);
+    return XN_OK;
+#else
+    (void)w;
+    (void)out;
+    return XN_NO_PATH;
+#endif
+}
+
+/* xnor_linear_f32's product on AMX tiles, from the AMX weight layout `wa`; the same outputs, bit for bit. Returns
+   XN_OK, XN_NOMEM / XN_NAN / XN_NOT_PM1, or XN_NO_PATH where AMX is not available. */
+int xnor_amx_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const void *wa, int64_t N,
+                        const float *scale, const float *bias, float *y, int nthreads, int64_t min_work, int strict)
+{
+    if (M <= 0 || N <= 0 || K <= 0) return XN_OK;
+    if (!xnor_amx_available()) return XN_NO_PATH;
+#if XN_X86_SIMD
+    xn_hugepage_hint(y, M * N * (int64_t)sizeof(float));
+    return xa_linear(x, M, ldx, K, (const int8_t *)wa, N, scale, bias, y, nthreads, min_work, strict);
+#else
+    (void)x; (void)ldx; (void)wa; (void)scale; (void)bias; (void)y; (void)nthreads; (void)min_work; (void)strict;
+    return XN_NO_PATH;
+#endif
+}
+
+/* xnor_conv2d_f32 (groups = 1) on AMX tiles, from the AMX weight layout `wa` (taps = kh * kw); same arguments
+   otherwise. Returns as xnor_amx_linear_f32, or XN_BAD_ARGS for groups other than 1. */
+int xnor_amx_conv2d_f32(const float *x, const int64_t *geometry, const void *wa, const float *scale,
+                        const float *bias, float *y, int nchw_out, int strict, int nthreads, int64_t min_work)
+{
+    if (!xnor_amx_available()) return XN_NO_PATH;
+#if XN_X86_SIMD
+    const int64_t *g = geometry;
+    xn_hugepage_hint(y, g[0] * g[8] * (int64_t)sizeof(float) *
+                            ((g[2] + 2 * g[13] - g[15] * (g[9] - 1) - 1) / g[11] + 1) *
+                            ((g[3] + 2 * g[14] - g[16] * (g[10] - 1) - 1) / g[12] + 1));
+    return xa_conv2d(x, geometry, (const int8_t *)wa, scale, bias, y, nchw_out, strict, nthreads, min_work);
+#else
+    (void)x; (void)geometry; (void)wa; (void)scale; (void)bias; (void)y; (void)nchw_out; (void)strict;
+    (void)nthreads; (void)min_work;
+    return XN_NO_PATH;
+#endif
 }
 
 /* The int8 path's operands (stompp_hf.kernels.int8): out[m, k] = x[m, k] >= 0 ? 1 : -1 as int8, rows of x `ldx`

@@ -108,6 +108,11 @@ class _Library(NamedTuple):
     paths: tuple[str, ...]
     openmp_in_use: Callable[[], int]
     set_hugepages: Callable[[int], int]
+    amx_available: Callable[[], int]
+    amx_weight_bytes: Callable[..., int]
+    amx_prepare: Callable[..., int]
+    amx_linear: Callable[..., int]
+    amx_conv2d: Callable[..., int]
 
 
 _lock = threading.Lock()
@@ -218,6 +223,14 @@ def _load() -> _Library:
             paths=tuple(p for p in PATHS if mask >> _PATH_IDS[p] & 1),
             openmp_in_use=_bind(lib, "xnor_openmp_in_use", (), _INT),
             set_hugepages=_bind(lib, "xnor_set_hugepages", (_INT,), _INT),
+            amx_available=_bind(lib, "xnor_amx_available", (), _INT),
+            amx_weight_bytes=_bind(lib, "xnor_amx_weight_bytes", (_I64, _I64, _I64), _I64),
+            amx_prepare=_bind(lib, "xnor_amx_prepare", (_P, _I64, _I64, _I64, _P), _INT),
+            # x, M, ldx, K, weight, N, scale, bias, y, nthreads, min_work, strict
+            amx_linear=_bind(
+                lib, "xnor_amx_linear_f32", (_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _I64, _INT), _INT
+            ),
+            amx_conv2d=_bind(lib, "xnor_amx_conv2d_f32", _CONV_ARGTYPES[:-1], _INT),
         )
         bound.set_hugepages(_hugepages_default())
     except AttributeError as e:  # a library of this name and digest that lacks an entry point: not ours

@@ -180,15 +180,20 @@ class BinaryMixin:
         return state
 
     def kernel_layout(self, name: str, build) -> torch.Tensor:
-        """The weight in a kernel's own layout (`name`: "xnor" panels, "int8" matrix), built by `build()` on first
-        use and kept until `weight` changes (a `load_state_dict`, a move): about the packed weight's size for the
-        XNOR panels, 8 bits per weight for int8."""
+        """The weight in a kernel's own layout (`name`: "xnor" panels, "int8" matrix for `torch._int_mm`, "amx"
+        tiles), built by `build()` on first use and kept until `weight` changes (a `load_state_dict`, a move): about
+        the packed weight's size for the XNOR panels, 8 bits per weight for the int8 ones."""
         key = (self.weight.data_ptr(), self.weight._version)
         cached = self._kernel_layouts.get(name)
         if cached is None or cached[0] != key:
             cached = (key, build())
             self._kernel_layouts[name] = cached
         return cached[1]
+
+    def drop_int8_layouts(self) -> None:
+        """Free the int8 paths' weight layouts (8 bits per weight), e.g. once "auto" measured them slower."""
+        self._kernel_layouts.pop("int8", None)
+        self._kernel_layouts.pop("amx", None)
 
     def kernel_scale(self) -> torch.Tensor | None:
         """`output_scale()` as the kernels take it: a float32 vector over the output channels, or None."""
@@ -295,7 +300,7 @@ class BinaryLinear(BinaryMixin, nn.Module):
         """`kernel` "reference": unpack and `F.linear`; "xnor": the XNOR-popcount kernel, raising where it cannot
         run; "auto": the kernel where it runs (and, on CPUs with AMX int8, the exact int8 path for the shapes where
         it measured faster: `kernels.int8.choose`), the reference path elsewhere; "int8": the int8 path where it
-        runs, as "auto" elsewhere. All give the same bits."""
+        runs (AMX tiles, else `torch._int_mm`), as "auto" elsewhere. All give the same bits."""
         if self.kernel != "reference":
             reason = self.xnor_applies(x)
             if reason is None and (self.kernel == "xnor" or xnor.is_available()):
@@ -309,6 +314,9 @@ class BinaryLinear(BinaryMixin, nn.Module):
         k = self.in_features
 
         def run_int8() -> torch.Tensor:
+            if int8.amx_available():
+                weight = self.kernel_layout("amx", lambda: int8.amx_weight(self.weight, self.out_features, k))
+                return int8.amx_linear(x, weight, self.out_features, scale, self.bias)
             weight = self.kernel_layout("int8", lambda: int8.int8_weight(self.weight, k))
             return int8.int8_linear(x, weight, scale, self.bias)
 
@@ -321,9 +329,10 @@ class BinaryLinear(BinaryMixin, nn.Module):
         if self.kernel == "int8" and int8.available():
             return run_int8()
         if self.kernel == "auto" and int8.worth_measuring():
-            choice, y = int8.choose(x.numel() // k, self.out_features, k, run_xnor, run_int8)
+            key = (int8.bucket(x.numel() // k), self.out_features, k)
+            choice, y = int8.choose(key, run_xnor, run_int8)
             if choice == "xnor" and not int8.chosen_anywhere():
-                self._kernel_layouts.pop("int8", None)  # measured slower everywhere so far: free its weight
+                self.drop_int8_layouts()  # measured slower everywhere so far: free its weight
             return y
         return run_xnor()
 
@@ -435,8 +444,10 @@ class BinaryConv2d(BinaryMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`kernel` "reference": unpack and `F.conv2d`; "xnor": the binary conv kernel (`kernels.bconv`), raising
-        where it cannot run; "auto" and "int8": the kernel where it runs and pays (`conv_kernel_pays`), the
-        reference path elsewhere. All give the same bits."""
+        where it cannot run; "auto": the kernel where it runs and pays (`conv_kernel_pays`), and on CPUs with AMX
+        int8 the AMX int8 convolution (`kernels.int8.amx_conv2d`, groups of 1) for the shapes where it measured
+        faster (`kernels.int8.choose`), the reference path elsewhere; "int8": the AMX convolution where it runs, as
+        "auto" elsewhere. All give the same bits."""
         if self.kernel != "reference":
             reason = self.conv_kernel_applies(x)
             auto = xnor.is_available() and self.conv_kernel_pays() and not self._inputs_not_binary
@@ -459,19 +470,51 @@ class BinaryConv2d(BinaryMixin, nn.Module):
         padding = self.conv_padding()
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-        prepared = self.kernel_layout(
-            "xnor", lambda: bconv.prepare_conv2d(self.weight, self.weight_shape, self.groups)
-        )
-        return bconv.binary_conv2d(
-            x,
-            self.weight,
-            self.weight_shape,
+        scale, strict = self.kernel_scale(), not self.binary_inputs
+
+        def run_xnor() -> torch.Tensor:
+            prepared = self.kernel_layout(
+                "xnor", lambda: bconv.prepare_conv2d(self.weight, self.weight_shape, self.groups)
+            )
+            return bconv.binary_conv2d(
+                x,
+                self.weight,
+                self.weight_shape,
+                self.stride,
+                padding,
+                self.dilation,
+                self.groups,
+                scale,
+                self.bias,
+                strict=strict,
+                prepared=prepared,
+            )
+
+        def run_int8() -> torch.Tensor:
+            o, c, kh, kw = self.weight_shape
+            weight = self.kernel_layout("amx", lambda: int8.amx_weight(self.weight, o, c, kh * kw))
+            return int8.amx_conv2d(
+                x, weight, self.weight_shape, self.stride, padding, self.dilation, scale, self.bias, strict=strict
+            )
+
+        if self.kernel == "xnor" or self.groups != 1 or not int8.amx_available():
+            return run_xnor()
+        if self.kernel == "int8":
+            return run_int8()
+        if not int8.worth_measuring():
+            return run_xnor()
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        key = (
+            "conv2d",
+            int8.bucket(x.shape[0]),
+            *x.shape[1:],
+            *self.weight_shape,
             self.stride,
             padding,
             self.dilation,
-            self.groups,
-            self.kernel_scale(),
-            self.bias,
-            strict=not self.binary_inputs,
-            prepared=prepared,
+            channels_last,
         )
+        choice, y = int8.choose(key, run_xnor, run_int8)
+        if choice == "xnor" and not int8.chosen_anywhere():
+            self.drop_int8_layouts()
+        return y
