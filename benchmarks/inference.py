@@ -65,7 +65,7 @@ TF_MODES: dict[str, tuple] = {
     "packed, reference": ("packed", "reference", False),
     "packed, reference + unpack cache": ("packed", "reference", True),
     "packed, xnor": ("packed", "xnor", False),
-    "packed, int8 (_int_mm)": ("packed", "int8", False),
+    "packed, int8": ("packed", "int8", False),
     "packed, auto": ("packed", "auto", False),
 }
 TF_MODELS = {"minilm": "all-MiniLM-L6-v2", "base": "BERT-base-sized"}
@@ -172,6 +172,16 @@ def kernel_call(layer: nn.Module, x: torch.Tensor, kernel: str, path: str | None
     return call
 
 
+def int_mm_call(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """The exact int8 path through `torch._int_mm` (`kernels.int8.int8_linear`), called directly: where AMX runs,
+    the layer's "int8" kernel takes the AMX tiles instead."""
+    from stompp_hf.kernels import int8
+
+    weight = int8.int8_weight(layer.weight, layer.in_features)
+    scale = layer.kernel_scale()
+    return lambda: int8.int8_linear(x, weight, scale, layer.bias)
+
+
 def kernel_paths() -> tuple[str, ...]:
     from stompp_hf.kernels import xnor
 
@@ -220,8 +230,10 @@ def linear_table(setting: Setting, repeats: tuple[int, int], limit: float) -> li
             }
             for path in paths:
                 calls[f"xnor {path}"] = kernel_call(binary, x, "xnor", path)
-            if int8.available():
-                calls["int8 (_int_mm)"] = kernel_call(binary, x, "int8")
+            if int8.amx_available():
+                calls["int8 (AMX tiles)"] = kernel_call(binary, x, "int8")
+            if hasattr(torch, "_int_mm") and kernel_paths():
+                calls["int8 (_int_mm)"] = int_mm_call(binary, x)
             with torch.no_grad():
                 expected = kernel_call(binary, x, "reference")()
                 exact = all(torch.equal(calls[c](), expected) for c in calls if c.startswith(("xnor", "int8 (")))
@@ -294,6 +306,7 @@ def static_int8_conv(conv: nn.Conv2d, x: torch.Tensor):
 
 def conv_table(setting: Setting, repeats: tuple[int, int], limit: float) -> list[dict]:
     from stompp_hf.core.packing import pack_signs
+    from stompp_hf.kernels import int8
     from stompp_hf.nn import BinaryConv2d
 
     rows_out = []
@@ -330,9 +343,12 @@ def conv_table(setting: Setting, repeats: tuple[int, int], limit: float) -> list
                     calls["xnor avx512, channels-last"] = kernel_call(binary, x_cl, "xnor", "avx512")
                 if b == setting.batches[0] and paths:
                     calls["xnor scalar"] = kernel_call(binary, x, "xnor", "scalar")
+                if int8.amx_available():
+                    calls["int8 (AMX tiles)"] = kernel_call(binary, x, "int8")
+                    calls["int8 (AMX tiles), channels-last"] = kernel_call(binary, x_cl, "int8")
                 with torch.no_grad():
                     expected = kernel_call(binary, x, "reference")()
-                    exact = all(torch.equal(calls[c](), expected) for c in calls if c.startswith("xnor"))
+                    exact = all(torch.equal(calls[c](), expected) for c in calls if c.startswith(("xnor", "int8 (")))
                     samples = interleaved(calls, reps)
                 ho = (side - 1) // stride + 1
                 row = {
@@ -649,18 +665,22 @@ def render_layers(
         title,
         "",
         "| layer | batch | " + " | ".join(f"{c} (ms)" for c in columns) + " | fastest dense | ours, best | "
-        "x fastest dense | popcount limit reached | memory floor (ms) | tighter floor reached | bit-identical |",
-        "|---|---:|" + "---:|" * len(columns) + "---|---|---:|---:|---:|---:|---|",
+        "x fastest dense | popcount limit reached | AMX int8 limit reached | memory floor (ms) | tighter floor "
+        "reached | bit-identical |",
+        "|---|---:|" + "---:|" * len(columns) + "---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         peer, t_peer = fastest(r, dense)
         mine, t_mine = ours_best(r)
         xnor_times = [t for c, t in r["t"].items() if c.startswith("xnor")]
         reached = f"{r['macs'] / min(xnor_times) / limit:.1%}" if xnor_times else "-"
+        amx_times = [t for c, t in r["t"].items() if c.startswith("int8 (AMX")]
+        amx = f"{r['macs'] / min(amx_times) / (2 * limit):.1%}" if amx_times else "-"
         pop, mem = floor_seconds(r, limit, bandwidth)
         tighter = f"{max(pop, mem) / min(xnor_times):.1%}" if xnor_times else "-"
         cells = [what(r), str(r["batch"]), *(ms(r["t"][c]) if c in r["t"] else "-" for c in columns)]
-        cells += [peer, mine, f"{t_peer / t_mine:.2f}", reached, ms(mem), tighter, "**yes**" if r["exact"] else "NO"]
+        cells += [peer, mine, f"{t_peer / t_mine:.2f}", reached, amx, ms(mem), tighter]
+        cells.append("**yes**" if r["exact"] else "NO")
         lines.append("| " + " | ".join(cells) + " |")
     widest = max(r["iqr"] for r in rows)
     lines += ["", f"Widest interquartile range of these timings: {ms(widest)} ms.", ""]
@@ -685,7 +705,9 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
         f"- XNOR kernel paths on this CPU: {', '.join(kernel_paths()) or 'none (no kernel)'}; the binary "
         f"convolution's: {', '.join(p for p in ('avx512', 'scalar') if p in kernel_paths()) or 'none'}. "
         f"`auto` times the int8 path against XNOR only on CPUs with AMX int8: "
-        f"{'yes' if int8.worth_measuring() else 'not here'}. Kernel threads: "
+        f"{'yes' if int8.worth_measuring() else 'not here'}; the int8 path runs on "
+        f"{'AMX tiles (our kernel, `int8.amx_linear` / `amx_conv2d`)' if int8.amx_available() else '`torch._int_mm`'}"
+        ". Kernel threads: "
         + (
             "torch's own OpenMP team (`xnor.thread_runtime()` = openmp)."
             if kernel_paths() and xnor.thread_runtime() == "openmp"
@@ -694,7 +716,9 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
         f"- Popcount limit = {args.threads} threads x {ghz:.2f} GHz ({source}) x 512 binary multiply-adds per cycle "
         f"(one 512-bit VPOPCNTQ per cycle per core) = {limit / 1e12:.2f} T binary multiply-adds/s. The fraction "
         "reached is the layer's multiply-adds (rows x inputs x outputs; for a conv, outputs x in channels x 9) over "
-        "the fastest XNOR path's median time and this limit.",
+        "the fastest XNOR path's median time and this limit. `AMX int8 limit reached`: the same over the AMX int8 "
+        "path's time and twice this limit (one 16 x 64 x 16 int8 tile product, TDPBSSD, per 16 cycles per core: "
+        "1024 multiply-adds per cycle).",
         f"- Memory floor = the layer's float32 input and output bytes at the copy bandwidth measured at the start "
         f"(`dst.copy_(src)`, {results['bandwidth']['mib']} MiB, read + written): {bandwidth / 1e9:.1f} GB/s into "
         "touched memory (the floor), "

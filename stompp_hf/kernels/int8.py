@@ -189,7 +189,8 @@ def amx_conv2d(
     """`binary_conv2d` (groups = 1, zero padding) on AMX int8 tiles: the same bits, in the memory format of `x`.
 
     Args:
-        x: Float32 CPU tensor `[B, C, H, W]`, channels-last (fastest) or NCHW (other layouts are copied).
+        x: Float32 CPU tensor `[B, C, H, W]`. The kernel reads channels-last; any other layout is copied to it
+            first, and the output copied back to NCHW (`F.conv2d`'s format for such an input).
         weight_amx: `amx_weight(weight_packed, O, C, kh * kw)`.
         weight_shape: `(O, C, kh, kw)`.
         stride, padding, dilation, out_scale, bias, strict, num_threads: As in `binary_conv2d`.
@@ -207,29 +208,24 @@ def amx_conv2d(
     out_scale, scale_ptr = xnor._vector_pointer("out_scale", out_scale, o, "amx_conv2d")
     bias, bias_ptr = xnor._vector_pointer("bias", bias, o, "amx_conv2d")
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if not channels_last and not x.is_contiguous():
-        x = x.contiguous()
-        geometry[4:8] = x.stride()
-    if channels_last:
-        y = torch.empty((b, ho, wo, o), dtype=torch.float32).permute(0, 3, 1, 2)
-    else:
-        y = torch.empty((b, o, ho, wo), dtype=torch.float32)
+    xc = x if channels_last else x.contiguous(memory_format=torch.channels_last)
+    geometry[4:8] = xc.stride()
+    y = torch.empty((b, ho, wo, o), dtype=torch.float32).permute(0, 3, 1, 2)
     if b == 0:
-        return y
+        return y if channels_last else y.contiguous()
     rc = lib.amx_conv2d(
-        x.data_ptr(),
+        xc.data_ptr(),
         ctypes.addressof(geometry),
         weight_amx.data_ptr(),
         scale_ptr,
         bias_ptr,
         y.data_ptr(),
-        int(not channels_last),
         int(strict),
         xnor._threads(num_threads, "amx_conv2d"),
         _MIN_WORK_PER_THREAD,
     )
     xnor._raise_for(rc, "amx_conv2d", x)
-    return y
+    return y if channels_last else y.contiguous()
 
 
 def worth_measuring() -> bool:

@@ -907,10 +907,11 @@ int xnor_amx_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const
 #endif
 }
 
-/* xnor_conv2d_f32 (groups = 1) on AMX tiles, from the AMX weight layout `wa` (taps = kh * kw); same arguments
-   otherwise. Returns as xnor_amx_linear_f32, or XN_BAD_ARGS for groups other than 1. */
+/* xnor_conv2d_f32 (groups = 1) on AMX tiles, from the AMX weight layout `wa` (taps = kh * kw), for a channels-last
+   x (channel stride 1) and a channels-last y; same arguments otherwise. Returns as xnor_amx_linear_f32, or
+   XN_BAD_ARGS for groups other than 1 or another layout. */
 int xnor_amx_conv2d_f32(const float *x, const int64_t *geometry, const void *wa, const float *scale,
-                        const float *bias, float *y, int nchw_out, int strict, int nthreads, int64_t min_work)
+                        const float *bias, float *y, int strict, int nthreads, int64_t min_work)
 {
     if (!xnor_amx_available()) return XN_NO_PATH;
 #if XN_X86_SIMD
@@ -918,9 +919,9 @@ int xnor_amx_conv2d_f32(const float *x, const int64_t *geometry, const void *wa,
     xn_hugepage_hint(y, g[0] * g[8] * (int64_t)sizeof(float) *
                             ((g[2] + 2 * g[13] - g[15] * (g[9] - 1) - 1) / g[11] + 1) *
                             ((g[3] + 2 * g[14] - g[16] * (g[10] - 1) - 1) / g[12] + 1));
-    return xa_conv2d(x, geometry, (const int8_t *)wa, scale, bias, y, nchw_out, strict, nthreads, min_work);
+    return xa_conv2d(x, geometry, (const int8_t *)wa, scale, bias, y, strict, nthreads, min_work);
 #else
-    (void)x; (void)geometry; (void)wa; (void)scale; (void)bias; (void)y; (void)nchw_out; (void)strict;
+    (void)x; (void)geometry; (void)wa; (void)scale; (void)bias; (void)y; (void)strict;
     (void)nthreads; (void)min_work;
     return XN_NO_PATH;
 #endif

@@ -230,7 +230,8 @@ def _load() -> _Library:
             amx_linear=_bind(
                 lib, "xnor_amx_linear_f32", (_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _I64, _INT), _INT
             ),
-            amx_conv2d=_bind(lib, "xnor_amx_conv2d_f32", _CONV_ARGTYPES[:-1], _INT),
+            # x, geometry, weight, scale, bias, y, strict, nthreads, min_work
+            amx_conv2d=_bind(lib, "xnor_amx_conv2d_f32", (_P, _P, _P, _P, _P, _P, _INT, _INT, _I64), _INT),
         )
         bound.set_hugepages(_hugepages_default())
     except AttributeError as e:  # a library of this name and digest that lacks an entry point: not ours

@@ -172,20 +172,14 @@ XA_INLINE void xa_unit(const int8_t *a0, const int8_t *a1, int64_t as, const int
 }
 
 /* One row of 16 sums -> outputs: float(acc) * scale + bias, two roundings, each only where it exists; written to
-   y[n * cs] for the `lanes` channels (cs = 1: a store; else a scatter, for NCHW outputs). */
+   y[0 .. 16) for the `lanes` channels. */
 XA_INLINE void xa_finish_row(const int32_t *acc, const float *scale, const float *bias, int64_t n0, __mmask16 lanes,
-                             float *y, int64_t cs)
+                             float *y)
 {
     __m512 f = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)acc));   /* exact: |acc| <= K < 2**24 */
     if (scale) f = _mm512_mul_ps(f, _mm512_maskz_loadu_ps(lanes, scale + n0));
     if (bias) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(lanes, bias + n0));
-    if (cs == 1) {
-        _mm512_mask_storeu_ps(y, lanes, f);
-    } else {
-        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32((int)cs));
-        _mm512_mask_i32scatter_ps(y, lanes, idx, f, 4);
-    }
+    _mm512_mask_storeu_ps(y, lanes, f);
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -252,8 +246,7 @@ XA_FN static void xa_linear_block(const xa_linear_job *j, const int8_t *a, int64
                     if (n >= j->N) continue;
                     const __mmask16 lanes = xz_lanes(j->N - n);
                     for (int r = 0; r < 16 && mb + r < j->M; r++)
-                        xa_finish_row(buf + 256 * q + 16 * r, j->scale, j->bias, n, lanes,
-                                      j->y + (mb + r) * j->N + n, 1);
+                        xa_finish_row(buf + 256 * q + 16 * r, j->scale, j->bias, n, lanes, j->y + (mb + r) * j->N + n);
                 }
             }
         }
@@ -353,7 +346,7 @@ typedef struct {
     const int8_t *w;
     const float *scale, *bias;
     float *y;
-    int nchw_out, strict, by_image;
+    int strict, by_image;
     int8_t *img;                  /* shared images (not by_image) */
     int64_t *aoff;                /* [KC]: byte offset of chunk kc (tap, channel chunk) from a pixel's corner */
 } xa_conv_job;
@@ -379,8 +372,8 @@ static int64_t xa_conv_segment(const xa_conv_job *j, int64_t b, int64_t k, int64
     return (yy * j->sh * j->Wp + x0 * j->sw) * 64;
 }
 
-/* Pack padded rows [r0, r1) (hp) of image b into `im` (that image's planes): the signs as int8, 0 on the border
-   and in the padded channels. Returns XN_NAN / XN_NOT_PM1 / 0. */
+/* Pack padded rows [r0, r1) (hp) of image b (channels-last) into `im` (that image's planes): the signs as int8, 0
+   on the border and in the padded channels. Returns XN_NAN / XN_NOT_PM1 / 0. */
 XA_FN static int xa_conv_pack(const xa_conv_job *j, int64_t b, int64_t r0, int64_t r1, int8_t *im)
 {
     int bad = 0;
@@ -397,39 +390,19 @@ XA_FN static int xa_conv_pack(const xa_conv_job *j, int64_t b, int64_t r0, int64
             memset(row, 0, (size_t)(j->pw * 64));
             memset(row + (j->pw + j->W) * 64, 0, (size_t)(j->pw * 64));
         }
-        const float *src = j->x + b * j->sB + h * j->sH;
+        const float *src = j->x + b * j->sB + h * j->sH;   /* channels-last: a pixel's channels are contiguous */
         int8_t *first = im + (hp * j->Wp + j->pw) * 64;
-        if (j->sC == 1) {   /* channels-last: a pixel's channels are contiguous */
-            for (int64_t w = 0; w < j->W; w++)
-                for (int64_t cc = 0; cc < j->CC; cc++) {
-                    const int64_t cnt = j->C - 64 * cc < 64 ? j->C - 64 * cc : 64;
-                    int8_t *dst = first + cc * j->plane + w * 64;
-                    if (cnt == 64) {
-                        bad |= xa_signs(src + w * j->sW + 64 * cc, 64, 64, dst, j->strict);
-                    } else {
-                        bad |= xa_signs(src + w * j->sW + 64 * cc, cnt, 64, chunk, j->strict);
-                        memcpy(dst, chunk, 64);
-                    }
+        for (int64_t w = 0; w < j->W; w++)
+            for (int64_t cc = 0; cc < j->CC; cc++) {
+                const int64_t cnt = j->C - 64 * cc < 64 ? j->C - 64 * cc : 64;
+                int8_t *dst = first + cc * j->plane + w * 64;
+                if (cnt == 64) {
+                    bad |= xa_signs(src + w * j->sW + 64 * cc, 64, 64, dst, j->strict);
+                } else {
+                    bad |= xa_signs(src + w * j->sW + 64 * cc, cnt, 64, chunk, j->strict);
+                    memcpy(dst, chunk, 64);
                 }
-            continue;
-        }
-        /* channel planes (NCHW): each channel's row is read once, its signs written 64 bytes apart */
-        int nan = 0, pm1 = 1;
-        for (int64_t c = 0; c < j->Cp; c++) {
-            int8_t *o = first + (c / 64) * j->plane + c % 64;
-            if (c >= j->C) {
-                for (int64_t w = 0; w < j->W; w++) o[w * 64] = 0;
-                continue;
             }
-            const float *p = src + c * j->sC;
-            for (int64_t w = 0; w < j->W; w++) {
-                const float v = p[w * j->sW];
-                o[w * 64] = (int8_t)(v >= 0.0f ? 1 : -1);
-                nan |= v != v;
-                pm1 &= (v == 1.0f) | (v == -1.0f);
-            }
-        }
-        if (j->strict ? !pm1 : nan) bad |= j->strict ? XN_NOT_PM1 : XN_NAN;
     }
     return bad;
 }
@@ -438,7 +411,7 @@ XA_FN static int xa_conv_pack(const xa_conv_job *j, int64_t b, int64_t r0, int64
 XA_FN static void xa_conv_block(const xa_conv_job *j, const int8_t *im, int64_t b, int64_t k0, int64_t k1,
                                 int64_t n0, int64_t n1, int32_t *buf)
 {
-    const int64_t as = (j->flat ? 1 : j->sw) * 64, HWo = j->Ho * j->Wo, pair_bytes = 2 * j->KC * XA_TILE_BYTES;
+    const int64_t as = (j->flat ? 1 : j->sw) * 64, pair_bytes = 2 * j->KC * XA_TILE_BYTES;
     for (int64_t np = n0; np < n1; np++) {
         const int8_t *b0 = j->w + np * pair_bytes;
         for (int64_t k = k0; k < k1; k++) {
@@ -454,8 +427,7 @@ XA_FN static void xa_conv_block(const xa_conv_job *j, const int8_t *im, int64_t 
                 for (int r = 0; r < 16; r++) {
                     const int64_t p = rows[r];
                     if (p < 0) continue;
-                    float *dst = j->nchw_out ? j->y + (b * j->O + n) * HWo + p % HWo : j->y + p * j->O + n;
-                    xa_finish_row(buf + 256 * q + 16 * r, j->scale, j->bias, n, lanes, dst, j->nchw_out ? HWo : 1);
+                    xa_finish_row(buf + 256 * q + 16 * r, j->scale, j->bias, n, lanes, j->y + p * j->O + n);
                 }
             }
         }
@@ -519,7 +491,7 @@ XA_FN static void xa_conv_share(xn_task *task, int tid)
 }
 
 static int xa_conv2d(const float *x, const int64_t *g, const int8_t *w, const float *scale, const float *bias,
-                     float *y, int nchw_out, int strict, int nthreads, int64_t min_work)
+                     float *y, int strict, int nthreads, int64_t min_work)
 {
     xa_conv_job j;
     memset(&j, 0, sizeof j);
@@ -529,8 +501,8 @@ static int xa_conv2d(const float *x, const int64_t *g, const int8_t *w, const fl
     j.sB = g[4]; j.sC = g[5]; j.sH = g[6]; j.sW = g[7];
     j.O = g[8]; j.kh = g[9]; j.kw = g[10]; j.sh = g[11]; j.sw = g[12];
     j.ph = g[13]; j.pw = g[14]; j.dh = g[15]; j.dw = g[16];
-    if (g[17] != 1) return XN_BAD_ARGS;
-    j.w = w; j.scale = scale; j.bias = bias; j.y = y; j.nchw_out = nchw_out; j.strict = strict;
+    if (g[17] != 1 || j.sC != 1) return XN_BAD_ARGS;   /* groups of 1, channels-last input */
+    j.w = w; j.scale = scale; j.bias = bias; j.y = y; j.strict = strict;
     j.Cp = xa_round(j.C, 64);
     j.CC = j.Cp / 64;
     j.Hp = j.H + 2 * j.ph;
