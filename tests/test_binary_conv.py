@@ -389,3 +389,20 @@ def test_auto_measures_the_amx_conv(monkeypatch):
     assert torch.equal(outputs_by_kernel(grouped, x)["int8"], outputs_by_kernel(grouped, x)["reference"])
     assert "amx" not in grouped._kernel_layouts
     int8._reset_for_tests()
+
+
+@pytest.mark.skipif("avx512" not in bconv.conv_paths(), reason="no avx512 conv path on this CPU")
+@pytest.mark.parametrize("conv", [{}, {"stride": 2, "bias": False}, {"kernel_size": 1, "padding": 0, "groups": 4}])
+def test_bf16_packed_conv_is_bit_identical(conv):
+    """A packed convolution of a bfloat16 model, NCHW or channels-last input, in every kernel mode: bf16 outputs
+    (in the input's format) with the reference path's bits, sums past bf16's 8 bits included (288 inputs)."""
+    gen = torch.Generator().manual_seed(14)
+    layer = make_layer(gen, **conv).to(torch.bfloat16)
+    x = make_input((3, 32, 9, 10), gen).bfloat16()
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = outputs_by_kernel(layer, xx)
+        assert out["reference"].dtype == torch.bfloat16
+        for kernel in ("auto", "xnor", "int8"):
+            assert torch.equal(out[kernel], out["reference"]), kernel
+            assert out[kernel].stride() == out["reference"].stride(), kernel
+    assert "xnor" in layer._kernel_layouts

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from stompp_hf.core.packing import pack_signs
+from stompp_hf.core.packing import pack_signs, unpack_signs
 from stompp_hf.export import set_kernel
 from stompp_hf.kernels import build, cpu, int8, xnor
 from stompp_hf.nn import BinaryLinear
@@ -596,9 +597,10 @@ def test_auto_measures_int8_where_it_may_win(monkeypatch):
         expected = layer(x)
         set_kernel(layer, "auto")
         assert torch.equal(layer(x), expected)
-        assert set(int8._choices) == {(8, 40, 96)} and int8._choices[(8, 40, 96)] in ("xnor", "int8")
+        key = (8, 40, 96, torch.float32)
+        assert set(int8._choices) == {key} and int8._choices[key] in ("xnor", "int8")
         for choice in ("xnor", "int8"):
-            int8._choices[(8, 40, 96)] = choice
+            int8._choices[key] = choice
             assert torch.equal(layer(x), expected)
         set_kernel(layer, "int8")
         assert torch.equal(layer(x), expected)
@@ -651,7 +653,7 @@ def test_amx_linear_strict_and_validation():
         int8.amx_linear(x, weight[:-1], 40)
     with pytest.raises(ValueError, match="weight_amx from amx_weight"):
         int8.amx_linear(x, weight, 65)
-    with pytest.raises(ValueError, match="float32 CPU tensor"):
+    with pytest.raises(ValueError, match="float32 or bfloat16 CPU tensor"):
         int8.amx_linear(x.double(), weight, 40)
     with pytest.raises(ValueError, match=r"uint8 CPU tensor \[40, 12\]"):
         int8.amx_weight(weight_packed[:, :-1], 40, 96)
@@ -726,3 +728,67 @@ def test_hugepage_advice_changes_no_value():
             xnor.set_hugepages(1)
     finally:
         xnor.set_hugepages(previous)
+
+
+needs_avx512 = pytest.mark.skipif("avx512" not in available_paths(), reason="no avx512 path on this CPU")
+
+
+def bf16_reference(x, weight_packed, k, out_scale, bias):
+    """What a bfloat16 model's dense path computes: the bf16 matmul of +-1 (exact sums, rounded once to bf16), then
+    the bf16 multiply and add, each rounded to bf16."""
+    y = F.linear(torch.where(x >= 0, 1.0, -1.0).bfloat16(), unpack_signs(weight_packed, k, torch.bfloat16))
+    if out_scale is not None:
+        y = y * out_scale
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+@needs_avx512
+@pytest.mark.parametrize("kernel", ["xnor", "amx"])
+def test_bf16_activations_round_like_torch(kernel):
+    """bfloat16 in, bfloat16 out, bit-identical to torch's bf16 path: sums up to 3072 (past bf16's 8 bits, so the
+    first rounding matters), bf16 scales and biases, the row and column splits of both kernels."""
+    if kernel == "amx" and not int8.amx_available():
+        pytest.skip("no AMX int8 tiles on this CPU (or OS)")
+    gen = torch.Generator().manual_seed(46)
+    for m, k, n in [(1, 7, 3), (33, 513, 64), (128, 384, 100), (300, 3072, 200)]:
+        weight_packed, out_scale, bias = make_layer(n, k, gen)
+        out_scale, bias = out_scale.bfloat16(), bias.bfloat16()
+        x = make_input((m, k), gen).bfloat16()
+        for s, b in [(None, None), (out_scale, None), (None, bias), (out_scale, bias)]:
+            args = (s.float() if s is not None else None, b.float() if b is not None else None)
+            if kernel == "xnor":
+                y = xnor.xnor_linear(x, weight_packed, k, *args, prepared=xnor.prepare_weights(weight_packed, n, k))
+            else:
+                y = int8.amx_linear(x, int8.amx_weight(weight_packed, n, k), n, *args)
+            assert y.dtype == torch.bfloat16
+            assert torch.equal(y, bf16_reference(x, weight_packed, k, s, b)), (m, k, n)
+    with pytest.raises(ValueError, match="bfloat16 needs the avx512"):
+        xnor.xnor_linear(x, weight_packed, k, path="scalar")
+
+
+@needs_avx512
+@pytest.mark.parametrize("convert", [True, False], ids=["bf16 model", "bf16 input only"])
+def test_bf16_packed_linear_is_bit_identical(convert):
+    """A packed layer fed bfloat16 (its model cast with `.to(torch.bfloat16)`, or only its input) computes in bf16
+    in every kernel mode, with the reference path's bits."""
+    gen = torch.Generator().manual_seed(47)
+    layer = BinaryLinear(200, 70)
+    weight_packed, _, bias = make_layer(70, 200, gen)
+    with torch.no_grad():
+        layer.weight.copy_(weight_packed)
+        layer.bias.copy_(bias)
+        layer.weight_scale.uniform_(0.01, 0.2, generator=gen)
+        layer.input_scale.fill_(0.37)
+    if convert:
+        layer = layer.to(torch.bfloat16)
+    x = make_input((3, 40, 200), gen).bfloat16()
+    with torch.no_grad():
+        set_kernel(layer, "reference")
+        expected = layer(x)
+        assert expected.dtype == torch.bfloat16
+        for kernel in ("auto", "xnor", "int8"):
+            set_kernel(layer, kernel)
+            assert torch.equal(layer(x), expected), kernel
+    assert "xnor" in layer._kernel_layouts  # a kernel ran (the reference path builds no layout)

@@ -73,8 +73,8 @@ def conv_geometry(
     (sh, sw), (ph, pw), (dh, dw) = (
         _pair(v, n, caller) for v, n in ((stride, "stride"), (padding, "padding"), (dilation, "dilation"))
     )
-    if not isinstance(x, torch.Tensor) or x.dtype is not torch.float32 or not x.is_cpu or x.ndim != 4:
-        raise ValueError(f"{caller} expects x as a 4-D float32 CPU tensor, got {xnor._describe(x)}.")
+    if not isinstance(x, torch.Tensor) or x.dtype not in xnor.ACTIVATION_DTYPES or not x.is_cpu or x.ndim != 4:
+        raise ValueError(f"{caller} expects x as a 4-D float32 or bfloat16 CPU tensor, got {xnor._describe(x)}.")
     b, c, h, w = x.shape
     if groups < 1 or c != cg * groups or o % groups or not 0 < kh <= _MAX_TAPS or not 0 < kw <= _MAX_TAPS:
         raise ValueError(
@@ -116,7 +116,9 @@ def binary_conv2d(
     Inference only (no autograd graph). Exact for `Cg * kh * kw < 2**24`.
 
     Args:
-        x: Float32 CPU tensor `[B, C, H, W]`, NCHW or channels-last (other layouts are copied).
+        x: Float32 CPU tensor `[B, C, H, W]`, NCHW or channels-last (other layouts are copied); or bfloat16 (the
+            avx512 path, which reads it channels-last: another layout is copied there and the output back), for a
+            bfloat16 output rounded as torch's bf16 conv and ops round it (see `xnor.xnor_linear`).
         weight_packed: Uint8 `[O, ceil(Cg * kh * kw / 8)]`: the signs of the `[O, Cg, kh, kw]` weight flattened per
             output channel, in `pack_signs` layout.
         weight_shape: `(O, Cg, kh, kw)`, Cg = C / groups; kh, kw <= 32.
@@ -130,7 +132,7 @@ def binary_conv2d(
         prepared: `prepare_conv2d(weight_packed, weight_shape, groups)`; built by the call when missing.
 
     Returns:
-        Float32 `[B, O, Ho, Wo]`, in the memory format of `x`.
+        `[B, O, Ho, Wo]` of `x`'s dtype, in the memory format of `x`.
 
     Raises:
         ValueError: On wrong dtypes, devices or shapes, a NaN in `x`, a `path` this CPU cannot run, or grad mode on
@@ -172,28 +174,34 @@ def binary_conv2d(
     else:
         xnor._check_prepared(prepared, o, cg, kh * kw, groups)
 
+    bf16 = x.dtype is torch.bfloat16
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if not channels_last and not x.is_contiguous():
-        x = x.contiguous()
-        geometry[4:8] = x.stride()
-    if channels_last:
-        y = torch.empty((b, ho, wo, o), dtype=torch.float32).permute(0, 3, 1, 2)
+    xc = x
+    if bf16 and not channels_last:  # the bf16 kernel reads channels-last only: copy there, and the output back
+        xc = x.contiguous(memory_format=torch.channels_last)
+    elif not channels_last and not x.is_contiguous():
+        xc = x.contiguous()
+    geometry[4:8] = xc.stride()
+    nchw_out = not channels_last and not bf16
+    if nchw_out:
+        y = torch.empty((b, o, ho, wo), dtype=x.dtype)
     else:
-        y = torch.empty((b, o, ho, wo), dtype=torch.float32)
+        y = torch.empty((b, ho, wo, o), dtype=x.dtype).permute(0, 3, 1, 2)
     if b == 0:
-        return y
+        return y if channels_last or nchw_out else y.contiguous()
     rc = lib.conv2d(
-        x.data_ptr(),
+        xc.data_ptr(),
         ctypes.addressof(geometry),
         prepared.data_ptr(),
         scale_ptr,
         bias_ptr,
         y.data_ptr(),
-        int(not channels_last),
+        int(nchw_out),
         int(strict),
         num_threads,
         _MIN_WORK_PER_THREAD,
         path_id,
+        int(bf16),
     )
     xnor._raise_for(rc, "binary_conv2d", x)
-    return y
+    return y if channels_last or nchw_out else y.contiguous()

@@ -129,7 +129,8 @@ def amx_linear(
     """`xnor_linear` on AMX int8 tiles: `y = (sign(x) @ sign(W).T) * out_scale + bias`, the same bits.
 
     Args:
-        x: Float32 CPU tensor `[..., K]`; NaN raises `ValueError`.
+        x: Float32 or bfloat16 CPU tensor `[..., K]` (the output has its dtype, rounded as in `xnor_linear`); NaN
+            raises `ValueError`.
         weight_amx: `amx_weight(weight_packed, out_features, K)`.
         out_features: N.
         out_scale, bias: Optional float32 `[N]`.
@@ -140,8 +141,10 @@ def amx_linear(
         ValueError: On wrong dtypes or shapes, a NaN, grad mode with a tensor that requires grad, or no AMX here.
     """
     lib = xnor._library()
-    if not isinstance(x, torch.Tensor) or x.dtype is not torch.float32 or not x.is_cpu or x.ndim < 1:
-        raise ValueError(f"amx_linear expects x as a float32 CPU tensor [..., K], got {xnor._describe(x)}.")
+    if not isinstance(x, torch.Tensor) or x.dtype not in xnor.ACTIVATION_DTYPES or not x.is_cpu or x.ndim < 1:
+        raise ValueError(
+            f"amx_linear expects x as a float32 or bfloat16 CPU tensor [..., K], got {xnor._describe(x)}."
+        )
     k = x.shape[-1]
     if k >= 1 << 24:
         raise ValueError(f"amx_linear is exact for K < 2**24, got K = {k}.")
@@ -153,7 +156,7 @@ def amx_linear(
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, out_features), dtype=torch.float32)
+    y = torch.empty((m, out_features), dtype=x.dtype)
     if m and k:
         rc = lib.amx_linear(
             x2.data_ptr(),
@@ -168,6 +171,7 @@ def amx_linear(
             xnor._threads(num_threads, "amx_linear"),
             _MIN_WORK_PER_THREAD,
             int(strict),
+            int(x.dtype is torch.bfloat16),
         )
         xnor._raise_for(rc, "amx_linear", x)
     return y.view(*x.shape[:-1], out_features)
@@ -210,7 +214,7 @@ def amx_conv2d(
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     xc = x if channels_last else x.contiguous(memory_format=torch.channels_last)
     geometry[4:8] = xc.stride()
-    y = torch.empty((b, ho, wo, o), dtype=torch.float32).permute(0, 3, 1, 2)
+    y = torch.empty((b, ho, wo, o), dtype=x.dtype).permute(0, 3, 1, 2)
     if b == 0:
         return y if channels_last else y.contiguous()
     rc = lib.amx_conv2d(
@@ -223,6 +227,7 @@ def amx_conv2d(
         int(strict),
         xnor._threads(num_threads, "amx_conv2d"),
         _MIN_WORK_PER_THREAD,
+        int(x.dtype is torch.bfloat16),
     )
     xnor._raise_for(rc, "amx_conv2d", x)
     return y if channels_last else y.contiguous()

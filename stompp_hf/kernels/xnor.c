@@ -834,31 +834,34 @@ int xnor_prepare_weights(const uint8_t *w, int64_t O, int64_t Cg, int64_t taps, 
     return XN_OK;
 }
 
-/* y[M, N] = epilogue(K - 2 * popcount(signs(x[m]) ^ w[n])), with optional (NULL) scale and bias. `path` is
+/* y[M, N] = epilogue(K - 2 * popcount(signs(x[m]) ^ w[n])), with optional (NULL) scale and bias. `bf16`: x and y
+   are bfloat16 (the avx512 path only), the outputs rounded as torch's bf16 matmul and ops round them. `path` is
    XN_PATH_* or XN_PATH_AUTO: avx512 where supported (with `prepared` panels, or from simd_min_rows rows on), else
    avx2 from simd_min_rows rows on, else scalar. `prepared` (NULL, or xnor_prepare_weights' layout of w) is used by
    the avx512 path only. At most `nthreads` threads, each with >= min_work word pairs. `strict`: x must be +-1.
    Returns XN_OK, or XN_NOMEM / XN_NAN / XN_NOT_PM1 / XN_NO_PATH (then y is not written). */
-int xnor_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,
-                    const float *scale, const float *bias, float *y, int nthreads, int64_t min_work,
-                    int64_t simd_min_rows, int path, const void *prepared, int strict)
+int xnor_linear_f32(const void *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,
+                    const float *scale, const float *bias, void *y, int nthreads, int64_t min_work,
+                    int64_t simd_min_rows, int path, const void *prepared, int strict, int bf16)
 {
     if (M <= 0 || N <= 0 || K <= 0) return XN_OK;
-    xn_hugepage_hint(y, M * N * (int64_t)sizeof(float));
     if (path == XN_PATH_AUTO) {
         const int paths = xnor_paths();
-        if ((paths >> XN_PATH_AVX512) & 1 && (prepared || M >= simd_min_rows)) path = XN_PATH_AVX512;
+        if ((paths >> XN_PATH_AVX512) & 1 && (prepared || M >= simd_min_rows || bf16)) path = XN_PATH_AVX512;
         else if ((paths >> XN_PATH_AVX2) & 1 && M >= simd_min_rows) path = XN_PATH_AVX2;
         else path = XN_PATH_SCALAR;
     } else if (!xn_supported(path)) {
         return XN_NO_PATH;
     }
+    if (bf16 && path != XN_PATH_AVX512) return XN_NO_PATH;   /* bfloat16 activations: the avx512 path only */
+    xn_hugepage_hint(y, M * N * (int64_t)(bf16 ? 2 : 4));
 #if XN_X86_SIMD
     if (path == XN_PATH_AVX512)
-        return xz_linear(x, M, ldx, K, w, N, scale, bias, y, nthreads, min_work, (const uint32_t *)prepared, strict);
+        return xz_linear(x, M, ldx, K, w, N, scale, bias, y, nthreads, min_work, (const uint32_t *)prepared, strict,
+                         bf16);
 #endif
-    return xn_linear_scalar_avx2(x, M, ldx, K, w, N, scale, bias, y, nthreads, min_work, path == XN_PATH_AVX2,
-                                 strict);
+    return xn_linear_scalar_avx2((const float *)x, M, ldx, K, w, N, scale, bias, (float *)y, nthreads, min_work,
+                                 path == XN_PATH_AVX2, strict);
 }
 
 /* The AMX int8 path (xnor_amx.c; stompp_hf.kernels.int8). xnor_amx_available: 1 where it runs (CPU and OS). */
@@ -893,16 +896,18 @@ int xnor_amx_prepare(const uint8_t *w, int64_t O, int64_t Cg, int64_t taps, void
 
 /* xnor_linear_f32's product on AMX tiles, from the AMX weight layout `wa`; the same outputs, bit for bit. Returns
    XN_OK, XN_NOMEM / XN_NAN / XN_NOT_PM1, or XN_NO_PATH where AMX is not available. */
-int xnor_amx_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const void *wa, int64_t N,
-                        const float *scale, const float *bias, float *y, int nthreads, int64_t min_work, int strict)
+int xnor_amx_linear_f32(const void *x, int64_t M, int64_t ldx, int64_t K, const void *wa, int64_t N,
+                        const float *scale, const float *bias, void *y, int nthreads, int64_t min_work, int strict,
+                        int bf16)
 {
     if (M <= 0 || N <= 0 || K <= 0) return XN_OK;
     if (!xnor_amx_available()) return XN_NO_PATH;
 #if XN_X86_SIMD
-    xn_hugepage_hint(y, M * N * (int64_t)sizeof(float));
-    return xa_linear(x, M, ldx, K, (const int8_t *)wa, N, scale, bias, y, nthreads, min_work, strict);
+    xn_hugepage_hint(y, M * N * (int64_t)(bf16 ? 2 : 4));
+    return xa_linear(x, M, ldx, K, (const int8_t *)wa, N, scale, bias, y, nthreads, min_work, strict, bf16);
 #else
     (void)x; (void)ldx; (void)wa; (void)scale; (void)bias; (void)y; (void)nthreads; (void)min_work; (void)strict;
+    (void)bf16;
     return XN_NO_PATH;
 #endif
 }
@@ -910,19 +915,19 @@ int xnor_amx_linear_f32(const float *x, int64_t M, int64_t ldx, int64_t K, const
 /* xnor_conv2d_f32 (groups = 1) on AMX tiles, from the AMX weight layout `wa` (taps = kh * kw), for a channels-last
    x (channel stride 1) and a channels-last y; same arguments otherwise. Returns as xnor_amx_linear_f32, or
    XN_BAD_ARGS for groups other than 1 or another layout. */
-int xnor_amx_conv2d_f32(const float *x, const int64_t *geometry, const void *wa, const float *scale,
-                        const float *bias, float *y, int strict, int nthreads, int64_t min_work)
+int xnor_amx_conv2d_f32(const void *x, const int64_t *geometry, const void *wa, const float *scale,
+                        const float *bias, void *y, int strict, int nthreads, int64_t min_work, int bf16)
 {
     if (!xnor_amx_available()) return XN_NO_PATH;
 #if XN_X86_SIMD
     const int64_t *g = geometry;
-    xn_hugepage_hint(y, g[0] * g[8] * (int64_t)sizeof(float) *
+    xn_hugepage_hint(y, g[0] * g[8] * (int64_t)(bf16 ? 2 : 4) *
                             ((g[2] + 2 * g[13] - g[15] * (g[9] - 1) - 1) / g[11] + 1) *
                             ((g[3] + 2 * g[14] - g[16] * (g[10] - 1) - 1) / g[12] + 1));
-    return xa_conv2d(x, geometry, (const int8_t *)wa, scale, bias, y, strict, nthreads, min_work);
+    return xa_conv2d(x, geometry, (const int8_t *)wa, scale, bias, y, strict, nthreads, min_work, bf16);
 #else
     (void)x; (void)geometry; (void)wa; (void)scale; (void)bias; (void)y; (void)strict;
-    (void)nthreads; (void)min_work;
+    (void)nthreads; (void)min_work; (void)bf16;
     return XN_NO_PATH;
 #endif
 }

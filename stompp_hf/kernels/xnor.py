@@ -88,10 +88,12 @@ _RC_NOT_PM1 = 3
 _RC_NO_PATH = 4
 _RC_BAD_ARGS = 5
 
-# x, M, ldx, K, w, N, scale, bias, y, nthreads, min_work, simd_min_rows, path, prepared, strict
-_ARGTYPES = (_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _I64, _I64, _INT, _P, _INT)
-# x, geometry, prepared, scale, bias, y, nchw_out, strict, nthreads, min_work, path
-_CONV_ARGTYPES = (_P, _P, _P, _P, _P, _P, _INT, _INT, _INT, _I64, _INT)
+# x, M, ldx, K, w, N, scale, bias, y, nthreads, min_work, simd_min_rows, path, prepared, strict, bf16
+_ARGTYPES = (_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _I64, _I64, _INT, _P, _INT, _INT)
+# x, geometry, prepared, scale, bias, y, nchw_out, strict, nthreads, min_work, path, bf16
+_CONV_ARGTYPES = (_P, _P, _P, _P, _P, _P, _INT, _INT, _INT, _I64, _INT, _INT)
+#: Activation dtypes the kernels read and write: float32 on every path, bfloat16 on the avx512 and AMX ones.
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class InputNotBinary(ValueError):
@@ -226,12 +228,12 @@ def _load() -> _Library:
             amx_available=_bind(lib, "xnor_amx_available", (), _INT),
             amx_weight_bytes=_bind(lib, "xnor_amx_weight_bytes", (_I64, _I64, _I64), _I64),
             amx_prepare=_bind(lib, "xnor_amx_prepare", (_P, _I64, _I64, _I64, _P), _INT),
-            # x, M, ldx, K, weight, N, scale, bias, y, nthreads, min_work, strict
+            # x, M, ldx, K, weight, N, scale, bias, y, nthreads, min_work, strict, bf16
             amx_linear=_bind(
-                lib, "xnor_amx_linear_f32", (_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _I64, _INT), _INT
+                lib, "xnor_amx_linear_f32", (_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _I64, _INT, _INT), _INT
             ),
-            # x, geometry, weight, scale, bias, y, strict, nthreads, min_work
-            amx_conv2d=_bind(lib, "xnor_amx_conv2d_f32", (_P, _P, _P, _P, _P, _P, _INT, _INT, _I64), _INT),
+            # x, geometry, weight, scale, bias, y, strict, nthreads, min_work, bf16
+            amx_conv2d=_bind(lib, "xnor_amx_conv2d_f32", (_P, _P, _P, _P, _P, _P, _INT, _INT, _I64, _INT), _INT),
         )
         bound.set_hugepages(_hugepages_default())
     except AttributeError as e:  # a library of this name and digest that lacks an entry point: not ours
@@ -404,10 +406,14 @@ def xnor_linear(
     Each input entry counts as +1 if it is `>= 0` (so `0.0` and `-0.0` give +1) and as -1 otherwise; a NaN entry
     is an error.
     The output is `y = (sign(x) @ sign(W).T) * out_scale + bias`, where the integer dot product is exact, and the
-    multiply and the add are two separate float32 roundings, as in torch. Inference only: no autograd graph.
+    multiply and the add are two separate float32 roundings, as in torch. A bfloat16 `x` gives a bfloat16 `y`,
+    rounded as torch's bf16 path rounds it: the integer (the bf16 matmul's output), then the product, then the sum,
+    each to the nearest bfloat16 (pass `out_scale` and `bias` as float32 holding the bf16 values a bf16 model uses).
+    Inference only: no autograd graph.
 
     Args:
-        x: Float32 CPU tensor `[..., in_features]`, any leading dimensions (rows need unit stride, else a copy).
+        x: Float32 or bfloat16 (avx512 path only) CPU tensor `[..., in_features]`, any leading dimensions (rows need
+            unit stride, else a copy).
         weight_packed: Uint8 CPU tensor `[N, ceil(in_features / 8)]` in `stompp_hf.core.packing.pack_signs`
             layout: entry `k` of a row is bit `k % 8` (least significant first) of byte `k // 8`, a set bit meaning
             +1. Bits past `in_features` in the last byte are ignored.
@@ -422,20 +428,20 @@ def xnor_linear(
         strict: The inputs are already +-1 (a binary activation's output): any other value raises `InputNotBinary`.
 
     Returns:
-        Float32 tensor `[..., N]`.
+        Tensor `[..., N]` of `x`'s dtype.
 
     Raises:
         ValueError: On a wrong dtype, device or shape, when `x` has a NaN value, when `path` does not run on this
-            CPU, or when grad mode is on and `x`, `out_scale` or `bias` requires grad (the kernel has no backward
-            pass).
+            CPU (or, for bfloat16, is not the avx512 path), or when grad mode is on and `x`, `out_scale` or `bias`
+            requires grad (the kernel has no backward pass).
         InputNotBinary: With `strict`, when `x` has a value other than +-1.
         XnorUnavailable: When the kernel could not be compiled or loaded.
         MemoryError: When the kernel's scratch buffers (packed activations, a weight copy) cannot be allocated.
     """
     fn = _kernel_fn or _kernel()
     k = int(in_features)
-    if not isinstance(x, torch.Tensor) or x.dtype is not _F32 or not x.is_cpu:
-        raise ValueError(f"xnor_linear expects x as a float32 CPU tensor, got {_describe(x)}.")
+    if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES or not x.is_cpu:
+        raise ValueError(f"xnor_linear expects x as a float32 or bfloat16 CPU tensor, got {_describe(x)}.")
     if x.ndim == 0 or x.shape[-1] != k or k <= 0:
         raise ValueError(
             f"xnor_linear expects x of shape [..., {k}] (in_features={k}, positive), got {tuple(x.shape)}."
@@ -473,7 +479,7 @@ def xnor_linear(
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=_F32)
+    y = torch.empty((m, n), dtype=x.dtype)
     if m and n:
         rc = fn(
             x2.data_ptr(),
@@ -491,6 +497,7 @@ def xnor_linear(
             path_id,
             prepared_ptr,
             int(strict),
+            int(x.dtype is torch.bfloat16),
         )
         _raise_for(rc, "xnor_linear", x)
     return y if x.ndim == 2 else y.view(*x.shape[:-1], n)
@@ -533,7 +540,10 @@ def _raise_for(rc: int, name: str, x: torch.Tensor) -> None:
     if rc == _RC_NO_MEMORY:
         raise MemoryError(f"{name} could not allocate its scratch memory.")
     if rc == _RC_NO_PATH:
-        raise ValueError(f"{name}: the requested code path does not run on this CPU (it supports {paths()}).")
+        raise ValueError(
+            f"{name}: the requested code path does not run on this CPU (it supports {paths()}), or not for "
+            f"{x.dtype} inputs (bfloat16 needs the avx512 or AMX path)."
+        )
     raise ValueError(f"{name}: the kernel rejected the arguments (status {rc}).")
 
 

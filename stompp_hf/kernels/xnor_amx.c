@@ -126,9 +126,9 @@ static void xa_fill_weights(const uint8_t *w, int64_t O, int64_t Cg, int64_t tap
     (void)O32;
 }
 
-/* The signs of `cnt` floats as int8 +-1 into out[0 .. cnt), 0 in out[cnt .. padded). Returns XN_NAN / XN_NOT_PM1
-   (strict: not exactly +-1) / 0, as xz_signs. */
-XA_INLINE int xa_signs(const float *p, int64_t cnt, int64_t padded, int8_t *out, int strict)
+/* The signs of `cnt` floats (bf16: bfloat16s) from element i0 of p as int8 +-1 into out[0 .. cnt), 0 in
+   out[cnt .. padded). Returns XN_NAN / XN_NOT_PM1 (strict: not exactly +-1) / 0, as xz_signs. */
+XA_INLINE int xa_signs(const void *p, int64_t i0, int64_t cnt, int64_t padded, int8_t *out, int strict, int bf16)
 {
     const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
     const __m128i pos = _mm_set1_epi8(1), neg = _mm_set1_epi8(-1);
@@ -136,7 +136,7 @@ XA_INLINE int xa_signs(const float *p, int64_t cnt, int64_t padded, int8_t *out,
     int64_t k = 0;
     for (; k < cnt; k += 16) {
         const __mmask16 lanes = xz_lanes(cnt - k);
-        const __m512 a = _mm512_maskz_loadu_ps(lanes, p + k);
+        const __m512 a = xz_load(p, i0 + k, lanes, bf16);
         const __mmask16 ge = _mm512_mask_cmp_ps_mask(lanes, a, zero, _CMP_GE_OQ);
         _mm_mask_storeu_epi8(out + k, lanes, _mm_mask_blend_epi8(ge, neg, pos));
         if (strict) bad |= _mm512_mask_cmp_ps_mask(lanes, _mm512_abs_ps(a), one, _CMP_NEQ_UQ);
@@ -171,15 +171,22 @@ XA_INLINE void xa_unit(const int8_t *a0, const int8_t *a1, int64_t as, const int
     _tile_stored(3, buf + 768, 64);
 }
 
-/* One row of 16 sums -> outputs: float(acc) * scale + bias, two roundings, each only where it exists; written to
-   y[0 .. 16) for the `lanes` channels. */
+/* One row of 16 sums -> outputs: float(acc) * scale + bias, two roundings, each only where it exists (with bf16
+   outputs each step rounded to bf16, as in xz_finish); written to element i of y for the `lanes` channels. */
 XA_INLINE void xa_finish_row(const int32_t *acc, const float *scale, const float *bias, int64_t n0, __mmask16 lanes,
-                             float *y)
+                             void *y, int64_t i, int bf16)
 {
     __m512 f = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)acc));   /* exact: |acc| <= K < 2**24 */
-    if (scale) f = _mm512_mul_ps(f, _mm512_maskz_loadu_ps(lanes, scale + n0));
-    if (bias) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(lanes, bias + n0));
-    _mm512_mask_storeu_ps(y, lanes, f);
+    if (bf16) f = xz_round_bf16(f);
+    if (scale) {
+        f = _mm512_mul_ps(f, _mm512_maskz_loadu_ps(lanes, scale + n0));
+        if (bf16) f = xz_round_bf16(f);
+    }
+    if (bias) {
+        f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(lanes, bias + n0));
+        if (bf16) f = xz_round_bf16(f);
+    }
+    xz_store(y, i, lanes, f, bf16);
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -187,15 +194,15 @@ XA_INLINE void xa_finish_row(const int32_t *acc, const float *scale, const float
 
 typedef struct {
     xn_task task;
-    const float *x;
+    const void *x;                /* float32, or bfloat16 with bf16 (y too) */
     int64_t ldx, M, N, K;
     const int8_t *w;              /* the weight layout */
     const float *scale, *bias;
-    float *y;
+    void *y;
     int64_t Kp, KC, M32, N32;
     int8_t *xa;                   /* [M32][Kp] */
-    int64_t *aoff;                /* [KC]: kc * 64 */
-    int split_m, strict;
+    int64_t *aoff;                /* [KC]: kc KiB */
+    int split_m, strict, bf16;
 } xa_linear_job;
 
 /* Rows [r0, r1) of x (r0 a multiple of 16) as int8 signs into `out`, tile-major: the 16 x 64 bytes of row tile t,
@@ -211,13 +218,12 @@ XA_FN static int xa_linear_pack(const xa_linear_job *j, int64_t r0, int64_t r1, 
             for (int64_t kc = 0; kc < j->KC; kc++) memset(o + kc * XA_TILE_BYTES, 0, 64);
             continue;
         }
-        const float *p = j->x + m * j->ldx;
         for (int64_t kc = 0; kc < j->KC; kc++) {
             const int64_t k0 = 64 * kc, cnt = j->K - k0 < 64 ? j->K - k0 : 64;
             if (cnt == 64) {
-                bad |= xa_signs(p + k0, 64, 64, o + kc * XA_TILE_BYTES, j->strict);
+                bad |= xa_signs(j->x, m * j->ldx + k0, 64, 64, o + kc * XA_TILE_BYTES, j->strict, j->bf16);
             } else {
-                bad |= xa_signs(p + k0, cnt, 64, row, j->strict);
+                bad |= xa_signs(j->x, m * j->ldx + k0, cnt, 64, row, j->strict, j->bf16);
                 memcpy(o + kc * XA_TILE_BYTES, row, 64);
             }
         }
@@ -246,7 +252,8 @@ XA_FN static void xa_linear_block(const xa_linear_job *j, const int8_t *a, int64
                     if (n >= j->N) continue;
                     const __mmask16 lanes = xz_lanes(j->N - n);
                     for (int r = 0; r < 16 && mb + r < j->M; r++)
-                        xa_finish_row(buf + 256 * q + 16 * r, j->scale, j->bias, n, lanes, j->y + (mb + r) * j->N + n);
+                        xa_finish_row(buf + 256 * q + 16 * r, j->scale, j->bias, n, lanes, j->y, (mb + r) * j->N + n,
+                                      j->bf16);
                 }
             }
         }
@@ -301,14 +308,15 @@ XA_FN static void xa_linear_share(xn_task *task, int tid)
     _tile_release();
 }
 
-static int xa_linear(const float *x, int64_t M, int64_t ldx, int64_t K, const int8_t *w, int64_t N,
-                     const float *scale, const float *bias, float *y, int nthreads, int64_t min_work, int strict)
+static int xa_linear(const void *x, int64_t M, int64_t ldx, int64_t K, const int8_t *w, int64_t N,
+                     const float *scale, const float *bias, void *y, int nthreads, int64_t min_work, int strict,
+                     int bf16)
 {
     xa_linear_job j;
     memset(&j, 0, sizeof j);
     j.task.run = xa_linear_share;
     j.x = x; j.ldx = ldx; j.M = M; j.N = N; j.K = K; j.w = w;
-    j.scale = scale; j.bias = bias; j.y = y; j.strict = strict;
+    j.scale = scale; j.bias = bias; j.y = y; j.strict = strict; j.bf16 = bf16;
     j.Kp = xa_round(K, 64);
     j.KC = j.Kp / 64;
     j.M32 = xa_round(M, 32);
@@ -336,7 +344,7 @@ static int xa_linear(const float *x, int64_t M, int64_t ldx, int64_t K, const in
 
 typedef struct {
     xn_task task;
-    const float *x;
+    const void *x;                /* float32, or bfloat16 with bf16 (y too) */
     int64_t B, C, H, W, sB, sC, sH, sW;
     int64_t O, kh, kw, sh, sw, ph, pw, dh, dw;
     int64_t Cp, CC, Hp, Wp, Ho, Wo, KC, O32;
@@ -345,8 +353,8 @@ typedef struct {
     int64_t spi, ppi;             /* segments and segment pairs per image */
     const int8_t *w;
     const float *scale, *bias;
-    float *y;
-    int strict, by_image;
+    void *y;
+    int strict, by_image, bf16;
     int8_t *img;                  /* shared images (not by_image) */
     int64_t *aoff;                /* [KC]: byte offset of chunk kc (tap, channel chunk) from a pixel's corner */
 } xa_conv_job;
@@ -390,16 +398,16 @@ XA_FN static int xa_conv_pack(const xa_conv_job *j, int64_t b, int64_t r0, int64
             memset(row, 0, (size_t)(j->pw * 64));
             memset(row + (j->pw + j->W) * 64, 0, (size_t)(j->pw * 64));
         }
-        const float *src = j->x + b * j->sB + h * j->sH;   /* channels-last: a pixel's channels are contiguous */
+        const int64_t src = b * j->sB + h * j->sH;   /* element index; channels-last: a pixel's channels are contiguous */
         int8_t *first = im + (hp * j->Wp + j->pw) * 64;
         for (int64_t w = 0; w < j->W; w++)
             for (int64_t cc = 0; cc < j->CC; cc++) {
                 const int64_t cnt = j->C - 64 * cc < 64 ? j->C - 64 * cc : 64;
                 int8_t *dst = first + cc * j->plane + w * 64;
                 if (cnt == 64) {
-                    bad |= xa_signs(src + w * j->sW + 64 * cc, 64, 64, dst, j->strict);
+                    bad |= xa_signs(j->x, src + w * j->sW + 64 * cc, 64, 64, dst, j->strict, j->bf16);
                 } else {
-                    bad |= xa_signs(src + w * j->sW + 64 * cc, cnt, 64, chunk, j->strict);
+                    bad |= xa_signs(j->x, src + w * j->sW + 64 * cc, cnt, 64, chunk, j->strict, j->bf16);
                     memcpy(dst, chunk, 64);
                 }
             }
@@ -427,7 +435,7 @@ XA_FN static void xa_conv_block(const xa_conv_job *j, const int8_t *im, int64_t 
                 for (int r = 0; r < 16; r++) {
                     const int64_t p = rows[r];
                     if (p < 0) continue;
-                    xa_finish_row(buf + 256 * q + 16 * r, j->scale, j->bias, n, lanes, j->y + p * j->O + n);
+                    xa_finish_row(buf + 256 * q + 16 * r, j->scale, j->bias, n, lanes, j->y, p * j->O + n, j->bf16);
                 }
             }
         }
@@ -490,8 +498,8 @@ XA_FN static void xa_conv_share(xn_task *task, int tid)
     _tile_release();
 }
 
-static int xa_conv2d(const float *x, const int64_t *g, const int8_t *w, const float *scale, const float *bias,
-                     float *y, int strict, int nthreads, int64_t min_work)
+static int xa_conv2d(const void *x, const int64_t *g, const int8_t *w, const float *scale, const float *bias,
+                     void *y, int strict, int nthreads, int64_t min_work, int bf16)
 {
     xa_conv_job j;
     memset(&j, 0, sizeof j);
@@ -502,7 +510,7 @@ static int xa_conv2d(const float *x, const int64_t *g, const int8_t *w, const fl
     j.O = g[8]; j.kh = g[9]; j.kw = g[10]; j.sh = g[11]; j.sw = g[12];
     j.ph = g[13]; j.pw = g[14]; j.dh = g[15]; j.dw = g[16];
     if (g[17] != 1 || j.sC != 1) return XN_BAD_ARGS;   /* groups of 1, channels-last input */
-    j.w = w; j.scale = scale; j.bias = bias; j.y = y; j.strict = strict;
+    j.w = w; j.scale = scale; j.bias = bias; j.y = y; j.strict = strict; j.bf16 = bf16;
     j.Cp = xa_round(j.C, 64);
     j.CC = j.Cp / 64;
     j.Hp = j.H + 2 * j.ph;

@@ -20,26 +20,49 @@
 
 XZ_INLINE __mmask16 xz_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
-/* Sign words of the `cnt` floats at p: bit b of word k is p[32 * k + b] >= 0 (-0.0 -> 1), bits past cnt are 0.
-   Returns XN_NAN if one of them is a NaN, or, with `strict`, XN_NOT_PM1 if one is not exactly +-1; else 0. */
-XZ_INLINE int xz_signs(const float *p, int64_t cnt, uint32_t *out, int strict)
+/* bfloat16 activations (`bf16` set): the kernels read x and write y as bf16, everything else as for float32. A
+   bf16 value is the top half of a float32, so reading one is exact; writing one rounds to nearest even, as torch
+   does (c10::BFloat16; NaN -> 0x7FC0). */
+XZ_INLINE __m512 xz_load(const void *p, int64_t i, __mmask16 lanes, int bf16)
+{
+    if (bf16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)p + i)), 16));
+    return _mm512_maskz_loadu_ps(lanes, (const float *)p + i);
+}
+
+/* f rounded to the nearest bfloat16 (ties to even), kept as float32. */
+XZ_INLINE __m512 xz_round_bf16(__m512 f)
+{
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+    return _mm512_castsi512_ps(r);
+}
+
+/* Store the `lanes` of f at element i of y: float32, or (bf16) the top halves of f, already rounded. */
+XZ_INLINE void xz_store(void *y, int64_t i, __mmask16 lanes, __m512 f, int bf16)
+{
+    if (bf16)
+        _mm256_mask_storeu_epi16((uint16_t *)y + i, lanes,
+                                 _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16)));
+    else
+        _mm512_mask_storeu_ps((float *)y + i, lanes, f);
+}
+
+/* Sign words of the `cnt` floats (bf16: bfloat16s) from element `i0` of p: bit b of word k is p[i0 + 32 k + b] >= 0
+   (-0.0 -> 1), bits past cnt are 0. Returns XN_NAN if one of them is a NaN, or, with `strict`, XN_NOT_PM1 if one is
+   not exactly +-1; else 0. */
+XZ_INLINE int xz_signs(const void *p, int64_t i0, int64_t cnt, uint32_t *out, int strict, int bf16)
 {
     const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
     __mmask16 bad = 0;
-    int64_t k = 0, w = 0;
-    for (; k + 32 <= cnt; k += 32, w++) {
-        const __m512 a = _mm512_loadu_ps(p + k), b = _mm512_loadu_ps(p + k + 16);
-        out[w] = (uint32_t)_mm512_cmp_ps_mask(a, zero, _CMP_GE_OQ) |
-                 (uint32_t)_mm512_cmp_ps_mask(b, zero, _CMP_GE_OQ) << 16;
-        if (strict)
-            bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(a), one, _CMP_NEQ_UQ) |
-                   _mm512_cmp_ps_mask(_mm512_abs_ps(b), one, _CMP_NEQ_UQ);
-        else
-            bad |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
-    }
-    if (k < cnt) {
+    int64_t w = 0;
+    for (int64_t k = 0; k < cnt; k += 32, w++) {
         const __mmask16 la = xz_lanes(cnt - k), lb = cnt - k > 16 ? xz_lanes(cnt - k - 16) : 0;
-        const __m512 a = _mm512_maskz_loadu_ps(la, p + k), b = _mm512_maskz_loadu_ps(lb, p + k + 16);
+        const __m512 a = xz_load(p, i0 + k, la, bf16), b = xz_load(p, i0 + k + 16, lb, bf16);
         out[w] = (uint32_t)_mm512_mask_cmp_ps_mask(la, a, zero, _CMP_GE_OQ) |
                  (uint32_t)_mm512_mask_cmp_ps_mask(lb, b, zero, _CMP_GE_OQ) << 16;
         if (strict)
@@ -105,13 +128,21 @@ XZ_INLINE void xz_dot8(const uint32_t *const xr[XZ_MR], const int32_t *off, int6
 
 /* The outputs of 16 channels from their counts: (kc - 2 * count + corr) * scale + bias, the multiply and the add
    rounded separately (no FMA), each step only where its operand exists (adding a zero bias would turn -0.0 into
-   +0.0). `corr` is the zero padding's correction (conv) or zero. */
-XZ_INLINE __m512 xz_finish(__m512i count, __m512i kc, __m512i corr, const __m512 *scale, const __m512 *bias)
+   +0.0). `corr` is the zero padding's correction (conv) or zero. With bf16 outputs every step is rounded to bf16,
+   as torch's bf16 ops round them: the integer (the dense op's bf16 output), the product, the sum. */
+XZ_INLINE __m512 xz_finish(__m512i count, __m512i kc, __m512i corr, const __m512 *scale, const __m512 *bias, int bf16)
 {
     const __m512i d = _mm512_add_epi32(_mm512_sub_epi32(kc, _mm512_add_epi32(count, count)), corr);
     __m512 f = _mm512_cvtepi32_ps(d);   /* exact: |d| <= K < 2**24 */
-    if (scale) f = _mm512_mul_ps(f, *scale);
-    if (bias) f = _mm512_add_ps(f, *bias);
+    if (bf16) f = xz_round_bf16(f);
+    if (scale) {
+        f = _mm512_mul_ps(f, *scale);
+        if (bf16) f = xz_round_bf16(f);
+    }
+    if (bias) {
+        f = _mm512_add_ps(f, *bias);
+        if (bf16) f = xz_round_bf16(f);
+    }
     return f;
 }
 
@@ -148,19 +179,19 @@ XZ_INLINE void xz_store_planes(const __m512 f[8], float *y, int64_t plane, int n
 
 typedef struct {
     xn_task task;
-    const float *x;
+    const void *x;           /* float32, or bfloat16 with bf16 */
     int64_t ldx, M, N, K;
     const uint8_t *w;
     const uint32_t *wz;      /* panels [P16][T][16]: prepared, or `own` filled by this call */
     uint32_t *own;
     const float *scale, *bias;
-    float *y;
+    void *y;                 /* float32, or bfloat16 with bf16 */
     int64_t T, P16, NQ;      /* steps (32-bit words per row), panels, panel pairs */
     int64_t mtiles, mblock;  /* row tiles, row tiles per cache block */
     int64_t qblock;          /* panel pairs per cache block */
     uint32_t *xa;            /* sign words [M][T] */
     int32_t *off;            /* 0 .. T - 1 */
-    int split_m, strict;
+    int split_m, strict, bf16;
 } xz_linear_job;
 
 XZ_INLINE void xz_linear_tile(const xz_linear_job *j, int64_t m0, int64_t p0, const int mr, const int ng)
@@ -177,8 +208,8 @@ XZ_INLINE void xz_linear_tile(const xz_linear_job *j, int64_t m0, int64_t p0, co
         const __m512 sv = j->scale ? _mm512_maskz_loadu_ps(lanes, j->scale + n) : _mm512_setzero_ps();
         const __m512 bv = j->bias ? _mm512_maskz_loadu_ps(lanes, j->bias + n) : _mm512_setzero_ps();
         for (int i = 0; i < mr; i++) {
-            const __m512 f = xz_finish(acc[i][h], kc, zero, j->scale ? &sv : NULL, j->bias ? &bv : NULL);
-            _mm512_mask_storeu_ps(j->y + (m0 + i) * j->N + n, lanes, f);
+            const __m512 f = xz_finish(acc[i][h], kc, zero, j->scale ? &sv : NULL, j->bias ? &bv : NULL, j->bf16);
+            xz_store(j->y, (m0 + i) * j->N + n, lanes, f, j->bf16);
         }
     }
 }
@@ -213,7 +244,7 @@ XN_AVX512_FN static void xz_linear_share(xn_task *task, int tid)
     int64_t lo, hi;
     xn_share(j->M, XZ_MR, tid, nt, &lo, &hi);
     int bad = 0;
-    for (int64_t m = lo; m < hi; m++) bad |= xz_signs(j->x + m * j->ldx, j->K, j->xa + m * j->T, j->strict);
+    for (int64_t m = lo; m < hi; m++) bad |= xz_signs(j->x, m * j->ldx, j->K, j->xa + m * j->T, j->strict, j->bf16);
     if (bad) xn_fail(task, bad);
     if (j->own) {
         xn_share(j->P16, 1, tid, nt, &lo, &hi);
@@ -242,15 +273,15 @@ XN_AVX512_FN static void xz_linear_share(xn_task *task, int tid)
     }
 }
 
-static int xz_linear(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,
-                     const float *scale, const float *bias, float *y, int nthreads, int64_t min_work,
-                     const uint32_t *prepared, int strict)
+static int xz_linear(const void *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,
+                     const float *scale, const float *bias, void *y, int nthreads, int64_t min_work,
+                     const uint32_t *prepared, int strict, int bf16)
 {
     xz_linear_job j;
     memset(&j, 0, sizeof j);
     j.task.run = xz_linear_share;
     j.x = x; j.ldx = ldx; j.M = M; j.N = N; j.K = K; j.w = w;
-    j.scale = scale; j.bias = bias; j.y = y; j.strict = strict;
+    j.scale = scale; j.bias = bias; j.y = y; j.strict = strict; j.bf16 = bf16;
     j.T = (K + 31) / 32;
     j.P16 = (N + 15) / 16;
     j.NQ = (j.P16 + XZ_NG - 1) / XZ_NG;

@@ -42,7 +42,7 @@ typedef struct {
     const uint32_t *wp;
     const float *scale, *bias;
     float *y;
-    int nchw_out, strict, simd;
+    int nchw_out, strict, simd, bf16;         /* bf16: x and y are bfloat16 (avx512 path, channels-last only) */
     uint32_t *xb;                             /* the packed bit image */
     int32_t *off;                             /* [T] */
     int32_t *corr;                            /* [row classes][column classes][O], or NULL without padding */
@@ -178,7 +178,7 @@ XN_AVX512_FN static int xz_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r
         uint32_t *rows = j->xb + b * j->IS + hp * j->Wp;   /* this row of plane 0; plane k at + k * PS */
         for (int64_t k = 0; k < j->Gcw; k++) memset(rows + k * j->PS, 0, (size_t)j->Wp * sizeof(uint32_t));
         if (h < 0 || h >= j->H) continue;
-        const float *xrow = j->x + b * j->sB + h * j->sH;
+        const int64_t xrow = b * j->sB + h * j->sH;   /* element index: x is float32, or bfloat16 with bf16 */
         for (int64_t k = 0; k < j->Gcw; k++) {
             const int64_t kk = k % j->cw, c0 = (k / j->cw) * j->Cg + 32 * kk;
             const int64_t cnt = j->Cg - 32 * kk < 32 ? j->Cg - 32 * kk : 32;
@@ -186,8 +186,8 @@ XN_AVX512_FN static int xz_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r
             if (channels_last) {
                 const __mmask16 la = xz_lanes(cnt), lb = cnt > 16 ? xz_lanes(cnt - 16) : 0;
                 for (int64_t w = 0; w < j->W; w++) {
-                    const float *p = xrow + w * j->sW + c0;
-                    const __m512 a = _mm512_maskz_loadu_ps(la, p), v = _mm512_maskz_loadu_ps(lb, p + 16);
+                    const int64_t p = xrow + w * j->sW + c0;
+                    const __m512 a = xz_load(j->x, p, la, j->bf16), v = xz_load(j->x, p + 16, lb, j->bf16);
                     out[w] = (uint32_t)_mm512_mask_cmp_ps_mask(la, a, zero, _CMP_GE_OQ) |
                              (uint32_t)_mm512_mask_cmp_ps_mask(lb, v, zero, _CMP_GE_OQ) << 16;
                     if (j->strict)
@@ -200,7 +200,7 @@ XN_AVX512_FN static int xz_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r
                 continue;
             }
             for (int64_t c = 0; c < cnt; c++) {   /* width contiguous: OR channel c's bit into 16 pixels at a time */
-                const float *p = xrow + (c0 + c) * j->sC;
+                const float *p = j->x + xrow + (c0 + c) * j->sC;   /* float32 only (bf16 comes channels-last) */
                 const __m512i bit = _mm512_set1_epi32((int)(1u << c));
                 for (int64_t w = 0; w < j->W; w += 16) {
                     const __mmask16 lanes = xz_lanes(j->W - w);
@@ -238,12 +238,12 @@ XZ_INLINE void xz_conv_unit(const xn_conv_job *j, int64_t g, int64_t q, int64_t 
         __m512 f[XZ_MR];
         for (int i = 0; i < XZ_MR; i++) {
             const __m512i corr = j->corr ? _mm512_maskz_loadu_epi32(lanes, j->corr + cls[i] + oc) : zero;
-            f[i] = xz_finish(acc[i][h], kc, corr, j->scale ? &sv : NULL, j->bias ? &bv : NULL);
+            f[i] = xz_finish(acc[i][h], kc, corr, j->scale ? &sv : NULL, j->bias ? &bv : NULL, j->bf16);
         }
         if (planes) {
             xz_store_planes(f, j->y + (b[0] * j->O + oc) * j->HWo + r[0], j->HWo, nl);
         } else if (!j->nchw_out) {
-            for (int i = 0; i < np; i++) _mm512_mask_storeu_ps(j->y + (p0 + i) * j->O + oc, lanes, f[i]);
+            for (int i = 0; i < np; i++) xz_store(j->y, (p0 + i) * j->O + oc, lanes, f[i], j->bf16);
         } else {
             for (int i = 0; i < np; i++) {
                 float v[16];
@@ -320,15 +320,17 @@ static int64_t xn_pad_classes(int64_t n, int64_t stride, int64_t pad, int64_t di
 /* y = F.conv2d(sign(x), sign(W)) * scale + bias (see the top of this file). `geom`: XN_CONV_GEOM values;
    `prepared`: xnor_prepare_weights' layout of the packed weight [O, ceil(Cg * kh * kw / 8)]; `nchw_out`: write y
    as [B, O, Ho, Wo] contiguous, else [B, Ho, Wo, O]. `path`: XN_PATH_AUTO (avx512 where supported, else scalar),
-   XN_PATH_AVX512 or XN_PATH_SCALAR. Returns XN_OK, or XN_NOMEM / XN_NAN / XN_NOT_PM1 / XN_NO_PATH / XN_BAD_ARGS
-   (then y is not written). */
-int xnor_conv2d_f32(const float *x, const int64_t *geom, const void *prepared, const float *scale,
-                    const float *bias, float *y, int nchw_out, int strict, int nthreads, int64_t min_work, int path)
+   XN_PATH_AVX512 or XN_PATH_SCALAR. `bf16`: x and y are bfloat16 (the avx512 path, channels-last x and y only),
+   the outputs rounded as torch's bf16 conv and ops round them (xz_finish). Returns XN_OK, or XN_NOMEM / XN_NAN /
+   XN_NOT_PM1 / XN_NO_PATH / XN_BAD_ARGS (then y is not written). */
+int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, const float *scale,
+                    const float *bias, void *y, int nchw_out, int strict, int nthreads, int64_t min_work, int path,
+                    int bf16)
 {
     xn_conv_job j;
     memset(&j, 0, sizeof j);
     j.task.run = xn_conv_share;
-    j.x = x;
+    j.x = (const float *)x;
     j.B = geom[0]; j.C = geom[1]; j.H = geom[2]; j.W = geom[3];
     j.sB = geom[4]; j.sC = geom[5]; j.sH = geom[6]; j.sW = geom[7];
     j.O = geom[8]; j.kh = geom[9]; j.kw = geom[10]; j.sh = geom[11]; j.sw = geom[12];
@@ -341,12 +343,13 @@ int xnor_conv2d_f32(const float *x, const int64_t *geom, const void *prepared, c
     j.Wo = (j.W + 2 * j.pw - j.dw * (j.kw - 1) - 1) / j.sw + 1;
     if (j.H + 2 * j.ph - j.dh * (j.kh - 1) - 1 < 0 || j.W + 2 * j.pw - j.dw * (j.kw - 1) - 1 < 0)
         return XN_BAD_ARGS;
+    if (bf16 && (nchw_out || j.sC != 1)) return XN_BAD_ARGS;
     if (j.B == 0) return XN_OK;
-    xn_hugepage_hint(y, j.B * j.O * j.Ho * j.Wo * (int64_t)sizeof(float));
-    if (path == XN_PATH_AUTO) path = xn_supported(XN_PATH_AVX512) ? XN_PATH_AVX512 : XN_PATH_SCALAR;
-    if (path == XN_PATH_AVX2 || !xn_supported(path)) return XN_NO_PATH;
+    if (path == XN_PATH_AUTO) path = xn_supported(XN_PATH_AVX512) || bf16 ? XN_PATH_AVX512 : XN_PATH_SCALAR;
+    if (path == XN_PATH_AVX2 || !xn_supported(path) || (bf16 && path != XN_PATH_AVX512)) return XN_NO_PATH;
+    xn_hugepage_hint(y, j.B * j.O * j.Ho * j.Wo * (int64_t)(bf16 ? 2 : 4));
     j.simd = path == XN_PATH_AVX512;
-    j.scale = scale; j.bias = bias; j.y = y; j.nchw_out = nchw_out; j.strict = strict;
+    j.scale = scale; j.bias = bias; j.y = (float *)y; j.nchw_out = nchw_out; j.strict = strict; j.bf16 = bf16;
     j.Cg = j.C / j.G; j.Og = j.O / j.G;
     j.cw = (j.Cg + 31) / 32; j.Gcw = j.G * j.cw;
     j.Hp = j.H + 2 * j.ph; j.Wp = j.W + 2 * j.pw;

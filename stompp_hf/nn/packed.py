@@ -208,14 +208,29 @@ class BinaryMixin:
             return "a tracer (torch.export, torch.jit.trace) cannot see into the C kernels"
         if not self.binary_weights:
             return "the layer's weights are not binary"
-        if x.device.type != "cpu" or x.dtype != torch.float32:
-            return f"the kernels take float32 inputs on CPU, got {x.dtype} on {x.device.type}"
+        if x.device.type != "cpu" or x.dtype not in xnor.ACTIVATION_DTYPES:
+            return f"the kernels take float32 or bfloat16 inputs on CPU, got {x.dtype} on {x.device.type}"
+        if x.dtype == torch.bfloat16 and ("avx512" not in xnor.paths() or xnor._forced not in (None, "avx512")):
+            return "bfloat16 inputs need the kernels' avx512 path (the AMX one needs it too)"
         tracked = (x, self.bias, self.weight_scale, self.input_scale)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
             return "autograd tracks this forward and the kernels have no backward pass"
-        if any(t is not None and t.dtype != torch.float32 for t in (self.weight_scale, self.input_scale, self.bias)):
-            return "the layer's scales or bias are not float32"
+        if any(t is not None and t.dtype not in xnor.ACTIVATION_DTYPES for t in self._float_params()):
+            return "the layer's scales or bias are neither float32 nor bfloat16"
         return None
+
+    def _float_params(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.weight_scale, self.input_scale, self.bias)
+
+    def kernel_vectors(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(kernel_scale(), bias)` as float32 vectors holding the values the reference path multiplies and adds
+        for activations of `dtype`: cast to `dtype` first (`scale_output` casts them to the output's dtype), so a
+        bfloat16 model's kernels round like its reference path."""
+        scale, bias = self.kernel_scale(), self.bias
+        if dtype != torch.float32:
+            scale = scale.to(dtype) if scale is not None else None
+            bias = bias.to(dtype) if bias is not None else None
+        return tuple(t.float() if t is not None else None for t in (scale, bias))  # type: ignore[return-value]
 
     def _binary_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         y = op(self.binarize_input(x), self.sign_weight(x.dtype), None)
@@ -310,26 +325,26 @@ class BinaryLinear(BinaryMixin, nn.Module):
         return self._binary_forward(x, F.linear)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.kernel_scale()
+        scale, bias = self.kernel_vectors(x.dtype)
         k = self.in_features
 
         def run_int8() -> torch.Tensor:
             if int8.amx_available():
                 weight = self.kernel_layout("amx", lambda: int8.amx_weight(self.weight, self.out_features, k))
-                return int8.amx_linear(x, weight, self.out_features, scale, self.bias)
+                return int8.amx_linear(x, weight, self.out_features, scale, bias)
             weight = self.kernel_layout("int8", lambda: int8.int8_weight(self.weight, k))
-            return int8.int8_linear(x, weight, scale, self.bias)
+            return int8.int8_linear(x, weight, scale, bias)
 
         def run_xnor() -> torch.Tensor:
             prepared = None
             if "avx512" in xnor.paths():
                 prepared = self.kernel_layout("xnor", lambda: xnor.prepare_weights(self.weight, self.out_features, k))
-            return xnor.xnor_linear(x, self.weight, k, scale, self.bias, prepared=prepared)
+            return xnor.xnor_linear(x, self.weight, k, scale, bias, prepared=prepared)
 
-        if self.kernel == "int8" and int8.available():
+        if self.kernel == "int8" and int8.available() and (x.dtype == torch.float32 or int8.amx_available()):
             return run_int8()
-        if self.kernel == "auto" and int8.worth_measuring():
-            key = (int8.bucket(x.numel() // k), self.out_features, k)
+        if self.kernel == "auto" and int8.worth_measuring() and (x.dtype == torch.float32 or int8.amx_available()):
+            key = (int8.bucket(x.numel() // k), self.out_features, k, x.dtype)
             choice, y = int8.choose(key, run_xnor, run_int8)
             if choice == "xnor" and not int8.chosen_anywhere():
                 self.drop_int8_layouts()  # measured slower everywhere so far: free its weight
@@ -470,7 +485,7 @@ class BinaryConv2d(BinaryMixin, nn.Module):
         padding = self.conv_padding()
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-        scale, strict = self.kernel_scale(), not self.binary_inputs
+        (scale, bias), strict = self.kernel_vectors(x.dtype), not self.binary_inputs
 
         def run_xnor() -> torch.Tensor:
             prepared = self.kernel_layout(
@@ -485,7 +500,7 @@ class BinaryConv2d(BinaryMixin, nn.Module):
                 self.dilation,
                 self.groups,
                 scale,
-                self.bias,
+                bias,
                 strict=strict,
                 prepared=prepared,
             )
@@ -494,7 +509,7 @@ class BinaryConv2d(BinaryMixin, nn.Module):
             o, c, kh, kw = self.weight_shape
             weight = self.kernel_layout("amx", lambda: int8.amx_weight(self.weight, o, c, kh * kw))
             return int8.amx_conv2d(
-                x, weight, self.weight_shape, self.stride, padding, self.dilation, scale, self.bias, strict=strict
+                x, weight, self.weight_shape, self.stride, padding, self.dilation, scale, bias, strict=strict
             )
 
         if self.kernel == "xnor" or self.groups != 1 or not int8.amx_available():
@@ -506,6 +521,7 @@ class BinaryConv2d(BinaryMixin, nn.Module):
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         key = (
             "conv2d",
+            x.dtype,
             int8.bucket(x.shape[0]),
             *x.shape[1:],
             *self.weight_shape,
