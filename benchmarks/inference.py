@@ -67,6 +67,7 @@ TF_MODES: dict[str, tuple] = {
     "packed, xnor": ("packed", "xnor", False),
     "packed, int8": ("packed", "int8", False),
     "packed, auto": ("packed", "auto", False),
+    "packed, auto, bf16": ("packed", "auto", False, "bf16"),
 }
 TF_MODELS = {"minilm": "all-MiniLM-L6-v2", "base": "BERT-base-sized"}
 DENSE_LINEAR = ("FP32", "bf16", "int8 dynamic (torch.ao)")
@@ -217,6 +218,7 @@ def linear_table(setting: Setting, repeats: tuple[int, int], limit: float) -> li
         bf16 = copy.deepcopy(dense).to(torch.bfloat16)
         qint8 = torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(dense)), {nn.Linear})
         binary = seeded_binary_linear(k, n, seed=k * 7 + n)
+        binary_bf16 = copy.deepcopy(binary).to(torch.bfloat16)
         for b, reps in zip(setting.batches, repeats):
             m = b * setting.seq
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
@@ -234,9 +236,18 @@ def linear_table(setting: Setting, repeats: tuple[int, int], limit: float) -> li
                 calls["int8 (AMX tiles)"] = kernel_call(binary, x, "int8")
             if hasattr(torch, "_int_mm") and kernel_paths():
                 calls["int8 (_int_mm)"] = int_mm_call(binary, x)
+            if "avx512" in paths:  # bf16 in and out, as the bf16 peer
+                calls["xnor avx512, bf16"] = kernel_call(binary_bf16, xb, "xnor", "avx512")
+                if int8.amx_available():
+                    calls["int8 (AMX tiles), bf16"] = kernel_call(binary_bf16, xb, "int8")
             with torch.no_grad():
                 expected = kernel_call(binary, x, "reference")()
-                exact = all(torch.equal(calls[c](), expected) for c in calls if c.startswith(("xnor", "int8 (")))
+                expected_bf16 = kernel_call(binary_bf16, xb, "reference")()
+                exact = all(
+                    torch.equal(calls[c](), expected_bf16 if c.endswith("bf16") else expected)
+                    for c in calls
+                    if c.startswith(("xnor", "int8 ("))
+                )
                 samples = interleaved(calls, reps)
             row = {
                 "shape": (k, n),
@@ -326,6 +337,7 @@ def conv_table(setting: Setting, repeats: tuple[int, int], limit: float) -> list
                 binary.weight.copy_(pack_signs(dense.weight.reshape(c_out, -1) >= 0))
                 binary.weight_scale.uniform_(0.01, 0.1, generator=g)
                 binary.input_scale.fill_(0.5)
+            binary_bf16 = copy.deepcopy(binary).to(torch.bfloat16)
             for b, reps in zip(setting.batches, repeats):
                 x = torch.randn(b, c_in, side, side, generator=g)
                 x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -346,9 +358,18 @@ def conv_table(setting: Setting, repeats: tuple[int, int], limit: float) -> list
                 if int8.amx_available():
                     calls["int8 (AMX tiles)"] = kernel_call(binary, x, "int8")
                     calls["int8 (AMX tiles), channels-last"] = kernel_call(binary, x_cl, "int8")
+                if "avx512" in paths:  # bf16 channels-last in and out, as the bf16 peer
+                    calls["xnor avx512, channels-last, bf16"] = kernel_call(binary_bf16, x_bf, "xnor", "avx512")
+                    if int8.amx_available():
+                        calls["int8 (AMX tiles), channels-last, bf16"] = kernel_call(binary_bf16, x_bf, "int8")
                 with torch.no_grad():
                     expected = kernel_call(binary, x, "reference")()
-                    exact = all(torch.equal(calls[c](), expected) for c in calls if c.startswith(("xnor", "int8 (")))
+                    expected_bf16 = kernel_call(binary_bf16, x_bf, "reference")()
+                    exact = all(
+                        torch.equal(calls[c](), expected_bf16 if c.endswith("bf16") else expected)
+                        for c in calls
+                        if c.startswith(("xnor", "int8 ("))
+                    )
                     samples = interleaved(calls, reps)
                 ho = (side - 1) // stride + 1
                 row = {
@@ -413,7 +434,9 @@ def load(path: str, mode: str):
         elif setting[1] == "int8":
             model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
         return model
-    _, kernel, cache = setting
+    _, kernel, cache, *dtype = setting
+    if dtype == ["bf16"]:
+        model = model.to(torch.bfloat16)
     stompp_hf.set_kernel(model, kernel)
     stompp_hf.set_unpack_cache(model, cache)
     return model
@@ -523,9 +546,14 @@ def measure_transformer(key: str, args: argparse.Namespace, setting: Setting) ->
         models = {mode: load(work, mode) for mode in TF_MODES}
         exact = {}
         with torch.no_grad():
+            # bf16 modes: against the same packed model's reference path in bf16 (what a bf16 model computes)
+            ref_bf16 = load(work, "packed, reference").to(torch.bfloat16)
+            reference_bf16 = {b: ref_bf16(**inputs[b]).logits for b in setting.batches}
+            del ref_bf16
             for mode, model in models.items():
                 if TF_MODES[mode][0] == "packed":
-                    exact[mode] = all(torch.equal(model(**inputs[b]).logits, reference[b]) for b in setting.batches)
+                    expected = reference_bf16 if TF_MODES[mode][3:] == ("bf16",) else reference
+                    exact[mode] = all(torch.equal(model(**inputs[b]).logits, expected[b]) for b in setting.batches)
         log(f"{TF_MODELS[key]}: bit-identical {exact}")
         repeats = dict(zip(setting.batches, setting.repeats))
         if key == "base" and not setting.tiny_bert:
@@ -607,13 +635,21 @@ def measure_resnet(size: int, setting: Setting) -> dict:
         "packed, reference": (ref_model, lambda x: x),
         "packed, auto": (model, lambda x: x),
         "packed, auto, channels-last": (packed_cl, lambda x: x.contiguous(memory_format=torch.channels_last)),
+        "packed, auto, channels-last, bf16": (
+            copy.deepcopy(packed_cl).to(torch.bfloat16),
+            lambda x: x.contiguous(memory_format=torch.channels_last).bfloat16(),
+        ),
     }
     staged = {name: {b: prep(x) for b, x in inputs.items()} for name, (_, prep) in models.items()}
     exact = {}
     with torch.no_grad():
+        ref_bf16 = copy.deepcopy(ref_model).to(torch.bfloat16)  # bf16: against the packed model's bf16 reference
+        reference_bf16 = {b: ref_bf16(x.bfloat16()) for b, x in inputs.items()}
         for name in ("packed, reference", "packed, auto", "packed, auto, channels-last"):
             m = models[name][0]
             exact[name] = all(torch.equal(m(staged[name][b]), reference[b]) for b in setting.batches)
+        name = "packed, auto, channels-last, bf16"
+        exact[name] = all(torch.equal(models[name][0](staged[name][b]), reference_bf16[b]) for b in setting.batches)
     log(f"ResNet-18 at {size} px: bit-identical {exact}")
     repeats = dict(zip(setting.batches, setting.repeats))
     if size > 64 and not setting.tiny_bert:
