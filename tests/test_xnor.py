@@ -792,3 +792,42 @@ def test_bf16_packed_linear_is_bit_identical(convert):
             set_kernel(layer, kernel)
             assert torch.equal(layer(x), expected), kernel
     assert "xnor" in layer._kernel_layouts  # a kernel ran (the reference path builds no layout)
+
+
+@needs_kernel
+def test_kernel_scale_follows_the_layer_state():
+    """The kernels' cached scale and bias (`kernel_vectors`) follow in-place changes, replaced tensors (a state
+    dict load, a dtype cast) and the input dtype: every kernel call keeps the reference path's bits."""
+    gen = torch.Generator().manual_seed(48)
+    layer = BinaryLinear(96, 40)
+    weight_packed, _, bias = make_layer(40, 96, gen)
+    with torch.no_grad():
+        layer.weight.copy_(weight_packed)
+        layer.bias.copy_(bias)
+        layer.weight_scale.uniform_(0.01, 0.2, generator=gen)
+        layer.input_scale.fill_(0.5)
+    x = make_input((5, 96), gen)
+
+    def check(inputs=x):
+        with torch.no_grad():
+            set_kernel(layer, "xnor")
+            got = layer(inputs)
+            set_kernel(layer, "reference")
+            assert torch.equal(got, layer(inputs))
+        return got
+
+    first = check()
+    with torch.no_grad():
+        layer.weight_scale.mul_(3)
+    second = check()
+    assert not torch.equal(first, second)
+    with torch.no_grad():
+        layer.input_scale.fill_(0.25)
+        layer.bias.add_(1)
+    check()
+    layer.load_state_dict({k: v.clone() * (2 if v.is_floating_point() else 1) for k, v in layer.state_dict().items()})
+    check()
+    if "avx512" in available_paths():
+        check(x.bfloat16())
+        layer.to(torch.bfloat16)
+        check(x.bfloat16())

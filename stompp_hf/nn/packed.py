@@ -86,6 +86,7 @@ class BinaryMixin:
         self._unpacked: tuple[int, torch.Tensor] | None = None
         #: The kernels' weight layouts, built on first use: name -> ((data pointer, version) of `weight`, layout).
         self._kernel_layouts: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
+        self._vectors_cache: tuple | None = None  # `kernel_vectors`' last result and what it was computed from
         self._binary_weights = binary_weights
         factory = {"dtype": dtype, "device": device}
         if binary_weights:
@@ -177,6 +178,7 @@ class BinaryMixin:
         # the kernels' layouts are rebuilt on first use: a pickled or deep-copied module does not carry them
         state = super().__getstate__()
         state["_kernel_layouts"] = {}
+        state["_vectors_cache"] = None
         return state
 
     def kernel_layout(self, name: str, build) -> torch.Tensor:
@@ -225,12 +227,25 @@ class BinaryMixin:
     def kernel_vectors(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`(kernel_scale(), bias)` as float32 vectors holding the values the reference path multiplies and adds
         for activations of `dtype`: cast to `dtype` first (`scale_output` casts them to the output's dtype), so a
-        bfloat16 model's kernels round like its reference path."""
+        bfloat16 model's kernels round like its reference path.
+
+        Kept until one of the scales or the bias is replaced or changed in place (its version counter), or the
+        dtype changes: computing them costs about as much as a small kernel call."""
+        params = self._float_params()
+        cached = getattr(self, "_vectors_cache", None)
+        if (
+            cached is not None
+            and cached[0] == dtype
+            and all(a is b and (b is None or v == b._version) for a, v, b in zip(cached[1], cached[2], params))
+        ):
+            return cached[3]
         scale, bias = self.kernel_scale(), self.bias
         if dtype != torch.float32:
             scale = scale.to(dtype) if scale is not None else None
             bias = bias.to(dtype) if bias is not None else None
-        return tuple(t.float() if t is not None else None for t in (scale, bias))  # type: ignore[return-value]
+        vectors = tuple(t.float() if t is not None else None for t in (scale, bias))
+        self._vectors_cache = (dtype, params, tuple(p._version if p is not None else None for p in params), vectors)
+        return vectors  # type: ignore[return-value]
 
     def _binary_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         y = op(self.binarize_input(x), self.sign_weight(x.dtype), None)
