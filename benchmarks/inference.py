@@ -687,10 +687,19 @@ def ours_best(row: dict) -> tuple[str, float]:
     return name, row["t"][name]
 
 
+def fastest_xnor(row: dict) -> tuple[str, float] | None:
+    """The fastest XNOR-popcount column of a layer row (float32 or bf16 activations), or None."""
+    names = [c for c in row["t"] if c.startswith("xnor")]
+    return (min(names, key=row["t"].__getitem__), min(row["t"][c] for c in names)) if names else None
+
+
 def floor_seconds(row: dict, limit: float, bandwidth: float) -> tuple[float, float]:
-    """(popcount floor, memory floor) of a layer: its multiply-adds at the popcount limit, and its float32 input
-    and output at the warm copy bandwidth (weights and packed bits, a few % of it, left out)."""
-    return row["macs"] / limit, row["io_bytes"] / bandwidth
+    """(popcount floor, memory floor) of a layer for its fastest XNOR column: its multiply-adds at the popcount
+    limit, and its input and output (float32, or bf16 for a bf16 column) at the warm copy bandwidth (weights and
+    packed bits, a few % of it, left out)."""
+    best = fastest_xnor(row)
+    io = row["io_bytes"] / (2 if best and best[0].endswith("bf16") else 1)
+    return row["macs"] / limit, io / bandwidth
 
 
 def render_layers(
@@ -755,7 +764,8 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
         "the fastest XNOR path's median time and this limit. `AMX int8 limit reached`: the same over the AMX int8 "
         "path's time and twice this limit (one 16 x 64 x 16 int8 tile product, TDPBSSD, per 16 cycles per core: "
         "1024 multiply-adds per cycle).",
-        f"- Memory floor = the layer's float32 input and output bytes at the copy bandwidth measured at the start "
+        f"- Memory floor = the layer's input and output bytes (float32, or bf16 where the fastest XNOR column is a "
+        f"bf16 one) at the copy bandwidth measured at the start "
         f"(`dst.copy_(src)`, {results['bandwidth']['mib']} MiB, read + written): {bandwidth / 1e9:.1f} GB/s into "
         "touched memory (the floor), "
         f"{results['bandwidth']['fresh'] / 1e9:.1f} GB/s into a fresh `torch.empty` (what a fresh output pays). "
@@ -868,13 +878,14 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
                 memory_bound = sum(mem > 0.25 * t for (r, t), (_, mem) in zip(misses, bound))
                 lines.append(
                     f"  Of the {len(misses)} below 25%, {memory_bound} have a memory floor above a quarter of their "
-                    f"time (moving their float32 input and output alone takes "
+                    f"time (moving their input and output alone takes "
                     f"{min(m / t for (_, t), (_, m) in zip(misses, bound)):.0%} to "
                     f"{max(m / t for (_, t), (_, m) in zip(misses, bound)):.0%} of it at the warm copy bandwidth)."
                 )
     lines += [
         "- Whole models: see each table's `x FP32` column and memory columns; the packed modes' logits are "
-        "compared bit for bit with the in-memory binarized model.",
+        "compared bit for bit with the in-memory binarized model, the bf16 modes' with the same packed model's "
+        "reference path in bf16 (a bf16 model's own computation).",
         f"- The XNOR kernel: {xnor.__name__}; binary conv: stompp_hf.kernels.bconv; int8 path: "
         "stompp_hf.kernels.int8.",
         "",

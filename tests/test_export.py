@@ -164,6 +164,14 @@ def test_packed_save_reload_is_bit_exact(tmp_path, encoder, rules):
     for kernel in ("auto", "reference"):  # "auto" runs the XNOR kernel where both operands are binary
         set_kernel(reloaded, kernel)
         assert torch.equal(logits(reloaded, ids), expected), kernel
+    # cast to bf16, the kernels run on bf16 activations (avx512 / AMX) with the bf16 reference path's bits
+    reloaded.to(torch.bfloat16)
+    bf16 = {}
+    binary_inputs = CONFIGS[rules].get("activations", "stompp") is not None  # "xnor" refuses weights-only layers
+    for kernel in ("reference", "auto", *(("xnor", "int8") if binary_inputs else ())):
+        set_kernel(reloaded, kernel)
+        bf16[kernel] = logits(reloaded, ids)
+        assert bf16[kernel].dtype == torch.bfloat16 and torch.equal(bf16[kernel], bf16["reference"]), kernel
 
 
 # ---------------------------------------------------------------------------------------------------------------
