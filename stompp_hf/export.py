@@ -414,15 +414,16 @@ def set_kernel(model: nn.Module, kernel: str = "auto") -> int:
     """Choose how the packed layers of `model` compute; return how many packed modules were set.
 
     Args:
-        kernel: "auto" (the default): the C kernels wherever they apply (binary weights, float32 on CPU, no
-            autograd, no tracer) and compile: XNOR-popcount for linear layers (`stompp_hf.kernels.xnor`, the
-            AVX-512, AVX2 or scalar path the CPU runs), the binary convolution (`stompp_hf.kernels.bconv`) for
-            convolutions except depthwise ones, and on CPUs with AMX int8 the exact int8 path for the linear shapes
-            where it measured faster; the reference path elsewhere.
+        kernel: "auto" (the default): the C kernels wherever they apply (binary weights, float32 or bfloat16 on
+            CPU, no autograd, no tracer) and compile: XNOR-popcount for linear layers (`stompp_hf.kernels.xnor`, the
+            AVX-512, AVX2 or scalar path the CPU runs; bfloat16 on AVX-512), the binary convolution
+            (`stompp_hf.kernels.bconv`) for convolutions except depthwise ones, and on CPUs with AMX int8 the exact
+            int8 path (`stompp_hf.kernels.int8`: AMX tiles) for the shapes where it measured faster; the reference
+            path elsewhere.
             "xnor": the kernels, raising where they cannot run (depthwise convolutions included);
-            "int8": +-1 as int8 through `torch._int_mm` (exact with int32 accumulation) for binary linear layers,
-            "auto" elsewhere; "reference": always unpack the signs to a float matrix and use the dense op. All give
-            bit-identical outputs on finite inputs.
+            "int8": +-1 as int8 with int32 sums (exact): AMX tiles for linear layers and groups-1 convolutions where
+            the CPU has them, else `torch._int_mm` for linear layers; "auto" elsewhere; "reference": always unpack
+            the signs to a float matrix and use the dense op. All give bit-identical outputs on finite inputs.
     """
     if kernel not in KERNELS:
         raise ValueError(f"`kernel` must be one of {', '.join(map(repr, KERNELS))}, but got {kernel!r}.")
