@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
+import sys
 import time
 
 import torch
@@ -53,7 +55,7 @@ def main() -> None:
         ratios = [x / y for x, y in zip(times[a], times[b])]
         return f"{statistics.median(ratios):.3f} ({iqr(ratios):.3f})"
 
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bf16_step.py --threads " + str(args.threads)
+    command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/bf16_step.py", *sys.argv[1:]])
     lines = [
         *results_header("Training step in bf16 autocast vs fp32 (CPU)", command),
         f"all-MiniLM-L6-v2, batch {args.batch} x sequence {args.seq}, {args.steps} timed rounds after "

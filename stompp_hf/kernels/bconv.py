@@ -144,17 +144,7 @@ def binary_conv2d(
     lib = xnor._library()
     o, cg, kh, kw = (int(v) for v in weight_shape)
     geometry, (b, ho, wo) = conv_geometry(x, weight_shape, stride, padding, dilation, groups, "binary_conv2d")
-    nbytes = (cg * kh * kw + 7) // 8
-    if (
-        not isinstance(weight_packed, torch.Tensor)
-        or weight_packed.dtype is not torch.uint8
-        or not weight_packed.is_cpu
-        or tuple(weight_packed.shape) != (o, nbytes)
-    ):
-        raise ValueError(
-            f"binary_conv2d expects weight_packed as a uint8 CPU tensor [{o}, {nbytes}], got "
-            f"{xnor._describe(weight_packed)}."
-        )
+    xnor._check_packed(weight_packed, o, (cg * kh * kw + 7) // 8, "binary_conv2d")
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, out_scale, bias))
     if grad:
         raise ValueError(

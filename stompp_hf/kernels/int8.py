@@ -78,17 +78,7 @@ def amx_weight(weight_packed: torch.Tensor, out_features: int, in_per_tap: int, 
         ValueError: On a `weight_packed` that is not uint8 `[out_features, ceil(in_per_tap * taps / 8)]` on CPU.
     """
     lib = xnor._library()
-    nbytes = (int(in_per_tap) * int(taps) + 7) // 8
-    if (
-        not isinstance(weight_packed, torch.Tensor)
-        or weight_packed.dtype is not torch.uint8
-        or not weight_packed.is_cpu
-        or tuple(weight_packed.shape) != (out_features, nbytes)
-    ):
-        raise ValueError(
-            f"amx_weight expects weight_packed as a uint8 CPU tensor [{out_features}, {nbytes}], got "
-            f"{xnor._describe(weight_packed)}."
-        )
+    xnor._check_packed(weight_packed, out_features, (int(in_per_tap) * int(taps) + 7) // 8, "amx_weight")
     size = lib.amx_weight_bytes(out_features, in_per_tap, taps)
     if size < 0:
         raise ValueError(f"amx_weight cannot lay out {out_features} outputs of {in_per_tap} inputs x {taps} taps.")
@@ -193,8 +183,9 @@ def amx_conv2d(
     """`binary_conv2d` (groups = 1, zero padding) on AMX int8 tiles: the same bits, in the memory format of `x`.
 
     Args:
-        x: Float32 CPU tensor `[B, C, H, W]`. The kernel reads channels-last; any other layout is copied to it
-            first, and the output copied back to NCHW (`F.conv2d`'s format for such an input).
+        x: Float32 or bfloat16 CPU tensor `[B, C, H, W]` (the output has its dtype, rounded as in
+            `xnor.xnor_linear`). The kernel reads channels-last; any other layout is copied to it first, and the
+            output copied back to NCHW (`F.conv2d`'s format for such an input).
         weight_amx: `amx_weight(weight_packed, O, C, kh * kw)`.
         weight_shape: `(O, C, kh, kw)`.
         stride, padding, dilation, out_scale, bias, strict, num_threads: As in `binary_conv2d`.

@@ -368,16 +368,7 @@ def prepare_weights(
     """
     lib = _library()
     k = int(in_per_group) * int(taps)
-    if (
-        not isinstance(weight_packed, torch.Tensor)
-        or weight_packed.dtype is not _U8
-        or not weight_packed.is_cpu
-        or tuple(weight_packed.shape) != (out_features, (k + 7) // 8)
-    ):
-        raise ValueError(
-            f"prepare_weights expects weight_packed as a uint8 CPU tensor [{out_features}, {(k + 7) // 8}], got "
-            f"{_describe(weight_packed)}."
-        )
+    _check_packed(weight_packed, out_features, (k + 7) // 8, "prepare_weights")
     nbytes = lib.prepared_bytes(out_features, in_per_group, taps, groups)
     if nbytes < 0:
         raise ValueError(
@@ -501,6 +492,19 @@ def xnor_linear(
         )
         _raise_for(rc, "xnor_linear", x)
     return y if x.ndim == 2 else y.view(*x.shape[:-1], n)
+
+
+def _check_packed(weight_packed: object, rows: int, nbytes: int, caller: str) -> None:
+    """Raise unless `weight_packed` is a uint8 CPU tensor `[rows, nbytes]` (packed signs, `pack_signs` layout)."""
+    if (
+        not isinstance(weight_packed, torch.Tensor)
+        or weight_packed.dtype is not _U8
+        or not weight_packed.is_cpu
+        or tuple(weight_packed.shape) != (rows, nbytes)
+    ):
+        raise ValueError(
+            f"{caller} expects weight_packed as a uint8 CPU tensor [{rows}, {nbytes}], got {_describe(weight_packed)}."
+        )
 
 
 def _threads(num_threads: int | None, name: str) -> int:
