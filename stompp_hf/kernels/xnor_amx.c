@@ -146,31 +146,6 @@ XA_INLINE int xa_signs(const void *p, int64_t i0, int64_t cnt, int64_t padded, i
     return bad ? (strict ? XN_NOT_PM1 : XN_NAN) : 0;
 }
 
-/* The 2 x 2 unit: accumulators 0..3 = A(a0) x B(b0), A(a0) x B(b1), A(a1) x B(b0), A(a1) x B(b1) over KC chunks.
-   A tile rows are `as` bytes apart; chunk kc of A tile h starts at a_h + aoff[kc]; B chunks are 1 KiB apart. */
-XA_INLINE void xa_unit(const int8_t *a0, const int8_t *a1, int64_t as, const int64_t *aoff, const int8_t *b0,
-                       const int8_t *b1, int64_t KC, int32_t *buf)
-{
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t kc = 0; kc < KC; kc++) {
-        _tile_loadd(4, a0 + aoff[kc], as);
-        _tile_loadd(6, b0 + kc * XA_TILE_BYTES, 64);
-        _tile_loadd(7, b1 + kc * XA_TILE_BYTES, 64);
-        _tile_dpbssd(0, 4, 6);
-        _tile_loadd(5, a1 + aoff[kc], as);
-        _tile_dpbssd(1, 4, 7);
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
-    }
-    _tile_stored(0, buf, 64);
-    _tile_stored(1, buf + 256, 64);
-    _tile_stored(2, buf + 512, 64);
-    _tile_stored(3, buf + 768, 64);
-}
-
 /* One row of 16 sums -> outputs: float(acc) * scale + bias, two roundings, each only where it exists (with bf16
    outputs each step rounded to bf16, as in xz_finish); written to element i of y for the `lanes` channels. */
 XA_INLINE void xa_finish_row(const int32_t *acc, const float *scale, const float *bias, int64_t n0, __mmask16 lanes,
@@ -187,6 +162,72 @@ XA_INLINE void xa_finish_row(const int32_t *acc, const float *scale, const float
         if (bf16) f = xz_round_bf16(f);
     }
     xz_store(y, i, lanes, f, bf16);
+}
+
+/* A unit's finished sums waiting for the epilogue: 4 tiles of 16 x 16 int32 in `buf`, tile q for the 16 channels
+   from n[q] (`lanes` of them real), row r of tile q going to element idx[16 q + r] of y (-1: dropped). */
+typedef struct {
+    int32_t buf[1024] __attribute__((aligned(64)));
+    int64_t idx[64], n[4];
+    __mmask16 lanes[4];
+    int live;
+} xa_pending;
+
+/* Epilogue rows [r0, r1) of a pending unit. */
+XA_INLINE void xa_finish_rows(const xa_pending *p, int r0, int r1, const float *scale, const float *bias, void *y,
+                              int bf16)
+{
+    for (int r = r0; r < r1; r++)
+        if (p->idx[r] >= 0)
+            xa_finish_row(p->buf + 16 * r, scale, bias, p->n[r >> 4], p->lanes[r >> 4], y, p->idx[r], bf16);
+}
+
+/* The 2 x 2 unit: accumulators 0..3 = A(a0) x B(b0), A(a0) x B(b1), A(a1) x B(b0), A(a1) x B(b1) over KC chunks,
+   stored into `next->buf`. A tile rows are `as` bytes apart; chunk kc of A tile h starts at a_h + aoff[kc]; B chunks
+   are 1 KiB apart. The epilogue of the previous unit (`prev`, if live) runs between the tile products, a few rows
+   per chunk: the tile unit works while the vector units finish the last sums (run after them, the epilogue cost
+   about as much as the products at K = 576). */
+XA_INLINE void xa_unit(const int8_t *a0, const int8_t *a1, int64_t as, const int64_t *aoff, const int8_t *b0,
+                       const int8_t *b1, int64_t KC, xa_pending *prev, xa_pending *next, const float *scale,
+                       const float *bias, void *y, int bf16)
+{
+    const int step = prev->live ? (int)((64 + KC - 1) / KC) : 0;
+    int done = 0;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kc = 0; kc < KC; kc++) {
+        _tile_loadd(4, a0 + aoff[kc], as);
+        _tile_loadd(6, b0 + kc * XA_TILE_BYTES, 64);
+        _tile_loadd(7, b1 + kc * XA_TILE_BYTES, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_loadd(5, a1 + aoff[kc], as);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+        if (done < 64 && step) {
+            const int end = done + step < 64 ? done + step : 64;
+            xa_finish_rows(prev, done, end, scale, bias, y, bf16);
+            done = end;
+        }
+    }
+    if (prev->live && done < 64) xa_finish_rows(prev, done, 64, scale, bias, y, bf16);
+    prev->live = 0;
+    _tile_stored(0, next->buf, 64);
+    _tile_stored(1, next->buf + 256, 64);
+    _tile_stored(2, next->buf + 512, 64);
+    _tile_stored(3, next->buf + 768, 64);
+    next->live = 1;
+}
+
+/* Set a pending unit's channels: tiles 0, 2 at n0, tiles 1, 3 at n0 + 16, of N outputs. */
+static void xa_pending_channels(xa_pending *p, int64_t n0, int64_t N)
+{
+    for (int q = 0; q < 4; q++) {
+        p->n[q] = n0 + 16 * (q & 1);
+        p->lanes[q] = p->n[q] < N ? (__mmask16)(N - p->n[q] >= 16 ? 0xFFFF : (1u << (N - p->n[q])) - 1) : 0;
+    }
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -233,9 +274,9 @@ XA_FN static int xa_linear_pack(const xa_linear_job *j, int64_t r0, int64_t r1, 
 
 /* Row pairs [m0, m1) (A at `a`, tile-major from row pair m0) against output-channel pairs [n0, n1): blocks of
    channel pairs whose weights fit in about half of L2, each swept by every row pair (whose A tiles stay in L1
-   across the block). */
+   across the block). `pend` / `cur`: the thread's two pending units (xa_unit), carried across calls. */
 XA_FN static void xa_linear_block(const xa_linear_job *j, const int8_t *a, int64_t m0, int64_t m1, int64_t n0,
-                                  int64_t n1, int32_t *buf)
+                                  int64_t n1, xa_pending pend[2], int *cur)
 {
     int64_t nblock = 524288 / (32 * j->Kp);
     if (nblock < 1) nblock = 1;
@@ -246,18 +287,26 @@ XA_FN static void xa_linear_block(const xa_linear_job *j, const int8_t *a, int64
             const int8_t *a0 = a + (mt - m0) * pair_bytes;
             for (int64_t np = nb; np < ne; np++) {
                 const int8_t *b0 = j->w + np * pair_bytes;
-                xa_unit(a0, a0 + pair_bytes / 2, 64, j->aoff, b0, b0 + pair_bytes / 2, j->KC, buf);
-                for (int q = 0; q < 4; q++) {
-                    const int64_t n = 32 * np + 16 * (q & 1), mb = 32 * mt + 16 * (q >> 1);
-                    if (n >= j->N) continue;
-                    const __mmask16 lanes = xz_lanes(j->N - n);
-                    for (int r = 0; r < 16 && mb + r < j->M; r++)
-                        xa_finish_row(buf + 256 * q + 16 * r, j->scale, j->bias, n, lanes, j->y, (mb + r) * j->N + n,
-                                      j->bf16);
+                xa_pending *next = &pend[*cur];
+                xa_unit(a0, a0 + pair_bytes / 2, 64, j->aoff, b0, b0 + pair_bytes / 2, j->KC, &pend[*cur ^ 1], next,
+                        j->scale, j->bias, j->y, j->bf16);
+                xa_pending_channels(next, 32 * np, j->N);
+                for (int r = 0; r < 64; r++) {
+                    const int64_t m = 32 * mt + 16 * ((r >> 4) >> 1) + (r & 15), n = next->n[r >> 4];
+                    next->idx[r] = m < j->M && n < j->N ? m * j->N + n : -1;
                 }
+                *cur ^= 1;
             }
         }
     }
+}
+
+/* Finish the thread's last pending unit. */
+XA_INLINE void xa_flush(xa_pending pend[2], int cur, const float *scale, const float *bias, void *y, int bf16)
+{
+    xa_pending *last = &pend[cur ^ 1];
+    if (last->live) xa_finish_rows(last, 0, 64, scale, bias, y, bf16);
+    last->live = 0;
 }
 
 /* Split over rows: each thread packs blocks of its own rows into its own buffer (about 512 KiB, L2) and sweeps every
@@ -268,7 +317,9 @@ XA_FN static void xa_linear_share(xn_task *task, int tid)
     xa_linear_job *j = (xa_linear_job *)task;
     const int nt = task->nthreads;
     const int64_t mu = j->M32 / 32, nu = j->N32 / 32;
-    int32_t buf[1024] __attribute__((aligned(64)));
+    xa_pending pend[2];
+    int cur = 0;
+    pend[0].live = pend[1].live = 0;
     if (j->split_m) {
         int64_t m0, m1;
         xn_share(mu, 1, tid, nt, &m0, &m1);
@@ -289,8 +340,9 @@ XA_FN static void xa_linear_share(xn_task *task, int tid)
                 xn_fail(task, bad);
                 break;
             }
-            xa_linear_block(j, a, mb, me, 0, nu, buf);
+            xa_linear_block(j, a, mb, me, 0, nu, pend, &cur);
         }
+        xa_flush(pend, cur, j->scale, j->bias, j->y, j->bf16);
         _tile_release();
         return;
     }
@@ -304,7 +356,8 @@ XA_FN static void xa_linear_share(xn_task *task, int tid)
     xn_share(nu, 1, tid, nt, &n0, &n1);
     if (n0 >= n1) return;
     xa_configure();
-    xa_linear_block(j, j->xa, 0, mu, n0, n1, buf);
+    xa_linear_block(j, j->xa, 0, mu, n0, n1, pend, &cur);
+    xa_flush(pend, cur, j->scale, j->bias, j->y, j->bf16);
     _tile_release();
 }
 
@@ -415,9 +468,10 @@ XA_FN static int xa_conv_pack(const xa_conv_job *j, int64_t b, int64_t r0, int64
     return bad;
 }
 
-/* Segment pairs [k0, k1) of image b (its planes at `im`) against output-channel pairs [n0, n1). */
+/* Segment pairs [k0, k1) of image b (its planes at `im`) against output-channel pairs [n0, n1); `pend` / `cur`
+   as in xa_linear_block. */
 XA_FN static void xa_conv_block(const xa_conv_job *j, const int8_t *im, int64_t b, int64_t k0, int64_t k1,
-                                int64_t n0, int64_t n1, int32_t *buf)
+                                int64_t n0, int64_t n1, xa_pending pend[2], int *cur)
 {
     const int64_t as = (j->flat ? 1 : j->sw) * 64, pair_bytes = 2 * j->KC * XA_TILE_BYTES;
     for (int64_t np = n0; np < n1; np++) {
@@ -426,18 +480,15 @@ XA_FN static void xa_conv_block(const xa_conv_job *j, const int8_t *im, int64_t 
             int64_t out[2][16];
             const int8_t *a0 = im + xa_conv_segment(j, b, 2 * k, out[0]);
             const int8_t *a1 = im + xa_conv_segment(j, b, 2 * k + 1, out[1]);
-            xa_unit(a0, a1, as, j->aoff, b0, b0 + pair_bytes / 2, j->KC, buf);
-            for (int q = 0; q < 4; q++) {
-                const int64_t n = 32 * np + 16 * (q & 1);
-                if (n >= j->O) continue;
-                const __mmask16 lanes = xz_lanes(j->O - n);
-                const int64_t *rows = out[q >> 1];
-                for (int r = 0; r < 16; r++) {
-                    const int64_t p = rows[r];
-                    if (p < 0) continue;
-                    xa_finish_row(buf + 256 * q + 16 * r, j->scale, j->bias, n, lanes, j->y, p * j->O + n, j->bf16);
-                }
+            xa_pending *next = &pend[*cur];
+            xa_unit(a0, a1, as, j->aoff, b0, b0 + pair_bytes / 2, j->KC, &pend[*cur ^ 1], next, j->scale, j->bias,
+                    j->y, j->bf16);
+            xa_pending_channels(next, 32 * np, j->O);
+            for (int r = 0; r < 64; r++) {
+                const int64_t p = out[(r >> 4) >> 1][r & 15], n = next->n[r >> 4];
+                next->idx[r] = p >= 0 && n < j->O ? p * j->O + n : -1;
             }
+            *cur ^= 1;
         }
     }
 }
@@ -450,7 +501,9 @@ XA_FN static void xa_conv_share(xn_task *task, int tid)
     xa_conv_job *j = (xa_conv_job *)task;
     const int nt = task->nthreads;
     const int64_t nu = j->O32 / 32;
-    int32_t buf[1024] __attribute__((aligned(64)));
+    xa_pending pend[2];
+    int cur = 0;
+    pend[0].live = pend[1].live = 0;
     if (j->by_image) {
         int64_t b0, b1;
         xn_share(j->B, 1, tid, nt, &b0, &b1);
@@ -468,8 +521,9 @@ XA_FN static void xa_conv_share(xn_task *task, int tid)
                 xn_fail(task, bad);
                 break;
             }
-            xa_conv_block(j, im, b, 0, j->ppi, 0, nu, buf);
+            xa_conv_block(j, im, b, 0, j->ppi, 0, nu, pend, &cur);
         }
+        xa_flush(pend, cur, j->scale, j->bias, j->y, j->bf16);
         _tile_release();
         return;
     }
@@ -492,9 +546,10 @@ XA_FN static void xa_conv_share(xn_task *task, int tid)
     xa_configure();
     for (int64_t p = p0; p < p1;) {   /* the pairs of one image at a time */
         const int64_t b = p / j->ppi, end = (b + 1) * j->ppi < p1 ? (b + 1) * j->ppi : p1;
-        xa_conv_block(j, j->img + b * j->image, b, p - b * j->ppi, end - b * j->ppi, n0, n1, buf);
+        xa_conv_block(j, j->img + b * j->image, b, p - b * j->ppi, end - b * j->ppi, n0, n1, pend, &cur);
         p = end;
     }
+    xa_flush(pend, cur, j->scale, j->bias, j->y, j->bf16);
     _tile_release();
 }
 
