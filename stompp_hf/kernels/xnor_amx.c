@@ -24,7 +24,8 @@
      strides, 16 consecutive output columns of one row. The image has a tail of zeros for the last tiles' reach.
 
    Work: 2 x 2 tiles of 16 x 16 outputs (32 rows or pixels x 32 channels) per unit, sums over all of K in the 4
-   accumulator tiles, then stored through a 4 KiB buffer into the epilogue. Threads split the rows (images) when
+   accumulator tiles, stored into one of the thread's two pending buffers; their epilogue runs between the next
+   unit's tile products (xa_unit). Threads split the rows (images) when
    there are many, each packing its own blocks of them into a buffer of its own that stays in L2 (xa_scratch), else
    they pack together and split the output channels (pixels). Each thread configures its own tiles. */
 

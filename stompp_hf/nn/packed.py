@@ -243,7 +243,7 @@ class BinaryMixin:
         if dtype != torch.float32:
             scale = scale.to(dtype) if scale is not None else None
             bias = bias.to(dtype) if bias is not None else None
-        vectors = tuple(t.float() if t is not None else None for t in (scale, bias))
+        vectors = tuple(t.float().contiguous() if t is not None else None for t in (scale, bias))
         self._vectors_cache = (dtype, params, tuple(p._version if p is not None else None for p in params), vectors)
         return vectors  # type: ignore[return-value]
 
