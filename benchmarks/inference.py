@@ -183,6 +183,15 @@ def int_mm_call(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return lambda: int8.int8_linear(x, weight, scale, layer.bias)
 
 
+def ours_exact(calls: dict[str, Callable[[], object]], expected: torch.Tensor, expected_bf16: torch.Tensor) -> bool:
+    """Whether every one of our modes among `calls` gives the reference path's bits (bf16 modes: the bf16 layer's)."""
+    return all(
+        torch.equal(calls[c](), expected_bf16 if c.endswith("bf16") else expected)
+        for c in calls
+        if c.startswith(("xnor", "int8 ("))
+    )
+
+
 def kernel_paths() -> tuple[str, ...]:
     from stompp_hf.kernels import xnor
 
@@ -241,12 +250,8 @@ def linear_table(setting: Setting, repeats: tuple[int, int], limit: float) -> li
                 if int8.amx_available():
                     calls["int8 (AMX tiles), bf16"] = kernel_call(binary_bf16, xb, "int8")
             with torch.no_grad():
-                expected = kernel_call(binary, x, "reference")()
-                expected_bf16 = kernel_call(binary_bf16, xb, "reference")()
-                exact = all(
-                    torch.equal(calls[c](), expected_bf16 if c.endswith("bf16") else expected)
-                    for c in calls
-                    if c.startswith(("xnor", "int8 ("))
+                exact = ours_exact(
+                    calls, kernel_call(binary, x, "reference")(), kernel_call(binary_bf16, xb, "reference")()
                 )
                 samples = interleaved(calls, reps)
             row = {
@@ -363,12 +368,8 @@ def conv_table(setting: Setting, repeats: tuple[int, int], limit: float) -> list
                     if int8.amx_available():
                         calls["int8 (AMX tiles), channels-last, bf16"] = kernel_call(binary_bf16, x_bf, "int8")
                 with torch.no_grad():
-                    expected = kernel_call(binary, x, "reference")()
-                    expected_bf16 = kernel_call(binary_bf16, x_bf, "reference")()
-                    exact = all(
-                        torch.equal(calls[c](), expected_bf16 if c.endswith("bf16") else expected)
-                        for c in calls
-                        if c.startswith(("xnor", "int8 ("))
+                    exact = ours_exact(
+                        calls, kernel_call(binary, x, "reference")(), kernel_call(binary_bf16, x_bf, "reference")()
                     )
                     samples = interleaved(calls, reps)
                 ho = (side - 1) // stride + 1

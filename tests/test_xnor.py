@@ -66,6 +66,20 @@ def make_layer(n, k, gen):
     return weight_packed, out_scale, bias
 
 
+def packed_linear(k, n, gen, input_scale=None):
+    """A `BinaryLinear` holding `make_layer`'s packed weight and bias; with `input_scale`, also seeded weight scales
+    in [0.01, 0.2] and that activation scale (else the layer's defaults)."""
+    layer = BinaryLinear(k, n)
+    weight_packed, _, bias = make_layer(n, k, gen)
+    with torch.no_grad():
+        layer.weight.copy_(weight_packed)
+        layer.bias.copy_(bias)
+        if input_scale is not None:
+            layer.weight_scale.uniform_(0.01, 0.2, generator=gen)
+            layer.input_scale.fill_(input_scale)
+    return layer
+
+
 @pytest.fixture
 def every_path(monkeypatch):
     """Let even tiny problems use every thread they are given (so threaded splits are exercised)."""
@@ -586,11 +600,7 @@ def test_auto_measures_int8_where_it_may_win(monkeypatch):
     monkeypatch.setattr(int8, "worth_measuring", lambda: True)
     int8._reset_for_tests()
     gen = torch.Generator().manual_seed(41)
-    layer = BinaryLinear(96, 40)
-    weight_packed, _, bias = make_layer(40, 96, gen)
-    with torch.no_grad():
-        layer.weight.copy_(weight_packed)
-        layer.bias.copy_(bias)
+    layer = packed_linear(96, 40, gen)
     x = make_input((6, 96), gen)
     set_kernel(layer, "reference")
     with torch.no_grad():
@@ -774,13 +784,7 @@ def test_bf16_packed_linear_is_bit_identical(convert):
     """A packed layer fed bfloat16 (its model cast with `.to(torch.bfloat16)`, or only its input) computes in bf16
     in every kernel mode, with the reference path's bits."""
     gen = torch.Generator().manual_seed(47)
-    layer = BinaryLinear(200, 70)
-    weight_packed, _, bias = make_layer(70, 200, gen)
-    with torch.no_grad():
-        layer.weight.copy_(weight_packed)
-        layer.bias.copy_(bias)
-        layer.weight_scale.uniform_(0.01, 0.2, generator=gen)
-        layer.input_scale.fill_(0.37)
+    layer = packed_linear(200, 70, gen, input_scale=0.37)
     if convert:
         layer = layer.to(torch.bfloat16)
     x = make_input((3, 40, 200), gen).bfloat16()
@@ -799,13 +803,7 @@ def test_kernel_scale_follows_the_layer_state():
     """The kernels' cached scale and bias (`kernel_vectors`) follow in-place changes, replaced tensors (a state
     dict load, a dtype cast) and the input dtype: every kernel call keeps the reference path's bits."""
     gen = torch.Generator().manual_seed(48)
-    layer = BinaryLinear(96, 40)
-    weight_packed, _, bias = make_layer(40, 96, gen)
-    with torch.no_grad():
-        layer.weight.copy_(weight_packed)
-        layer.bias.copy_(bias)
-        layer.weight_scale.uniform_(0.01, 0.2, generator=gen)
-        layer.input_scale.fill_(0.5)
+    layer = packed_linear(96, 40, gen, input_scale=0.5)
     x = make_input((5, 96), gen)
 
     def check(inputs=x):

@@ -102,6 +102,7 @@ def _check_amx_weight(weight_amx: torch.Tensor, out_features: int, in_per_tap: i
 
 
 def _check_inference(caller: str, *tensors: torch.Tensor | None) -> None:
+    """Raise when grad mode is on and one of `tensors` requires grad: the int8 paths have no backward pass."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise ValueError(f"{caller} is inference-only (no autograd): call it under torch.no_grad().")
 
@@ -267,8 +268,7 @@ def int8_linear(
         raise ValueError(f"int8_linear expects weight_int8 from int8_weight, got {xnor._describe(weight_int8)}.")
     if k >= 1 << 24:
         raise ValueError(f"int8_linear is exact for K < 2**24, got K = {k}.")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, out_scale, bias)):
-        raise ValueError("The int8 path is inference-only (no autograd): call it under torch.no_grad().")
+    _check_inference("The int8 path", x, out_scale, bias)
     out_scale, scale_ptr = xnor._vector_pointer("out_scale", out_scale, n, "int8_linear")
     bias, bias_ptr = xnor._vector_pointer("bias", bias, n, "int8_linear")
     x2 = x.reshape(-1, k)

@@ -788,6 +788,15 @@ static void xn_fill_panels(const uint8_t *w, int64_t O, int64_t Cg, int64_t taps
     }
 }
 
+/* The AMX path's sizes (xnor_amx.c), needed by its entry points in every build. */
+static int64_t xa_round(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+/* Bytes of the AMX weight layout for O outputs, Cg inputs per tap and `taps` taps. */
+static int64_t xa_weight_bytes(int64_t O, int64_t Cg, int64_t taps)
+{
+    return xa_round(O, 32) * taps * xa_round(Cg, 64);
+}
+
 #if XN_X86_SIMD
 #include "xnor_avx512.c"
 #include "xnor_amx.c"
@@ -873,11 +882,7 @@ int xnor_amx_available(void) { return 0; }
 int64_t xnor_amx_weight_bytes(int64_t O, int64_t Cg, int64_t taps)
 {
     if (O <= 0 || Cg <= 0 || taps <= 0) return -1;
-#if XN_X86_SIMD
     return xa_weight_bytes(O, Cg, taps);
-#else
-    return ((O + 31) / 32 * 32) * taps * ((Cg + 63) / 64 * 64);
-#endif
 }
 
 /* Fill the AMX weight layout (xnor_amx_weight_bytes bytes at `out`) from packed signs [O, ceil(Cg * taps / 8)]. */

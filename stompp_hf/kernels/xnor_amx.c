@@ -87,8 +87,6 @@ XA_FN static void xa_configure(void)
     _tile_loadconfig(&cfg);
 }
 
-static int64_t xa_round(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
 /* A thread's own operand buffer, kept between calls and grown on demand: refilled block by block, it stays in the
    thread's L2, where a fresh buffer of the whole operand (12 MiB of int8 at 4096 x 3072) would fault in page by
    page on every call and stream through memory. Freed only with the process (the threads are pool or OpenMP
@@ -106,13 +104,10 @@ static int8_t *xa_scratch(int64_t bytes)
     return xa_tls_buf;
 }
 
-/* Bytes of the weight layout for O outputs, Cg inputs per tap and `taps` taps. */
-static int64_t xa_weight_bytes(int64_t O, int64_t Cg, int64_t taps) { return xa_round(O, 32) * taps * xa_round(Cg, 64); }
-
 /* Fill the layout from the packed signs (pack_signs layout of the weight [O, Cg, taps] flattened per output). */
 static void xa_fill_weights(const uint8_t *w, int64_t O, int64_t Cg, int64_t taps, int8_t *out)
 {
-    const int64_t Cp = xa_round(Cg, 64), KC = taps * Cp / 64, O32 = xa_round(O, 32), nbytes = (Cg * taps + 7) / 8;
+    const int64_t Cp = xa_round(Cg, 64), KC = taps * Cp / 64, nbytes = (Cg * taps + 7) / 8;
     memset(out, 0, (size_t)xa_weight_bytes(O, Cg, taps));
     for (int64_t o = 0; o < O; o++) {
         const uint8_t *row = w + o * nbytes;
@@ -124,7 +119,6 @@ static void xa_fill_weights(const uint8_t *w, int64_t O, int64_t Cg, int64_t tap
                 blk[(k / 64) * XA_TILE_BYTES + ((k % 64) / 4) * 64 + (k % 4)] = v;
             }
     }
-    (void)O32;
 }
 
 /* The signs of `cnt` floats (bf16: bfloat16s) from element i0 of p as int8 +-1 into out[0 .. cnt), 0 in

@@ -356,9 +356,10 @@ class BinaryLinear(BinaryMixin, nn.Module):
                 prepared = self.kernel_layout("xnor", lambda: xnor.prepare_weights(self.weight, self.out_features, k))
             return xnor.xnor_linear(x, self.weight, k, scale, bias, prepared=prepared)
 
-        if self.kernel == "int8" and int8.available() and (x.dtype == torch.float32 or int8.amx_available()):
+        int8_takes_x = x.dtype == torch.float32 or int8.amx_available()  # `torch._int_mm` takes float32 only
+        if self.kernel == "int8" and int8_takes_x and int8.available():
             return run_int8()
-        if self.kernel == "auto" and int8.worth_measuring() and (x.dtype == torch.float32 or int8.amx_available()):
+        if self.kernel == "auto" and int8_takes_x and int8.worth_measuring():
             key = (int8.bucket(x.numel() // k), self.out_features, k, x.dtype)
             choice, y = int8.choose(key, run_xnor, run_int8)
             if choice == "xnor" and not int8.chosen_anywhere():
