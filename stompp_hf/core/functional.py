@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -32,6 +33,47 @@ from .masks import MaskState
 
 #: The training rules of a binarized tensor (`StoMPPConfig.weights` / `activations`; None keeps it full precision).
 RULES: tuple[str, ...] = ("stompp", "stompp_ste", "ste")
+
+
+class FusedOps(Protocol):
+    """Fused implementations of this module's elementwise passes: one pass over memory each, where the torch ops
+    take several (docs/design.md, "Fused passes"). Each gives the values of the torch expression it replaces, bit for
+    bit, or None where it does not apply (another device, dtype or layout, a tensor subclass, `torch.compile`, or
+    no compiled kernel), and the torch ops run instead. `stompp_hf.kernels.elementwise` registers one with
+    `set_fused_ops`; `core` itself imports no kernel."""
+
+    def sign(self, u: torch.Tensor, with_abs_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """`(binary_sign(u), abs_sum(u) if with_abs_sum else None)` from one read of `u`."""
+
+    def abs_sum(self, u: torch.Tensor) -> torch.Tensor | None:
+        """`abs_sum(u)`."""
+
+    def windowed_grad(
+        self, grad: torch.Tensor, u: torch.Tensor, lo: float, hi: float, multiplier: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """`hardtanh_backward(grad, u, lo, hi)`, times the 0-d `multiplier` (rounded once) when given."""
+
+    def masked(
+        self, u: torch.Tensor, mask: torch.Tensor, value: float, bound: float, edges: tuple[float, float] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """`(where(mask, value * sign(u), clamp(u, -bound, bound)), int8 window)` in `u`'s dtype, for a bool `mask`
+        that broadcasts to `u`; the window is `!(u <= lo or u >= hi)` for `edges = (lo, hi)` (None: no window)."""
+
+
+_fused: FusedOps | None = None
+
+
+def set_fused_ops(ops: FusedOps | None) -> FusedOps | None:
+    """Use `ops` for the elementwise passes of this module (None: the torch ops alone); returns the previous ones.
+    Process-wide."""
+    global _fused
+    previous, _fused = _fused, ops
+    return previous
+
+
+def fused_ops() -> FusedOps | None:
+    """The fused passes in use (`set_fused_ops`), or None."""
+    return _fused
 
 
 def binary_sign(u: torch.Tensor) -> torch.Tensor:
@@ -43,8 +85,17 @@ def binary_sign(u: torch.Tensor) -> torch.Tensor:
     bool intermediate.
     """
     u = u.detach()
+    if _fused is not None and (fused := _fused.sign(u, False)) is not None:
+        return fused[0]
     out = torch.ge(u, 0, out=torch.empty_like(u))
     return torch.add(torch.full((), -1.0, dtype=u.dtype, device=u.device), out, alpha=2, out=out)
+
+
+def sign_and_abs_sum(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(binary_sign(u), abs_sum(u))`, from one read of `u` where a fused pass applies."""
+    if _fused is not None and (fused := _fused.sign(u.detach(), True)) is not None:
+        return fused  # type: ignore[return-value]
+    return binary_sign(u), abs_sum(u)
 
 
 #: Elements per chunk of `abs_sum`'s float32 casts (4 MiB of float32: they stay in the caches and the allocator's
@@ -65,6 +116,8 @@ def abs_sum(x: torch.Tensor) -> torch.Tensor:
     expression. `vector_norm(x, 1)` needs no temporary but is 3-4x slower on CPU, its kernel not vectorized (an
     activation of 4096 x 1536: 9.3 against 2.6 ms in float32, 10.8 against 3.5 in bf16)."""
     x = x.detach()
+    if _fused is not None and (fused := _fused.abs_sum(x)) is not None:
+        return fused
     if (
         type(x) is not torch.Tensor  # a DTensor or another subclass: the global sum, as the subclass defines it
         or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
@@ -91,27 +144,42 @@ def _bound_on_host(bound: torch.Tensor, *tensors: torch.Tensor) -> bool:
     return bound.numel() == 1 and all(t.is_cpu for t in tensors) and not torch.compiler.is_compiling()
 
 
-def _windowed_grad(grad: torch.Tensor, u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """`_window(u, bound, grad.dtype).mul_(grad)`, the clipped-identity gradient `1{|u| <= bound} * grad`, with the
-    same values (a zero may come out as +0.0 where the product gave -0.0) in one pass on CPU: aten's fused
-    `hardtanh_backward`, which passes `grad` strictly inside `(lo, hi)`, with `lo, hi` one ulp outside `+-bound`
-    (rounded to `u`'s dtype, as the comparison rounds it), so the window keeps its closed ends: no float lies
-    between `bound` and the next one up (a NaN `u`, which the comparison excludes, passes `grad` here: a diverged
-    input, which the callback's check of beta stops). 4-7x faster than the comparison, product and temporaries.
-    Elsewhere (another device, under `torch.compile`, which must not read `bound` back to the host) the product."""
-    if not _bound_on_host(bound, u, grad):
-        return _window(u, bound, grad.dtype).mul_(grad)
-    step = torch.float64 if u.dtype == torch.float64 else torch.float32  # bf16 / fp16 values are float32 values
+def _window_edges(u: torch.Tensor, bound: torch.Tensor) -> tuple[float, float]:
+    """`(lo, hi)`: one ulp outside `-bound, bound` rounded to `u`'s dtype, in float32 (float64 for a float64 `u`;
+    bf16 / fp16 values are float32 values), so that `lo < u < hi` is `|u| <= bound` (no float lies between `bound`
+    and the next one up)."""
+    step = torch.float64 if u.dtype == torch.float64 else torch.float32
     b = bound.detach().reshape(()).to(u.dtype).to(step)
     hi = float(torch.nextafter(b, torch.tensor(math.inf, dtype=step)))
     lo = float(torch.nextafter(-b, torch.tensor(-math.inf, dtype=step)))
-    return torch.ops.aten.hardtanh_backward(grad, u.detach(), lo, hi)
+    return lo, hi
+
+
+def _windowed_grad(
+    grad: torch.Tensor, u: torch.Tensor, bound: torch.Tensor, multiplier: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`_window(u, bound, grad.dtype).mul_(grad)`, the clipped-identity gradient `1{|u| <= bound} * grad`, with the
+    same values (a zero may come out as +0.0 where the product gave -0.0) in one pass on CPU: aten's fused
+    `hardtanh_backward`, which passes `grad` strictly inside `(lo, hi)` (`_window_edges`), so the window keeps its
+    closed ends (a NaN `u` is outside, as for the comparison). 4-7x faster than the comparison, product and temporaries. Elsewhere (another
+    device, under `torch.compile`, which must not read `bound` back to the host) the product.
+
+    With a 0-d `multiplier` the result is then multiplied by it in place (`.mul_(multiplier)`); a fused pass
+    (`FusedOps.windowed_grad`) does both in one."""
+    if not _bound_on_host(bound, u, grad):
+        out = _window(u, bound, grad.dtype).mul_(grad)
+    else:
+        lo, hi = _window_edges(u, bound)
+        if _fused is not None and (fused := _fused.windowed_grad(grad, u.detach(), lo, hi, multiplier)) is not None:
+            return fused
+        out = torch.ops.aten.hardtanh_backward(grad, u.detach(), lo, hi)
+    return out if multiplier is None else out.mul_(multiplier)
 
 
 def _window_int8(u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """`_window(u, bound).to(torch.int8)`, on CPU as `_windowed_grad` of a gradient of ones (a broadcast 0-d
     tensor, so nothing activation-sized is read for it): two passes instead of four (|u|, the comparison, the
-    cast), 2-4x faster on this project's CPUs. Like `_windowed_grad` it counts a NaN `u` inside the window."""
+    cast), 2-4x faster on this project's CPUs. A NaN `u` is outside the window, as for the comparison."""
     if not _bound_on_host(bound, u):
         return _window(u, bound).to(torch.int8)
     ones = torch.ones((), dtype=u.dtype, device=u.device).expand_as(u)
@@ -135,6 +203,8 @@ def _masked_values(u, mask, scale, bound, clip_smooth: bool) -> torch.Tensor:
 
     `a * sign(u)` and the `where` are written into the sign's own tensor (one activation-sized allocation instead
     of three) wherever that gives the dtype and shape of the out-of-place ops."""
+    if clip_smooth and (fused := _fused_masked(u, mask, scale, bound, window=False)) is not None:
+        return fused[0]
     hard = binary_sign(u)
     soft = clamp_to(u, bound) if clip_smooth else u
     if isinstance(scale, torch.Tensor) and (
@@ -148,6 +218,22 @@ def _masked_values(u, mask, scale, bound, clip_smooth: bool) -> torch.Tensor:
     return torch.where(mask, hard, soft, out=hard)
 
 
+def _fused_masked(u, mask, scale, bound, window: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`(_masked_values(u, mask, scale, bound, True), _window_int8(u, bound) if window else None)` from one fused
+    pass (`FusedOps.masked`), or None where it does not apply: the scale and the bound must be numbers or 0-d
+    tensors that leave the result in `u`'s dtype (the bound of `u`'s dtype, as `masked_binarize` casts it)."""
+    if _fused is None or not isinstance(bound, torch.Tensor) or bound.dtype != u.dtype or not _bound_on_host(bound, u):
+        return None
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() != 0 or not scale.is_cpu or torch.result_type(u, scale) != u.dtype:
+            return None
+        value = scale.item()
+    else:
+        value = float(scale)
+    edges = _window_edges(u, bound) if window else None
+    return _fused.masked(u.detach(), mask, value, bound.item(), edges)
+
+
 class _MaskedBinarize(torch.autograd.Function):
     """Forward `where(M, a * sign(u), smooth(u))`; backward as in the module docstring.
 
@@ -159,11 +245,16 @@ class _MaskedBinarize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, mask, scale, bound, clip_smooth: bool, ste_on_frozen: bool):  # type: ignore[override]
         # the window as int8: one byte per entry, and casts to and from int8 are cheap (bool ones are not)
-        window = _window_int8(u, bound) if clip_smooth else None
+        fused = _fused_masked(u, mask, scale, bound, window=True) if clip_smooth else None
+        if fused is not None:
+            out, window = fused
+        else:
+            window = _window_int8(u, bound) if clip_smooth else None
+            out = _masked_values(u, mask, scale, bound, clip_smooth)
         ctx.save_for_backward(None if ste_on_frozen else mask, window)
         ctx.clip_smooth = clip_smooth
         ctx.ste_on_frozen = ste_on_frozen
-        return _masked_values(u, mask, scale, bound, clip_smooth)
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -198,20 +289,20 @@ class _HardSign(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, value, bound, grad_divisor):  # type: ignore[override]
+    def forward(ctx, u, value, bound, grad_divisor, precomputed):  # type: ignore[override]
         ctx.save_for_backward(u if bound is not None else None, bound, grad_divisor)
-        sign = binary_sign(u)
+        sign = binary_sign(u) if precomputed is None else precomputed[0]
         return sign if value is None else sign * value
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         u, bound, divisor = ctx.saved_tensors
         if bound is None:  # a weight: the identity (divided by the scale in the factored form)
-            return (grad if divisor is None else grad / divisor.to(grad.dtype)), None, None, None
+            return (grad if divisor is None else grad / divisor.to(grad.dtype)), None, None, None, None
         if divisor is None:
-            return _windowed_grad(grad, u, bound), None, None, None
+            return _windowed_grad(grad, u, bound), None, None, None, None
         # (1 / divisor) * grad inside the window, rounded as the window divided by the divisor times grad
-        return _windowed_grad(grad, u, bound).mul_(torch.reciprocal(divisor.to(grad.dtype))), None, None, None
+        return _windowed_grad(grad, u, bound, torch.reciprocal(divisor.to(grad.dtype))), None, None, None, None
 
 
 class _Clip(torch.autograd.Function):
@@ -243,9 +334,12 @@ def hard_sign(
     scale: torch.Tensor | float = 1.0,
     bound: torch.Tensor | float | None = None,
     factored: bool = False,
+    sign: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A fully frozen tensor: `scale * sign(u)`, or `sign(u)` alone when `factored` (the caller multiplies the
     layer output by `scale`, which keeps binary x binary products exact integers, docs/design.md "Core").
+    `sign` is `binary_sign(u)` when the caller has it already (a fresh tensor that nothing else holds, from
+    `sign_and_abs_sum`): it is then used, and may be returned, instead of a second pass over `u`.
 
     With `ste` (rules 'ste' and 'stompp_ste') the gradient is the straight-through one: the gradient with respect to
     `scale * sign(u)` (so the factored form divides by `scale`; a zero scale, e.g. an all-zero weight row, passes no
@@ -257,7 +351,7 @@ def hard_sign(
     unit = isinstance(scale, float) and scale == 1.0
     value = None if factored or unit else scale
     if not (ste and u.requires_grad and torch.is_grad_enabled()):
-        sign = binary_sign(u)
+        sign = binary_sign(u) if sign is None else sign
         return sign if value is None else sign * value
     divisor = None
     if factored and not unit:
@@ -265,7 +359,7 @@ def hard_sign(
         divisor = torch.where(divisor > 0, divisor, torch.inf)
     if bound is not None:
         bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
-    return _HardSign.apply(u, value, bound, divisor)
+    return _HardSign.apply(u, value, bound, divisor, None if sign is None else (sign,))
 
 
 def masked_binarize(

@@ -802,6 +802,7 @@ static int64_t xa_weight_bytes(int64_t O, int64_t Cg, int64_t taps)
 #include "xnor_amx.c"
 #endif
 #include "xnor_conv.c"
+#include "xnor_train.c"
 
 /* ------------------------------------------------------------------------------------------------------------
    Entry points (called through ctypes; see xnor.py / bconv.py). */

@@ -81,6 +81,7 @@ _U8 = torch.uint8
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
+_F = ctypes.c_float
 # The C entry points' status codes: 0 is success.
 _RC_NO_MEMORY = 1
 _RC_NAN = 2
@@ -115,6 +116,9 @@ class _Library(NamedTuple):
     amx_prepare: Callable[..., int]
     amx_linear: Callable[..., int]
     amx_conv2d: Callable[..., int]
+    ew_sign: Callable[..., int]
+    ew_window_grad: Callable[..., int]
+    ew_masked: Callable[..., int]
 
 
 _lock = threading.Lock()
@@ -234,6 +238,14 @@ def _load() -> _Library:
             ),
             # x, geometry, weight, scale, bias, y, strict, nthreads, min_work, bf16
             amx_conv2d=_bind(lib, "xnor_amx_conv2d_f32", (_P, _P, _P, _P, _P, _P, _INT, _INT, _I64, _INT), _INT),
+            # the fused training passes (stompp_hf.kernels.elementwise): x, out, n, dtype, sum, nthreads
+            ew_sign=_bind(lib, "xnor_ew_sign", (_P, _P, _I64, _INT, _P, _INT), _INT),
+            # g, x, out, n, dtype, lo, hi, has_mult, mult, nthreads
+            ew_window_grad=_bind(
+                lib, "xnor_ew_window_grad", (_P, _P, _P, _I64, _INT, _F, _F, _INT, _F, _INT), _INT
+            ),
+            # x, mask, period, out, window, n, dtype, a, b, lo, hi, nthreads
+            ew_masked=_bind(lib, "xnor_ew_masked", (_P, _P, _I64, _P, _P, _I64, _INT, _F, _F, _F, _F, _INT), _INT),
         )
         bound.set_hugepages(_hugepages_default())
     except AttributeError as e:  # a library of this name and digest that lacks an entry point: not ours

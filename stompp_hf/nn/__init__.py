@@ -5,6 +5,8 @@ Works on any `nn.Module`; imports torch and `stompp_hf.core` / `stompp_hf.kernel
 
 from torch import nn as _nn
 
+from ..core.functional import set_fused_ops as _set_fused_ops
+from ..kernels import elementwise as _elementwise
 from .activation import BinaryActivation, StoMPPActivation
 from .base import StoMPPModule
 from .binarizer import ACTIVATION_SCALE_MOMENTUM, Binarizer
@@ -15,6 +17,8 @@ from .training import StoMPPConv2d, StoMPPLinear, StoMPPMixin
 register_module(_nn.Linear, StoMPPLinear, BinaryLinear)
 register_module(_nn.Conv2d, StoMPPConv2d, BinaryConv2d)
 register_module(None, StoMPPActivation, BinaryActivation)  # inserted at activation sites, never swapped in
+if _elementwise.enabled():
+    _set_fused_ops(_elementwise.CpuFusedOps())  # one C pass per group of elementwise ops; built on first use
 
 __all__ = [
     "ACTIVATION_SCALE_MOMENTUM",

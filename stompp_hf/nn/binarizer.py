@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..core.functional import abs_sum, clamp_to, hard_sign, masked_binarize, state_binarize
+from ..core.functional import abs_sum, clamp_to, hard_sign, masked_binarize, sign_and_abs_sum, state_binarize
 from ..core.masks import (
     ABSENT,
     FROZEN,
@@ -107,7 +107,7 @@ class Binarizer(nn.Module):
             )
         return self.mask
 
-    def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
+    def _input_scale(self, x: torch.Tensor, batch_sum: torch.Tensor | None = None) -> torch.Tensor:
         """beta: the running mean of |x|, updated in training (not under `binarized`), initialised on first use.
 
         A forward run inside a backward pass is a gradient-checkpointing recomputation: it reuses the beta of the
@@ -117,8 +117,10 @@ class Binarizer(nn.Module):
         The result is never the buffer itself: autograd saves beta (as a clip bound, an output scale) and recipes
         close over it, and the next training forward updates the buffer in place, which would break (or silently
         change) the backward of a forward run before it, as in two forwards then one backward.
+
+        `batch_sum` is `abs_sum(x)` when the caller has it already (`sign_and_abs_sum`).
         """
-        batch = abs_sum(x) / x.numel()  # mean |x|, summed in float32
+        batch = (abs_sum(x) if batch_sum is None else batch_sum) / x.numel()  # mean |x|, summed in float32
         if self.training and not self.force_frozen and not _in_backward():
             with torch.no_grad():
                 ema = (1 - ACTIVATION_SCALE_MOMENTUM) * self.scale + ACTIVATION_SCALE_MOMENTUM * batch
@@ -157,10 +159,11 @@ class Binarizer(nn.Module):
         return self.frozen_fraction == 1.0
 
     def _scale_and_bound(
-        self, u: torch.Tensor, feature_ndim: int | None
+        self, u: torch.Tensor, feature_ndim: int | None, batch_sum: torch.Tensor | None = None
     ) -> tuple[MaskState, torch.Tensor | float, torch.Tensor | float | None]:
         """`(mask state, scale, clip bound)`. A weight has no clip bound (None): its straight-through gradient is
-        BinaryConnect's identity, and its latent values are clipped to [-1, 1] by the controller instead."""
+        BinaryConnect's identity, and its latent values are clipped to [-1, 1] by the controller instead.
+        `batch_sum`: `abs_sum(u)` of an input, when the caller has it already."""
         if self.training and self.progressive and not self.controlled:
             warnings.warn(
                 "A StoMPP model is being trained without a StoMPPCallback (or ProgressionController): its masks "
@@ -171,7 +174,7 @@ class Binarizer(nn.Module):
             )
         if self.kind == "input":
             mask_state = self.ensure_mask(tuple(u.shape[-feature_ndim:]))
-            scale = self._input_scale(u) if self.scale is not None else 1.0
+            scale = self._input_scale(u, batch_sum) if self.scale is not None else 1.0
             return mask_state, scale, scale * self.clip if self.clip != 1.0 else scale
         return self.mask, self.weight_scale(u), None
 
@@ -191,11 +194,15 @@ class Binarizer(nn.Module):
         Pass `recompute=False` when no backward can use it (the caller knows that nothing needs a gradient): no
         recipe is built then, and none is ever built with grad disabled (`no_grad`, `inference_mode`).
         """
-        mask_state, scale, bound = self._scale_and_bound(u, feature_ndim)
-        recompute = recompute and torch.is_grad_enabled()
         compiling = torch.compiler.is_compiling()
-        if self.is_frozen(compiling):
-            out = hard_sign(u, ste=self.rule != "stompp", scale=scale, bound=bound, factored=factored)
+        frozen = self.is_frozen(compiling)
+        sign = batch_sum = None
+        if frozen and self.kind == "input" and self.scale is not None:
+            sign, batch_sum = sign_and_abs_sum(u)  # one read of u for both where a fused pass applies
+        mask_state, scale, bound = self._scale_and_bound(u, feature_ndim, batch_sum)
+        recompute = recompute and torch.is_grad_enabled()
+        if frozen:
+            out = hard_sign(u, ste=self.rule != "stompp", scale=scale, bound=bound, factored=factored, sign=sign)
             # the same values without the straight-through graph
             recipe = _recipe(u, lambda: hard_sign(u, ste=False, scale=scale, factored=factored)) if recompute else None
             return out, scale if factored else None, recipe

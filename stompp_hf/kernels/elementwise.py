@@ -1,0 +1,154 @@
+"""Fused elementwise passes of a training step on CPU (docs/design.md, "Fused passes").
+
+A binarized input costs a training step several activation-sized passes when written as torch ops (the sign, the
+sum of |x| for beta, the clip, the window `1{|x| <= c}`, the product with the gradient), and on a CPU each pass costs
+its memory traffic, not its arithmetic. `CpuFusedOps` does each group in one pass, in C (`xnor_train.c`, built into
+the XNOR kernel's library), with the values of the torch expressions bit for bit (the sum of |x| is accumulated in
+double, so it is at least as close to the exact sum as torch's float32 one). `stompp_hf.nn` registers it with
+`stompp_hf.core.functional.set_fused_ops`, so the binarizers of every training module use it; a tensor it does not
+handle (another device or dtype, non-contiguous, a subclass such as `DTensor`, small, or under `torch.compile`)
+takes the torch ops, as does everything when the kernel cannot be built. `STOMPP_HF_FUSED_PASSES=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+import torch
+
+from .build import XnorUnavailable
+from .xnor import _library
+
+__all__ = ["CpuFusedOps", "enabled"]
+
+logger = logging.getLogger(__name__)
+
+_ENV = "STOMPP_HF_FUSED_PASSES"
+#: dtype codes of the C entry points
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+#: Below this many elements torch's own ops cost about the same (per-call costs dominate).
+_MIN_NUMEL = 1 << 14
+
+
+def enabled() -> bool:
+    """Whether `stompp_hf.nn` registers the fused passes: unless `STOMPP_HF_FUSED_PASSES=0`."""
+    return os.environ.get(_ENV, "1").strip() != "0"
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """Tensors the C passes read as flat arrays: plain CPU tensors of one supported dtype, contiguous, big enough,
+    outside `torch.compile`."""
+    first = tensors[0]
+    return (
+        first.dtype in _DTYPES
+        and first.numel() >= _MIN_NUMEL
+        and not torch.compiler.is_compiling()
+        and all(
+            type(t) is torch.Tensor and t.is_cpu and t.dtype == first.dtype and t.is_contiguous() and not t.is_neg()
+            for t in tensors
+        )
+    )
+
+
+class CpuFusedOps:
+    """`stompp_hf.core.functional.FusedOps` on CPU, through the C passes of the XNOR kernel's library. The library
+    is built on the first call; if that fails, every call answers None from then on (the torch ops run)."""
+
+    def __init__(self) -> None:
+        self._lib = None
+        self._failed = False
+
+    def _kernels(self):
+        if self._lib is None and not self._failed:
+            try:
+                self._lib = _library()
+            except XnorUnavailable as e:
+                self._failed = True
+                logger.info("Fused training passes unavailable, using torch ops: %s", e)
+        return self._lib
+
+    def sign(self, u: torch.Tensor, with_abs_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        if not _plain(u) or (lib := self._kernels()) is None:
+            return None
+        out = torch.empty_like(u)
+        total = ctypes.c_double()
+        rc = lib.ew_sign(
+            u.data_ptr(),
+            out.data_ptr(),
+            u.numel(),
+            _DTYPES[u.dtype],
+            ctypes.addressof(total) if with_abs_sum else None,
+            torch.get_num_threads(),
+        )
+        if rc:
+            return None
+        return out, (torch.tensor(total.value, dtype=torch.float32) if with_abs_sum else None)
+
+    def abs_sum(self, u: torch.Tensor) -> torch.Tensor | None:
+        if not _plain(u) or (lib := self._kernels()) is None:
+            return None
+        total = ctypes.c_double()
+        rc = lib.ew_sign(
+            u.data_ptr(), None, u.numel(), _DTYPES[u.dtype], ctypes.addressof(total), torch.get_num_threads()
+        )
+        return None if rc else torch.tensor(total.value, dtype=torch.float32)
+
+    def windowed_grad(
+        self, grad: torch.Tensor, u: torch.Tensor, lo: float, hi: float, multiplier: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        if grad.shape != u.shape or not _plain(grad, u) or (lib := self._kernels()) is None:
+            return None
+        if multiplier is not None and (multiplier.dim() != 0 or multiplier.dtype != grad.dtype or not multiplier.is_cpu):
+            return None
+        out = torch.empty_like(grad)
+        mult = 0.0 if multiplier is None else multiplier.item()
+        rc = lib.ew_window_grad(
+            grad.data_ptr(),
+            u.data_ptr(),
+            out.data_ptr(),
+            grad.numel(),
+            _DTYPES[grad.dtype],
+            lo,
+            hi,
+            int(multiplier is not None),
+            mult,
+            torch.get_num_threads(),
+        )
+        return None if rc else out
+
+    def masked(
+        self, u: torch.Tensor, mask: torch.Tensor, value: float, bound: float, edges: tuple[float, float] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or not _plain(u):
+            return None
+        while mask.dim() > 0 and mask.shape[0] == 1:  # leading broadcast dimensions
+            mask = mask[0]
+        if (
+            type(mask) is not torch.Tensor
+            or not mask.is_cpu
+            or not mask.is_contiguous()
+            or mask.dim() > u.dim()
+            or tuple(u.shape[u.dim() - mask.dim() :]) != tuple(mask.shape)
+            or (lib := self._kernels()) is None
+        ):
+            return None
+        out = torch.empty_like(u)
+        window = torch.empty(u.shape, dtype=torch.int8) if edges is not None else None
+        lo, hi = edges if edges is not None else (0.0, 0.0)
+        rc = lib.ew_masked(
+            u.data_ptr(),
+            mask.data_ptr(),
+            max(mask.numel(), 1),
+            out.data_ptr(),
+            None if window is None else window.data_ptr(),
+            u.numel(),
+            _DTYPES[u.dtype],
+            value,
+            bound,
+            lo,
+            hi,
+            torch.get_num_threads(),
+        )
+        return None if rc else (out, window)

@@ -1,0 +1,256 @@
+/* Fused elementwise passes of a training step (stompp_hf.kernels.elementwise; docs/design.md, "Fused passes").
+
+   A binarized input costs a training step several activation-sized passes when written as torch ops: the sign
+   (a comparison and an add), the sum of |x| for the scale beta (|x| into a temporary, then the sum), the clip, the
+   window 1{|x| <= c} and the product with the gradient. Each is memory-bound, so on a CPU the step pays for the
+   passes, not for the arithmetic. These entry points do the same arithmetic in one pass each:
+
+   * xnor_ew_sign:        out = x >= 0 ? 1 : -1 (NaN -> -1), and optionally sum |x| in the same read.
+   * xnor_ew_abs_sum:     sum |x| (read only).
+   * xnor_ew_window_grad: out = (x <= lo || x >= hi) ? 0 : g, times `mult` when given. With lo, hi one ulp outside
+                          -c, c this is the clipped identity 1{|x| <= c} * g, as aten's hardtanh_backward computes it
+                          (a NaN x passes g), then the product with the factored form's 1 / scale.
+   * xnor_ew_masked:      out = M ? (x >= 0 ? a : -a) : clamp(x, -b, b), and the int8 window (x <= lo || x >= hi ? 0
+                          : 1): the forward of a transitioning input, whose mask M repeats every `period` elements
+                          (the per-sample mask of a contiguous batch).
+
+   Values are float32 or bfloat16 (`dt`), read and written in that dtype. bfloat16 is widened to float32 (exact),
+   computed in float32 and rounded back to nearest even (NaN -> 0x7FC0), as torch computes a bfloat16 op. Sums of
+   |x| accumulate in 16 float32 lanes for XE_FLUSH elements, then in double, in XE_PARTS fixed pieces added in
+   order: the result does not depend on the thread count. The loops are plain C, which the compiler vectorizes;
+   they compile on any CPU. */
+
+#define XE_F32 0
+#define XE_BF16 1
+#define XE_LANES 16
+#define XE_PARTS 64          /* pieces of the work (and of a sum), split between the threads */
+#define XE_FLUSH 4096        /* elements summed per float32 lane before the lane sums go into a double */
+#define XE_MIN_WORK 32768    /* elements per thread below which another thread costs more than it saves */
+
+#define XE_INLINE static inline __attribute__((always_inline))
+
+XE_INLINE float xe_ld(const void *p, const int dt, int64_t i)
+{
+    if (dt == XE_BF16) {
+        const uint32_t b = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &b, 4);
+        return f;
+    }
+    return ((const float *)p)[i];
+}
+
+/* float32 -> bfloat16, round to nearest even; NaN -> 0x7FC0 (c10::BFloat16's rule). Branch-free, so loops that
+   store bfloat16 vectorize. */
+XE_INLINE uint16_t xe_bf16(float f)
+{
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    const uint16_t rounded = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+    return (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : rounded;
+}
+
+XE_INLINE void xe_st(void *p, const int dt, int64_t i, float f)
+{
+    if (dt == XE_BF16) ((uint16_t *)p)[i] = xe_bf16(f);
+    else ((float *)p)[i] = f;
+}
+
+enum { XE_SIGN, XE_ABS_SUM, XE_WINDOW_GRAD, XE_MASKED };
+
+typedef struct {
+    xn_task task;
+    int op, dt, want_sum, has_mult;
+    const void *x, *g;
+    const uint8_t *mask;
+    void *out;
+    int8_t *window;
+    int64_t n, period;
+    float a, b, lo, hi, mult;
+    double sums[XE_PARTS];
+} xe_job;
+
+/* The first element of piece p: whole groups of XE_LANES, the last piece ending at n. */
+static int64_t xe_edge(int64_t n, int p)
+{
+    if (p >= XE_PARTS) return n;
+    return n / XE_LANES * p / XE_PARTS * XE_LANES;
+}
+
+/* sign (do_out) and sum of |x| (do_sum) of x[lo:hi); the flags are constants, so each use compiles its own loop. */
+XE_INLINE void xe_sign_range(const void *x, void *out, double *sum, int64_t lo, int64_t hi, const int dt,
+                             const int do_out, const int do_sum)
+{
+    double total = 0.0;
+    int64_t i = lo;
+    while (hi - i >= XE_LANES) {
+        float acc[XE_LANES] = {0};
+        const int64_t span = (hi - i) / XE_LANES * XE_LANES, end = i + (span < XE_FLUSH ? span : XE_FLUSH);
+        for (; i < end; i += XE_LANES) {
+            for (int l = 0; l < XE_LANES; l++) {
+                const float v = xe_ld(x, dt, i + l);
+                if (do_sum) acc[l] += __builtin_fabsf(v);
+                if (do_out) {
+                    if (dt == XE_BF16) ((uint16_t *)out)[i + l] = v >= 0.0f ? 0x3F80 : 0xBF80;
+                    else ((float *)out)[i + l] = v >= 0.0f ? 1.0f : -1.0f;
+                }
+            }
+        }
+        if (do_sum)
+            for (int l = 0; l < XE_LANES; l++) total += acc[l];
+    }
+    for (; i < hi; i++) {
+        const float v = xe_ld(x, dt, i);
+        if (do_sum) total += __builtin_fabsf(v);
+        if (do_out) xe_st(out, dt, i, v >= 0.0f ? 1.0f : -1.0f);
+    }
+    if (do_sum) *sum = total;
+}
+
+XE_INLINE void xe_window_grad_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int has_mult)
+{
+    const float wlo = j->lo, whi = j->hi, mult = j->mult;
+    const void *x = j->x, *g = j->g;
+    void *out = j->out;
+    for (int64_t i = lo; i < hi; i++) {
+        const float u = xe_ld(x, dt, i), gv = xe_ld(g, dt, i);   /* both loaded: the loop vectorizes */
+        float o = ((u > wlo) & (u < whi)) ? gv : 0.0f;
+        if (has_mult) o = o * mult;
+        xe_st(out, dt, i, o);
+    }
+}
+
+XE_INLINE void xe_masked_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int do_window)
+{
+    const float a = j->a, b = j->b, wlo = j->lo, whi = j->hi;
+    const void *x = j->x;
+    void *out = j->out;
+    int8_t *window = j->window;
+    for (int64_t i = lo; i < hi;) {
+        const int64_t off = i % j->period, len = hi - i < j->period - off ? hi - i : j->period - off;
+        const uint8_t *m = j->mask + off;
+        for (int64_t k = 0; k < len; k++) {
+            const float u = xe_ld(x, dt, i + k);
+            const float hard = u >= 0.0f ? a : -a;
+            const float soft = u < -b ? -b : (u > b ? b : u);
+            xe_st(out, dt, i + k, m[k] ? hard : soft);
+            if (do_window) window[i + k] = (int8_t)((u > wlo) & (u < whi));
+        }
+        i += len;
+    }
+}
+
+static void xe_piece(xe_job *j, int p)
+{
+    const int64_t lo = xe_edge(j->n, p), hi = xe_edge(j->n, p + 1);
+    const int bf = j->dt == XE_BF16;
+    double *sum = j->want_sum ? &j->sums[p] : NULL;
+    switch (j->op) {
+    case XE_SIGN:
+        if (bf && sum) xe_sign_range(j->x, j->out, sum, lo, hi, XE_BF16, 1, 1);
+        else if (bf) xe_sign_range(j->x, j->out, sum, lo, hi, XE_BF16, 1, 0);
+        else if (sum) xe_sign_range(j->x, j->out, sum, lo, hi, XE_F32, 1, 1);
+        else xe_sign_range(j->x, j->out, sum, lo, hi, XE_F32, 1, 0);
+        break;
+    case XE_ABS_SUM:
+        if (bf) xe_sign_range(j->x, NULL, sum, lo, hi, XE_BF16, 0, 1);
+        else xe_sign_range(j->x, NULL, sum, lo, hi, XE_F32, 0, 1);
+        break;
+    case XE_WINDOW_GRAD:
+        if (bf && j->has_mult) xe_window_grad_range(j, lo, hi, XE_BF16, 1);
+        else if (bf) xe_window_grad_range(j, lo, hi, XE_BF16, 0);
+        else if (j->has_mult) xe_window_grad_range(j, lo, hi, XE_F32, 1);
+        else xe_window_grad_range(j, lo, hi, XE_F32, 0);
+        break;
+    default:
+        if (bf && j->window) xe_masked_range(j, lo, hi, XE_BF16, 1);
+        else if (bf) xe_masked_range(j, lo, hi, XE_BF16, 0);
+        else if (j->window) xe_masked_range(j, lo, hi, XE_F32, 1);
+        else xe_masked_range(j, lo, hi, XE_F32, 0);
+    }
+}
+
+static void xe_run_share(xn_task *task, int tid)
+{
+    xe_job *j = (xe_job *)task;
+    int64_t p0, p1;
+    xn_share(XE_PARTS, 1, tid, task->nthreads, &p0, &p1);
+    for (int64_t p = p0; p < p1; p++) xe_piece(j, (int)p);
+}
+
+/* Run the job on up to nthreads threads; returns the sum of |x| when the job computes one (else 0). */
+static double xe_run(xe_job *j, int nthreads)
+{
+    j->task.run = xe_run_share;
+    j->task.arrived = 0;
+    j->task.status = 0;
+    j->task.nthreads = xn_threads(nthreads, j->n, XE_MIN_WORK, XE_PARTS);
+    xn_run(&j->task);
+    double total = 0.0;
+    if (j->want_sum)
+        for (int p = 0; p < XE_PARTS; p++) total += j->sums[p];
+    return total;
+}
+
+static int xe_bad(int64_t n, int dt) { return n < 0 || (dt != XE_F32 && dt != XE_BF16); }
+
+/* out = sign(x) in x's dtype (out may be NULL: the sum alone); *sum = sum |x| when sum is not NULL. */
+int xnor_ew_sign(const void *x, void *out, int64_t n, int dt, double *sum, int nthreads)
+{
+    if (xe_bad(n, dt) || (!out && !sum)) return XN_BAD_ARGS;
+    xe_job j;
+    memset(&j, 0, sizeof(j));
+    j.op = out ? XE_SIGN : XE_ABS_SUM;
+    j.dt = dt;
+    j.x = x;
+    j.out = out;
+    j.n = n;
+    j.want_sum = sum != NULL;
+    const double total = xe_run(&j, nthreads);
+    if (sum) *sum = total;
+    return XN_OK;
+}
+
+/* out = (x <= lo || x >= hi) ? 0 : g, then times mult when has_mult (one rounding in the dtype). */
+int xnor_ew_window_grad(const void *g, const void *x, void *out, int64_t n, int dt, float lo, float hi, int has_mult,
+                        float mult, int nthreads)
+{
+    if (xe_bad(n, dt)) return XN_BAD_ARGS;
+    xe_job j;
+    memset(&j, 0, sizeof(j));
+    j.op = XE_WINDOW_GRAD;
+    j.dt = dt;
+    j.x = x;
+    j.g = g;
+    j.out = out;
+    j.n = n;
+    j.lo = lo;
+    j.hi = hi;
+    j.has_mult = has_mult != 0;
+    j.mult = mult;
+    xe_run(&j, nthreads);
+    return XN_OK;
+}
+
+/* out = mask[i % period] ? (x >= 0 ? a : -a) : clamp(x, -b, b); window (may be NULL) = !(x <= lo || x >= hi). */
+int xnor_ew_masked(const void *x, const uint8_t *mask, int64_t period, void *out, int8_t *window, int64_t n, int dt,
+                   float a, float b, float lo, float hi, int nthreads)
+{
+    if (xe_bad(n, dt) || period < 1 || n % period) return XN_BAD_ARGS;
+    xe_job j;
+    memset(&j, 0, sizeof(j));
+    j.op = XE_MASKED;
+    j.dt = dt;
+    j.x = x;
+    j.mask = mask;
+    j.period = period;
+    j.out = out;
+    j.window = window;
+    j.n = n;
+    j.a = a;
+    j.b = b;
+    j.lo = lo;
+    j.hi = hi;
+    xe_run(&j, nthreads);
+    return XN_OK;
+}
