@@ -161,8 +161,9 @@ def _windowed_grad(
     """`_window(u, bound, grad.dtype).mul_(grad)`, the clipped-identity gradient `1{|u| <= bound} * grad`, with the
     same values (a zero may come out as +0.0 where the product gave -0.0) in one pass on CPU: aten's fused
     `hardtanh_backward`, which passes `grad` strictly inside `(lo, hi)` (`_window_edges`), so the window keeps its
-    closed ends (a NaN `u` is outside, as for the comparison). 4-7x faster than the comparison, product and temporaries. Elsewhere (another
-    device, under `torch.compile`, which must not read `bound` back to the host) the product.
+    closed ends (a NaN `u` is outside, as for the comparison). 4-7x faster than the comparison, product and
+    temporaries. Elsewhere (another device, under `torch.compile`, which must not read `bound` back to the host)
+    the product.
 
     With a 0-d `multiplier` the result is then multiplied by it in place (`.mul_(multiplier)`); a fused pass
     (`FusedOps.windowed_grad`) does both in one."""

@@ -100,7 +100,9 @@ class CpuFusedOps:
     ) -> torch.Tensor | None:
         if grad.shape != u.shape or not _plain(grad, u) or (lib := self._kernels()) is None:
             return None
-        if multiplier is not None and (multiplier.dim() != 0 or multiplier.dtype != grad.dtype or not multiplier.is_cpu):
+        if multiplier is not None and (
+            multiplier.dim() != 0 or multiplier.dtype != grad.dtype or not multiplier.is_cpu
+        ):
             return None
         out = torch.empty_like(grad)
         mult = 0.0 if multiplier is None else multiplier.item()

@@ -241,9 +241,7 @@ def _load() -> _Library:
             # the fused training passes (stompp_hf.kernels.elementwise): x, out, n, dtype, sum, nthreads
             ew_sign=_bind(lib, "xnor_ew_sign", (_P, _P, _I64, _INT, _P, _INT), _INT),
             # g, x, out, n, dtype, lo, hi, has_mult, mult, nthreads
-            ew_window_grad=_bind(
-                lib, "xnor_ew_window_grad", (_P, _P, _P, _I64, _INT, _F, _F, _INT, _F, _INT), _INT
-            ),
+            ew_window_grad=_bind(lib, "xnor_ew_window_grad", (_P, _P, _P, _I64, _INT, _F, _F, _INT, _F, _INT), _INT),
             # x, mask, period, out, window, n, dtype, a, b, lo, hi, nthreads
             ew_masked=_bind(lib, "xnor_ew_masked", (_P, _P, _I64, _P, _P, _I64, _INT, _F, _F, _F, _F, _INT), _INT),
         )
