@@ -54,20 +54,21 @@ def _plain(*tensors: torch.Tensor) -> bool:
 
 class CpuFusedOps:
     """`stompp_hf.core.functional.FusedOps` on CPU, through the C passes of the XNOR kernel's library. The library
-    is built on the first call; if that fails, every call answers None from then on (the torch ops run)."""
+    is built on the first call; where it cannot be, every call answers None (the torch ops run)."""
 
     def __init__(self) -> None:
-        self._lib = None
-        self._failed = False
+        self._logged = False
 
     def _kernels(self):
-        if self._lib is None and not self._failed:
-            try:
-                self._lib = _library()
-            except XnorUnavailable as e:
-                self._failed = True
+        """The loaded library, or None (logged once) when it cannot be built or loaded (`xnor._library` remembers
+        the failure, so a failed build is not retried on every call)."""
+        try:
+            return _library()
+        except XnorUnavailable as e:
+            if not self._logged:
+                self._logged = True
                 logger.info("Fused training passes unavailable, using torch ops: %s", e)
-        return self._lib
+            return None
 
     def sign(self, u: torch.Tensor, with_abs_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if not _plain(u) or (lib := self._kernels()) is None:

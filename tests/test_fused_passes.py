@@ -1,0 +1,256 @@
+"""The fused CPU passes of a training step (`stompp_hf.kernels.elementwise`, docs/design.md "Fused passes") give the
+values of the torch ops they replace, bit for bit, and step aside wherever they do not apply."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from stompp_hf import ProgressionController, StoMPPConfig, prepare_model
+from stompp_hf.core import functional as F
+from stompp_hf.kernels import elementwise, xnor
+from stompp_hf.kernels.build import XnorUnavailable
+
+from .testing_utils import needs_cc
+
+pytestmark = needs_cc
+
+DTYPES = [torch.float32, torch.bfloat16]
+N = (1 << 15) + 7  # above the fused passes' minimum size, and not a multiple of their 16 lanes
+
+
+@contextlib.contextmanager
+def torch_ops_only():
+    """Run the block on the torch ops alone (the reference the fused passes must match)."""
+    previous = F.set_fused_ops(None)
+    try:
+        yield
+    finally:
+        F.set_fused_ops(previous)
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Same dtype, shape and bits; a NaN matches any NaN (payloads are not part of the contract)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    nan = torch.isnan(want) if want.is_floating_point() else torch.zeros_like(want, dtype=torch.bool)
+    assert torch.equal(torch.isnan(got) if got.is_floating_point() else nan, nan)
+    view = {torch.float32: torch.int32, torch.bfloat16: torch.int16}.get(want.dtype, want.dtype)
+    assert torch.equal(got[~nan].view(view), want[~nan].view(view))
+
+
+def special_values(dtype: torch.dtype, bound: float) -> torch.Tensor:
+    """Signed zeros, NaN, infinities, subnormals, and the clip bound with its neighbours in `dtype`."""
+    b = torch.tensor(bound, dtype=dtype)
+    up = torch.nextafter(b.float(), torch.tensor(math.inf)).to(dtype)
+    if dtype == torch.bfloat16:  # the next bfloat16 up: one unit in the 8-bit mantissa
+        up = (b.view(torch.int16) + 1).view(torch.bfloat16)
+        down = (b.view(torch.int16) - 1).view(torch.bfloat16)
+    else:
+        down = torch.nextafter(b, torch.tensor(0.0))
+    values = [0.0, -0.0, math.nan, math.inf, -math.inf, 1e-40, -1e-40]
+    ends = torch.stack([b, -b, up, -up, down, -down])
+    return torch.cat([torch.tensor(values, dtype=dtype), ends])
+
+
+def data(dtype: torch.dtype, n: int = N, bound: float = 0.75, seed: int = 0) -> torch.Tensor:
+    """Normal values with the special ones scattered through (NaN included)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g).to(dtype)
+    special = special_values(dtype, bound)
+    where = torch.randperm(n, generator=g)[: 4 * len(special)]
+    x[where] = special.repeat(4)
+    return x
+
+
+def test_registered_by_default():
+    assert isinstance(F.fused_ops(), elementwise.CpuFusedOps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sign_matches_torch(dtype):
+    x = data(dtype)
+    fused = F.fused_ops().sign(x, False)
+    assert fused is not None and fused[1] is None
+    with torch_ops_only():
+        want = F.binary_sign(x)
+    assert_same(fused[0], want)
+    assert_same(F.binary_sign(x), want)  # through the hook
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_abs_sum_is_exact_enough_and_independent_of_threads(dtype):
+    """The fused sums accumulate in double in fixed pieces: within 1e-7 of the exact sum, and the same bits for any
+    number of threads; a NaN makes it NaN, as torch's does."""
+    x = torch.randn(3 * N).to(dtype)
+    exact = x.double().abs().sum().item()
+    threads = torch.get_num_threads()
+    sums = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            sign, total = F.sign_and_abs_sum(x)
+            sums += [total, F.abs_sum(x)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(s.dtype == torch.float32 and s.dim() == 0 for s in sums)
+    assert all(torch.equal(s, sums[0]) for s in sums)
+    assert abs(sums[0].item() - exact) <= 1e-7 * exact
+    x[N // 2] = math.nan
+    assert math.isnan(F.abs_sum(x).item()) and math.isnan(F.sign_and_abs_sum(x)[1].item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("multiplier", [None, 1 / 0.9, 0.0])
+def test_windowed_grad_matches_torch(dtype, multiplier):
+    """`hardtanh_backward` (then `.mul_` by the multiplier): the closed window `|u| <= c` at its exact ends, a NaN
+    `u` outside, the gradient's own zeros, NaN and infinities passed through; a zero multiplier (a zero scale)."""
+    bound = torch.tensor(0.75, dtype=dtype)
+    u, grad = data(dtype), data(dtype, seed=1)
+    mult = None if multiplier is None else torch.tensor(multiplier, dtype=dtype)
+    got = F._windowed_grad(grad, u, bound, mult)
+    with torch_ops_only():
+        want = F._windowed_grad(grad, u, bound, mult)
+        window = F._window(u, bound, dtype)
+    assert_same(got, want)
+    inside = window.bool() & ~torch.isnan(u)
+    assert torch.equal(got[~inside], torch.zeros_like(got[~inside]))  # outside the window (NaN u too): zero
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("shape", "mask_shape"),
+    [((N,), (N,)), ((7, 4099), (4099,)), ((7, 4099), (1, 4099)), ((3, 5, 47, 47), (5, 47, 47)), ((2, 8193), ())],
+)
+@pytest.mark.parametrize("scale", [0.625, "tensor", 1.0])
+def test_masked_matches_torch(dtype, shape, mask_shape, scale):
+    """`where(M, a * sign(u), clamp(u, -c, c))` and the int8 window, for the per-sample masks of linear and conv
+    inputs (a trailing-dimension mask repeated over the batch), a 0-d tensor scale and Python ones."""
+    numel = math.prod(shape)
+    u = data(dtype, numel).view(shape)
+    mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(2)) < 0.5
+    bound = torch.tensor(0.75, dtype=dtype)
+    a = torch.tensor(0.8125, dtype=dtype) if scale == "tensor" else scale
+    got, window = F._fused_masked(u, mask, a, bound, window=True)
+    values = F._masked_values(u, mask, a, bound, True)  # through the hook: the fused values, no window
+    with torch_ops_only():
+        want = F._masked_values(u, mask, a, bound, True)
+        want_window = F._window_int8(u, bound)
+    assert_same(got, want)
+    assert_same(values, want)
+    assert_same(window, want_window)
+
+
+def test_masked_autograd_matches_torch():
+    """`masked_binarize` with a gradient: the forward and the gradient of both rules, fused and not."""
+    u = data(torch.float32, 4 * 4099).view(4, 4099).nan_to_num(0.0, 3.0, -3.0)
+    mask = torch.rand(4099) < 0.5
+    grad = torch.randn(4, 4099)
+    results = []
+    for ops in ("fused", "torch"):
+        for rule in ("stompp", "stompp_ste"):
+            with torch_ops_only() if ops == "torch" else contextlib.nullcontext():
+                x = u.clone().requires_grad_()
+                out = F.masked_binarize(x, mask, rule=rule, scale=torch.tensor(0.5), bound=0.75, clip_smooth=True)
+                out.backward(grad)
+                results.append((out.detach(), x.grad))
+    for (out_a, grad_a), (out_b, grad_b) in zip(results[:2], results[2:]):
+        assert_same(out_a, out_b)
+        assert_same(grad_a, grad_b)
+
+
+def test_steps_aside_where_it_does_not_apply():
+    """Each pass answers None (the torch ops run) for what it does not handle: another dtype, a strided view, a
+    small tensor, mixed dtypes, a mask that is not a trailing-dimension mask, a non-0-d multiplier."""
+    ops = F.fused_ops()
+    x = torch.randn(256, 256)
+    assert ops.sign(x.half(), False) is None
+    assert ops.sign(x.double(), True) is None
+    assert ops.sign(x.t(), False) is None
+    assert ops.sign(torch.randn(100), False) is None
+    assert ops.abs_sum(x[:, ::2]) is None
+    assert ops.windowed_grad(x, x.bfloat16(), -1.0, 1.0, None) is None
+    assert ops.windowed_grad(x, x.t(), -1.0, 1.0, None) is None
+    assert ops.windowed_grad(x, x, -1.0, 1.0, torch.ones(1)) is None
+    assert ops.masked(x, torch.ones(256, 1, dtype=torch.bool), 1.0, 1.0, None) is None
+    assert ops.masked(x, torch.ones(256, dtype=torch.int8), 1.0, 1.0, None) is None
+    assert ops.masked(x, torch.ones(512, dtype=torch.bool)[::2], 1.0, 1.0, None) is None
+    # and the hooked functions still give the torch values there
+    with torch_ops_only():
+        want = F.binary_sign(x.t())
+    assert_same(F.binary_sign(x.t()), want)
+
+
+def test_without_the_library_the_torch_ops_run(monkeypatch):
+    """A kernel that cannot be built leaves training on the torch ops: same values, no error."""
+
+    def unavailable():
+        raise XnorUnavailable("no compiler (test)")
+
+    monkeypatch.setattr(elementwise, "_library", unavailable)
+    x = torch.randn(300, 300)
+    assert F.fused_ops().sign(x, True) is None and F.fused_ops().abs_sum(x) is None
+    with torch_ops_only():
+        want = F.binary_sign(x), F.abs_sum(x)
+    got = F.binary_sign(x), F.abs_sum(x)
+    assert_same(got[0], want[0]) and assert_same(got[1], want[1])
+
+
+def test_environment_variable_turns_it_off():
+    code = "import stompp_hf.nn; from stompp_hf.core.functional import fused_ops; print(fused_ops() is None)"
+    env = {"STOMPP_HF_FUSED_PASSES": "0", "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+    assert elementwise.enabled()
+
+
+def _layers(state: float) -> nn.Sequential:
+    """Three binarized linear layers, one stage each, the progression restored to `state` (0.5: the second layer
+    halfway through its stage, the first frozen, the third continuous)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 384), nn.Linear(384, 512), nn.Linear(512, 256))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the schedule warning of a short progression
+        prepare_model(model, StoMPPConfig(weights="stompp_ste", activations="stompp_ste", granularity="module"))
+        controller = ProgressionController(model, 300)
+    model.train()
+    model(torch.zeros(2, 512))  # sizes the input masks
+    controller.restore(round(300 * state))
+    return model
+
+
+@pytest.mark.parametrize("state", [0.5, 1.0, 0.0])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_training_step_matches_torch_ops(state, autocast):
+    """Whole forward and backward of binarized layers in every mask state (frozen and factored, transitioning,
+    continuous), fp32 and bf16 autocast: outputs, gradients and the activation scales the same bits as on the torch
+    ops. The inputs are multiples of 1/8, so both ways of summing |x| are exact and give the same beta."""
+    x0 = torch.randint(-12, 13, (96, 512), generator=torch.Generator().manual_seed(3)).float() / 8
+    results = []
+    for ops in ("fused", "torch"):
+        model = _layers(state)
+        x = x0.clone().requires_grad_()
+        with torch_ops_only() if ops == "torch" else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                y = model(x)
+            y.float().square().sum().backward()
+        grads = [p.grad for p in model.parameters()]
+        scales = [b for n, b in model.named_buffers() if n.endswith("scale")]
+        results.append((y.detach(), x.grad, grads, scales))
+    (y_a, gx_a, gp_a, s_a), (y_b, gx_b, gp_b, s_b) = results
+    assert_same(y_a, y_b)
+    assert_same(gx_a, gx_b)
+    for a, b in zip(gp_a + s_a, gp_b + s_b):
+        assert_same(a, b)
+
+
+def test_uses_the_loaded_xnor_library():
+    """The passes live in the XNOR kernel's library (one build, one set of threads)."""
+    assert xnor.is_available()
+    assert elementwise._library() is xnor._library()
