@@ -8,7 +8,8 @@ outputs, for float32 activations and, on the avx512 and AMX paths, bfloat16 ones
 
 Modules: `xnor` (the XNOR-popcount linear kernel and the shared library: C sources `xnor.c`, `xnor_avx512.c`,
 `xnor_amx.c`, `xnor_conv.c`; code paths chosen at run time from the CPU's features), `bconv` (the binary
-convolution), `int8` (+-1 as int8 on AMX tiles or through `torch._int_mm`, and when "auto" measures it), `build`
+convolution), `int8` (+-1 as int8 on AMX tiles or through `torch._int_mm`, and when "auto" measures it),
+`elementwise` (the fused passes of a training step's binarizers, C source `xnor_train.c`), `build`
 (compiling, caching and loading the C sources) and `cpu` (the host CPU's model and feature flags, for the build cache
 key and `describe_cpu`).
 """
