@@ -57,7 +57,7 @@ class FusedOps(Protocol):
         self, u: torch.Tensor, mask: torch.Tensor, value: float, bound: float, edges: tuple[float, float] | None
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """`(where(mask, value * sign(u), clamp(u, -bound, bound)), int8 window)` in `u`'s dtype, for a bool `mask`
-        that broadcasts to `u`; the window is `!(u <= lo or u >= hi)` for `edges = (lo, hi)` (None: no window)."""
+        that broadcasts to `u`; the window is `lo < u < hi` for `edges = (lo, hi)` (None: no window)."""
 
 
 _fused: FusedOps | None = None

@@ -5,14 +5,14 @@
    window 1{|x| <= c} and the product with the gradient. Each is memory-bound, so on a CPU the step pays for the
    passes, not for the arithmetic. These entry points do the same arithmetic in one pass each:
 
-   * xnor_ew_sign:        out = x >= 0 ? 1 : -1 (NaN -> -1), and optionally sum |x| in the same read.
-   * xnor_ew_abs_sum:     sum |x| (read only).
-   * xnor_ew_window_grad: out = (x <= lo || x >= hi) ? 0 : g, times `mult` when given. With lo, hi one ulp outside
-                          -c, c this is the clipped identity 1{|x| <= c} * g, as aten's hardtanh_backward computes it
-                          (a NaN x passes g), then the product with the factored form's 1 / scale.
-   * xnor_ew_masked:      out = M ? (x >= 0 ? a : -a) : clamp(x, -b, b), and the int8 window (x <= lo || x >= hi ? 0
-                          : 1): the forward of a transitioning input, whose mask M repeats every `period` elements
-                          (the per-sample mask of a contiguous batch).
+   * xnor_ew_sign:        out = x >= 0 ? 1 : -1 (NaN -> -1), and optionally sum |x| in the same read; with out
+                          NULL, the sum alone (read only).
+   * xnor_ew_window_grad: out = (lo < x && x < hi) ? g : 0, times `mult` when given. With lo, hi one ulp outside
+                          -c, c this is the clipped identity 1{|x| <= c} * g as aten's hardtanh_backward computes it
+                          (a NaN x is outside), then the product with the factored form's 1 / scale.
+   * xnor_ew_masked:      out = M ? (x >= 0 ? a : -a) : clamp(x, -b, b), and the int8 window (lo < x && x < hi):
+                          the forward of a transitioning input, whose mask M repeats every `period` elements (the
+                          per-sample mask of a contiguous batch).
 
    Values are float32 or bfloat16 (`dt`), read and written in that dtype. bfloat16 is widened to float32 (exact),
    computed in float32 and rounded back to nearest even (NaN -> 0x7FC0), as torch computes a bfloat16 op. Sums of
@@ -24,7 +24,7 @@
 #define XE_BF16 1
 #define XE_LANES 16
 #define XE_PARTS 64          /* pieces of the work (and of a sum), split between the threads */
-#define XE_FLUSH 4096        /* elements summed per float32 lane before the lane sums go into a double */
+#define XE_FLUSH 4096        /* elements summed in the float32 lanes before their sums go into a double */
 #define XE_MIN_WORK 32768    /* elements per thread below which another thread costs more than it saves */
 
 #define XE_INLINE static inline __attribute__((always_inline))
@@ -211,7 +211,7 @@ int xnor_ew_sign(const void *x, void *out, int64_t n, int dt, double *sum, int n
     return XN_OK;
 }
 
-/* out = (x <= lo || x >= hi) ? 0 : g, then times mult when has_mult (one rounding in the dtype). */
+/* out = (lo < x && x < hi) ? g : 0, then times mult when has_mult (one rounding in the dtype). */
 int xnor_ew_window_grad(const void *g, const void *x, void *out, int64_t n, int dt, float lo, float hi, int has_mult,
                         float mult, int nthreads)
 {
@@ -232,7 +232,7 @@ int xnor_ew_window_grad(const void *g, const void *x, void *out, int64_t n, int 
     return XN_OK;
 }
 
-/* out = mask[i % period] ? (x >= 0 ? a : -a) : clamp(x, -b, b); window (may be NULL) = !(x <= lo || x >= hi). */
+/* out = mask[i % period] ? (x >= 0 ? a : -a) : clamp(x, -b, b); window (may be NULL) = lo < x && x < hi. */
 int xnor_ew_masked(const void *x, const uint8_t *mask, int64_t period, void *out, int8_t *window, int64_t n, int dt,
                    float a, float b, float lo, float hi, int nthreads)
 {
