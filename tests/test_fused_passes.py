@@ -165,6 +165,27 @@ def test_masked_autograd_matches_torch():
         assert_same(grad_a, grad_b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_inputs(dtype):
+    """The elementwise passes read a channels-last activation (a conv BNN's) as it lies in memory, and the outputs
+    keep its layout; the masked pass, whose per-sample mask follows the standard order, leaves it to torch."""
+    u = data(dtype, 4 * 16 * 33 * 33).view(4, 16, 33, 33).contiguous(memory_format=torch.channels_last)
+    grad = data(dtype, u.numel(), seed=1).view(u.shape).contiguous(memory_format=torch.channels_last)
+    bound = torch.tensor(0.75, dtype=dtype)
+    ops = F.fused_ops()
+    assert ops.sign(u, True) is not None and ops.windowed_grad(grad, u, -1.0, 1.0, None) is not None
+    assert ops.masked(u, torch.ones(16, 33, 33, dtype=torch.bool), 1.0, 1.0, None) is None
+    got = F.binary_sign(u), F._windowed_grad(grad, u, bound, torch.tensor(2.0, dtype=dtype))
+    with torch_ops_only():
+        want = F.binary_sign(u), F._windowed_grad(grad, u, bound, torch.tensor(2.0, dtype=dtype))
+    for a, b in zip(got, want):
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        assert a.stride() == b.stride()
+        assert_same(a, b)
+    finite = u.nan_to_num(0.0, 0.0, 0.0)
+    assert abs(F.abs_sum(finite).item() - finite.double().abs().sum().item()) <= 1e-6 * finite.double().abs().sum()
+
+
 def test_steps_aside_where_it_does_not_apply():
     """Each pass answers None (the torch ops run) for what it does not handle: another dtype, a strided view, a
     small tensor, mixed dtypes, a mask that is not a trailing-dimension mask, a non-0-d multiplier."""
@@ -177,6 +198,8 @@ def test_steps_aside_where_it_does_not_apply():
     assert ops.abs_sum(x[:, ::2]) is None
     assert ops.windowed_grad(x, x.bfloat16(), -1.0, 1.0, None) is None
     assert ops.windowed_grad(x, x.t(), -1.0, 1.0, None) is None
+    y = torch.randn(4, 8, 32, 32)
+    assert ops.windowed_grad(y, y.contiguous(memory_format=torch.channels_last), -1.0, 1.0, None) is None
     assert ops.windowed_grad(x, x, -1.0, 1.0, torch.ones(1)) is None
     assert ops.masked(x, torch.ones(256, 1, dtype=torch.bool), 1.0, 1.0, None) is None
     assert ops.masked(x, torch.ones(256, dtype=torch.int8), 1.0, 1.0, None) is None

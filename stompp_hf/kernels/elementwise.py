@@ -5,9 +5,10 @@ sum of |x| for beta, the clip, the window `1{|x| <= c}`, the product with the gr
 its memory traffic, not its arithmetic. `CpuFusedOps` does each group in one pass, in C (`xnor_train.c`, built into
 the XNOR kernel's library), with the values of the torch expressions bit for bit (the sum of |x| is accumulated in
 double, so it is at least as close to the exact sum as torch's float32 one). `stompp_hf.nn` registers it with
-`stompp_hf.core.functional.set_fused_ops`, so the binarizers of every training module use it; a tensor it does not
-handle (another device or dtype, non-contiguous, a subclass such as `DTensor`, small, or under `torch.compile`)
-takes the torch ops, as does everything when the kernel cannot be built. `STOMPP_HF_FUSED_PASSES=0` turns it off.
+`stompp_hf.core.functional.set_fused_ops`, so the binarizers of every training module use it. A tensor it does not
+handle (another device or dtype, not dense, a subclass such as `DTensor`, small, under `torch.compile`, and for the
+masked pass a channels-last input, whose per-sample mask it would read out of order) takes the torch ops, as does
+everything when the kernel cannot be built. `STOMPP_HF_FUSED_PASSES=0` turns it off.
 """
 
 from __future__ import annotations
@@ -37,16 +38,27 @@ def enabled() -> bool:
     return os.environ.get(_ENV, "1").strip() != "0"
 
 
-def _plain(*tensors: torch.Tensor) -> bool:
-    """Tensors the C passes read as flat arrays: plain CPU tensors of one supported dtype, contiguous, big enough,
+def _dense(t: torch.Tensor) -> bool:
+    """Whether `t`'s elements fill its memory without gaps, in the standard or the channels-last order."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _plain(*tensors: torch.Tensor, ordered: bool = False) -> bool:
+    """Tensors the C passes read as flat arrays: plain CPU tensors of one supported dtype, dense with the same
+    strides (contiguous, or channels-last where the pass is elementwise; `ordered`: contiguous), big enough,
     outside `torch.compile`."""
     first = tensors[0]
     return (
         first.dtype in _DTYPES
         and first.numel() >= _MIN_NUMEL
         and not torch.compiler.is_compiling()
+        and (first.is_contiguous() if ordered else _dense(first))
         and all(
-            type(t) is torch.Tensor and t.is_cpu and t.dtype == first.dtype and t.is_contiguous() and not t.is_neg()
+            type(t) is torch.Tensor
+            and t.is_cpu
+            and t.dtype == first.dtype
+            and t.stride() == first.stride()
+            and not t.is_neg()
             for t in tensors
         )
     )
@@ -124,7 +136,7 @@ class CpuFusedOps:
     def masked(
         self, u: torch.Tensor, mask: torch.Tensor, value: float, bound: float, edges: tuple[float, float] | None
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or not _plain(u):
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or not _plain(u, ordered=True):
             return None
         while mask.dim() > 0 and mask.shape[0] == 1:  # leading broadcast dimensions
             mask = mask[0]
