@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 _ENV = "STOMPP_HF_FUSED_PASSES"
 #: dtype codes of the C entry points
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-#: Below this many elements torch's own ops cost about the same (per-call costs dominate).
+#: Smaller tensors take the torch ops: a fused pass saves only microseconds per call there (sign and sum |x| of 1024
+#: float32 values: 20 against 30 us on the AMX Xeon, 2 threads; 26 against 62 us at 65536).
 _MIN_NUMEL = 1 << 14
 
 
