@@ -198,14 +198,7 @@ static int xe_bad(int64_t n, int dt) { return n < 0 || (dt != XE_F32 && dt != XE
 int xnor_ew_sign(const void *x, void *out, int64_t n, int dt, double *sum, int nthreads)
 {
     if (xe_bad(n, dt) || (!out && !sum)) return XN_BAD_ARGS;
-    xe_job j;
-    memset(&j, 0, sizeof(j));
-    j.op = out ? XE_SIGN : XE_ABS_SUM;
-    j.dt = dt;
-    j.x = x;
-    j.out = out;
-    j.n = n;
-    j.want_sum = sum != NULL;
+    xe_job j = {.op = out ? XE_SIGN : XE_ABS_SUM, .dt = dt, .x = x, .out = out, .n = n, .want_sum = sum != NULL};
     const double total = xe_run(&j, nthreads);
     if (sum) *sum = total;
     return XN_OK;
@@ -216,18 +209,8 @@ int xnor_ew_window_grad(const void *g, const void *x, void *out, int64_t n, int 
                         float mult, int nthreads)
 {
     if (xe_bad(n, dt)) return XN_BAD_ARGS;
-    xe_job j;
-    memset(&j, 0, sizeof(j));
-    j.op = XE_WINDOW_GRAD;
-    j.dt = dt;
-    j.x = x;
-    j.g = g;
-    j.out = out;
-    j.n = n;
-    j.lo = lo;
-    j.hi = hi;
-    j.has_mult = has_mult != 0;
-    j.mult = mult;
+    xe_job j = {.op = XE_WINDOW_GRAD, .dt = dt, .x = x, .g = g, .out = out, .n = n,
+                .lo = lo, .hi = hi, .has_mult = has_mult != 0, .mult = mult};
     xe_run(&j, nthreads);
     return XN_OK;
 }
@@ -237,20 +220,8 @@ int xnor_ew_masked(const void *x, const uint8_t *mask, int64_t period, void *out
                    float a, float b, float lo, float hi, int nthreads)
 {
     if (xe_bad(n, dt) || period < 1 || n % period) return XN_BAD_ARGS;
-    xe_job j;
-    memset(&j, 0, sizeof(j));
-    j.op = XE_MASKED;
-    j.dt = dt;
-    j.x = x;
-    j.mask = mask;
-    j.period = period;
-    j.out = out;
-    j.window = window;
-    j.n = n;
-    j.a = a;
-    j.b = b;
-    j.lo = lo;
-    j.hi = hi;
+    xe_job j = {.op = XE_MASKED, .dt = dt, .x = x, .mask = mask, .period = period, .out = out, .window = window,
+                .n = n, .a = a, .b = b, .lo = lo, .hi = hi};
     xe_run(&j, nthreads);
     return XN_OK;
 }
