@@ -113,6 +113,17 @@ static int xn_hugepages = 1;
 
 int xnor_set_hugepages(int on) { return __atomic_exchange_n(&xn_hugepages, on != 0, __ATOMIC_RELAXED); }
 
+/* Outputs of at least this many bytes are written with streaming (non-temporal) stores where their layout allows
+   (`xnor_set_stream_min_bytes`; see xz_stream_ok). Such an output is too large to still be in L2 when the next op
+   reads it, and a normal store first reads every line it writes (read for ownership): streaming skips that read,
+   a third of the memory traffic of a layer whose input and output are the same size. */
+static int64_t xn_stream_min_bytes = (int64_t)1 << 22;
+
+int64_t xnor_set_stream_min_bytes(int64_t bytes)
+{
+    return __atomic_exchange_n(&xn_stream_min_bytes, bytes < 0 ? INT64_MAX : bytes, __ATOMIC_RELAXED);
+}
+
 /* Ask the kernel to back the 2 MiB-aligned interior of a large output buffer with transparent huge pages (Linux,
    THP "madvise" or "always" mode; a no-op elsewhere). A fresh output of a few MiB is otherwise first touched 4 KiB
    at a time: at batch 32 those page faults cost as much as the popcounts (768 -> 3072 at 4096 rows: 61 -> 37 ms on

@@ -47,6 +47,7 @@ __all__ = [
     "paths",
     "prepare_weights",
     "set_hugepages",
+    "set_stream_min_bytes",
     "thread_runtime",
     "xnor_linear",
 ]
@@ -58,6 +59,7 @@ _SYMBOL = "xnor_linear_f32"
 PATHS: tuple[str, ...] = ("avx512", "avx2", "scalar")
 _PATH_IDS = {"scalar": 0, "avx2": 1, "avx512": 2}
 _AUTO = -1
+_NEVER = 2**63 - 1  # the C side's "never stream" (INT64_MAX)
 
 #: Where a multi-threaded kernel call runs: "openmp", on the threads of the GNU OpenMP runtime (libgomp) that torch
 #: itself uses, or "pthreads", on the kernel's own pool. "openmp" wherever torch runs on libgomp: between two torch
@@ -111,6 +113,7 @@ class _Library(NamedTuple):
     paths: tuple[str, ...]
     openmp_in_use: Callable[[], int]
     set_hugepages: Callable[[int], int]
+    set_stream_min_bytes: Callable[[int], int]
     amx_available: Callable[[], int]
     amx_weight_bytes: Callable[..., int]
     amx_prepare: Callable[..., int]
@@ -229,6 +232,7 @@ def _load() -> _Library:
             paths=tuple(p for p in PATHS if mask >> _PATH_IDS[p] & 1),
             openmp_in_use=_bind(lib, "xnor_openmp_in_use", (), _INT),
             set_hugepages=_bind(lib, "xnor_set_hugepages", (_INT,), _INT),
+            set_stream_min_bytes=_bind(lib, "xnor_set_stream_min_bytes", (_I64,), _I64),
             amx_available=_bind(lib, "xnor_amx_available", (), _INT),
             amx_weight_bytes=_bind(lib, "xnor_amx_weight_bytes", (_I64, _I64, _I64), _I64),
             amx_prepare=_bind(lib, "xnor_amx_prepare", (_P, _I64, _I64, _I64, _P), _INT),
@@ -354,6 +358,25 @@ def _path_id(path: str | None, kernel: str) -> int:
             f"The {kernel} kernel's {path!r} path does not run on this CPU (it supports {', '.join(paths())})."
         )
     return _PATH_IDS[path]
+
+
+def set_stream_min_bytes(min_bytes: int | None) -> int | None:
+    """Outputs of at least `min_bytes` bytes are written with streaming (non-temporal) stores, by the avx512 linear
+    and convolution paths and the AMX int8 path, where the layout allows it (64-byte aligned, rows of whole cache
+    lines: a multiple of 16 float32 or 32 bf16 channels; channels-last for a convolution). A normal store first
+    reads the line it writes; streaming skips that read, about a third of the memory traffic of a layer whose input
+    and output are the same size, and leaves the caches to the data still in use. An output too large to stay in
+    L2 gains (median 20-45% on 384- and 768-wide linear layers at 4096 rows, float32, AMX Xeon); a small one would
+    be read back from memory by the next op, hence the threshold. `None`: never stream. The default is 4 MiB.
+    Only the stores change, never a value. Returns the previous setting. Process-wide, not thread-local.
+
+    Raises:
+        XnorUnavailable: When the kernel could not be compiled or loaded.
+    """
+    if min_bytes is not None and (isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0):
+        raise TypeError(f"`min_bytes` must be a non-negative int or None, got {min_bytes!r}.")
+    previous = _library().set_stream_min_bytes(-1 if min_bytes is None else min_bytes)
+    return None if previous == _NEVER else previous
 
 
 def prepare_weights(

@@ -141,22 +141,29 @@ XA_INLINE int xa_signs(const void *p, int64_t i0, int64_t cnt, int64_t padded, i
     return bad ? (strict ? XN_NOT_PM1 : XN_NAN) : 0;
 }
 
+/* Where and how a call's outputs go: y = float(sum) * scale + bias (each where it exists), bf16 outputs (y is
+   bfloat16, every step rounded as in xz_finish), and `stream`: xz_store_row's streaming stores (xz_stream_ok held). */
+typedef struct {
+    const float *scale, *bias;
+    void *y;
+    int bf16, stream;
+} xa_out;
+
 /* One row of 16 sums -> outputs: float(acc) * scale + bias, two roundings, each only where it exists (with bf16
-   outputs each step rounded to bf16, as in xz_finish); written to element i of y for the `lanes` channels. */
-XA_INLINE void xa_finish_row(const int32_t *acc, const float *scale, const float *bias, int64_t n0, __mmask16 lanes,
-                             void *y, int64_t i, int bf16)
+   outputs each step rounded to bf16, as in xz_finish), for the `lanes` channels from n0. */
+XA_INLINE __m512 xa_finish_row(const int32_t *acc, const xa_out *o, int64_t n0, __mmask16 lanes)
 {
     __m512 f = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)acc));   /* exact: |acc| <= K < 2**24 */
-    if (bf16) f = xz_round_bf16(f);
-    if (scale) {
-        f = _mm512_mul_ps(f, _mm512_maskz_loadu_ps(lanes, scale + n0));
-        if (bf16) f = xz_round_bf16(f);
+    if (o->bf16) f = xz_round_bf16(f);
+    if (o->scale) {
+        f = _mm512_mul_ps(f, _mm512_maskz_loadu_ps(lanes, o->scale + n0));
+        if (o->bf16) f = xz_round_bf16(f);
     }
-    if (bias) {
-        f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(lanes, bias + n0));
-        if (bf16) f = xz_round_bf16(f);
+    if (o->bias) {
+        f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(lanes, o->bias + n0));
+        if (o->bf16) f = xz_round_bf16(f);
     }
-    xz_store(y, i, lanes, f, bf16);
+    return f;
 }
 
 /* A unit's finished sums waiting for the epilogue: 4 tiles of 16 x 16 int32 in `buf`, tile q for the 16 channels
@@ -168,13 +175,26 @@ typedef struct {
     int live;
 } xa_pending;
 
-/* Epilogue rows [r0, r1) of a pending unit. */
-XA_INLINE void xa_finish_rows(const xa_pending *p, int r0, int r1, const float *scale, const float *bias, void *y,
-                              int bf16)
+/* Epilogue rows [r0, r1) of a pending unit (0 .. 64 over a whole unit). Streaming bf16 outputs go a row of tiles
+   2t and 2t + 1 at a time (32 consecutive channels, one line): rows [r0, r1) then stand for the pairs
+   [ceil(r0 / 2), ceil(r1 / 2)), which cover the 32 pairs once over any split of 0 .. 64. */
+XA_INLINE void xa_finish_rows(const xa_pending *p, int r0, int r1, const xa_out *o)
 {
+    if (o->stream && o->bf16) {
+        for (int pr = (r0 + 1) >> 1; pr < (r1 + 1) >> 1; pr++) {
+            const int r = 32 * (pr >> 4) + (pr & 15);
+            if (p->idx[r] < 0) continue;
+            const __m512 f[2] = {xa_finish_row(p->buf + 16 * r, o, p->n[r >> 4], p->lanes[r >> 4]),
+                                 xa_finish_row(p->buf + 16 * (r + 16), o, p->n[(r >> 4) + 1], p->lanes[(r >> 4) + 1])};
+            xz_store_row(o->y, p->idx[r], f, p->lanes + (r >> 4), 2, 1, 1);
+        }
+        return;
+    }
     for (int r = r0; r < r1; r++)
-        if (p->idx[r] >= 0)
-            xa_finish_row(p->buf + 16 * r, scale, bias, p->n[r >> 4], p->lanes[r >> 4], y, p->idx[r], bf16);
+        if (p->idx[r] >= 0) {
+            const __m512 f = xa_finish_row(p->buf + 16 * r, o, p->n[r >> 4], p->lanes[r >> 4]);
+            xz_store_row(o->y, p->idx[r], &f, p->lanes + (r >> 4), 1, o->bf16, o->stream);
+        }
 }
 
 /* The 2 x 2 unit: accumulators 0..3 = A(a0) x B(b0), A(a0) x B(b1), A(a1) x B(b0), A(a1) x B(b1) over KC chunks,
@@ -183,8 +203,7 @@ XA_INLINE void xa_finish_rows(const xa_pending *p, int r0, int r1, const float *
    per chunk: the tile unit works while the vector units finish the last sums (run after them, the epilogue cost
    about as much as the products at K = 576). */
 XA_INLINE void xa_unit(const int8_t *a0, const int8_t *a1, int64_t as, const int64_t *aoff, const int8_t *b0,
-                       const int8_t *b1, int64_t KC, xa_pending *prev, xa_pending *next, const float *scale,
-                       const float *bias, void *y, int bf16)
+                       const int8_t *b1, int64_t KC, xa_pending *prev, xa_pending *next, const xa_out *o)
 {
     const int step = prev->live ? (int)((64 + KC - 1) / KC) : 0;
     int done = 0;
@@ -203,11 +222,11 @@ XA_INLINE void xa_unit(const int8_t *a0, const int8_t *a1, int64_t as, const int
         _tile_dpbssd(3, 5, 7);
         if (done < 64 && step) {
             const int end = done + step < 64 ? done + step : 64;
-            xa_finish_rows(prev, done, end, scale, bias, y, bf16);
+            xa_finish_rows(prev, done, end, o);
             done = end;
         }
     }
-    if (prev->live && done < 64) xa_finish_rows(prev, done, 64, scale, bias, y, bf16);
+    if (prev->live && done < 64) xa_finish_rows(prev, done, 64, o);
     prev->live = 0;
     _tile_stored(0, next->buf, 64);
     _tile_stored(1, next->buf + 256, 64);
@@ -233,8 +252,7 @@ typedef struct {
     const void *x;                /* float32, or bfloat16 with bf16 (y too) */
     int64_t ldx, M, N, K;
     const int8_t *w;              /* the weight layout */
-    const float *scale, *bias;
-    void *y;
+    xa_out out;
     int64_t Kp, KC, M32, N32;
     int8_t *xa;                   /* [M32][Kp] */
     int64_t *aoff;                /* [KC]: kc KiB */
@@ -284,7 +302,7 @@ XA_FN static void xa_linear_block(const xa_linear_job *j, const int8_t *a, int64
                 const int8_t *b0 = j->w + np * pair_bytes;
                 xa_pending *next = &pend[*cur];
                 xa_unit(a0, a0 + pair_bytes / 2, 64, j->aoff, b0, b0 + pair_bytes / 2, j->KC, &pend[*cur ^ 1], next,
-                        j->scale, j->bias, j->y, j->bf16);
+                        &j->out);
                 xa_pending_channels(next, 32 * np, j->N);
                 for (int r = 0; r < 64; r++) {
                     const int64_t m = 32 * mt + 16 * ((r >> 4) >> 1) + (r & 15), n = next->n[r >> 4];
@@ -297,11 +315,12 @@ XA_FN static void xa_linear_block(const xa_linear_job *j, const int8_t *a, int64
 }
 
 /* Finish the thread's last pending unit. */
-XA_INLINE void xa_flush(xa_pending pend[2], int cur, const float *scale, const float *bias, void *y, int bf16)
+XA_INLINE void xa_flush(xa_pending pend[2], int cur, const xa_out *o)
 {
     xa_pending *last = &pend[cur ^ 1];
-    if (last->live) xa_finish_rows(last, 0, 64, scale, bias, y, bf16);
+    if (last->live) xa_finish_rows(last, 0, 64, o);
     last->live = 0;
+    if (o->stream) _mm_sfence();
 }
 
 /* Split over rows: each thread packs blocks of its own rows into its own buffer (about 512 KiB, L2) and sweeps every
@@ -337,7 +356,7 @@ XA_FN static void xa_linear_share(xn_task *task, int tid)
             }
             xa_linear_block(j, a, mb, me, 0, nu, pend, &cur);
         }
-        xa_flush(pend, cur, j->scale, j->bias, j->y, j->bf16);
+        xa_flush(pend, cur, &j->out);
         _tile_release();
         return;
     }
@@ -352,7 +371,7 @@ XA_FN static void xa_linear_share(xn_task *task, int tid)
     if (n0 >= n1) return;
     xa_configure();
     xa_linear_block(j, j->xa, 0, mu, n0, n1, pend, &cur);
-    xa_flush(pend, cur, j->scale, j->bias, j->y, j->bf16);
+    xa_flush(pend, cur, &j->out);
     _tile_release();
 }
 
@@ -364,7 +383,9 @@ static int xa_linear(const void *x, int64_t M, int64_t ldx, int64_t K, const int
     memset(&j, 0, sizeof j);
     j.task.run = xa_linear_share;
     j.x = x; j.ldx = ldx; j.M = M; j.N = N; j.K = K; j.w = w;
-    j.scale = scale; j.bias = bias; j.y = y; j.strict = strict; j.bf16 = bf16;
+    j.out = (xa_out){.scale = scale, .bias = bias, .y = y, .bf16 = bf16,
+                     .stream = xz_stream_ok(y, M * N, N, N, bf16)};
+    j.strict = strict; j.bf16 = bf16;
     j.Kp = xa_round(K, 64);
     j.KC = j.Kp / 64;
     j.M32 = xa_round(M, 32);
@@ -400,8 +421,7 @@ typedef struct {
     int64_t flat;                 /* 1: stride 1, tiles over the flattened padded grid; 0: tiles along output rows */
     int64_t spi, ppi;             /* segments and segment pairs per image */
     const int8_t *w;
-    const float *scale, *bias;
-    void *y;
+    xa_out out;
     int strict, by_image, bf16;
     int8_t *img;                  /* shared images (not by_image) */
     int64_t *aoff;                /* [KC]: byte offset of chunk kc (tap, channel chunk) from a pixel's corner */
@@ -476,8 +496,7 @@ XA_FN static void xa_conv_block(const xa_conv_job *j, const int8_t *im, int64_t 
             const int8_t *a0 = im + xa_conv_segment(j, b, 2 * k, out[0]);
             const int8_t *a1 = im + xa_conv_segment(j, b, 2 * k + 1, out[1]);
             xa_pending *next = &pend[*cur];
-            xa_unit(a0, a1, as, j->aoff, b0, b0 + pair_bytes / 2, j->KC, &pend[*cur ^ 1], next, j->scale, j->bias,
-                    j->y, j->bf16);
+            xa_unit(a0, a1, as, j->aoff, b0, b0 + pair_bytes / 2, j->KC, &pend[*cur ^ 1], next, &j->out);
             xa_pending_channels(next, 32 * np, j->O);
             for (int r = 0; r < 64; r++) {
                 const int64_t p = out[(r >> 4) >> 1][r & 15], n = next->n[r >> 4];
@@ -518,7 +537,7 @@ XA_FN static void xa_conv_share(xn_task *task, int tid)
             }
             xa_conv_block(j, im, b, 0, j->ppi, 0, nu, pend, &cur);
         }
-        xa_flush(pend, cur, j->scale, j->bias, j->y, j->bf16);
+        xa_flush(pend, cur, &j->out);
         _tile_release();
         return;
     }
@@ -544,7 +563,7 @@ XA_FN static void xa_conv_share(xn_task *task, int tid)
         xa_conv_block(j, j->img + b * j->image, b, p - b * j->ppi, end - b * j->ppi, n0, n1, pend, &cur);
         p = end;
     }
-    xa_flush(pend, cur, j->scale, j->bias, j->y, j->bf16);
+    xa_flush(pend, cur, &j->out);
     _tile_release();
 }
 
@@ -560,13 +579,15 @@ static int xa_conv2d(const void *x, const int64_t *g, const int8_t *w, const flo
     j.O = g[8]; j.kh = g[9]; j.kw = g[10]; j.sh = g[11]; j.sw = g[12];
     j.ph = g[13]; j.pw = g[14]; j.dh = g[15]; j.dw = g[16];
     if (g[17] != 1 || j.sC != 1) return XN_BAD_ARGS;   /* groups of 1, channels-last input */
-    j.w = w; j.scale = scale; j.bias = bias; j.y = y; j.strict = strict; j.bf16 = bf16;
+    j.w = w; j.strict = strict; j.bf16 = bf16;
     j.Cp = xa_round(j.C, 64);
     j.CC = j.Cp / 64;
     j.Hp = j.H + 2 * j.ph;
     j.Wp = j.W + 2 * j.pw;
     j.Ho = (j.Hp - j.dh * (j.kh - 1) - 1) / j.sh + 1;
     j.Wo = (j.Wp - j.dw * (j.kw - 1) - 1) / j.sw + 1;
+    j.out = (xa_out){.scale = scale, .bias = bias, .y = y, .bf16 = bf16,
+                     .stream = xz_stream_ok(y, j.B * j.Ho * j.Wo * j.O, j.O, j.O, bf16)};
     j.KC = j.kh * j.kw * j.CC;
     j.O32 = xa_round(j.O, 32);
     j.plane = j.Hp * j.Wp * 64;

@@ -52,6 +52,35 @@ XZ_INLINE void xz_store(void *y, int64_t i, __mmask16 lanes, __m512 f, int bf16)
         _mm512_mask_storeu_ps((float *)y + i, lanes, f);
 }
 
+/* Store one row's outputs of `ng` consecutive panels: f[h] holds the `lanes[h]` channels from element at + 16 h.
+   With `stream` (xz_stream_ok held for the call) each 64-byte line is written whole with a non-temporal store: a
+   float32 panel is one line; bf16 panels go in pairs (a lone bf16 panel is stored normally). The caller ends its
+   stores with _mm_sfence before another thread may read them. */
+XZ_INLINE void xz_store_row(void *y, int64_t at, const __m512 *f, const __mmask16 *lanes, int ng, int bf16, int stream)
+{
+    if (stream && bf16 && ng == XZ_NG) {
+        const __m256i lo = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f[0]), 16));
+        const __m256i hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f[1]), 16));
+        _mm512_stream_si512((__m512i *)((uint16_t *)y + at), _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+        return;
+    }
+    for (int h = 0; h < ng; h++) {
+        if (stream && !bf16) _mm512_stream_ps((float *)y + at + 16 * h, f[h]);
+        else xz_store(y, at + 16 * h, lanes[h], f[h], bf16);
+    }
+}
+
+/* Whether an output may be written by xz_store_row's streaming stores: at least xn_stream_min_bytes in all (smaller
+   ones may still be in cache for the next op), 64-byte aligned, and every row a whole number of panel groups (16
+   float32 or 32 bf16 channels), so that every store covers whole lines. `row` is the channels per row, `group` the
+   channels per group (rows are split into groups of `group`, each starting on a line; `row` for linear). */
+static int xz_stream_ok(const void *y, int64_t elems, int64_t row, int64_t group, int bf16)
+{
+    const int64_t unit = bf16 ? 32 : 16;
+    return elems * (bf16 ? 2 : 4) >= __atomic_load_n(&xn_stream_min_bytes, __ATOMIC_RELAXED) &&
+           ((uintptr_t)y & 63) == 0 && row % unit == 0 && group % unit == 0;
+}
+
 /* Sign words of the `cnt` floats (bf16: bfloat16s) from element `i0` of p: bit b of word k is p[i0 + 32 k + b] >= 0
    (-0.0 -> 1), bits past cnt are 0. Returns XN_NAN if one of them is a NaN, or, with `strict`, XN_NOT_PM1 if one is
    not exactly +-1; else 0. */
@@ -191,7 +220,7 @@ typedef struct {
     int64_t qblock;          /* panel pairs per cache block */
     uint32_t *xa;            /* sign words [M][T] */
     int32_t *off;            /* 0 .. T - 1 */
-    int split_m, strict, bf16;
+    int split_m, strict, bf16, stream;   /* stream: xz_store_row's streaming stores */
 } xz_linear_job;
 
 XZ_INLINE void xz_linear_tile(const xz_linear_job *j, int64_t m0, int64_t p0, const int mr, const int ng)
@@ -202,15 +231,19 @@ XZ_INLINE void xz_linear_tile(const xz_linear_job *j, int64_t m0, int64_t p0, co
     if (mr == XZ_MR) xz_dot8(xr, j->off, j->T, j->wz + p0 * j->T * 16, j->T * 16, ng == XZ_NG, acc);
     else xz_dot(xr, j->off, j->T, j->wz + p0 * j->T * 16, j->T * 16, mr, ng, acc);
     const __m512i kc = _mm512_set1_epi32((int)j->K), zero = _mm512_setzero_si512();
+    __m512 sv[XZ_NG], bv[XZ_NG];
+    __mmask16 lanes[XZ_NG];
     for (int h = 0; h < ng; h++) {
         const int64_t n = 16 * (p0 + h);
-        const __mmask16 lanes = xz_lanes(j->N - n);
-        const __m512 sv = j->scale ? _mm512_maskz_loadu_ps(lanes, j->scale + n) : _mm512_setzero_ps();
-        const __m512 bv = j->bias ? _mm512_maskz_loadu_ps(lanes, j->bias + n) : _mm512_setzero_ps();
-        for (int i = 0; i < mr; i++) {
-            const __m512 f = xz_finish(acc[i][h], kc, zero, j->scale ? &sv : NULL, j->bias ? &bv : NULL, j->bf16);
-            xz_store(j->y, (m0 + i) * j->N + n, lanes, f, j->bf16);
-        }
+        lanes[h] = xz_lanes(j->N - n);
+        sv[h] = j->scale ? _mm512_maskz_loadu_ps(lanes[h], j->scale + n) : _mm512_setzero_ps();
+        bv[h] = j->bias ? _mm512_maskz_loadu_ps(lanes[h], j->bias + n) : _mm512_setzero_ps();
+    }
+    for (int i = 0; i < mr; i++) {
+        __m512 f[XZ_NG];
+        for (int h = 0; h < ng; h++)
+            f[h] = xz_finish(acc[i][h], kc, zero, j->scale ? &sv[h] : NULL, j->bias ? &bv[h] : NULL, j->bf16);
+        xz_store_row(j->y, (m0 + i) * j->N + 16 * p0, f, lanes, ng, j->bf16, j->stream);
     }
 }
 
@@ -271,6 +304,7 @@ XN_AVX512_FN static void xz_linear_share(xn_task *task, int tid)
             }
         }
     }
+    if (j->stream) _mm_sfence();
 }
 
 static int xz_linear(const void *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,
@@ -283,6 +317,7 @@ static int xz_linear(const void *x, int64_t M, int64_t ldx, int64_t K, const uin
     j.x = x; j.ldx = ldx; j.M = M; j.N = N; j.K = K; j.w = w;
     j.scale = scale; j.bias = bias; j.y = y; j.strict = strict; j.bf16 = bf16;
     j.T = (K + 31) / 32;
+    j.stream = xz_stream_ok(y, M * N, N, N, bf16);
     j.P16 = (N + 15) / 16;
     j.NQ = (j.P16 + XZ_NG - 1) / XZ_NG;
     j.mtiles = (M + XZ_MR - 1) / XZ_MR;

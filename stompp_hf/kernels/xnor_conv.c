@@ -43,6 +43,7 @@ typedef struct {
     const float *scale, *bias;
     float *y;
     int nchw_out, strict, simd, bf16;         /* bf16: x and y are bfloat16 (avx512 path, channels-last only) */
+    int stream;                               /* channels-last y by xz_store_row's streaming stores */
     uint32_t *xb;                             /* the packed bit image */
     int32_t *off;                             /* [T] */
     int32_t *corr;                            /* [row classes][column classes][O], or NULL without padding */
@@ -229,29 +230,32 @@ XZ_INLINE void xz_conv_unit(const xn_conv_job *j, int64_t g, int64_t q, int64_t 
     const __m512i kc = _mm512_set1_epi32((int)j->K), zero = _mm512_setzero_si512();
     /* NCHW stores 8 consecutive pixels of one image as 8 consecutive floats of each channel plane */
     const int planes = j->nchw_out && np == XZ_MR && b[0] == b[XZ_MR - 1];
+    __m512 f[XZ_MR][XZ_NG];
+    __mmask16 lanes[XZ_NG];
     for (int h = 0; h < ng; h++) {
         const int64_t n = 16 * (panel0 + h), oc = g * j->Og + n;
         const int nl = j->Og - n < 16 ? (int)(j->Og - n) : 16;
-        const __mmask16 lanes = xz_lanes(nl);
-        const __m512 sv = j->scale ? _mm512_maskz_loadu_ps(lanes, j->scale + oc) : _mm512_setzero_ps();
-        const __m512 bv = j->bias ? _mm512_maskz_loadu_ps(lanes, j->bias + oc) : _mm512_setzero_ps();
-        __m512 f[XZ_MR];
+        lanes[h] = xz_lanes(nl);
+        const __m512 sv = j->scale ? _mm512_maskz_loadu_ps(lanes[h], j->scale + oc) : _mm512_setzero_ps();
+        const __m512 bv = j->bias ? _mm512_maskz_loadu_ps(lanes[h], j->bias + oc) : _mm512_setzero_ps();
+        __m512 fh[XZ_MR];
         for (int i = 0; i < XZ_MR; i++) {
-            const __m512i corr = j->corr ? _mm512_maskz_loadu_epi32(lanes, j->corr + cls[i] + oc) : zero;
-            f[i] = xz_finish(acc[i][h], kc, corr, j->scale ? &sv : NULL, j->bias ? &bv : NULL, j->bf16);
+            const __m512i corr = j->corr ? _mm512_maskz_loadu_epi32(lanes[h], j->corr + cls[i] + oc) : zero;
+            f[i][h] = fh[i] = xz_finish(acc[i][h], kc, corr, j->scale ? &sv : NULL, j->bias ? &bv : NULL, j->bf16);
         }
         if (planes) {
-            xz_store_planes(f, j->y + (b[0] * j->O + oc) * j->HWo + r[0], j->HWo, nl);
-        } else if (!j->nchw_out) {
-            for (int i = 0; i < np; i++) xz_store(j->y, (p0 + i) * j->O + oc, lanes, f[i], j->bf16);
-        } else {
+            xz_store_planes(fh, j->y + (b[0] * j->O + oc) * j->HWo + r[0], j->HWo, nl);
+        } else if (j->nchw_out) {
             for (int i = 0; i < np; i++) {
                 float v[16];
-                _mm512_storeu_ps(v, f[i]);
+                _mm512_storeu_ps(v, fh[i]);
                 for (int c = 0; c < nl; c++) j->y[(b[i] * j->O + oc + c) * j->HWo + r[i]] = v[c];
             }
         }
     }
+    if (!j->nchw_out)   /* channels-last: pixel i's channels from oc on are consecutive */
+        for (int i = 0; i < np; i++)
+            xz_store_row(j->y, (p0 + i) * j->O + g * j->Og + 16 * panel0, f[i], lanes, ng, j->bf16, j->stream);
 }
 
 XN_AVX512_FN static void xz_conv_units(const xn_conv_job *j, int64_t u0, int64_t u1)
@@ -285,6 +289,7 @@ static void xn_conv_share(xn_task *task, int tid)
 #if XN_X86_SIMD
     if (j->simd) {
         xz_conv_units(j, lo, hi);
+        if (j->stream) _mm_sfence();
         return;
     }
 #endif
@@ -349,6 +354,9 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
     if (path == XN_PATH_AVX2 || !xn_supported(path) || (bf16 && path != XN_PATH_AVX512)) return XN_NO_PATH;
     xn_hugepage_hint(y, j.B * j.O * j.Ho * j.Wo * (int64_t)(bf16 ? 2 : 4));
     j.simd = path == XN_PATH_AVX512;
+#if XN_X86_SIMD
+    j.stream = j.simd && !nchw_out && xz_stream_ok(y, j.B * j.O * j.Ho * j.Wo, j.O, j.O / j.G, bf16);
+#endif
     j.scale = scale; j.bias = bias; j.y = (float *)y; j.nchw_out = nchw_out; j.strict = strict; j.bf16 = bf16;
     j.Cg = j.C / j.G; j.Og = j.O / j.G;
     j.cw = (j.Cg + 31) / 32; j.Gcw = j.G * j.cw;
