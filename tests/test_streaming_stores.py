@@ -13,13 +13,8 @@ from stompp_hf.core.packing import pack_signs
 from stompp_hf.kernels import bconv, int8, xnor
 
 from .test_binary_conv import reference as conv_reference
-from .test_xnor import bf16_reference
+from .test_xnor import bf16_reference, needs_amx, needs_avx512
 from .testing_utils import reference
-
-needs_avx512 = pytest.mark.skipif(
-    not xnor.is_available() or "avx512" not in xnor.paths(), reason="no avx512 path on this CPU"
-)
-needs_amx = pytest.mark.skipif(not int8.amx_available(), reason="no AMX int8 on this CPU")
 
 
 @pytest.fixture

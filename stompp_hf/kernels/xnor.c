@@ -38,9 +38,10 @@
    This file is compiled on first use with the system C compiler ($CC, else cc) into a per-user cache directory by
    stompp_hf.kernels.build, then loaded with ctypes: no Python headers, no torch headers. The build reads the sibling
    files it #includes (xnor_avx512.c, xnor_amx.c, xnor_conv.c, and xnor_train.c: the fused elementwise passes of a
-   training step, stompp_hf.kernels.elementwise) into one translation unit. Threads are plain pthreads (not OpenMP,
-   whose runtime torch already bundles); ctypes releases the GIL during a call. It must compile without warnings
-   under -Wall -Wextra (tests/test_xnor.py checks with -Werror, also with -DXN_NO_SIMD and -march=x86-64). */
+   training step, stompp_hf.kernels.elementwise) into one translation unit. Multi-threaded calls run on torch's own
+   GNU OpenMP threads when xnor.py hands the runtime's entry points over (xnor_use_openmp), else on this file's
+   pthread pool; nothing is linked at build time. ctypes releases the GIL during a call. It must compile without
+   warnings under -Wall -Wextra (tests/test_xnor.py checks with -Werror, also with -DXN_NO_SIMD and -march=x86-64). */
 
 #include <stdint.h>
 #include <stdlib.h>

@@ -249,14 +249,14 @@ static void xa_pending_channels(xa_pending *p, int64_t n0, int64_t N)
 
 typedef struct {
     xn_task task;
-    const void *x;                /* float32, or bfloat16 with bf16 (y too) */
+    const void *x;                /* float32, or bfloat16 with out.bf16 (y too) */
     int64_t ldx, M, N, K;
     const int8_t *w;              /* the weight layout */
     xa_out out;
     int64_t Kp, KC, M32, N32;
     int8_t *xa;                   /* [M32][Kp] */
     int64_t *aoff;                /* [KC]: kc KiB */
-    int split_m, strict, bf16;
+    int split_m, strict;
 } xa_linear_job;
 
 /* Rows [r0, r1) of x (r0 a multiple of 16) as int8 signs into `out`, tile-major: the 16 x 64 bytes of row tile t,
@@ -275,9 +275,9 @@ XA_FN static int xa_linear_pack(const xa_linear_job *j, int64_t r0, int64_t r1, 
         for (int64_t kc = 0; kc < j->KC; kc++) {
             const int64_t k0 = 64 * kc, cnt = j->K - k0 < 64 ? j->K - k0 : 64;
             if (cnt == 64) {
-                bad |= xa_signs(j->x, m * j->ldx + k0, 64, 64, o + kc * XA_TILE_BYTES, j->strict, j->bf16);
+                bad |= xa_signs(j->x, m * j->ldx + k0, 64, 64, o + kc * XA_TILE_BYTES, j->strict, j->out.bf16);
             } else {
-                bad |= xa_signs(j->x, m * j->ldx + k0, cnt, 64, row, j->strict, j->bf16);
+                bad |= xa_signs(j->x, m * j->ldx + k0, cnt, 64, row, j->strict, j->out.bf16);
                 memcpy(o + kc * XA_TILE_BYTES, row, 64);
             }
         }
@@ -385,7 +385,7 @@ static int xa_linear(const void *x, int64_t M, int64_t ldx, int64_t K, const int
     j.x = x; j.ldx = ldx; j.M = M; j.N = N; j.K = K; j.w = w;
     j.out = (xa_out){.scale = scale, .bias = bias, .y = y, .bf16 = bf16,
                      .stream = xz_stream_ok(y, M * N, N, N, bf16)};
-    j.strict = strict; j.bf16 = bf16;
+    j.strict = strict;
     j.Kp = xa_round(K, 64);
     j.KC = j.Kp / 64;
     j.M32 = xa_round(M, 32);
@@ -413,7 +413,7 @@ static int xa_linear(const void *x, int64_t M, int64_t ldx, int64_t K, const int
 
 typedef struct {
     xn_task task;
-    const void *x;                /* float32, or bfloat16 with bf16 (y too) */
+    const void *x;                /* float32, or bfloat16 with out.bf16 (y too) */
     int64_t B, C, H, W, sB, sC, sH, sW;
     int64_t O, kh, kw, sh, sw, ph, pw, dh, dw;
     int64_t Cp, CC, Hp, Wp, Ho, Wo, KC, O32;
@@ -422,7 +422,7 @@ typedef struct {
     int64_t spi, ppi;             /* segments and segment pairs per image */
     const int8_t *w;
     xa_out out;
-    int strict, by_image, bf16;
+    int strict, by_image;
     int8_t *img;                  /* shared images (not by_image) */
     int64_t *aoff;                /* [KC]: byte offset of chunk kc (tap, channel chunk) from a pixel's corner */
 } xa_conv_job;
@@ -473,9 +473,9 @@ XA_FN static int xa_conv_pack(const xa_conv_job *j, int64_t b, int64_t r0, int64
                 const int64_t cnt = j->C - 64 * cc < 64 ? j->C - 64 * cc : 64;
                 int8_t *dst = first + cc * j->plane + w * 64;
                 if (cnt == 64) {
-                    bad |= xa_signs(j->x, src + w * j->sW + 64 * cc, 64, 64, dst, j->strict, j->bf16);
+                    bad |= xa_signs(j->x, src + w * j->sW + 64 * cc, 64, 64, dst, j->strict, j->out.bf16);
                 } else {
-                    bad |= xa_signs(j->x, src + w * j->sW + 64 * cc, cnt, 64, chunk, j->strict, j->bf16);
+                    bad |= xa_signs(j->x, src + w * j->sW + 64 * cc, cnt, 64, chunk, j->strict, j->out.bf16);
                     memcpy(dst, chunk, 64);
                 }
             }
@@ -579,7 +579,7 @@ static int xa_conv2d(const void *x, const int64_t *g, const int8_t *w, const flo
     j.O = g[8]; j.kh = g[9]; j.kw = g[10]; j.sh = g[11]; j.sw = g[12];
     j.ph = g[13]; j.pw = g[14]; j.dh = g[15]; j.dw = g[16];
     if (g[17] != 1 || j.sC != 1) return XN_BAD_ARGS;   /* groups of 1, channels-last input */
-    j.w = w; j.strict = strict; j.bf16 = bf16;
+    j.w = w; j.strict = strict;
     j.Cp = xa_round(j.C, 64);
     j.CC = j.Cp / 64;
     j.Hp = j.H + 2 * j.ph;

@@ -354,11 +354,11 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
     if (path == XN_PATH_AVX2 || !xn_supported(path) || (bf16 && path != XN_PATH_AVX512)) return XN_NO_PATH;
     xn_hugepage_hint(y, j.B * j.O * j.Ho * j.Wo * (int64_t)(bf16 ? 2 : 4));
     j.simd = path == XN_PATH_AVX512;
-#if XN_X86_SIMD
-    j.stream = j.simd && !nchw_out && xz_stream_ok(y, j.B * j.O * j.Ho * j.Wo, j.O, j.O / j.G, bf16);
-#endif
     j.scale = scale; j.bias = bias; j.y = (float *)y; j.nchw_out = nchw_out; j.strict = strict; j.bf16 = bf16;
     j.Cg = j.C / j.G; j.Og = j.O / j.G;
+#if XN_X86_SIMD
+    j.stream = j.simd && !nchw_out && xz_stream_ok(y, j.B * j.O * j.Ho * j.Wo, j.O, j.Og, bf16);
+#endif
     j.cw = (j.Cg + 31) / 32; j.Gcw = j.G * j.cw;
     j.Hp = j.H + 2 * j.ph; j.Wp = j.W + 2 * j.pw;
     j.PS = j.Hp * j.Wp; j.IS = j.Gcw * j.PS;
