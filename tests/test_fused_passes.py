@@ -277,3 +277,82 @@ def test_uses_the_loaded_xnor_library():
     """The passes live in the XNOR kernel's library (one build, one set of threads)."""
     assert xnor.is_available()
     assert elementwise._library() is xnor._library()
+
+
+@pytest.mark.parametrize("ops", ["fused", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("multiplier", [None, 1 / 0.9])
+def test_windowed_grad_in_place(ops, dtype, multiplier):
+    """`in_place`: the same bits as the out-of-place result, written into the gradient's own memory."""
+    bound = torch.tensor(0.75, dtype=dtype)
+    u, grad = data(dtype), data(dtype, seed=1)
+    mult = None if multiplier is None else torch.tensor(multiplier, dtype=dtype)
+    with torch_ops_only() if ops == "torch" else contextlib.nullcontext():
+        want = F._windowed_grad(grad, u, bound, mult)
+        target = grad.clone()
+        got = F._windowed_grad(target, u, bound, mult, in_place=True)
+    assert got.data_ptr() == target.data_ptr()
+    assert_same(got, want)
+
+
+def test_overwritable_only_for_a_plain_owned_gradient():
+    """A backward overwrites its gradient only where the caller owns it, and never one that a graph records (double
+    backward), of another dtype or shape, or with overlapping or scattered entries."""
+    u = torch.zeros(4, 8)
+    g = torch.ones(4, 8)
+    assert F._overwritable(True, g, u)
+    assert not F._overwritable(False, g, u)
+    assert not F._overwritable(True, g.clone().requires_grad_(), u)
+    assert not F._overwritable(True, g.double(), u)
+    assert not F._overwritable(True, torch.ones(8).expand(4, 8), u)  # stride 0: entries share memory
+    assert not F._overwritable(True, torch.ones(8, 4).t(), u)
+    assert F._overwritable(True, torch.ones(2, 3, 4, 5).to(memory_format=torch.channels_last), torch.zeros(2, 3, 4, 5))
+
+
+@pytest.mark.parametrize("state", [0.5, 1.0, 0.0])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_layers_overwrite_their_input_gradient_with_the_same_values(monkeypatch, state, autocast):
+    """The binarized layer (the middle one; the first and last stay full precision) overwrites the input gradient
+    that its op's backward hands it in every mask state, and the gradients are the bits of the out-of-place
+    backward."""
+    x0 = torch.randn(96, 512, generator=torch.Generator().manual_seed(3))
+    calls = []
+    overwritable = F._overwritable
+
+    def spy(owned, grad, like):
+        if like.shape[0] == x0.shape[0]:  # an input's gradient (a transitioning weight's asks too)
+            calls.append(owned)
+        return overwritable(owned, grad, like)
+
+    results = []
+    for in_place in (True, False):
+        monkeypatch.setattr(F, "_overwritable", spy if in_place else (lambda owned, grad, like: False))
+        model = _layers(state)
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            y = model(x)
+        y.float().square().sum().backward()
+        results.append((x.grad, [p.grad for p in model.parameters()]))
+    assert calls and all(calls)  # every input binarizer of a layer took the owned path
+    (gx_a, gp_a), (gx_b, gp_b) = results
+    assert_same(gx_a, gx_b)
+    for a, b in zip(gp_a, gp_b):
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_binarizer_used_directly_leaves_shared_gradients_alone(frozen):
+    """A binarizer called on its own (`StoMPPActivation`, user code) does not know who else holds its gradient:
+    here `AddBackward` hands one tensor to both the binarized input and `z`, and `z`'s gradient stays the upstream
+    one."""
+    from stompp_hf.nn.binarizer import Binarizer
+
+    b = Binarizer("stompp_ste", "input", "none", (4096,))
+    b.controlled = True
+    b.mask.fill(frozen)
+    x = (torch.randn(8, 4096, generator=torch.Generator().manual_seed(0)) * 2).requires_grad_()
+    z = torch.zeros(8, 4096, requires_grad=True)
+    upstream = torch.randn(8, 4096, generator=torch.Generator().manual_seed(1))
+    (b(x, 1) + z).backward(upstream)
+    assert torch.equal(z.grad, upstream)
+    assert torch.equal(x.grad, upstream * (x.detach().abs() <= 1).float())

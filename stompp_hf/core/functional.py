@@ -49,9 +49,16 @@ class FusedOps(Protocol):
         """`abs_sum(u)`."""
 
     def windowed_grad(
-        self, grad: torch.Tensor, u: torch.Tensor, lo: float, hi: float, multiplier: torch.Tensor | None
+        self,
+        grad: torch.Tensor,
+        u: torch.Tensor,
+        lo: float,
+        hi: float,
+        multiplier: torch.Tensor | None,
+        in_place: bool = False,
     ) -> torch.Tensor | None:
-        """`hardtanh_backward(grad, u, lo, hi)`, times the 0-d `multiplier` (rounded once) when given."""
+        """`hardtanh_backward(grad, u, lo, hi)`, times the 0-d `multiplier` (rounded once) when given; written into
+        `grad` itself with `in_place`."""
 
     def masked(
         self, u: torch.Tensor, mask: torch.Tensor, value: float, bound: float, edges: tuple[float, float] | None
@@ -156,7 +163,11 @@ def _window_edges(u: torch.Tensor, bound: torch.Tensor) -> tuple[float, float]:
 
 
 def _windowed_grad(
-    grad: torch.Tensor, u: torch.Tensor, bound: torch.Tensor, multiplier: torch.Tensor | None = None
+    grad: torch.Tensor,
+    u: torch.Tensor,
+    bound: torch.Tensor,
+    multiplier: torch.Tensor | None = None,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """`_window(u, bound, grad.dtype).mul_(grad)`, the clipped-identity gradient `1{|u| <= bound} * grad`, with the
     same values (a zero may come out as +0.0 where the product gave -0.0) in one pass on CPU: aten's fused
@@ -166,15 +177,35 @@ def _windowed_grad(
     the product.
 
     With a 0-d `multiplier` the result is then multiplied by it in place (`.mul_(multiplier)`); a fused pass
-    (`FusedOps.windowed_grad`) does both in one."""
+    (`FusedOps.windowed_grad`) does both in one. `in_place`: the result may be written into `grad` (a gradient
+    that its backward owns, `_overwritable`), which saves an activation-sized allocation per layer and step."""
     if not _bound_on_host(bound, u, grad):
         out = _window(u, bound, grad.dtype).mul_(grad)
     else:
         lo, hi = _window_edges(u, bound)
-        if _fused is not None and (fused := _fused.windowed_grad(grad, u.detach(), lo, hi, multiplier)) is not None:
+        fused = None if _fused is None else _fused.windowed_grad(grad, u.detach(), lo, hi, multiplier, in_place)
+        if fused is not None:
             return fused
-        out = torch.ops.aten.hardtanh_backward(grad, u.detach(), lo, hi)
+        if in_place:
+            out = torch.ops.aten.hardtanh_backward.grad_input(grad, u.detach(), lo, hi, grad_input=grad)
+        else:
+            out = torch.ops.aten.hardtanh_backward(grad, u.detach(), lo, hi)
     return out if multiplier is None else out.mul_(multiplier)
+
+
+def _overwritable(owned: bool, grad: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether a binarizer's backward may write its input gradient into `grad`: the caller said the gradient is
+    the fresh result of one op's backward that nothing else holds (`owned`: `hard_sign`'s `owned_grad`), and it is
+    a plain dense tensor of the dtype and shape of the gradient it gives (`like`'s) that no graph records (a double
+    backward would read it again)."""
+    return (
+        owned
+        and type(grad) is torch.Tensor
+        and not grad.requires_grad
+        and grad.dtype == like.dtype
+        and grad.shape == like.shape
+        and (grad.is_contiguous() or (grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last)))
+    )
 
 
 def _window_int8(u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
@@ -244,7 +275,7 @@ class _MaskedBinarize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, mask, scale, bound, clip_smooth: bool, ste_on_frozen: bool):  # type: ignore[override]
+    def forward(ctx, u, mask, scale, bound, clip_smooth: bool, ste_on_frozen: bool, owned_grad: bool):  # type: ignore[override]
         # the window as int8: one byte per entry, and casts to and from int8 are cheap (bool ones are not)
         fused = _fused_masked(u, mask, scale, bound, window=True) if clip_smooth else None
         if fused is not None:
@@ -255,27 +286,31 @@ class _MaskedBinarize(torch.autograd.Function):
         ctx.save_for_backward(None if ste_on_frozen else mask, window)
         ctx.clip_smooth = clip_smooth
         ctx.ste_on_frozen = ste_on_frozen
+        ctx.owned_grad = owned_grad
+        ctx.like = torch.empty((), dtype=u.dtype).expand(u.shape)  # the gradient's dtype and shape, no memory
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         mask, window = ctx.saved_tensors
-        return _masked_grad(grad, mask, window, ctx.clip_smooth, ctx.ste_on_frozen), None, None, None, None, None
+        in_place = _overwritable(ctx.owned_grad, grad, ctx.like)
+        grad = _masked_grad(grad, mask, window, ctx.clip_smooth, ctx.ste_on_frozen, in_place)
+        return grad, None, None, None, None, None, None
 
 
-def _masked_grad(grad, mask, window, clip_smooth: bool, ste_on_frozen: bool) -> torch.Tensor:
+def _masked_grad(grad, mask, window, clip_smooth: bool, ste_on_frozen: bool, in_place: bool = False) -> torch.Tensor:
     """The input gradient of `_MaskedBinarize`: grad times a 0/1 factor built with float arithmetic (no `where`,
-    no bool tensors: both are slow on CPU). `window` is the int8 `1{|u| <= c}` of an input (None for a weight)."""
-    if clip_smooth and ste_on_frozen:  # inputs: 1{|u| <= c} everywhere
-        return grad * window.to(grad.dtype)
-    if ste_on_frozen:  # weights: the identity everywhere (BinaryConnect's STE on frozen entries)
+    no bool tensors: both are slow on CPU). `window` is the int8 `1{|u| <= c}` of an input (None for a weight).
+    `in_place`: the product may be written into `grad` (`_overwritable`)."""
+    if ste_on_frozen and not clip_smooth:  # weights: the identity everywhere (BinaryConnect's STE on frozen entries)
         return grad
-    frozen = mask.to(grad.dtype)
-    if clip_smooth:  # inputs: 1{|u| <= c} on continuous entries, 0 on frozen ones
-        factor = window.to(grad.dtype) * (1 - frozen)
+    if clip_smooth and ste_on_frozen:  # inputs: 1{|u| <= c} everywhere
+        factor = window.to(grad.dtype)
+    elif clip_smooth:  # inputs: 1{|u| <= c} on continuous entries, 0 on frozen ones
+        factor = window.to(grad.dtype) * (1 - mask.to(grad.dtype))
     else:  # weights: 1 on continuous entries, 0 on frozen ones
-        factor = 1 - frozen
-    return grad * factor
+        factor = 1 - mask.to(grad.dtype)
+    return grad.mul_(factor) if in_place else grad * factor
 
 
 class _HardSign(torch.autograd.Function):
@@ -290,20 +325,22 @@ class _HardSign(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, value, bound, grad_divisor, precomputed):  # type: ignore[override]
+    def forward(ctx, u, value, bound, grad_divisor, precomputed, owned_grad):  # type: ignore[override]
         ctx.save_for_backward(u if bound is not None else None, bound, grad_divisor)
+        ctx.owned_grad = owned_grad
         sign = binary_sign(u) if precomputed is None else precomputed[0]
         return sign if value is None else sign * value
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         u, bound, divisor = ctx.saved_tensors
+        none = (None,) * 5
         if bound is None:  # a weight: the identity (divided by the scale in the factored form)
-            return (grad if divisor is None else grad / divisor.to(grad.dtype)), None, None, None, None
-        if divisor is None:
-            return _windowed_grad(grad, u, bound), None, None, None, None
+            return (grad if divisor is None else grad / divisor.to(grad.dtype)), *none
+        in_place = _overwritable(ctx.owned_grad, grad, u)
         # (1 / divisor) * grad inside the window, rounded as the window divided by the divisor times grad
-        return _windowed_grad(grad, u, bound, torch.reciprocal(divisor.to(grad.dtype))), None, None, None, None
+        multiplier = None if divisor is None else torch.reciprocal(divisor.to(grad.dtype))
+        return _windowed_grad(grad, u, bound, multiplier, in_place), *none
 
 
 class _Clip(torch.autograd.Function):
@@ -311,20 +348,22 @@ class _Clip(torch.autograd.Function):
     backward goes through bool masks, `where` and `masked_fill`, several times slower on CPU). Saves `u` itself."""
 
     @staticmethod
-    def forward(ctx, u, bound):  # type: ignore[override]
+    def forward(ctx, u, bound, owned_grad):  # type: ignore[override]
         ctx.save_for_backward(u, bound)
+        ctx.owned_grad = owned_grad
         return clamp_to(u, bound)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         u, bound = ctx.saved_tensors
-        return _windowed_grad(grad, u, bound), None
+        return _windowed_grad(grad, u, bound, in_place=_overwritable(ctx.owned_grad, grad, u)), None, None
 
 
-def clip(u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """`clamp(u, -bound, bound)` (a 0-d `bound`), with the fast backward of `_Clip` when autograd tracks `u`."""
+def clip(u: torch.Tensor, bound: torch.Tensor, owned_grad: bool = False) -> torch.Tensor:
+    """`clamp(u, -bound, bound)` (a 0-d `bound`), with the fast backward of `_Clip` when autograd tracks `u`.
+    `owned_grad` as for `hard_sign`."""
     if u.requires_grad and torch.is_grad_enabled():
-        return _Clip.apply(u, bound)
+        return _Clip.apply(u, bound, owned_grad)
     return clamp_to(u, bound)
 
 
@@ -336,11 +375,15 @@ def hard_sign(
     bound: torch.Tensor | float | None = None,
     factored: bool = False,
     sign: torch.Tensor | None = None,
+    owned_grad: bool = False,
 ) -> torch.Tensor:
     """A fully frozen tensor: `scale * sign(u)`, or `sign(u)` alone when `factored` (the caller multiplies the
     layer output by `scale`, which keeps binary x binary products exact integers, docs/design.md "Core").
     `sign` is `binary_sign(u)` when the caller has it already (a fresh tensor that nothing else holds, from
     `sign_and_abs_sum`): it is then used, and may be returned, instead of a second pass over `u`.
+    `owned_grad`: the result feeds one op (a layer's matmul or convolution) and nothing else, so the gradient that
+    reaches it is that op's fresh input gradient, which the backward may overwrite instead of allocating another
+    (docs/design.md, "Fused passes"). Leave it False for a result that the caller hands on.
 
     With `ste` (rules 'ste' and 'stompp_ste') the gradient is the straight-through one: the gradient with respect to
     `scale * sign(u)` (so the factored form divides by `scale`; a zero scale, e.g. an all-zero weight row, passes no
@@ -360,7 +403,7 @@ def hard_sign(
         divisor = torch.where(divisor > 0, divisor, torch.inf)
     if bound is not None:
         bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
-    return _HardSign.apply(u, value, bound, divisor, None if sign is None else (sign,))
+    return _HardSign.apply(u, value, bound, divisor, None if sign is None else (sign,), owned_grad)
 
 
 def masked_binarize(
@@ -371,6 +414,7 @@ def masked_binarize(
     scale: torch.Tensor | float = 1.0,
     bound: torch.Tensor | float = 1.0,
     clip_smooth: bool,
+    owned_grad: bool = False,
 ) -> torch.Tensor:
     """Binarize `u` under `mask` with the training `rule` ('stompp', 'stompp_ste' or 'ste').
 
@@ -383,6 +427,7 @@ def masked_binarize(
         bound: inputs only: the clip bound `c` (see the module docstring); detached. Ignored for weights.
         clip_smooth: True for inputs (smooth = clamp to [-c, c], STE `1{|u| <= c} * g`), False for weights (smooth
             = identity, STE the identity `g`: BinaryConnect).
+        owned_grad: the backward may overwrite the gradient it receives (`hard_sign`).
     """
     if rule not in RULES:
         raise ValueError(f"`rule` must be one of {', '.join(map(repr, RULES))}, but got {rule!r}.")
@@ -393,14 +438,16 @@ def masked_binarize(
     if not clip_smooth:
         bound = None  # weights: no clip window (BinaryConnect's identity STE)
     if mask is True:
-        return hard_sign(u, ste=rule != "stompp", scale=scale, bound=bound)
+        return hard_sign(u, ste=rule != "stompp", scale=scale, bound=bound, owned_grad=owned_grad)
     if mask is False:
-        return clip(u, torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()) if clip_smooth else u
+        if not clip_smooth:
+            return u
+        return clip(u, torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach(), owned_grad)
     if bound is not None:
         bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
     if not (u.requires_grad and torch.is_grad_enabled()):  # no backward: the same values, no window
         return _masked_values(u, mask, scale, bound, clip_smooth)
-    return _MaskedBinarize.apply(u, mask, scale, bound, clip_smooth, rule != "stompp")
+    return _MaskedBinarize.apply(u, mask, scale, bound, clip_smooth, rule != "stompp", owned_grad)
 
 
 # ---------------------------------------------------------------------------------------------------------------

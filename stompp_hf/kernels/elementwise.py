@@ -110,7 +110,13 @@ class CpuFusedOps:
         return None if rc else torch.tensor(total.value, dtype=torch.float32)
 
     def windowed_grad(
-        self, grad: torch.Tensor, u: torch.Tensor, lo: float, hi: float, multiplier: torch.Tensor | None
+        self,
+        grad: torch.Tensor,
+        u: torch.Tensor,
+        lo: float,
+        hi: float,
+        multiplier: torch.Tensor | None,
+        in_place: bool = False,
     ) -> torch.Tensor | None:
         if grad.shape != u.shape or not _plain(grad, u) or (lib := self._kernels()) is None:
             return None
@@ -118,7 +124,7 @@ class CpuFusedOps:
             multiplier.dim() != 0 or multiplier.dtype != grad.dtype or not multiplier.is_cpu
         ):
             return None
-        out = torch.empty_like(grad)
+        out = grad if in_place else torch.empty_like(grad)  # elementwise: each entry read before it is written
         mult = 0.0 if multiplier is None else multiplier.item()
         rc = lib.ew_window_grad(
             grad.data_ptr(),

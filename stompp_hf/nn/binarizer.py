@@ -182,7 +182,12 @@ class Binarizer(nn.Module):
         return self.binarize(u, feature_ndim)[0]
 
     def binarize(
-        self, u: torch.Tensor, feature_ndim: int | None = None, factored: bool = False, recompute: bool = True
+        self,
+        u: torch.Tensor,
+        feature_ndim: int | None = None,
+        factored: bool = False,
+        recompute: bool = True,
+        owned_grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | float | None, Callable[[], torch.Tensor] | None]:
         """`(binarized u, output scale, recompute)`: what a layer's forward needs from this binarizer.
 
@@ -193,6 +198,8 @@ class Binarizer(nn.Module):
         save `u`, which it shares with other layers or keeps anyway, instead of a second activation-sized copy.
         Pass `recompute=False` when no backward can use it (the caller knows that nothing needs a gradient): no
         recipe is built then, and none is ever built with grad disabled (`no_grad`, `inference_mode`).
+        `owned_grad`: the result feeds only the caller's op, so the backward may overwrite the gradient it receives
+        (`core.functional.hard_sign`).
         """
         compiling = torch.compiler.is_compiling()
         frozen = self.is_frozen(compiling)
@@ -202,7 +209,15 @@ class Binarizer(nn.Module):
         mask_state, scale, bound = self._scale_and_bound(u, feature_ndim, batch_sum)
         recompute = recompute and torch.is_grad_enabled()
         if frozen:
-            out = hard_sign(u, ste=self.rule != "stompp", scale=scale, bound=bound, factored=factored, sign=sign)
+            out = hard_sign(
+                u,
+                ste=self.rule != "stompp",
+                scale=scale,
+                bound=bound,
+                factored=factored,
+                sign=sign,
+                owned_grad=owned_grad,
+            )
             # the same values without the straight-through graph
             recipe = _recipe(u, lambda: hard_sign(u, ste=False, scale=scale, factored=factored)) if recompute else None
             return out, scale if factored else None, recipe
@@ -212,7 +227,9 @@ class Binarizer(nn.Module):
             # one graph for every mask state: the operator reads the state when it runs, not when it is traced
             return self._by_state(u, mask_state, scale, bound, None), None, None
         mask = mask_state.as_mask()
-        out = masked_binarize(u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input")
+        out = masked_binarize(
+            u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input", owned_grad=owned_grad
+        )
         if recompute and mask is False and self.kind == "input":
             b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
             return out, None, _recipe(u, lambda: clamp_to(u.detach(), b))

@@ -135,7 +135,10 @@ class StoMPPMixin(StoMPPModule):
             and not compiling  # the compiler chooses what to save for the backward itself
         )
         if self.input_binarizer is not None:
-            x, x_scale, fn = self.input_binarizer.binarize(x, self.feature_ndim, factored, recompute=recipes)
+            # the binarized input feeds `op` alone, whose backward returns a fresh input gradient
+            x, x_scale, fn = self.input_binarizer.binarize(
+                x, self.feature_ndim, factored, recompute=recipes, owned_grad=True
+            )
             if fn is not None:
                 recompute.append((x, fn))
         if self.weight_binarizer is not None:
