@@ -291,11 +291,13 @@ def test_torch_compile_matches_eager_without_graph_breaks():
 
 def test_inplace_change_of_the_input_after_the_layer_raises_like_autograd():
     """The recomputed operand is guarded like a saved tensor: an inplace change of the layer input before the
-    backward raises instead of silently giving wrong gradients (a 'stompp' frozen input has no other guard)."""
-    module, _, shape = frozen_training_module("linear", "stompp_ste", "stompp", True)
-    x = with_zeros(shape, seed=3).requires_grad_(True)
-    h = x * 1.0
-    out = module(h)
-    h.mul_(-1.0)
-    with pytest.raises(RuntimeError, match="cannot recompute the binarized input"):
-        out.sum().backward()
+    backward raises instead of silently giving wrong gradients (a 'stompp' frozen input has no other guard). A
+    frozen linear layer's node (`core.factored`) saves the input itself, so autograd's own check raises there."""
+    for kind, message in (("linear", "modified by an inplace operation"), ("conv", "cannot recompute the binarized")):
+        module, _, shape = frozen_training_module(kind, "stompp_ste", "stompp", True)
+        x = with_zeros(shape, seed=3).requires_grad_(True)
+        h = x * 1.0
+        out = module(h)
+        h.mul_(-1.0)
+        with pytest.raises(RuntimeError, match=message):
+            out.sum().backward()

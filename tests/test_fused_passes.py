@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from stompp_hf import ProgressionController, StoMPPConfig, prepare_model
+from stompp_hf.core import factored
 from stompp_hf.core import functional as F
 from stompp_hf.kernels import elementwise, xnor
 from stompp_hf.kernels.build import XnorUnavailable
@@ -326,7 +327,8 @@ def test_layers_overwrite_their_input_gradient_with_the_same_values(monkeypatch,
 
     results = []
     for in_place in (True, False):
-        monkeypatch.setattr(F, "_overwritable", spy if in_place else (lambda owned, grad, like: False))
+        for module in (F, factored):  # the frozen layer's node (`core.factored`) asks too
+            monkeypatch.setattr(module, "_overwritable", spy if in_place else (lambda owned, grad, like: False))
         model = _layers(state)
         x = x0.clone().requires_grad_()
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):

@@ -203,12 +203,9 @@ class Binarizer(nn.Module):
         """
         compiling = torch.compiler.is_compiling()
         frozen = self.is_frozen(compiling)
-        sign = batch_sum = None
-        if frozen and self.kind == "input" and self.scale is not None:
-            sign, batch_sum = sign_and_abs_sum(u)  # one read of u for both where a fused pass applies
-        mask_state, scale, bound = self._scale_and_bound(u, feature_ndim, batch_sum)
         recompute = recompute and torch.is_grad_enabled()
         if frozen:
+            sign, scale, bound = self.frozen_sign(u, feature_ndim)
             out = hard_sign(
                 u,
                 ste=self.rule != "stompp",
@@ -223,6 +220,7 @@ class Binarizer(nn.Module):
             return out, scale if factored else None, recipe
         if factored:
             raise ValueError("`factored` binarization needs a frozen tensor.")
+        mask_state, scale, bound = self._scale_and_bound(u, feature_ndim)
         if compiling and compiles_by_state(u):
             # one graph for every mask state: the operator reads the state when it runs, not when it is traced
             return self._by_state(u, mask_state, scale, bound, None), None, None
@@ -234,6 +232,18 @@ class Binarizer(nn.Module):
             b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
             return out, None, _recipe(u, lambda: clamp_to(u.detach(), b))
         return out, None, None
+
+    def frozen_sign(
+        self, u: torch.Tensor, feature_ndim: int | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | float, torch.Tensor | float | None]:
+        """`(sign(u) or None, scale, clip bound)` of a frozen tensor, the scale updated as by `binarize`. The sign
+        (no graph) comes with an input's scale, from the same read of `u` where a fused pass applies; None
+        otherwise (`binary_sign(u)` gives it)."""
+        sign = batch_sum = None
+        if self.kind == "input" and self.scale is not None:
+            sign, batch_sum = sign_and_abs_sum(u)  # one read of u for both where a fused pass applies
+        _, scale, bound = self._scale_and_bound(u, feature_ndim, batch_sum)
+        return sign, scale, bound
 
     def binarize_by_state(
         self, u: torch.Tensor, feature_ndim: int | None, group: list[int]

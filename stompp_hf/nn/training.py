@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.functional import layer_frozen, output_scale, scale_output
+from ..core.factored import factored_linear
+from ..core.functional import binary_sign, layer_frozen, output_scale, scale_output
 from ..core.surge import surge
 from .base import StoMPPModule
 from .binarizer import Binarizer, compiles_by_state
@@ -134,6 +135,8 @@ class StoMPPMixin(StoMPPModule):
             and (x.requires_grad or weight.requires_grad)
             and not compiling  # the compiler chooses what to save for the backward itself
         )
+        if factored and recipes and self.factored_op is not None and type(x) is torch.Tensor:
+            return self._factored_op(x)
         if self.input_binarizer is not None:
             # the binarized input feeds `op` alone, whose backward returns a fresh input gradient
             x, x_scale, fn = self.input_binarizer.binarize(
@@ -154,6 +157,29 @@ class StoMPPMixin(StoMPPModule):
         if not factored:
             return y
         return scale_output(y, output_scale(x_scale, w_scale, self.feature_ndim), self.bias, self.feature_ndim)
+
+    #: The layer's factored form as one autograd node with its backward written out (`core.factored`), or None
+    #: (the ops one by one).
+    factored_op = None
+
+    def _factored_op(self, x: torch.Tensor) -> torch.Tensor:
+        """`_binary_op` of a frozen layer in training, through `factored_op`: the same forward values, and the
+        gradients without an output-sized `g * scale` (docs/design.md, "Frozen layers: the factored form")."""
+        a, w = self.input_binarizer, self.weight_binarizer
+        x_sign, beta, bound = x, None, None
+        if a is not None:
+            sign, scale, bound = a.frozen_sign(x, self.feature_ndim)
+            x_sign = binary_sign(x) if sign is None else sign
+            beta = scale if isinstance(scale, torch.Tensor) else None
+            bound = torch.as_tensor(bound, dtype=x.dtype, device=x.device).detach()
+        w_sign, alpha = self.weight, None
+        if w is not None:
+            _, scale, _ = w.frozen_sign(self.weight)
+            w_sign = binary_sign(self.weight)
+            alpha = scale if isinstance(scale, torch.Tensor) else None
+        x_ste = a is None or a.rule != "stompp"
+        w_ste = w is None or w.rule != "stompp"
+        return self.factored_op(x, self.weight, self.bias, x_sign, w_sign, beta, alpha, bound, x_ste, w_ste)
 
     def _binary_op_by_state(self, x: torch.Tensor, op) -> torch.Tensor:
         """`_binary_op` under `torch.compile`, for a layer with a progressive tensor: the same values, entry for entry,
@@ -197,6 +223,7 @@ class StoMPPLinear(StoMPPMixin, nn.Linear):
     """`nn.Linear` with StoMPP-binarized weight and input; the input mask has shape `[in_features]`."""
 
     feature_ndim = 1
+    factored_op = staticmethod(factored_linear)
 
     @staticmethod
     def _input_shape(module: nn.Module) -> tuple[int, ...]:

@@ -1,0 +1,133 @@
+"""The frozen linear layer's factored form as one autograd node (`core.factored`): the forward of the ops one by one,
+bit for bit, and the gradients of Eq. 3 written out (hand-computed values, and the unfused backward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from stompp_hf import StoMPPConfig
+from stompp_hf.nn.training import StoMPPLinear
+
+
+def frozen_linear(
+    fin: int = 64,
+    fout: int = 48,
+    weights: str | None = "stompp_ste",
+    activations: str | None = "stompp_ste",
+    bias: bool = True,
+    fused: bool = True,
+    **config,
+) -> StoMPPLinear:
+    torch.manual_seed(0)
+    layer = StoMPPLinear.from_module(
+        nn.Linear(fin, fout, bias=bias), StoMPPConfig(weights=weights, activations=activations, **config)
+    )
+    for b in layer.binarizers():
+        b.controlled = True
+        if b.mask is not None:
+            b.mask.fill(True)
+    if not fused:
+        layer.factored_op = None  # the ops one by one, the reference
+    return layer
+
+
+def step(layer: StoMPPLinear, x0: torch.Tensor, g: torch.Tensor, autocast: torch.dtype | None = None):
+    x = x0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        y = layer(x)
+    y.backward(g.to(y.dtype))
+    grads = (x.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad)
+    return y.detach(), grads
+
+
+def test_gradients_on_hand_computed_values():
+    """x, W, g with exact products: gx = 1{|x| <= beta} * (g @ (alpha * sign W)), gW = beta * g^T @ sign x, gb = sum g
+    (beta = mean |x|, alpha = per-row mean |W|; the default clip bound is beta itself)."""
+    layer = frozen_linear(4, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.5, -0.5, 0.5, 0.5], [-1.0, 1.0, 0.5, -0.5]]))
+        layer.bias.copy_(torch.tensor([0.25, -0.25]))
+    x0 = torch.tensor([[1.0, -0.5, 0.0, -2.5], [0.5, 0.5, -1.0, 2.0]])  # mean |x| = 1
+    g = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
+    y, (gx, gw, gb) = step(layer, x0, g)
+    alpha = torch.tensor([0.5, 0.75])
+    sx = torch.tensor([[1.0, -1.0, 1.0, -1.0], [1.0, 1.0, -1.0, 1.0]])
+    sw = torch.tensor([[1.0, -1.0, 1.0, 1.0], [-1.0, 1.0, 1.0, -1.0]])
+    assert torch.equal(y, sx @ sw.t() * alpha + torch.tensor([0.25, -0.25]))
+    window = (x0.abs() <= 1.0).float()
+    assert torch.equal(gx, window * (g @ (alpha[:, None] * sw)))
+    assert torch.equal(gw, g.t() @ sx)
+    assert torch.equal(gb, g.sum(0))
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("weights", "activations", "bias"),
+    [
+        ("stompp_ste", "stompp_ste", True),
+        ("stompp_ste", "stompp_ste", False),
+        ("ste", "ste", True),
+        ("stompp_ste", None, True),  # binary weights only: the input gradient is not windowed
+        (None, "stompp_ste", True),  # binary inputs only
+        ("stompp", "stompp", True),  # frozen 'stompp' tensors are constants: only the bias learns
+        ("stompp_ste", "stompp", True),
+    ],
+)
+def test_same_forward_bits_and_gradients_as_the_unfused_ops(autocast, weights, activations, bias):
+    x0 = torch.randn(3, 40, 256, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(3, 40, 192, generator=torch.Generator().manual_seed(2))
+    runs = [
+        step(frozen_linear(256, 192, weights, activations, bias, fused=fused), x0, g, autocast)
+        for fused in (True, False)
+    ]
+    (y_a, grads_a), (y_b, grads_b) = runs
+    assert y_a.dtype == y_b.dtype and torch.equal(y_a, y_b)
+    # the scales multiply other operands, so the roundings differ: within a few units of float32's / bfloat16's
+    # last place of the largest entry (bf16 matmuls round their outputs to 8 bits, and each way rounds twice)
+    resolution = 1e-6 if autocast is None else 2**-6
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=resolution * b.abs().max().item())
+
+
+def test_zero_scales_pass_no_gradient():
+    """An all-zero weight row (alpha = 0) gets no weight gradient, and an all-zero input (beta = 0) none either,
+    as in the unfused form (which divides by the scale and maps a zero scale to no gradient)."""
+    layer = frozen_linear(8, 4)
+    with torch.no_grad():
+        layer.weight[1].zero_()
+    x0 = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    _, (gx, gw, _) = step(layer, x0, g)
+    assert torch.equal(gw[1], torch.zeros(8)) and gw[0].abs().sum() > 0
+    assert gx.abs().sum() > 0
+    layer = frozen_linear(8, 4)
+    _, (gx, gw, gb) = step(layer, torch.zeros(5, 8), g)
+    assert torch.equal(gx, torch.zeros(5, 8))
+    assert torch.equal(gw, torch.zeros(4, 8)) and torch.equal(gb, g.sum(0))
+
+
+def test_used_only_where_it_applies():
+    """Training with gradients takes the node; evaluation, no_grad and a layer mid-transition take the ops."""
+    layer = frozen_linear()
+    x = torch.randn(4, 64, requires_grad=True)
+    assert type(layer(x).grad_fn).__name__ == "_FactoredLinearBackward"
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+    layer.input_binarizer.mask.value = torch.rand(64) < 0.5
+    assert type(layer(x).grad_fn).__name__ != "_FactoredLinearBackward"
+
+
+def test_in_place_input_modification_is_caught():
+    """The node saves the latent input: changing it in place before the backward raises, as for any saved tensor."""
+    layer = frozen_linear()
+    x = torch.randn(4, 64, requires_grad=True)
+    h = x * 1.0
+    y = layer(h)
+    h.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
