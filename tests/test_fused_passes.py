@@ -358,3 +358,56 @@ def test_a_binarizer_used_directly_leaves_shared_gradients_alone(frozen):
     (b(x, 1) + z).backward(upstream)
     assert torch.equal(z.grad, upstream)
     assert torch.equal(x.grad, upstream * (x.detach().abs() <= 1).float())
+
+
+def test_float32_to_bfloat16_passes_match_torch():
+    """The autocast passes: a float32 input's sign (with its sum |x|) and clamp written straight into bfloat16, and
+    a bfloat16 gradient windowed into float32: the bits of the float32 pass followed by torch's cast (the clamp
+    rounds to nearest even, as `.to(torch.bfloat16)`), and the float32 sum of the float32 input."""
+    u = data(torch.float32) * 3  # values outside the bound too, and between bfloat16 values
+    bound = torch.tensor(0.75)
+    sign, total = F.sign_and_abs_sum(u, torch.bfloat16)
+    clamped = F.clamp_to(u, bound, torch.bfloat16)
+    grad = data(torch.bfloat16, seed=1)
+    window = F._windowed_grad(grad, u, bound, torch.tensor(1 / 0.9))
+    with torch_ops_only():
+        want_sign, want_total = F.sign_and_abs_sum(u)
+        want_clamped = F.clamp_to(u, bound).to(torch.bfloat16)
+        want_window = F._windowed_grad(grad.float(), u, bound, torch.tensor(1 / 0.9))
+        assert_same(F.clamp_to(u, bound, torch.bfloat16), want_clamped)  # the torch ops' own cast
+        assert_same(F._windowed_grad(grad, u, bound, torch.tensor(1 / 0.9)), want_window)
+    assert_same(sign, want_sign.to(torch.bfloat16))
+    assert_same(total, F.sign_and_abs_sum(u)[1])
+    assert_same(clamped, want_clamped)
+    assert_same(window, want_window)
+    # a mixed pair the passes do not take (bfloat16 to float32) steps aside
+    assert F.fused_ops().sign(u.bfloat16(), False, torch.float32) is None
+    assert F.fused_ops().windowed_grad(grad.float(), u.bfloat16(), -1.0, 1.0, None) is None
+
+
+@pytest.mark.parametrize("state", [0.0, 1.0])
+def test_autocast_layers_take_their_operand_in_the_autocast_dtype(state):
+    """Under autocast a continuous (clamped) or frozen (sign) input reaches `F.linear` already in bfloat16 (the
+    passes write it so), and its gradient comes back in float32."""
+    model = _layers(state)
+    layer = model[1]
+    seen = []
+    handle = layer.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    x = torch.randn(96, 512, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    calls = []
+    linear = torch.nn.functional.linear
+
+    def spy(inp, weight, bias=None):
+        calls.append(inp.dtype)
+        return linear(inp, weight, bias)
+
+    try:
+        torch.nn.functional.linear = spy
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+    finally:
+        torch.nn.functional.linear = linear
+        handle.remove()
+    y.float().sum().backward()
+    assert calls[1] == torch.bfloat16 and seen == [torch.bfloat16]
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()

@@ -24,7 +24,7 @@ class _FactoredLinear(torch.autograd.Function):
         x_binary = x_sign is not x
         cast = None  # under autocast, the binary input in the autocast dtype, which the weight gradient reads
         if x_binary and torch.is_autocast_enabled(x.device.type):
-            cast = x_sign = x_sign.to(torch.get_autocast_dtype(x.device.type))
+            cast = x_sign = x_sign.to(torch.get_autocast_dtype(x.device.type))  # no copy if it has it already
         # the forward of the unfused layer, op for op (autocast applies to `F.linear` here as there)
         y = scale_output(F.linear(x_sign, w_sign), output_scale(beta, alpha, 1), bias, 1)
         ctx.save_for_backward(x, weight, beta, alpha, bound, cast)
@@ -41,9 +41,12 @@ class _FactoredLinear(torch.autograd.Function):
             w = binary_sign(weight) if w_binary else weight.detach()
             if alpha is not None:
                 w = w * alpha.view(-1, 1)
-            gx = (g @ w.to(g.dtype)).view(*grad.shape[:-1], w.shape[1]).to(x.dtype)
-            if x_binary:  # the clipped identity of the input, times 0 for a zero beta (no gradient, as unfused)
-                gx = _windowed_grad(gx, x, bound, _zero_if_zero(beta, gx), _overwritable(True, gx, x))
+            gx = (g @ w.to(g.dtype)).view(*grad.shape[:-1], w.shape[1])
+            if x_binary:  # the clipped identity of the input, times 0 for a zero beta (no gradient, as unfused);
+                # an autocast gradient is widened to x's dtype in the same pass
+                gx = _windowed_grad(gx, x, bound, _zero_if_zero(beta, x), _overwritable(True, gx, x))
+            else:
+                gx = gx.to(x.dtype)
         if ctx.needs_input_grad[1] and w_ste:
             # kept in the autocast dtype as the unfused matmul keeps its cast operand (half the float32 sign's
             # memory, and no recomputation and cast in the backward); recomputed otherwise

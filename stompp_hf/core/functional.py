@@ -42,8 +42,10 @@ class FusedOps(Protocol):
     no compiled kernel), and the torch ops run instead. `stompp_hf.kernels.elementwise` registers one with
     `set_fused_ops`; `core` itself imports no kernel."""
 
-    def sign(self, u: torch.Tensor, with_abs_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """`(binary_sign(u), abs_sum(u) if with_abs_sum else None)` from one read of `u`."""
+    def sign(
+        self, u: torch.Tensor, with_abs_sum: bool, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """`(binary_sign(u).to(dtype), abs_sum(u) if with_abs_sum else None)` from one read of `u`."""
 
     def abs_sum(self, u: torch.Tensor) -> torch.Tensor | None:
         """`abs_sum(u)`."""
@@ -57,14 +59,21 @@ class FusedOps(Protocol):
         multiplier: torch.Tensor | None,
         in_place: bool = False,
     ) -> torch.Tensor | None:
-        """`hardtanh_backward(grad, u, lo, hi)`, times the 0-d `multiplier` (rounded once) when given; written into
-        `grad` itself with `in_place`."""
+        """`hardtanh_backward(grad.to(u.dtype), u, lo, hi)`, times the 0-d `multiplier` (rounded once) when given;
+        written into `grad` itself with `in_place` (where it has `u`'s dtype)."""
 
     def masked(
-        self, u: torch.Tensor, mask: torch.Tensor, value: float, bound: float, edges: tuple[float, float] | None
+        self,
+        u: torch.Tensor,
+        mask: torch.Tensor | None,
+        value: float,
+        bound: float,
+        edges: tuple[float, float] | None,
+        dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """`(where(mask, value * sign(u), clamp(u, -bound, bound)), int8 window)` in `u`'s dtype, for a bool `mask`
-        that broadcasts to `u`; the window is `lo < u < hi` for `edges = (lo, hi)` (None: no window)."""
+        """`(where(mask, value * sign(u), clamp(u, -bound, bound)).to(dtype), int8 window)` (dtype None: `u`'s),
+        for a bool `mask` that broadcasts to `u` (None: the clamp alone); the window is `lo < u < hi` for
+        `edges = (lo, hi)` (None: no window)."""
 
 
 _fused: FusedOps | None = None
@@ -98,11 +107,13 @@ def binary_sign(u: torch.Tensor) -> torch.Tensor:
     return torch.add(torch.full((), -1.0, dtype=u.dtype, device=u.device), out, alpha=2, out=out)
 
 
-def sign_and_abs_sum(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(binary_sign(u), abs_sum(u))`, from one read of `u` where a fused pass applies."""
-    if _fused is not None and (fused := _fused.sign(u.detach(), True)) is not None:
+def sign_and_abs_sum(u: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(binary_sign(u).to(dtype), abs_sum(u))`, from one read of `u` where a fused pass applies (dtype None: `u`'s;
+    the sign is exact in any floating dtype)."""
+    if _fused is not None and (fused := _fused.sign(u.detach(), True, dtype)) is not None:
         return fused  # type: ignore[return-value]
-    return binary_sign(u), abs_sum(u)
+    sign = binary_sign(u)
+    return (sign if dtype is None else sign.to(dtype)), abs_sum(u)
 
 
 #: Elements per chunk of `abs_sum`'s float32 casts (4 MiB of float32: they stay in the caches and the allocator's
@@ -178,7 +189,18 @@ def _windowed_grad(
 
     With a 0-d `multiplier` the result is then multiplied by it in place (`.mul_(multiplier)`); a fused pass
     (`FusedOps.windowed_grad`) does both in one. `in_place`: the result may be written into `grad` (a gradient
-    that its backward owns, `_overwritable`), which saves an activation-sized allocation per layer and step."""
+    that its backward owns, `_overwritable`), which saves an activation-sized allocation per layer and step.
+
+    The result has `u`'s dtype: a gradient of another dtype (an autocast op's bfloat16 gradient of a float32 input)
+    is cast first, in the same pass where a fused one applies."""
+    if grad.dtype != u.dtype:
+        fused = None
+        if _fused is not None and _bound_on_host(bound, u, grad):
+            lo, hi = _window_edges(u, bound)
+            fused = _fused.windowed_grad(grad, u.detach(), lo, hi, multiplier)
+        if fused is not None:
+            return fused
+        grad, in_place = grad.to(u.dtype), True  # the cast is a fresh tensor
     if not _bound_on_host(bound, u, grad):
         out = _window(u, bound, grad.dtype).mul_(grad)
     else:
@@ -218,15 +240,23 @@ def _window_int8(u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     return _windowed_grad(ones, u, bound).to(torch.int8)
 
 
-def clamp_to(u: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """`clamp(u, -bound, bound)` for a 0-d `bound` of `u`'s dtype. On CPU (outside `torch.compile`, which must not
-    read `bound` back to the host) the bound is read back as a Python number, which gives the same values: a clamp
-    to scalars is one plain vectorized pass, while tensor bounds go through aten's broadcasting three-input kernel,
-    2.5x (float32) to 15x (bfloat16) slower on this project's CPUs (an activation of 4096 x 1536)."""
+def clamp_to(u: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`clamp(u, -bound, bound).to(dtype)` for a 0-d `bound` of `u`'s dtype (dtype None: `u`'s). On CPU (outside
+    `torch.compile`, which must not read `bound` back to the host) the bound is read back as a Python number, which
+    gives the same values: a clamp to scalars is one plain vectorized pass, while tensor bounds go through aten's
+    broadcasting three-input kernel, 2.5x (float32) to 15x (bfloat16) slower on this project's CPUs (an activation
+    of 4096 x 1536). A fused pass writes a float32 `u`'s clamp straight into bfloat16 (the operand of an autocast
+    op)."""
     if _bound_on_host(bound, u, bound):
         b = bound.item()
-        return torch.clamp(u, -b, b)
-    return torch.clamp(u, -bound, bound)
+        if dtype not in (None, u.dtype) and _fused is not None:
+            fused = _fused.masked(u.detach(), None, 0.0, b, None, dtype)
+            if fused is not None:
+                return fused[0]
+        out = torch.clamp(u, -b, b)
+    else:
+        out = torch.clamp(u, -bound, bound)
+    return out if dtype is None else out.to(dtype)
 
 
 def _masked_values(u, mask, scale, bound, clip_smooth: bool) -> torch.Tensor:
@@ -348,23 +378,26 @@ class _Clip(torch.autograd.Function):
     backward goes through bool masks, `where` and `masked_fill`, several times slower on CPU). Saves `u` itself."""
 
     @staticmethod
-    def forward(ctx, u, bound, owned_grad):  # type: ignore[override]
+    def forward(ctx, u, bound, owned_grad, dtype):  # type: ignore[override]
         ctx.save_for_backward(u, bound)
         ctx.owned_grad = owned_grad
-        return clamp_to(u, bound)
+        return clamp_to(u, bound, dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         u, bound = ctx.saved_tensors
-        return _windowed_grad(grad, u, bound, in_place=_overwritable(ctx.owned_grad, grad, u)), None, None
+        return _windowed_grad(grad, u, bound, in_place=_overwritable(ctx.owned_grad, grad, u)), None, None, None
 
 
-def clip(u: torch.Tensor, bound: torch.Tensor, owned_grad: bool = False) -> torch.Tensor:
+def clip(
+    u: torch.Tensor, bound: torch.Tensor, owned_grad: bool = False, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """`clamp(u, -bound, bound)` (a 0-d `bound`), with the fast backward of `_Clip` when autograd tracks `u`.
-    `owned_grad` as for `hard_sign`."""
+    `owned_grad` as for `hard_sign`; `dtype`: the result's (None: `u`'s), the operand dtype of the autocast op it
+    feeds, and the backward takes that op's gradient in that dtype."""
     if u.requires_grad and torch.is_grad_enabled():
-        return _Clip.apply(u, bound, owned_grad)
-    return clamp_to(u, bound)
+        return _Clip.apply(u, bound, owned_grad, dtype)
+    return clamp_to(u, bound, dtype)
 
 
 def hard_sign(
@@ -415,6 +448,7 @@ def masked_binarize(
     bound: torch.Tensor | float = 1.0,
     clip_smooth: bool,
     owned_grad: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Binarize `u` under `mask` with the training `rule` ('stompp', 'stompp_ste' or 'ste').
 
@@ -428,6 +462,7 @@ def masked_binarize(
         clip_smooth: True for inputs (smooth = clamp to [-c, c], STE `1{|u| <= c} * g`), False for weights (smooth
             = identity, STE the identity `g`: BinaryConnect).
         owned_grad: the backward may overwrite the gradient it receives (`hard_sign`).
+        dtype: an all-continuous input's result dtype, where it feeds an autocast op (`clip`); None: `u`'s.
     """
     if rule not in RULES:
         raise ValueError(f"`rule` must be one of {', '.join(map(repr, RULES))}, but got {rule!r}.")
@@ -442,7 +477,7 @@ def masked_binarize(
     if mask is False:
         if not clip_smooth:
             return u
-        return clip(u, torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach(), owned_grad)
+        return clip(u, torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach(), owned_grad, dtype)
     if bound is not None:
         bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
     if not (u.requires_grad and torch.is_grad_enabled()):  # no backward: the same values, no window

@@ -44,10 +44,10 @@ def _dense(t: torch.Tensor) -> bool:
     return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
-def _plain(*tensors: torch.Tensor, ordered: bool = False) -> bool:
-    """Tensors the C passes read as flat arrays: plain CPU tensors of one supported dtype, dense with the same
-    strides (contiguous, or channels-last where the pass is elementwise; `ordered`: contiguous), big enough,
-    outside `torch.compile`."""
+def _plain(*tensors: torch.Tensor, ordered: bool = False, mixed: bool = False) -> bool:
+    """Tensors the C passes read as flat arrays: plain CPU tensors of one supported dtype (`mixed`: the first
+    float32 and the others float32 or bfloat16, `_pair`), dense with the same strides (contiguous, or channels-last
+    where the pass is elementwise; `ordered`: contiguous), big enough, outside `torch.compile`."""
     first = tensors[0]
     return (
         first.dtype in _DTYPES
@@ -57,12 +57,18 @@ def _plain(*tensors: torch.Tensor, ordered: bool = False) -> bool:
         and all(
             type(t) is torch.Tensor
             and t.is_cpu
-            and t.dtype == first.dtype
+            and (t.dtype == first.dtype or (mixed and _pair(first.dtype, t.dtype)))
             and t.stride() == first.stride()
             and not t.is_neg()
             for t in tensors
         )
     )
+
+
+def _pair(dtype: torch.dtype, other: torch.dtype | None) -> bool:
+    """Whether a pass over `dtype` values takes an operand or result of dtype `other` (None: `dtype` itself): the
+    same dtype, or bfloat16 with float32 (the autocast operand of a float32 activation, or its gradient)."""
+    return other is None or other == dtype or (dtype == torch.float32 and other == torch.bfloat16)
 
 
 class CpuFusedOps:
@@ -83,16 +89,19 @@ class CpuFusedOps:
                 logger.info("Fused training passes unavailable, using torch ops: %s", e)
             return None
 
-    def sign(self, u: torch.Tensor, with_abs_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        if not _plain(u) or (lib := self._kernels()) is None:
+    def sign(
+        self, u: torch.Tensor, with_abs_sum: bool, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        if not _plain(u) or not _pair(u.dtype, dtype) or (lib := self._kernels()) is None:
             return None
-        out = torch.empty_like(u)
+        out = torch.empty_like(u, dtype=dtype)
         total = ctypes.c_double()
         rc = lib.ew_sign(
             u.data_ptr(),
             out.data_ptr(),
             u.numel(),
             _DTYPES[u.dtype],
+            _DTYPES[out.dtype],
             ctypes.addressof(total) if with_abs_sum else None,
             torch.get_num_threads(),
         )
@@ -104,9 +113,8 @@ class CpuFusedOps:
         if not _plain(u) or (lib := self._kernels()) is None:
             return None
         total = ctypes.c_double()
-        rc = lib.ew_sign(
-            u.data_ptr(), None, u.numel(), _DTYPES[u.dtype], ctypes.addressof(total), torch.get_num_threads()
-        )
+        dt = _DTYPES[u.dtype]
+        rc = lib.ew_sign(u.data_ptr(), None, u.numel(), dt, dt, ctypes.addressof(total), torch.get_num_threads())
         return None if rc else torch.tensor(total.value, dtype=torch.float32)
 
     def windowed_grad(
@@ -118,19 +126,20 @@ class CpuFusedOps:
         multiplier: torch.Tensor | None,
         in_place: bool = False,
     ) -> torch.Tensor | None:
-        if grad.shape != u.shape or not _plain(grad, u) or (lib := self._kernels()) is None:
+        # a bfloat16 gradient of a float32 u (an autocast op's) is widened: the result has u's dtype
+        if grad.shape != u.shape or not _plain(u, grad, mixed=True) or (lib := self._kernels()) is None:
             return None
-        if multiplier is not None and (
-            multiplier.dim() != 0 or multiplier.dtype != grad.dtype or not multiplier.is_cpu
-        ):
+        if multiplier is not None and (multiplier.dim() != 0 or multiplier.dtype != u.dtype or not multiplier.is_cpu):
             return None
-        out = grad if in_place else torch.empty_like(grad)  # elementwise: each entry read before it is written
+        # elementwise: each entry read before it is written
+        out = grad if in_place and grad.dtype == u.dtype else torch.empty_like(u)
         mult = 0.0 if multiplier is None else multiplier.item()
         rc = lib.ew_window_grad(
             grad.data_ptr(),
             u.data_ptr(),
             out.data_ptr(),
             grad.numel(),
+            _DTYPES[u.dtype],
             _DTYPES[grad.dtype],
             lo,
             hi,
@@ -141,32 +150,44 @@ class CpuFusedOps:
         return None if rc else out
 
     def masked(
-        self, u: torch.Tensor, mask: torch.Tensor, value: float, bound: float, edges: tuple[float, float] | None
+        self,
+        u: torch.Tensor,
+        mask: torch.Tensor | None,
+        value: float,
+        bound: float,
+        edges: tuple[float, float] | None,
+        dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or not _plain(u, ordered=True):
-            return None
-        while mask.dim() > 0 and mask.shape[0] == 1:  # leading broadcast dimensions
-            mask = mask[0]
-        if (
-            type(mask) is not torch.Tensor
-            or not mask.is_cpu
-            or not mask.is_contiguous()
-            or mask.dim() > u.dim()
-            or tuple(u.shape[u.dim() - mask.dim() :]) != tuple(mask.shape)
-            or (lib := self._kernels()) is None
-        ):
-            return None
-        out = torch.empty_like(u)
-        window = torch.empty(u.shape, dtype=torch.int8) if edges is not None else None
+        if mask is None:  # every entry continuous: the clamp, elementwise
+            if not _plain(u) or not _pair(u.dtype, dtype) or (lib := self._kernels()) is None:
+                return None
+        else:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or not _plain(u, ordered=True):
+                return None
+            while mask.dim() > 0 and mask.shape[0] == 1:  # leading broadcast dimensions
+                mask = mask[0]
+            if (
+                type(mask) is not torch.Tensor
+                or not mask.is_cpu
+                or not mask.is_contiguous()
+                or mask.dim() > u.dim()
+                or tuple(u.shape[u.dim() - mask.dim() :]) != tuple(mask.shape)
+                or not _pair(u.dtype, dtype)
+                or (lib := self._kernels()) is None
+            ):
+                return None
+        out = torch.empty_like(u, dtype=dtype)
+        window = torch.empty_like(u, dtype=torch.int8) if edges is not None else None
         lo, hi = edges if edges is not None else (0.0, 0.0)
         rc = lib.ew_masked(
             u.data_ptr(),
-            mask.data_ptr(),
-            max(mask.numel(), 1),
+            None if mask is None else mask.data_ptr(),
+            1 if mask is None else max(mask.numel(), 1),
             out.data_ptr(),
             None if window is None else window.data_ptr(),
             u.numel(),
             _DTYPES[u.dtype],
+            _DTYPES[out.dtype],
             value,
             bound,
             lo,

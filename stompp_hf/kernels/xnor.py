@@ -242,12 +242,16 @@ def _load() -> _Library:
             ),
             # x, geometry, weight, scale, bias, y, strict, nthreads, min_work, bf16
             amx_conv2d=_bind(lib, "xnor_amx_conv2d_f32", (_P, _P, _P, _P, _P, _P, _INT, _INT, _I64, _INT), _INT),
-            # the fused training passes (stompp_hf.kernels.elementwise): x, out, n, dtype, sum, nthreads
-            ew_sign=_bind(lib, "xnor_ew_sign", (_P, _P, _I64, _INT, _P, _INT), _INT),
-            # g, x, out, n, dtype, lo, hi, has_mult, mult, nthreads
-            ew_window_grad=_bind(lib, "xnor_ew_window_grad", (_P, _P, _P, _I64, _INT, _F, _F, _INT, _F, _INT), _INT),
-            # x, mask, period, out, window, n, dtype, a, b, lo, hi, nthreads
-            ew_masked=_bind(lib, "xnor_ew_masked", (_P, _P, _I64, _P, _P, _I64, _INT, _F, _F, _F, _F, _INT), _INT),
+            # the fused training passes (stompp_hf.kernels.elementwise): x, out, n, dtype, out dtype, sum, nthreads
+            ew_sign=_bind(lib, "xnor_ew_sign", (_P, _P, _I64, _INT, _INT, _P, _INT), _INT),
+            # g, x, out, n, dtype (x, out), g's dtype, lo, hi, has_mult, mult, nthreads
+            ew_window_grad=_bind(
+                lib, "xnor_ew_window_grad", (_P, _P, _P, _I64, _INT, _INT, _F, _F, _INT, _F, _INT), _INT
+            ),
+            # x, mask, period, out, window, n, dtype, out dtype, a, b, lo, hi, nthreads
+            ew_masked=_bind(
+                lib, "xnor_ew_masked", (_P, _P, _I64, _P, _P, _I64, _INT, _INT, _F, _F, _F, _F, _INT), _INT
+            ),
         )
         bound.set_hugepages(_hugepages_default())
     except AttributeError as e:  # a library of this name and digest that lacks an entry point: not ours

@@ -12,10 +12,14 @@
                           (a NaN x is outside), then the product with the factored form's 1 / scale.
    * xnor_ew_masked:      out = M ? (x >= 0 ? a : -a) : clamp(x, -b, b), and the int8 window (lo < x && x < hi):
                           the forward of a transitioning input, whose mask M repeats every `period` elements (the
-                          per-sample mask of a contiguous batch).
+                          per-sample mask of a contiguous batch); without a mask, the clamp of a continuous input.
 
    Values are float32 or bfloat16 (`dt`), read and written in that dtype. bfloat16 is widened to float32 (exact),
-   computed in float32 and rounded back to nearest even (NaN -> 0x7FC0), as torch computes a bfloat16 op. Sums of
+   computed in float32 and rounded back to nearest even (NaN -> 0x7FC0), as torch computes a bfloat16 op. Under
+   autocast a layer's op reads its operand in bfloat16 and hands back a bfloat16 gradient, so the passes that feed
+   it or read its gradient also take a float32 x with a bfloat16 out (`odt`; the value of the float32 pass, then
+   rounded as `.to(torch.bfloat16)` rounds it) or gradient (`gdt`, widened exactly): one pass instead of the
+   float32 pass plus the cast. Sums of
    |x| accumulate in 16 float32 lanes for XE_FLUSH elements, then in double, in XE_PARTS fixed pieces added in
    order: the result does not depend on the thread count. The loops are plain C, which the compiler vectorizes;
    they compile on any CPU. */
@@ -60,7 +64,7 @@ enum { XE_SIGN, XE_ABS_SUM, XE_WINDOW_GRAD, XE_MASKED };
 
 typedef struct {
     xn_task task;
-    int op, dt, want_sum, has_mult;
+    int op, dt, odt, gdt, want_sum, has_mult;
     const void *x, *g;
     const uint8_t *mask;
     void *out;
@@ -77,9 +81,10 @@ static int64_t xe_edge(int64_t n, int p)
     return n / XE_LANES * p / XE_PARTS * XE_LANES;
 }
 
-/* sign (do_out) and sum of |x| (do_sum) of x[lo:hi); the flags are constants, so each use compiles its own loop. */
+/* sign (do_out, in dtype odt) and sum of |x| (do_sum) of x[lo:hi); the flags are constants, so each use compiles its
+   own loop. */
 XE_INLINE void xe_sign_range(const void *x, void *out, double *sum, int64_t lo, int64_t hi, const int dt,
-                             const int do_out, const int do_sum)
+                             const int odt, const int do_out, const int do_sum)
 {
     double total = 0.0;
     int64_t i = lo;
@@ -91,7 +96,7 @@ XE_INLINE void xe_sign_range(const void *x, void *out, double *sum, int64_t lo, 
                 const float v = xe_ld(x, dt, i + l);
                 if (do_sum) acc[l] += __builtin_fabsf(v);
                 if (do_out) {
-                    if (dt == XE_BF16) ((uint16_t *)out)[i + l] = v >= 0.0f ? 0x3F80 : 0xBF80;
+                    if (odt == XE_BF16) ((uint16_t *)out)[i + l] = v >= 0.0f ? 0x3F80 : 0xBF80;
                     else ((float *)out)[i + l] = v >= 0.0f ? 1.0f : -1.0f;
                 }
             }
@@ -102,30 +107,42 @@ XE_INLINE void xe_sign_range(const void *x, void *out, double *sum, int64_t lo, 
     for (; i < hi; i++) {
         const float v = xe_ld(x, dt, i);
         if (do_sum) total += __builtin_fabsf(v);
-        if (do_out) xe_st(out, dt, i, v >= 0.0f ? 1.0f : -1.0f);
+        if (do_out) xe_st(out, odt, i, v >= 0.0f ? 1.0f : -1.0f);
     }
     if (do_sum) *sum = total;
 }
 
-XE_INLINE void xe_window_grad_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int has_mult)
+/* x and out in dtype dt, g in gdt */
+XE_INLINE void xe_window_grad_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int gdt,
+                                    const int has_mult)
 {
     const float wlo = j->lo, whi = j->hi, mult = j->mult;
     const void *x = j->x, *g = j->g;
     void *out = j->out;
     for (int64_t i = lo; i < hi; i++) {
-        const float u = xe_ld(x, dt, i), gv = xe_ld(g, dt, i);   /* both loaded: the loop vectorizes */
+        const float u = xe_ld(x, dt, i), gv = xe_ld(g, gdt, i);   /* both loaded: the loop vectorizes */
         float o = ((u > wlo) & (u < whi)) ? gv : 0.0f;
         if (has_mult) o = o * mult;
         xe_st(out, dt, i, o);
     }
 }
 
-XE_INLINE void xe_masked_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int do_window)
+/* x in dtype dt, out in odt; without a mask (has_mask 0) every entry is continuous: the clamp alone */
+XE_INLINE void xe_masked_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int odt,
+                               const int do_window, const int has_mask)
 {
     const float a = j->a, b = j->b, wlo = j->lo, whi = j->hi;
     const void *x = j->x;
     void *out = j->out;
     int8_t *window = j->window;
+    if (!has_mask) {
+        for (int64_t i = lo; i < hi; i++) {
+            const float u = xe_ld(x, dt, i);
+            xe_st(out, odt, i, u < -b ? -b : (u > b ? b : u));
+            if (do_window) window[i] = (int8_t)((u > wlo) & (u < whi));
+        }
+        return;
+    }
     for (int64_t i = lo; i < hi;) {
         const int64_t off = i % j->period, len = hi - i < j->period - off ? hi - i : j->period - off;
         const uint8_t *m = j->mask + off;
@@ -133,40 +150,59 @@ XE_INLINE void xe_masked_range(const xe_job *j, int64_t lo, int64_t hi, const in
             const float u = xe_ld(x, dt, i + k);
             const float hard = u >= 0.0f ? a : -a;
             const float soft = u < -b ? -b : (u > b ? b : u);
-            xe_st(out, dt, i + k, m[k] ? hard : soft);
+            xe_st(out, odt, i + k, m[k] ? hard : soft);
             if (do_window) window[i + k] = (int8_t)((u > wlo) & (u < whi));
         }
         i += len;
     }
 }
 
+/* The dtype combinations of a pass, each its own loop: (x, out) or (x, g) = (f32, f32), (bf16, bf16), (f32, bf16). */
+#define XE_PAIR(a, b) ((a) * 2 + (b))
+
 static void xe_piece(xe_job *j, int p)
 {
     const int64_t lo = xe_edge(j->n, p), hi = xe_edge(j->n, p + 1);
-    const int bf = j->dt == XE_BF16;
+    const int bf = j->dt == XE_BF16, mixed = j->dt == XE_F32 && (j->op == XE_WINDOW_GRAD ? j->gdt : j->odt) == XE_BF16;
     double *sum = j->want_sum ? &j->sums[p] : NULL;
     switch (j->op) {
     case XE_SIGN:
-        if (bf && sum) xe_sign_range(j->x, j->out, sum, lo, hi, XE_BF16, 1, 1);
-        else if (bf) xe_sign_range(j->x, j->out, sum, lo, hi, XE_BF16, 1, 0);
-        else if (sum) xe_sign_range(j->x, j->out, sum, lo, hi, XE_F32, 1, 1);
-        else xe_sign_range(j->x, j->out, sum, lo, hi, XE_F32, 1, 0);
+        if (bf && sum) xe_sign_range(j->x, j->out, sum, lo, hi, XE_BF16, XE_BF16, 1, 1);
+        else if (bf) xe_sign_range(j->x, j->out, sum, lo, hi, XE_BF16, XE_BF16, 1, 0);
+        else if (mixed && sum) xe_sign_range(j->x, j->out, sum, lo, hi, XE_F32, XE_BF16, 1, 1);
+        else if (mixed) xe_sign_range(j->x, j->out, sum, lo, hi, XE_F32, XE_BF16, 1, 0);
+        else if (sum) xe_sign_range(j->x, j->out, sum, lo, hi, XE_F32, XE_F32, 1, 1);
+        else xe_sign_range(j->x, j->out, sum, lo, hi, XE_F32, XE_F32, 1, 0);
         break;
     case XE_ABS_SUM:
-        if (bf) xe_sign_range(j->x, NULL, sum, lo, hi, XE_BF16, 0, 1);
-        else xe_sign_range(j->x, NULL, sum, lo, hi, XE_F32, 0, 1);
+        if (bf) xe_sign_range(j->x, NULL, sum, lo, hi, XE_BF16, XE_BF16, 0, 1);
+        else xe_sign_range(j->x, NULL, sum, lo, hi, XE_F32, XE_F32, 0, 1);
         break;
     case XE_WINDOW_GRAD:
-        if (bf && j->has_mult) xe_window_grad_range(j, lo, hi, XE_BF16, 1);
-        else if (bf) xe_window_grad_range(j, lo, hi, XE_BF16, 0);
-        else if (j->has_mult) xe_window_grad_range(j, lo, hi, XE_F32, 1);
-        else xe_window_grad_range(j, lo, hi, XE_F32, 0);
+        if (bf && j->has_mult) xe_window_grad_range(j, lo, hi, XE_BF16, XE_BF16, 1);
+        else if (bf) xe_window_grad_range(j, lo, hi, XE_BF16, XE_BF16, 0);
+        else if (mixed && j->has_mult) xe_window_grad_range(j, lo, hi, XE_F32, XE_BF16, 1);
+        else if (mixed) xe_window_grad_range(j, lo, hi, XE_F32, XE_BF16, 0);
+        else if (j->has_mult) xe_window_grad_range(j, lo, hi, XE_F32, XE_F32, 1);
+        else xe_window_grad_range(j, lo, hi, XE_F32, XE_F32, 0);
         break;
-    default:
-        if (bf && j->window) xe_masked_range(j, lo, hi, XE_BF16, 1);
-        else if (bf) xe_masked_range(j, lo, hi, XE_BF16, 0);
-        else if (j->window) xe_masked_range(j, lo, hi, XE_F32, 1);
-        else xe_masked_range(j, lo, hi, XE_F32, 0);
+    default: {
+        const int w = j->window != NULL, m = j->mask != NULL;
+        switch (XE_PAIR(bf ? 1 : mixed ? 2 : 0, w) * 2 + m) {
+        case 0: xe_masked_range(j, lo, hi, XE_F32, XE_F32, 0, 0); break;
+        case 1: xe_masked_range(j, lo, hi, XE_F32, XE_F32, 0, 1); break;
+        case 2: xe_masked_range(j, lo, hi, XE_F32, XE_F32, 1, 0); break;
+        case 3: xe_masked_range(j, lo, hi, XE_F32, XE_F32, 1, 1); break;
+        case 4: xe_masked_range(j, lo, hi, XE_BF16, XE_BF16, 0, 0); break;
+        case 5: xe_masked_range(j, lo, hi, XE_BF16, XE_BF16, 0, 1); break;
+        case 6: xe_masked_range(j, lo, hi, XE_BF16, XE_BF16, 1, 0); break;
+        case 7: xe_masked_range(j, lo, hi, XE_BF16, XE_BF16, 1, 1); break;
+        case 8: xe_masked_range(j, lo, hi, XE_F32, XE_BF16, 0, 0); break;
+        case 9: xe_masked_range(j, lo, hi, XE_F32, XE_BF16, 0, 1); break;
+        case 10: xe_masked_range(j, lo, hi, XE_F32, XE_BF16, 1, 0); break;
+        default: xe_masked_range(j, lo, hi, XE_F32, XE_BF16, 1, 1);
+        }
+    }
     }
 }
 
@@ -194,34 +230,40 @@ static double xe_run(xe_job *j, int nthreads)
 
 static int xe_bad(int64_t n, int dt) { return n < 0 || (dt != XE_F32 && dt != XE_BF16); }
 
-/* out = sign(x) in x's dtype (out may be NULL: the sum alone); *sum = sum |x| when sum is not NULL. */
-int xnor_ew_sign(const void *x, void *out, int64_t n, int dt, double *sum, int nthreads)
+/* A second dtype of a pass: dt itself, or bfloat16 for a float32 dt. */
+static int xe_bad_pair(int dt, int other) { return other != dt && !(dt == XE_F32 && other == XE_BF16); }
+
+/* out = sign(x) in dtype odt (out may be NULL: the sum alone); *sum = sum |x| when sum is not NULL. */
+int xnor_ew_sign(const void *x, void *out, int64_t n, int dt, int odt, double *sum, int nthreads)
 {
-    if (xe_bad(n, dt) || (!out && !sum)) return XN_BAD_ARGS;
-    xe_job j = {.op = out ? XE_SIGN : XE_ABS_SUM, .dt = dt, .x = x, .out = out, .n = n, .want_sum = sum != NULL};
+    if (xe_bad(n, dt) || xe_bad_pair(dt, odt) || (!out && !sum)) return XN_BAD_ARGS;
+    xe_job j = {.op = out ? XE_SIGN : XE_ABS_SUM, .dt = dt, .odt = odt, .x = x, .out = out, .n = n,
+                .want_sum = sum != NULL};
     const double total = xe_run(&j, nthreads);
     if (sum) *sum = total;
     return XN_OK;
 }
 
-/* out = (lo < x && x < hi) ? g : 0, then times mult when has_mult (one rounding in the dtype). */
-int xnor_ew_window_grad(const void *g, const void *x, void *out, int64_t n, int dt, float lo, float hi, int has_mult,
-                        float mult, int nthreads)
+/* out = (lo < x && x < hi) ? g : 0, then times mult when has_mult (one rounding in the dtype); x and out in dtype
+   dt, g in gdt (out may be g itself when gdt is dt). */
+int xnor_ew_window_grad(const void *g, const void *x, void *out, int64_t n, int dt, int gdt, float lo, float hi,
+                        int has_mult, float mult, int nthreads)
 {
-    if (xe_bad(n, dt)) return XN_BAD_ARGS;
-    xe_job j = {.op = XE_WINDOW_GRAD, .dt = dt, .x = x, .g = g, .out = out, .n = n,
+    if (xe_bad(n, dt) || xe_bad_pair(dt, gdt)) return XN_BAD_ARGS;
+    xe_job j = {.op = XE_WINDOW_GRAD, .dt = dt, .gdt = gdt, .x = x, .g = g, .out = out, .n = n,
                 .lo = lo, .hi = hi, .has_mult = has_mult != 0, .mult = mult};
     xe_run(&j, nthreads);
     return XN_OK;
 }
 
-/* out = mask[i % period] ? (x >= 0 ? a : -a) : clamp(x, -b, b); window (may be NULL) = lo < x && x < hi. */
+/* out (dtype odt) = mask[i % period] ? (x >= 0 ? a : -a) : clamp(x, -b, b), clamp(x, -b, b) alone without a mask;
+   window (may be NULL) = lo < x && x < hi. */
 int xnor_ew_masked(const void *x, const uint8_t *mask, int64_t period, void *out, int8_t *window, int64_t n, int dt,
-                   float a, float b, float lo, float hi, int nthreads)
+                   int odt, float a, float b, float lo, float hi, int nthreads)
 {
-    if (xe_bad(n, dt) || period < 1 || n % period) return XN_BAD_ARGS;
-    xe_job j = {.op = XE_MASKED, .dt = dt, .x = x, .mask = mask, .period = period, .out = out, .window = window,
-                .n = n, .a = a, .b = b, .lo = lo, .hi = hi};
+    if (xe_bad(n, dt) || xe_bad_pair(dt, odt) || period < 1 || n % period) return XN_BAD_ARGS;
+    xe_job j = {.op = XE_MASKED, .dt = dt, .odt = odt, .x = x, .mask = mask, .period = period, .out = out,
+                .window = window, .n = n, .a = a, .b = b, .lo = lo, .hi = hi};
     xe_run(&j, nthreads);
     return XN_OK;
 }

@@ -188,6 +188,7 @@ class Binarizer(nn.Module):
         factored: bool = False,
         recompute: bool = True,
         owned_grad: bool = False,
+        operand_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | float | None, Callable[[], torch.Tensor] | None]:
         """`(binarized u, output scale, recompute)`: what a layer's forward needs from this binarizer.
 
@@ -199,7 +200,10 @@ class Binarizer(nn.Module):
         Pass `recompute=False` when no backward can use it (the caller knows that nothing needs a gradient): no
         recipe is built then, and none is ever built with grad disabled (`no_grad`, `inference_mode`).
         `owned_grad`: the result feeds only the caller's op, so the backward may overwrite the gradient it receives
-        (`core.functional.hard_sign`).
+        (`core.functional.hard_sign`). `operand_dtype`: the dtype that op casts its operand to under autocast; a
+        continuous input is then clipped straight into it (one pass instead of the clip and the op's cast, and its
+        backward widens the op's gradient in the window's pass), and the op keeps that operand for its backward as
+        it keeps its own cast (no recipe). None: `u`'s dtype.
         """
         compiling = torch.compiler.is_compiling()
         frozen = self.is_frozen(compiling)
@@ -225,23 +229,31 @@ class Binarizer(nn.Module):
             # one graph for every mask state: the operator reads the state when it runs, not when it is traced
             return self._by_state(u, mask_state, scale, bound, None), None, None
         mask = mask_state.as_mask()
+        cast = operand_dtype if mask is False and self.kind == "input" and operand_dtype != u.dtype else None
         out = masked_binarize(
-            u, mask, rule=self.rule, scale=scale, bound=bound, clip_smooth=self.kind == "input", owned_grad=owned_grad
+            u,
+            mask,
+            rule=self.rule,
+            scale=scale,
+            bound=bound,
+            clip_smooth=self.kind == "input",
+            owned_grad=owned_grad,
+            dtype=cast,
         )
-        if recompute and mask is False and self.kind == "input":
+        if recompute and mask is False and self.kind == "input" and cast is None:
             b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
             return out, None, _recipe(u, lambda: clamp_to(u.detach(), b))
         return out, None, None
 
     def frozen_sign(
-        self, u: torch.Tensor, feature_ndim: int | None = None
+        self, u: torch.Tensor, feature_ndim: int | None = None, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | float, torch.Tensor | float | None]:
         """`(sign(u) or None, scale, clip bound)` of a frozen tensor, the scale updated as by `binarize`. The sign
-        (no graph) comes with an input's scale, from the same read of `u` where a fused pass applies; None
-        otherwise (`binary_sign(u)` gives it)."""
+        (no graph, in `dtype`, None: `u`'s) comes with an input's scale, from the same read of `u` where a fused
+        pass applies; None otherwise (`binary_sign(u)` gives it)."""
         sign = batch_sum = None
         if self.kind == "input" and self.scale is not None:
-            sign, batch_sum = sign_and_abs_sum(u)  # one read of u for both where a fused pass applies
+            sign, batch_sum = sign_and_abs_sum(u, dtype)  # one read of u for both where a fused pass applies
         _, scale, bound = self._scale_and_bound(u, feature_ndim, batch_sum)
         return sign, scale, bound
 

@@ -140,7 +140,7 @@ class StoMPPMixin(StoMPPModule):
         if self.input_binarizer is not None:
             # the binarized input feeds `op` alone, whose backward returns a fresh input gradient
             x, x_scale, fn = self.input_binarizer.binarize(
-                x, self.feature_ndim, factored, recompute=recipes, owned_grad=True
+                x, self.feature_ndim, factored, recompute=recipes, owned_grad=True, operand_dtype=_operand_dtype(x)
             )
             if fn is not None:
                 recompute.append((x, fn))
@@ -168,7 +168,8 @@ class StoMPPMixin(StoMPPModule):
         a, w = self.input_binarizer, self.weight_binarizer
         x_sign, beta, bound = x, None, None
         if a is not None:
-            sign, scale, bound = a.frozen_sign(x, self.feature_ndim)
+            # under autocast, straight into the dtype `F.linear` would cast it to
+            sign, scale, bound = a.frozen_sign(x, self.feature_ndim, _operand_dtype(x))
             x_sign = binary_sign(x) if sign is None else sign
             beta = scale if isinstance(scale, torch.Tensor) else None
             bound = torch.as_tensor(bound, dtype=x.dtype, device=x.device).detach()
@@ -217,6 +218,14 @@ class StoMPPMixin(StoMPPModule):
             "binary_inputs": a is not None,
             "input_scale": a is not None and a.scale is not None,
         }
+
+
+def _operand_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a layer's `F.linear` / convolution casts a float32 `x` to under autocast (their autocast policy
+    is the lower precision), or None (no autocast there, or another dtype, which autocast leaves alone)."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
 
 
 class StoMPPLinear(StoMPPMixin, nn.Linear):
