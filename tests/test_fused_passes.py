@@ -411,3 +411,24 @@ def test_autocast_layers_take_their_operand_in_the_autocast_dtype(state):
     y.float().sum().backward()
     assert calls[1] == torch.bfloat16 and seen == [torch.bfloat16]
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("ops", ["fused", "torch"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_transitioning_input_in_the_autocast_dtype(ops, dtype):
+    """A transitioning input's forward written in the operand dtype, and its backward (a bfloat16 gradient of the
+    op) the window times the widened gradient: the bits of the float32 forward then the cast, and of the float32
+    product with the window (NaN and negative gradients included)."""
+    u = (data(torch.float32, 4 * 8209) * 2).view(4, 8209)
+    mask = torch.rand(8209, generator=torch.Generator().manual_seed(5)) < 0.5
+    grad = data(dtype or torch.float32, 4 * 8209, seed=2).view(4, 8209)
+    with torch_ops_only() if ops == "torch" else contextlib.nullcontext():
+        x = u.clone().requires_grad_()
+        half = torch.tensor(0.5)
+        out = F.masked_binarize(x, mask, rule="stompp_ste", scale=half, bound=0.75, clip_smooth=True, dtype=dtype)
+        out.backward(grad)
+    with torch_ops_only():
+        want = F._masked_values(u, mask, torch.tensor(0.5), torch.tensor(0.75), True)
+        want_grad = grad.float() * F._window(u, torch.tensor(0.75))
+    assert_same(out.detach(), want if dtype is None else want.to(dtype))
+    assert_same(x.grad, want_grad)

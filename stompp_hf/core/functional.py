@@ -62,6 +62,12 @@ class FusedOps(Protocol):
         """`hardtanh_backward(grad.to(u.dtype), u, lo, hi)`, times the 0-d `multiplier` (rounded once) when given;
         written into `grad` itself with `in_place` (where it has `u`'s dtype)."""
 
+    def window_apply(
+        self, grad: torch.Tensor, window: torch.Tensor, dtype: torch.dtype, in_place: bool = False
+    ) -> torch.Tensor | None:
+        """`grad.to(dtype) * window.to(dtype)` for an int8 0/1 `window` of `grad`'s shape (written into `grad` with
+        `in_place`, where it has `dtype`)."""
+
     def masked(
         self,
         u: torch.Tensor,
@@ -280,7 +286,9 @@ def _masked_values(u, mask, scale, bound, clip_smooth: bool) -> torch.Tensor:
     return torch.where(mask, hard, soft, out=hard)
 
 
-def _fused_masked(u, mask, scale, bound, window: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def _fused_masked(
+    u, mask, scale, bound, window: bool, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """`(_masked_values(u, mask, scale, bound, True), _window_int8(u, bound) if window else None)` from one fused
     pass (`FusedOps.masked`), or None where it does not apply: the scale and the bound must be numbers or 0-d
     tensors that leave the result in `u`'s dtype (the bound of `u`'s dtype, as `masked_binarize` casts it)."""
@@ -293,7 +301,7 @@ def _fused_masked(u, mask, scale, bound, window: bool) -> tuple[torch.Tensor, to
     else:
         value = float(scale)
     edges = _window_edges(u, bound) if window else None
-    return _fused.masked(u.detach(), mask, value, bound.item(), edges)
+    return _fused.masked(u.detach(), mask, value, bound.item(), edges, dtype)
 
 
 class _MaskedBinarize(torch.autograd.Function):
@@ -305,14 +313,15 @@ class _MaskedBinarize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, mask, scale, bound, clip_smooth: bool, ste_on_frozen: bool, owned_grad: bool):  # type: ignore[override]
+    def forward(ctx, u, mask, scale, bound, clip_smooth, ste_on_frozen, owned_grad, dtype):  # type: ignore[override]
         # the window as int8: one byte per entry, and casts to and from int8 are cheap (bool ones are not)
-        fused = _fused_masked(u, mask, scale, bound, window=True) if clip_smooth else None
+        fused = _fused_masked(u, mask, scale, bound, window=True, dtype=dtype) if clip_smooth else None
         if fused is not None:
             out, window = fused
         else:
             window = _window_int8(u, bound) if clip_smooth else None
             out = _masked_values(u, mask, scale, bound, clip_smooth)
+            out = out if dtype is None else out.to(dtype)
         ctx.save_for_backward(None if ste_on_frozen else mask, window)
         ctx.clip_smooth = clip_smooth
         ctx.ste_on_frozen = ste_on_frozen
@@ -324,8 +333,15 @@ class _MaskedBinarize(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         mask, window = ctx.saved_tensors
         in_place = _overwritable(ctx.owned_grad, grad, ctx.like)
+        if ctx.clip_smooth and ctx.ste_on_frozen and _fused is not None and not torch.compiler.is_compiling():
+            # the window alone, in one pass (an autocast op's gradient widened in it)
+            fused = _fused.window_apply(grad, window, ctx.like.dtype, in_place)
+            if fused is not None:
+                return fused, None, None, None, None, None, None, None
+        if grad.dtype != ctx.like.dtype:
+            grad, in_place = grad.to(ctx.like.dtype), True  # an autocast op's gradient: the cast is a fresh tensor
         grad = _masked_grad(grad, mask, window, ctx.clip_smooth, ctx.ste_on_frozen, in_place)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _masked_grad(grad, mask, window, clip_smooth: bool, ste_on_frozen: bool, in_place: bool = False) -> torch.Tensor:
@@ -462,7 +478,8 @@ def masked_binarize(
         clip_smooth: True for inputs (smooth = clamp to [-c, c], STE `1{|u| <= c} * g`), False for weights (smooth
             = identity, STE the identity `g`: BinaryConnect).
         owned_grad: the backward may overwrite the gradient it receives (`hard_sign`).
-        dtype: an all-continuous input's result dtype, where it feeds an autocast op (`clip`); None: `u`'s.
+        dtype: a continuous or transitioning input's result dtype, where it feeds an autocast op (`clip`); None:
+            `u`'s.
     """
     if rule not in RULES:
         raise ValueError(f"`rule` must be one of {', '.join(map(repr, RULES))}, but got {rule!r}.")
@@ -472,8 +489,11 @@ def masked_binarize(
         mask = True
     if not clip_smooth:
         bound = None  # weights: no clip window (BinaryConnect's identity STE)
+    if not clip_smooth:
+        dtype = None  # a weight keeps its dtype (autocast casts a weight once per forward, and caches the cast)
     if mask is True:
-        return hard_sign(u, ste=rule != "stompp", scale=scale, bound=bound, owned_grad=owned_grad)
+        out = hard_sign(u, ste=rule != "stompp", scale=scale, bound=bound, owned_grad=owned_grad)
+        return out if dtype is None else out.to(dtype)
     if mask is False:
         if not clip_smooth:
             return u
@@ -481,8 +501,9 @@ def masked_binarize(
     if bound is not None:
         bound = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
     if not (u.requires_grad and torch.is_grad_enabled()):  # no backward: the same values, no window
-        return _masked_values(u, mask, scale, bound, clip_smooth)
-    return _MaskedBinarize.apply(u, mask, scale, bound, clip_smooth, rule != "stompp", owned_grad)
+        out = _masked_values(u, mask, scale, bound, clip_smooth)
+        return out if dtype is None else out.to(dtype)
+    return _MaskedBinarize.apply(u, mask, scale, bound, clip_smooth, rule != "stompp", owned_grad, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -149,6 +149,33 @@ class CpuFusedOps:
         )
         return None if rc else out
 
+    def window_apply(
+        self, grad: torch.Tensor, window: torch.Tensor, dtype: torch.dtype, in_place: bool = False
+    ) -> torch.Tensor | None:
+        if (
+            grad.shape != window.shape
+            or dtype not in _DTYPES
+            or not _pair(dtype, grad.dtype)
+            or not _plain(grad, ordered=True)
+            or type(window) is not torch.Tensor
+            or window.dtype != torch.int8
+            or not window.is_cpu
+            or not window.is_contiguous()
+            or (lib := self._kernels()) is None
+        ):
+            return None
+        out = grad if in_place and grad.dtype == dtype else torch.empty_like(grad, dtype=dtype)
+        rc = lib.ew_window_apply(
+            grad.data_ptr(),
+            window.data_ptr(),
+            out.data_ptr(),
+            grad.numel(),
+            _DTYPES[dtype],
+            _DTYPES[grad.dtype],
+            torch.get_num_threads(),
+        )
+        return None if rc else out
+
     def masked(
         self,
         u: torch.Tensor,

@@ -122,6 +122,7 @@ class _Library(NamedTuple):
     ew_sign: Callable[..., int]
     ew_window_grad: Callable[..., int]
     ew_masked: Callable[..., int]
+    ew_window_apply: Callable[..., int]
 
 
 _lock = threading.Lock()
@@ -252,6 +253,8 @@ def _load() -> _Library:
             ew_masked=_bind(
                 lib, "xnor_ew_masked", (_P, _P, _I64, _P, _P, _I64, _INT, _INT, _F, _F, _F, _F, _INT), _INT
             ),
+            # g, window, out, n, dtype (out), g's dtype, nthreads
+            ew_window_apply=_bind(lib, "xnor_ew_window_apply", (_P, _P, _P, _I64, _INT, _INT, _INT), _INT),
         )
         bound.set_hugepages(_hugepages_default())
     except AttributeError as e:  # a library of this name and digest that lacks an entry point: not ours

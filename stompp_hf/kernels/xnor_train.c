@@ -13,6 +13,9 @@
    * xnor_ew_masked:      out = M ? (x >= 0 ? a : -a) : clamp(x, -b, b), and the int8 window (lo < x && x < hi):
                           the forward of a transitioning input, whose mask M repeats every `period` elements (the
                           per-sample mask of a contiguous batch); without a mask, the clamp of a continuous input.
+   * xnor_ew_window_apply: out = g * w, w that int8 window (0 or 1, as float): the backward of a transitioning
+                          input under "stompp_ste" (the product, so a NaN or negative g times 0 gives what torch's
+                          `grad * window.to(dtype)` gives).
 
    Values are float32 or bfloat16 (`dt`), read and written in that dtype. bfloat16 is widened to float32 (exact),
    computed in float32 and rounded back to nearest even (NaN -> 0x7FC0), as torch computes a bfloat16 op. Under
@@ -60,7 +63,7 @@ XE_INLINE void xe_st(void *p, const int dt, int64_t i, float f)
     else ((float *)p)[i] = f;
 }
 
-enum { XE_SIGN, XE_ABS_SUM, XE_WINDOW_GRAD, XE_MASKED };
+enum { XE_SIGN, XE_ABS_SUM, XE_WINDOW_GRAD, XE_MASKED, XE_WINDOW_APPLY };
 
 typedef struct {
     xn_task task;
@@ -127,6 +130,15 @@ XE_INLINE void xe_window_grad_range(const xe_job *j, int64_t lo, int64_t hi, con
     }
 }
 
+/* out (dtype dt) = g (dtype gdt) * window */
+XE_INLINE void xe_window_apply_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int gdt)
+{
+    const void *g = j->g;
+    const int8_t *window = j->window;
+    void *out = j->out;
+    for (int64_t i = lo; i < hi; i++) xe_st(out, dt, i, xe_ld(g, gdt, i) * (float)window[i]);
+}
+
 /* x in dtype dt, out in odt; without a mask (has_mask 0) every entry is continuous: the clamp alone */
 XE_INLINE void xe_masked_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int odt,
                                const int do_window, const int has_mask)
@@ -163,7 +175,8 @@ XE_INLINE void xe_masked_range(const xe_job *j, int64_t lo, int64_t hi, const in
 static void xe_piece(xe_job *j, int p)
 {
     const int64_t lo = xe_edge(j->n, p), hi = xe_edge(j->n, p + 1);
-    const int bf = j->dt == XE_BF16, mixed = j->dt == XE_F32 && (j->op == XE_WINDOW_GRAD ? j->gdt : j->odt) == XE_BF16;
+    const int reads_g = j->op == XE_WINDOW_GRAD || j->op == XE_WINDOW_APPLY;
+    const int bf = j->dt == XE_BF16, mixed = j->dt == XE_F32 && (reads_g ? j->gdt : j->odt) == XE_BF16;
     double *sum = j->want_sum ? &j->sums[p] : NULL;
     switch (j->op) {
     case XE_SIGN:
@@ -185,6 +198,11 @@ static void xe_piece(xe_job *j, int p)
         else if (mixed) xe_window_grad_range(j, lo, hi, XE_F32, XE_BF16, 0);
         else if (j->has_mult) xe_window_grad_range(j, lo, hi, XE_F32, XE_F32, 1);
         else xe_window_grad_range(j, lo, hi, XE_F32, XE_F32, 0);
+        break;
+    case XE_WINDOW_APPLY:
+        if (bf) xe_window_apply_range(j, lo, hi, XE_BF16, XE_BF16);
+        else if (mixed) xe_window_apply_range(j, lo, hi, XE_F32, XE_BF16);
+        else xe_window_apply_range(j, lo, hi, XE_F32, XE_F32);
         break;
     default: {
         const int w = j->window != NULL, m = j->mask != NULL;
@@ -264,6 +282,15 @@ int xnor_ew_masked(const void *x, const uint8_t *mask, int64_t period, void *out
     if (xe_bad(n, dt) || xe_bad_pair(dt, odt) || period < 1 || n % period) return XN_BAD_ARGS;
     xe_job j = {.op = XE_MASKED, .dt = dt, .odt = odt, .x = x, .mask = mask, .period = period, .out = out,
                 .window = window, .n = n, .a = a, .b = b, .lo = lo, .hi = hi};
+    xe_run(&j, nthreads);
+    return XN_OK;
+}
+
+/* out (dtype dt) = g (dtype gdt) * window (out may be g itself when gdt is dt). */
+int xnor_ew_window_apply(const void *g, const int8_t *window, void *out, int64_t n, int dt, int gdt, int nthreads)
+{
+    if (xe_bad(n, dt) || xe_bad_pair(dt, gdt)) return XN_BAD_ARGS;
+    xe_job j = {.op = XE_WINDOW_APPLY, .dt = dt, .gdt = gdt, .g = g, .window = (int8_t *)window, .out = out, .n = n};
     xe_run(&j, nthreads);
     return XN_OK;
 }

@@ -229,7 +229,7 @@ class Binarizer(nn.Module):
             # one graph for every mask state: the operator reads the state when it runs, not when it is traced
             return self._by_state(u, mask_state, scale, bound, None), None, None
         mask = mask_state.as_mask()
-        cast = operand_dtype if mask is False and self.kind == "input" and operand_dtype != u.dtype else None
+        cast = operand_dtype if self.kind == "input" and operand_dtype != u.dtype else None
         out = masked_binarize(
             u,
             mask,
