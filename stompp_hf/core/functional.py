@@ -62,6 +62,10 @@ class FusedOps(Protocol):
         """`hardtanh_backward(grad.to(u.dtype), u, lo, hi)`, times the 0-d `multiplier` (rounded once) when given;
         written into `grad` itself with `in_place` (where it has `u`'s dtype)."""
 
+    def scale_bias(self, y: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+        """`y.mul_(scale).add_(bias)` for factors of `y`'s dtype over its last dimension (a scale may also be one
+        value), in one pass; False (nothing done) where it does not apply."""
+
     def window_apply(
         self, grad: torch.Tensor, window: torch.Tensor, dtype: torch.dtype, in_place: bool = False
     ) -> torch.Tensor | None:
@@ -692,9 +696,22 @@ def scale_output(
 
     `y` must be the fresh output of the layer's op, which nothing else holds: it is updated in place (autograd
     allows it, since neither a matmul nor a convolution saves its output), which saves two output-sized
-    allocations, each of which costs more than the arithmetic on CPU (fresh pages fault in)."""
+    allocations, each of which costs more than the arithmetic on CPU (fresh pages fault in). Where a fused pass
+    applies (a linear layer's output: channels in the last dimension) both are one pass over `y`."""
     if scale is not None:
-        y = y.mul_(scale.to(y.dtype))
+        scale = scale.to(y.dtype)
     if bias is not None:
-        y = y.add_(bias.to(y.dtype).view(-1, *([1] * (feature_ndim - 1))))
+        bias = bias.to(y.dtype)
+    if (
+        feature_ndim == 1
+        and _fused is not None
+        and (scale is not None or bias is not None)
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, scale, bias)))
+        and _fused.scale_bias(y, scale, bias)  # (autograd does not see it: only where it records nothing)
+    ):
+        return y
+    if scale is not None:
+        y = y.mul_(scale)
+    if bias is not None:
+        y = y.add_(bias.view(-1, *([1] * (feature_ndim - 1))))
     return y

@@ -149,6 +149,33 @@ class CpuFusedOps:
         )
         return None if rc else out
 
+    def scale_bias(self, y: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+        # per last-dimension channel of a contiguous y; the factors already in y's dtype (as the torch ops cast them)
+        if not _plain(y, ordered=True) or y.dim() < 1 or (lib := self._kernels()) is None:
+            return False
+        cols = y.shape[-1]
+        for t, sizes in ((scale, (1, cols)), (bias, (cols,))):
+            if t is not None and (
+                type(t) is not torch.Tensor
+                or t.dtype != y.dtype
+                or not t.is_cpu
+                or not t.is_contiguous()
+                or t.numel() not in sizes
+                or (t.dim() > 0 and t.shape[-1] != t.numel())
+            ):
+                return False
+        rc = lib.ew_scale_bias(
+            y.data_ptr(),
+            y.numel() // cols,
+            cols,
+            _DTYPES[y.dtype],
+            None if scale is None else scale.data_ptr(),
+            0 if scale is None else scale.numel(),
+            None if bias is None else bias.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return rc == 0
+
     def window_apply(
         self, grad: torch.Tensor, window: torch.Tensor, dtype: torch.dtype, in_place: bool = False
     ) -> torch.Tensor | None:

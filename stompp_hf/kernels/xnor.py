@@ -123,6 +123,7 @@ class _Library(NamedTuple):
     ew_window_grad: Callable[..., int]
     ew_masked: Callable[..., int]
     ew_window_apply: Callable[..., int]
+    ew_scale_bias: Callable[..., int]
 
 
 _lock = threading.Lock()
@@ -255,6 +256,8 @@ def _load() -> _Library:
             ),
             # g, window, out, n, dtype (out), g's dtype, nthreads
             ew_window_apply=_bind(lib, "xnor_ew_window_apply", (_P, _P, _P, _I64, _INT, _INT, _INT), _INT),
+            # y, rows, cols, dtype, scale, scale_len, bias, nthreads
+            ew_scale_bias=_bind(lib, "xnor_ew_scale_bias", (_P, _I64, _I64, _INT, _P, _I64, _P, _INT), _INT),
         )
         bound.set_hugepages(_hugepages_default())
     except AttributeError as e:  # a library of this name and digest that lacks an entry point: not ours

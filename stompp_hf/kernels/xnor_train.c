@@ -13,6 +13,9 @@
    * xnor_ew_masked:      out = M ? (x >= 0 ? a : -a) : clamp(x, -b, b), and the int8 window (lo < x && x < hi):
                           the forward of a transitioning input, whose mask M repeats every `period` elements (the
                           per-sample mask of a contiguous batch); without a mask, the clamp of a continuous input.
+   * xnor_ew_scale_bias:  y = y * s + b in place, per column of a row-major y (s, b of length cols, or s of length
+                          1), two roundings in y's dtype: the factored form's epilogue (Eq. 5) as torch's
+                          `y.mul_(s).add_(b)` computes it, in one pass instead of two.
    * xnor_ew_window_apply: out = g * w, w that int8 window (0 or 1, as float): the backward of a transitioning
                           input under "stompp_ste" (the product, so a NaN or negative g times 0 gives what torch's
                           `grad * window.to(dtype)` gives).
@@ -57,19 +60,29 @@ XE_INLINE uint16_t xe_bf16(float f)
     return (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : rounded;
 }
 
+/* f rounded to bfloat16 (as xe_bf16) and widened back */
+XE_INLINE float xe_round_bf16(float f)
+{
+    const uint32_t b = (uint32_t)xe_bf16(f) << 16;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
 XE_INLINE void xe_st(void *p, const int dt, int64_t i, float f)
 {
     if (dt == XE_BF16) ((uint16_t *)p)[i] = xe_bf16(f);
     else ((float *)p)[i] = f;
 }
 
-enum { XE_SIGN, XE_ABS_SUM, XE_WINDOW_GRAD, XE_MASKED, XE_WINDOW_APPLY };
+enum { XE_SIGN, XE_ABS_SUM, XE_WINDOW_GRAD, XE_MASKED, XE_WINDOW_APPLY, XE_SCALE_BIAS };
 
 typedef struct {
     xn_task task;
     int op, dt, odt, gdt, want_sum, has_mult;
     const void *x, *g;
     const uint8_t *mask;
+    const void *scale, *bias;   /* XE_SCALE_BIAS: per column (scale may have one entry: scale_len 1), dtype dt */
+    int64_t scale_len;
     void *out;
     int8_t *window;
     int64_t n, period;
@@ -127,6 +140,27 @@ XE_INLINE void xe_window_grad_range(const xe_job *j, int64_t lo, int64_t hi, con
         float o = ((u > wlo) & (u < whi)) ? gv : 0.0f;
         if (has_mult) o = o * mult;
         xe_st(out, dt, i, o);
+    }
+}
+
+/* y[i] = y[i] * s[col] + b[col], each rounded to dtype dt; columns repeat every `period` elements */
+XE_INLINE void xe_scale_bias_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int has_scale,
+                                   const int has_bias)
+{
+    void *y = j->out;
+    const int64_t per_col = j->scale_len > 1;
+    for (int64_t i = lo; i < hi;) {
+        const int64_t off = i % j->period, len = hi - i < j->period - off ? hi - i : j->period - off;
+        for (int64_t k = 0; k < len; k++) {
+            float v = xe_ld(y, dt, i + k);
+            if (has_scale) {
+                v = v * xe_ld(j->scale, dt, per_col ? off + k : 0);
+                if (dt == XE_BF16) v = xe_round_bf16(v);   /* the first rounding */
+            }
+            if (has_bias) v = v + xe_ld(j->bias, dt, off + k);
+            xe_st(y, dt, i + k, v);
+        }
+        i += len;
     }
 }
 
@@ -199,6 +233,16 @@ static void xe_piece(xe_job *j, int p)
         else if (j->has_mult) xe_window_grad_range(j, lo, hi, XE_F32, XE_F32, 1);
         else xe_window_grad_range(j, lo, hi, XE_F32, XE_F32, 0);
         break;
+    case XE_SCALE_BIAS: {
+        const int s = j->scale != NULL, b = j->bias != NULL;
+        if (bf && s && b) xe_scale_bias_range(j, lo, hi, XE_BF16, 1, 1);
+        else if (bf && s) xe_scale_bias_range(j, lo, hi, XE_BF16, 1, 0);
+        else if (bf) xe_scale_bias_range(j, lo, hi, XE_BF16, 0, 1);
+        else if (s && b) xe_scale_bias_range(j, lo, hi, XE_F32, 1, 1);
+        else if (s) xe_scale_bias_range(j, lo, hi, XE_F32, 1, 0);
+        else xe_scale_bias_range(j, lo, hi, XE_F32, 0, 1);
+        break;
+    }
     case XE_WINDOW_APPLY:
         if (bf) xe_window_apply_range(j, lo, hi, XE_BF16, XE_BF16);
         else if (mixed) xe_window_apply_range(j, lo, hi, XE_F32, XE_BF16);
@@ -291,6 +335,19 @@ int xnor_ew_window_apply(const void *g, const int8_t *window, void *out, int64_t
 {
     if (xe_bad(n, dt) || xe_bad_pair(dt, gdt)) return XN_BAD_ARGS;
     xe_job j = {.op = XE_WINDOW_APPLY, .dt = dt, .gdt = gdt, .g = g, .window = (int8_t *)window, .out = out, .n = n};
+    xe_run(&j, nthreads);
+    return XN_OK;
+}
+
+/* y (rows x cols, row-major, dtype dt) = y * scale + bias in place, two roundings; scale has scale_len entries
+   (cols, or 1 for one scale of all), bias cols; either may be NULL, not both. */
+int xnor_ew_scale_bias(void *y, int64_t rows, int64_t cols, int dt, const void *scale, int64_t scale_len,
+                       const void *bias, int nthreads)
+{
+    if (xe_bad(rows, dt) || cols < 1 || (!scale && !bias) || (scale && scale_len != 1 && scale_len != cols))
+        return XN_BAD_ARGS;
+    xe_job j = {.op = XE_SCALE_BIAS, .dt = dt, .out = y, .n = rows * cols, .period = cols, .scale = scale,
+                .scale_len = scale_len, .bias = bias};
     xe_run(&j, nthreads);
     return XN_OK;
 }
