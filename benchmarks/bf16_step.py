@@ -8,8 +8,9 @@ Writes `benchmarks/results/bf16_step.md`. The packaged all-MiniLM-L6-v2 at batch
 stepped as in `train_overhead.py` (forward, backward, AdamW step, mask advance; StoMPP+STE at the middle of the
 middle stage of a 10,000-step progression). Each step of the bf16 setups runs its forward under
 `torch.autocast("cpu", dtype=torch.bfloat16)`, as `Trainer` does with `bf16=True, use_cpu=True`; the weights and
-the optimizer stay fp32. The four setups are measured in one process, round-robin, and the table gives medians
-and ratios from the same rounds. This is a timing: no accuracy claim rests on it.
+the optimizer stay fp32. The four setups are measured in one process, round-robin (the order rotating every
+round), and the table gives medians and ratios from the same rounds. This is a timing: no accuracy claim rests on
+it.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ def main() -> None:
     setups = {key: build("minilm", key[0], args.batch, args.seq) for key in SETUPS}
     times: dict[tuple[str, str], list[float]] = {key: [] for key in SETUPS}
     for round_ in range(args.warmup + args.steps):
-        for key, setup in setups.items():
+        # the order rotates every round, so no setup always runs after the same one (this VM's speed drifts over
+        # seconds, and a step leaves the caches and the allocator to the next)
+        keys = SETUPS[round_ % len(SETUPS) :] + SETUPS[: round_ % len(SETUPS)]
+        for key in keys:
             start = time.perf_counter()
-            one_step(*setup, autocast=AUTOCAST[key[1]])
+            one_step(*setups[key], autocast=AUTOCAST[key[1]])
             if round_ >= args.warmup:
                 times[key].append(time.perf_counter() - start)
         print(f"  round {round_ + 1}/{args.warmup + args.steps}", flush=True)
@@ -59,8 +63,9 @@ def main() -> None:
     lines = [
         *results_header("Training step in bf16 autocast vs fp32 (CPU)", command),
         f"all-MiniLM-L6-v2, batch {args.batch} x sequence {args.seq}, {args.steps} timed rounds after "
-        f"{args.warmup} warm-up, setups interleaved. Steps: median (interquartile range) over the rounds; ratios: "
-        "median (interquartile range) of the ratios of the two steps timed in the same round.",
+        f"{args.warmup} warm-up, setups interleaved (the order rotating every round). Steps: median (interquartile "
+        "range) over the rounds; ratios: median (interquartile range) of the ratios of the two steps timed in the same "
+        "round.",
         "",
         "| rule | fp32 step (s) | bf16 step (s) | bf16 / fp32 | step / FP step (fp32) | step / FP step (bf16) |",
         "|---|---:|---:|---:|---:|---:|",
