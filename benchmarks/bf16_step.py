@@ -64,8 +64,8 @@ def main() -> None:
         *results_header("Training step in bf16 autocast vs fp32 (CPU)", command),
         f"all-MiniLM-L6-v2, batch {args.batch} x sequence {args.seq}, {args.steps} timed rounds after "
         f"{args.warmup} warm-up, setups interleaved (the order rotating every round). Steps: median (interquartile "
-        "range) over the rounds; ratios: median (interquartile range) of the ratios of the two steps timed in the same "
-        "round.",
+        "range) over the rounds; ratios: median (interquartile range) of the ratios of the two steps timed in the "
+        "same round.",
         "",
         "| rule | fp32 step (s) | bf16 step (s) | bf16 / fp32 | step / FP step (fp32) | step / FP step (bf16) |",
         "|---|---:|---:|---:|---:|---:|",
