@@ -493,8 +493,7 @@ def masked_binarize(
         mask = True
     if not clip_smooth:
         bound = None  # weights: no clip window (BinaryConnect's identity STE)
-    if not clip_smooth:
-        dtype = None  # a weight keeps its dtype (autocast casts a weight once per forward, and caches the cast)
+        dtype = None  # and their own dtype (autocast casts a weight once per forward, and caches the cast)
     if mask is True:
         out = hard_sign(u, ste=rule != "stompp", scale=scale, bound=bound, owned_grad=owned_grad)
         return out if dtype is None else out.to(dtype)

@@ -201,9 +201,10 @@ class Binarizer(nn.Module):
         recipe is built then, and none is ever built with grad disabled (`no_grad`, `inference_mode`).
         `owned_grad`: the result feeds only the caller's op, so the backward may overwrite the gradient it receives
         (`core.functional.hard_sign`). `operand_dtype`: the dtype that op casts its operand to under autocast; a
-        continuous input is then clipped straight into it (one pass instead of the clip and the op's cast, and its
-        backward widens the op's gradient in the window's pass), and the op keeps that operand for its backward as
-        it keeps its own cast (no recipe). None: `u`'s dtype.
+        continuous or transitioning input is then written straight into it (one pass instead of the binarization's
+        and the op's cast, and its backward widens the op's gradient in the window's pass), and the op keeps that
+        operand for its backward as it keeps its own cast (no recipe). None, and for a frozen input (whose sign the
+        frozen linear node writes in that dtype, `frozen_sign`): `u`'s dtype.
         """
         compiling = torch.compiler.is_compiling()
         frozen = self.is_frozen(compiling)
