@@ -436,7 +436,7 @@ def test_transitioning_input_in_the_autocast_dtype(ops, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("scale", "bias"), [("channel", True), ("channel", False), ("one", True), (None, True)])
-def test_scale_bias_matches_torch(dtype, scale, bias):
+def test_scale_bias_matches_torch(monkeypatch, dtype, scale, bias):
     """The factored form's epilogue `y * s + b` (Eq. 5) in one pass: the bits of `y.mul_(s).add_(b)` (two roundings
     in y's dtype, the factors cast to it first), per output channel or with one scale; where autograd records the
     ops (a tensor that needs a gradient) the torch ops run."""
@@ -449,15 +449,11 @@ def test_scale_bias_matches_torch(dtype, scale, bias):
         want = F.scale_output(y0.clone(), s, b, 1)
     assert_same(got, want)
     calls = []
-    fused = F.fused_ops()
-    original = type(fused).scale_bias
-    try:
-        type(fused).scale_bias = lambda self, *a: calls.append(1) or original(self, *a)
-        F.scale_output(y0.clone(), s, b, 1)
-        assert calls  # the fused pass ran
-        calls.clear()
-        y = y0.clone().requires_grad_()
-        F.scale_output(y * 1, s, b, 1).sum().backward()
-        assert not calls and torch.equal(y.grad, (torch.ones_like(y0) * (1 if s is None else s.to(dtype))))
-    finally:
-        type(fused).scale_bias = original
+    original = type(F.fused_ops()).scale_bias
+    monkeypatch.setattr(type(F.fused_ops()), "scale_bias", lambda self, *a: calls.append(1) or original(self, *a))
+    F.scale_output(y0.clone(), s, b, 1)
+    assert calls  # the fused pass ran
+    calls.clear()
+    y = y0.clone().requires_grad_()
+    F.scale_output(y * 1, s, b, 1).sum().backward()
+    assert not calls and torch.equal(y.grad, (torch.ones_like(y0) * (1 if s is None else s.to(dtype))))

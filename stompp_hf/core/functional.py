@@ -203,21 +203,18 @@ def _windowed_grad(
 
     The result has `u`'s dtype: a gradient of another dtype (an autocast op's bfloat16 gradient of a float32 input)
     is cast first, in the same pass where a fused one applies."""
-    if grad.dtype != u.dtype:
-        fused = None
-        if _fused is not None and _bound_on_host(bound, u, grad):
-            lo, hi = _window_edges(u, bound)
-            fused = _fused.windowed_grad(grad, u.detach(), lo, hi, multiplier)
-        if fused is not None:
-            return fused
-        grad, in_place = grad.to(u.dtype), True  # the cast is a fresh tensor
-    if not _bound_on_host(bound, u, grad):
-        out = _window(u, bound, grad.dtype).mul_(grad)
-    else:
+    on_host = _bound_on_host(bound, u, grad)
+    if on_host:
         lo, hi = _window_edges(u, bound)
+        # the fused pass takes both dtypes, and writes into `grad` only where it has u's
         fused = None if _fused is None else _fused.windowed_grad(grad, u.detach(), lo, hi, multiplier, in_place)
         if fused is not None:
             return fused
+    if grad.dtype != u.dtype:
+        grad, in_place = grad.to(u.dtype), True  # the cast is a fresh tensor
+    if not on_host:
+        out = _window(u, bound, grad.dtype).mul_(grad)
+    else:
         if in_place:
             out = torch.ops.aten.hardtanh_backward.grad_input(grad, u.detach(), lo, hi, grad_input=grad)
         else:

@@ -173,6 +173,8 @@ XE_INLINE void xe_window_apply_range(const xe_job *j, int64_t lo, int64_t hi, co
     for (int64_t i = lo; i < hi; i++) xe_st(out, dt, i, xe_ld(g, gdt, i) * (float)window[i]);
 }
 
+XE_INLINE float xe_clamp(float u, float b) { return u < -b ? -b : (u > b ? b : u); }
+
 /* x in dtype dt, out in odt; without a mask (has_mask 0) every entry is continuous: the clamp alone */
 XE_INLINE void xe_masked_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int odt,
                                const int do_window, const int has_mask)
@@ -184,7 +186,7 @@ XE_INLINE void xe_masked_range(const xe_job *j, int64_t lo, int64_t hi, const in
     if (!has_mask) {
         for (int64_t i = lo; i < hi; i++) {
             const float u = xe_ld(x, dt, i);
-            xe_st(out, odt, i, u < -b ? -b : (u > b ? b : u));
+            xe_st(out, odt, i, xe_clamp(u, b));
             if (do_window) window[i] = (int8_t)((u > wlo) & (u < whi));
         }
         return;
@@ -195,16 +197,12 @@ XE_INLINE void xe_masked_range(const xe_job *j, int64_t lo, int64_t hi, const in
         for (int64_t k = 0; k < len; k++) {
             const float u = xe_ld(x, dt, i + k);
             const float hard = u >= 0.0f ? a : -a;
-            const float soft = u < -b ? -b : (u > b ? b : u);
-            xe_st(out, odt, i + k, m[k] ? hard : soft);
+            xe_st(out, odt, i + k, m[k] ? hard : xe_clamp(u, b));
             if (do_window) window[i + k] = (int8_t)((u > wlo) & (u < whi));
         }
         i += len;
     }
 }
-
-/* The dtype combinations of a pass, each its own loop: (x, out) or (x, g) = (f32, f32), (bf16, bf16), (f32, bf16). */
-#define XE_PAIR(a, b) ((a) * 2 + (b))
 
 static void xe_piece(xe_job *j, int p)
 {
@@ -249,8 +247,9 @@ static void xe_piece(xe_job *j, int p)
         else xe_window_apply_range(j, lo, hi, XE_F32, XE_F32);
         break;
     default: {
+        /* the dtype pair (f32 / bf16 / f32 -> bf16) x window x mask, each its own loop */
         const int w = j->window != NULL, m = j->mask != NULL;
-        switch (XE_PAIR(bf ? 1 : mixed ? 2 : 0, w) * 2 + m) {
+        switch ((bf ? 1 : mixed ? 2 : 0) * 4 + w * 2 + m) {
         case 0: xe_masked_range(j, lo, hi, XE_F32, XE_F32, 0, 0); break;
         case 1: xe_masked_range(j, lo, hi, XE_F32, XE_F32, 0, 1); break;
         case 2: xe_masked_range(j, lo, hi, XE_F32, XE_F32, 1, 0); break;
