@@ -123,6 +123,30 @@ def test_both_thread_runtimes_are_bit_identical(runtime, fresh_kernel_state, mon
 
 
 @needs_kernel
+@pytest.mark.parametrize("path", PATH_PARAMS)
+@pytest.mark.parametrize("name", ["resnet 3x3 stride 2", "dilated stride 3", "stem 7x7 stride 2"])
+def test_whole_images_per_thread_and_shared_batches_agree(name, path, monkeypatch):
+    """Batches of 1 to 9 images on 1 to 3 threads: the avx512 path gives whole images to threads where the batch
+    shares out evenly enough and shares the packed batch otherwise; every split gives the reference's bits, and a
+    NaN in the last image (packed after the others were computed) still raises."""
+    monkeypatch.setattr(bconv, "_MIN_WORK_PER_THREAD", 0)  # small layers too run on every thread asked for
+    gen = torch.Generator().manual_seed(11)
+    case = CASES[name]
+    for batch in (1, 2, 3, 4, 5, 8, 9):
+        x, weight_packed, shape, geometry, scale, bias = make_case((batch, *case[1:]), gen)
+        expected = reference(x, weight_packed, shape, *geometry, scale, bias)
+        for channels_last in (False, True):
+            xc = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            for threads in (1, 2, 3):
+                y = bconv.binary_conv2d(xc, weight_packed, shape, *geometry, scale, bias, num_threads=threads, path=path)
+                assert torch.equal(y, expected), (batch, channels_last, threads)
+        nan = x.clone()
+        nan[-1, 0, -1, -1] = math.nan
+        with pytest.raises(ValueError, match="NaN"):
+            bconv.binary_conv2d(nan, weight_packed, shape, *geometry, scale, bias, num_threads=2, path=path)
+
+
+@needs_kernel
 def test_non_contiguous_input_and_unprepared_weights():
     gen = torch.Generator().manual_seed(3)
     x, weight_packed, shape, geometry, scale, bias = make_case(CASES["resnet 3x3"], gen)

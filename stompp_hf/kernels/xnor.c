@@ -71,8 +71,8 @@
 /* Status codes of the entry points (the Python wrappers map them to exceptions). */
 #define XN_OK 0
 #define XN_NOMEM 1        /* scratch memory could not be allocated */
-#define XN_NAN 2          /* x has a NaN (y not written) */
-#define XN_NOT_PM1 3      /* strict: x has a value other than +-1 (y not written) */
+#define XN_NAN 2          /* x has a NaN (y: nothing to use) */
+#define XN_NOT_PM1 3      /* strict: x has a value other than +-1 (y: nothing to use) */
 #define XN_NO_PATH 4      /* the requested path is not compiled or not supported by this CPU */
 #define XN_BAD_ARGS 5     /* a shape the kernel does not handle */
 

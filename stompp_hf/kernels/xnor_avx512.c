@@ -203,6 +203,13 @@ XZ_INLINE void xz_store_planes(const __m512 f[8], float *y, int64_t plane, int n
     }
 }
 
+/* Prefetch into L2 the next `n` cache lines from *at, up to `end` (the next image's input while this one
+   computes: xz_conv_images). */
+XZ_INLINE void xz_prefetch(const char **at, const char *end, int64_t n)
+{
+    for (; n > 0 && *at < end; n--, *at += 64) _mm_prefetch(*at, _MM_HINT_T1);
+}
+
 /* ------------------------------------------------------------------------------------------------------------
    Linear layer. */
 

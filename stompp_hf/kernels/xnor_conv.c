@@ -25,7 +25,13 @@
    Inputs in NCHW order pack 16 pixels of a row per vector (one compare and one masked OR per channel); channels-last
    inputs pack 32 channels of a pixel per word. Outputs go out in the input's memory format: channels-last directly,
    NCHW through an 8 x 16 transpose in registers. With `strict` the input must already be +-1 (the output of a
-   binary activation), else XN_NOT_PM1. */
+   binary activation), else XN_NOT_PM1.
+
+   Threads. Where the batch shares out evenly enough (B >= threads, and B a multiple of them or at least four per
+   thread), the avx512 path gives each thread whole images: it packs one into its own bit image (a few KiB to a
+   few hundred, in L1 or L2), computes all of its outputs, and prefetches the next image's input meanwhile (no
+   barrier; the input's trip from memory overlaps the popcounts; the pixel table is one image's). Otherwise the
+   threads pack shares of the whole batch, meet at the barrier, and split (group, panel pair, tile) units. */
 
 #define XN_CONV_GEOM 18   /* B, C, H, W, stride of B, C, H, W (elements), O, kh, kw, sh, sw, ph, pw, dh, dw, groups */
 #define XN_CONV_TILE 8    /* output pixels per tile (XZ_MR on the avx512 path) */
@@ -44,18 +50,19 @@ typedef struct {
     float *y;
     int nchw_out, strict, simd, bf16;         /* bf16: x and y are bfloat16 (avx512 path, channels-last only) */
     int stream;                               /* channels-last y by xz_store_row's streaming stores */
-    uint32_t *xb;                             /* the packed bit image */
+    int by_image;                             /* each thread packs and computes whole images (xz_conv_images) */
+    uint32_t *xb;                             /* the packed bit images: [B][IS], or by_image one per thread */
     int32_t *off;                             /* [T] */
     int32_t *corr;                            /* [row classes][column classes][O], or NULL without padding */
     int32_t *rcls, *ccls;                     /* class of each output row / column */
     int64_t ncc;                              /* column classes */
-    struct xn_conv_pix *pix;                  /* [P]: each output pixel's coordinates (xn_conv_fill_pixels) */
+    struct xn_conv_pix *pix;                  /* [P] (by_image: [HWo], image 0's): output pixels' coordinates */
 } xn_conv_job;
 
 /* An output pixel: its corner in the packed image (group 0's planes), image, offset in the image's output plane,
-   and row of the padding correction table. Filled once per call, in parallel with the packing, so the tiles of
-   every panel pair read them instead of dividing (three 64-bit divisions per tile and panel pair cost about half
-   the time of a 64-channel layer). */
+   and row of the padding correction table. Filled once per call (the batch's, in parallel with the packing; by
+   image, image 0's before the threads start), so the tiles of every panel pair read them instead of dividing
+   (three 64-bit divisions per tile and panel pair cost about half the time of a 64-channel layer). */
 typedef struct xn_conv_pix {
     int64_t xoff, b, r, cls;
 } xn_conv_pix;
@@ -167,64 +174,70 @@ static void xn_conv_unit_scalar(const xn_conv_job *j, int64_t u)
 }
 
 #if XN_X86_SIMD
-/* avx512 packing of padded rows [r0, r1) (see xn_conv_pack_scalar): 16 pixels of a row per vector when the width
-   is contiguous (NCHW), 32 channels of a pixel per word when the channels are (channels-last). */
-XN_AVX512_FN static int xz_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r1)
+/* avx512 packing of padded row hp of image b into the bit image at `img` (see xn_conv_pack_scalar): 16 pixels of
+   a row per vector when the width is contiguous (NCHW), 32 channels of a pixel per word when the channels are
+   (channels-last). Returns the lanes found bad (NaN, or with strict not +-1). */
+XZ_INLINE __mmask16 xz_conv_pack_row(const xn_conv_job *j, int64_t b, int64_t hp, uint32_t *img)
 {
     const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
     __mmask16 bad = 0;
-    const int channels_last = j->sC == 1;
-    for (int64_t r = r0; r < r1; r++) {
-        const int64_t b = r / j->Hp, hp = r % j->Hp, h = hp - j->ph;
-        uint32_t *rows = j->xb + b * j->IS + hp * j->Wp;   /* this row of plane 0; plane k at + k * PS */
-        for (int64_t k = 0; k < j->Gcw; k++) memset(rows + k * j->PS, 0, (size_t)j->Wp * sizeof(uint32_t));
-        if (h < 0 || h >= j->H) continue;
-        const int64_t xrow = b * j->sB + h * j->sH;   /* element index: x is float32, or bfloat16 with bf16 */
-        for (int64_t k = 0; k < j->Gcw; k++) {
-            const int64_t kk = k % j->cw, c0 = (k / j->cw) * j->Cg + 32 * kk;
-            const int64_t cnt = j->Cg - 32 * kk < 32 ? j->Cg - 32 * kk : 32;
-            uint32_t *out = rows + k * j->PS + j->pw;
-            if (channels_last) {
-                const __mmask16 la = xz_lanes(cnt), lb = cnt > 16 ? xz_lanes(cnt - 16) : 0;
-                for (int64_t w = 0; w < j->W; w++) {
-                    const int64_t p = xrow + w * j->sW + c0;
-                    const __m512 a = xz_load(j->x, p, la, j->bf16), v = xz_load(j->x, p + 16, lb, j->bf16);
-                    out[w] = (uint32_t)_mm512_mask_cmp_ps_mask(la, a, zero, _CMP_GE_OQ) |
-                             (uint32_t)_mm512_mask_cmp_ps_mask(lb, v, zero, _CMP_GE_OQ) << 16;
-                    if (j->strict)
-                        bad |= _mm512_mask_cmp_ps_mask(la, _mm512_abs_ps(a), one, _CMP_NEQ_UQ) |
-                               _mm512_mask_cmp_ps_mask(lb, _mm512_abs_ps(v), one, _CMP_NEQ_UQ);
-                    else
-                        bad |= _mm512_mask_cmp_ps_mask(la, a, a, _CMP_UNORD_Q) |
-                               _mm512_mask_cmp_ps_mask(lb, v, v, _CMP_UNORD_Q);
-                }
-                continue;
+    const int64_t h = hp - j->ph;
+    uint32_t *rows = img + hp * j->Wp;   /* this row of plane 0; plane k at + k * PS */
+    for (int64_t k = 0; k < j->Gcw; k++) memset(rows + k * j->PS, 0, (size_t)j->Wp * sizeof(uint32_t));
+    if (h < 0 || h >= j->H) return 0;
+    const int64_t xrow = b * j->sB + h * j->sH;   /* element index: x is float32, or bfloat16 with bf16 */
+    for (int64_t k = 0; k < j->Gcw; k++) {
+        const int64_t kk = k % j->cw, c0 = (k / j->cw) * j->Cg + 32 * kk;
+        const int64_t cnt = j->Cg - 32 * kk < 32 ? j->Cg - 32 * kk : 32;
+        uint32_t *out = rows + k * j->PS + j->pw;
+        if (j->sC == 1) {
+            const __mmask16 la = xz_lanes(cnt), lb = cnt > 16 ? xz_lanes(cnt - 16) : 0;
+            for (int64_t w = 0; w < j->W; w++) {
+                const int64_t p = xrow + w * j->sW + c0;
+                const __m512 a = xz_load(j->x, p, la, j->bf16), v = xz_load(j->x, p + 16, lb, j->bf16);
+                out[w] = (uint32_t)_mm512_mask_cmp_ps_mask(la, a, zero, _CMP_GE_OQ) |
+                         (uint32_t)_mm512_mask_cmp_ps_mask(lb, v, zero, _CMP_GE_OQ) << 16;
+                if (j->strict)
+                    bad |= _mm512_mask_cmp_ps_mask(la, _mm512_abs_ps(a), one, _CMP_NEQ_UQ) |
+                           _mm512_mask_cmp_ps_mask(lb, _mm512_abs_ps(v), one, _CMP_NEQ_UQ);
+                else
+                    bad |= _mm512_mask_cmp_ps_mask(la, a, a, _CMP_UNORD_Q) |
+                           _mm512_mask_cmp_ps_mask(lb, v, v, _CMP_UNORD_Q);
             }
-            for (int64_t c = 0; c < cnt; c++) {   /* width contiguous: OR channel c's bit into 16 pixels at a time */
-                const float *p = j->x + xrow + (c0 + c) * j->sC;   /* float32 only (bf16 comes channels-last) */
-                const __m512i bit = _mm512_set1_epi32((int)(1u << c));
-                for (int64_t w = 0; w < j->W; w += 16) {
-                    const __mmask16 lanes = xz_lanes(j->W - w);
-                    const __m512 v = _mm512_maskz_loadu_ps(lanes, p + w);
-                    const __mmask16 ge = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
-                    const __m512i acc = _mm512_maskz_loadu_epi32(lanes, out + w);
-                    _mm512_mask_storeu_epi32(out + w, lanes, _mm512_mask_or_epi32(acc, ge, acc, bit));
-                    if (j->strict) bad |= _mm512_mask_cmp_ps_mask(lanes, _mm512_abs_ps(v), one, _CMP_NEQ_UQ);
-                    else bad |= _mm512_mask_cmp_ps_mask(lanes, v, v, _CMP_UNORD_Q);
-                }
+            continue;
+        }
+        for (int64_t c = 0; c < cnt; c++) {   /* width contiguous: OR channel c's bit into 16 pixels at a time */
+            const float *p = j->x + xrow + (c0 + c) * j->sC;   /* float32 only (bf16 comes channels-last) */
+            const __m512i bit = _mm512_set1_epi32((int)(1u << c));
+            for (int64_t w = 0; w < j->W; w += 16) {
+                const __mmask16 lanes = xz_lanes(j->W - w);
+                const __m512 v = _mm512_maskz_loadu_ps(lanes, p + w);
+                const __mmask16 ge = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
+                const __m512i acc = _mm512_maskz_loadu_epi32(lanes, out + w);
+                _mm512_mask_storeu_epi32(out + w, lanes, _mm512_mask_or_epi32(acc, ge, acc, bit));
+                if (j->strict) bad |= _mm512_mask_cmp_ps_mask(lanes, _mm512_abs_ps(v), one, _CMP_NEQ_UQ);
+                else bad |= _mm512_mask_cmp_ps_mask(lanes, v, v, _CMP_UNORD_Q);
             }
         }
     }
+    return bad;
+}
+
+/* Padded rows [r0, r1) of the flattened [B][Hp] into j->xb; XN_NAN / XN_NOT_PM1 / 0. */
+XN_AVX512_FN static int xz_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r1)
+{
+    __mmask16 bad = 0;
+    for (int64_t r = r0; r < r1; r++) bad |= xz_conv_pack_row(j, r / j->Hp, r % j->Hp, j->xb + r / j->Hp * j->IS);
     return bad ? (j->strict ? XN_NOT_PM1 : XN_NAN) : 0;
 }
 
-/* avx512 path: one work unit (group, panel pair, pixel tile) with a register tile of 8 pixels x ng panels. */
-XZ_INLINE void xz_conv_unit(const xn_conv_job *j, int64_t g, int64_t q, int64_t tile, const int ng)
+/* avx512 path: the tile of np <= 8 output pixels (xr: their corners in group g's planes; b, r, cls as
+   xn_conv_pixels gives them; consecutive global indices from pg0) x ng panels of panel pair q. */
+XZ_INLINE void xz_conv_tile(const xn_conv_job *j, int64_t g, int64_t q, const int ng, const uint32_t *const xr[XZ_MR],
+                            const int64_t b[XZ_MR], const int64_t r[XZ_MR], const int64_t cls[XZ_MR], int np,
+                            int64_t pg0)
 {
-    const uint32_t *xr[XZ_MR];
-    int64_t r[XZ_MR], b[XZ_MR], cls[XZ_MR];
-    const int np = xn_conv_pixels(j, tile, g, xr, b, r, cls);
-    const int64_t p0 = tile * XZ_MR, panel0 = q * XZ_NG;
+    const int64_t panel0 = q * XZ_NG;
     __m512i acc[XZ_MR][XZ_NG];
     xz_dot8(xr, j->off, j->T, j->wp + (g * j->P16 + panel0) * j->T * 16, j->T * 16, ng == XZ_NG, acc);
     const __m512i kc = _mm512_set1_epi32((int)j->K), zero = _mm512_setzero_si512();
@@ -255,16 +268,70 @@ XZ_INLINE void xz_conv_unit(const xn_conv_job *j, int64_t g, int64_t q, int64_t 
     }
     if (!j->nchw_out)   /* channels-last: pixel i's channels from oc on are consecutive */
         for (int i = 0; i < np; i++)
-            xz_store_row(j->y, (p0 + i) * j->O + g * j->Og + 16 * panel0, f[i], lanes, ng, j->bf16, j->stream);
+            xz_store_row(j->y, (pg0 + i) * j->O + g * j->Og + 16 * panel0, f[i], lanes, ng, j->bf16, j->stream);
 }
 
+/* Work units [u0, u1) of the shared packed images: unit u = (group, panel pair, pixel tile of all P pixels). */
 XN_AVX512_FN static void xz_conv_units(const xn_conv_job *j, int64_t u0, int64_t u1)
 {
+    const uint32_t *xr[XZ_MR];
+    int64_t r[XZ_MR], b[XZ_MR], cls[XZ_MR];
     for (int64_t u = u0; u < u1; u++) {
         const int64_t tile = u % j->PT, gq = u / j->PT, q = gq % j->NQ, g = gq / j->NQ;
-        if (j->P16 - q * XZ_NG >= XZ_NG) xz_conv_unit(j, g, q, tile, XZ_NG);
-        else xz_conv_unit(j, g, q, tile, 1);
+        const int np = xn_conv_pixels(j, tile, g, xr, b, r, cls);
+        if (j->P16 - q * XZ_NG >= XZ_NG) xz_conv_tile(j, g, q, XZ_NG, xr, b, r, cls, np, tile * XZ_MR);
+        else xz_conv_tile(j, g, q, 1, xr, b, r, cls, np, tile * XZ_MR);
     }
+}
+
+/* by_image: thread tid packs each of its images into its own bit image and computes all of that image's outputs
+   there (every group, panel pair and tile of 8 of its pixels), prefetching the next image's input into L2 while
+   it computes: no barrier, no shared packed batch, and the input's trip from memory overlaps the popcounts. */
+XN_AVX512_FN static void xz_conv_images(xn_conv_job *j, int tid)
+{
+    int64_t b0, b1;
+    xn_share(j->B, 1, tid, j->task.nthreads, &b0, &b1);
+    uint32_t *img = j->xb + tid * j->IS;
+    const int64_t tiles = (j->HWo + XZ_MR - 1) / XZ_MR, units = j->G * j->NQ * tiles;
+    const int64_t esize = j->bf16 ? 2 : 4;
+    const int64_t span = ((j->C - 1) * j->sC + (j->H - 1) * j->sH + (j->W - 1) * j->sW + 1) * esize;
+    const int dense = span <= 2 * j->C * j->H * j->W * esize;
+    const uint32_t *xr[XZ_MR];
+    int64_t r[XZ_MR], bb[XZ_MR], cls[XZ_MR];
+    for (int64_t b = b0; b < b1; b++) {
+        __mmask16 bad = 0;
+        for (int64_t hp = 0; hp < j->Hp; hp++) bad |= xz_conv_pack_row(j, b, hp, img);
+        if (bad) xn_fail(&j->task, j->strict ? XN_NOT_PM1 : XN_NAN);
+        if (xn_failed(&j->task)) break;
+        const char *pf = NULL, *pf_end = NULL;
+        int64_t pf_step = 0;
+        if (dense && b + 1 < b1) {
+            pf = (const char *)j->x + (b + 1) * j->sB * esize;
+            pf_end = pf + span;
+            pf_step = (span / 64 + units) / units;
+        }
+        for (int64_t g = 0; g < j->G; g++) {
+            const uint32_t *base = img + g * j->cw * j->PS;
+            for (int64_t q = 0; q < j->NQ; q++) {
+                const int ng = j->P16 - q * XZ_NG >= XZ_NG ? XZ_NG : 1;
+                for (int64_t t = 0; t < tiles; t++) {
+                    const int64_t p0 = t * XZ_MR;
+                    const int np = j->HWo - p0 < XZ_MR ? (int)(j->HWo - p0) : XZ_MR;
+                    for (int i = 0; i < XZ_MR; i++) {
+                        const xn_conv_pix *px = j->pix + p0 + (i < np ? i : 0);
+                        xr[i] = base + px->xoff;
+                        bb[i] = b;
+                        r[i] = px->r;
+                        cls[i] = px->cls;
+                    }
+                    if (ng == XZ_NG) xz_conv_tile(j, g, q, XZ_NG, xr, bb, r, cls, np, b * j->HWo + p0);
+                    else xz_conv_tile(j, g, q, 1, xr, bb, r, cls, np, b * j->HWo + p0);
+                    if (pf) xz_prefetch(&pf, pf_end, pf_step);
+                }
+            }
+        }
+    }
+    if (j->stream) _mm_sfence();
 }
 #endif
 
@@ -273,6 +340,12 @@ static void xn_conv_share(xn_task *task, int tid)
     xn_conv_job *j = (xn_conv_job *)task;
     const int nt = task->nthreads;
     int64_t lo, hi;
+#if XN_X86_SIMD
+    if (j->by_image) {
+        xz_conv_images(j, tid);
+        return;
+    }
+#endif
     xn_share(j->P, 1, tid, nt, &lo, &hi);
     xn_conv_fill_pixels(j, lo, hi);
     xn_share(j->B * j->Hp, 1, tid, nt, &lo, &hi);
@@ -327,7 +400,8 @@ static int64_t xn_pad_classes(int64_t n, int64_t stride, int64_t pad, int64_t di
    as [B, O, Ho, Wo] contiguous, else [B, Ho, Wo, O]. `path`: XN_PATH_AUTO (avx512 where supported, else scalar),
    XN_PATH_AVX512 or XN_PATH_SCALAR. `bf16`: x and y are bfloat16 (the avx512 path, channels-last x and y only),
    the outputs rounded as torch's bf16 conv and ops round them (xz_finish). Returns XN_OK, or XN_NOMEM / XN_NAN /
-   XN_NOT_PM1 / XN_NO_PATH / XN_BAD_ARGS (then y is not written). */
+   XN_NOT_PM1 / XN_NO_PATH / XN_BAD_ARGS (then y holds nothing to use: by image, the images before the bad one
+   may have been written). */
 int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, const float *scale,
                     const float *bias, void *y, int nchw_out, int strict, int nthreads, int64_t min_work, int path,
                     int bf16)
@@ -372,11 +446,14 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
     j.wp = (const uint32_t *)prepared;
     const int32_t *S = (const int32_t *)(j.wp + j.G * j.P16 * j.T * 16);
 
-    j.xb = (uint32_t *)malloc((size_t)(j.B * j.IS) * sizeof(uint32_t));
+    const int t = xn_threads(nthreads, j.P * j.O * ((j.K + 63) / 64), min_work, j.units);
+    /* whole images per thread where the images share out evenly enough (and the avx512 path runs) */
+    j.by_image = j.simd && j.B >= t && (j.B % t == 0 || j.B >= 4 * t);
+    j.xb = (uint32_t *)malloc((size_t)((j.by_image ? t : j.B) * j.IS) * sizeof(uint32_t));
     j.off = (int32_t *)malloc((size_t)j.T * sizeof(int32_t));
     j.rcls = (int32_t *)malloc((size_t)(j.Ho + j.Wo) * sizeof(int32_t));
     uint32_t *masks = (uint32_t *)malloc((size_t)(j.Ho + j.Wo) * sizeof(uint32_t));
-    j.pix = (xn_conv_pix *)malloc((size_t)j.P * sizeof(xn_conv_pix));
+    j.pix = (xn_conv_pix *)malloc((size_t)(j.by_image ? j.HWo : j.P) * sizeof(xn_conv_pix));
     int rc = XN_NOMEM;
     if (!j.xb || !j.off || !j.rcls || !masks || !j.pix) goto done;
     j.ccls = j.rcls + j.Ho;
@@ -406,7 +483,7 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
                     j.corr[(a * j.ncc + c) * j.O + o] = s;
                 }
     }
-    int t = xn_threads(nthreads, j.P * j.O * ((j.K + 63) / 64), min_work, j.units);
+    if (j.by_image) xn_conv_fill_pixels(&j, 0, j.HWo);   /* image 0's pixels; an image adds b * IS to xoff */
     j.task.nthreads = t;
     xn_run(&j.task);
     rc = j.task.status;
