@@ -138,7 +138,9 @@ def test_whole_images_per_thread_and_shared_batches_agree(name, path, monkeypatc
         for channels_last in (False, True):
             xc = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             for threads in (1, 2, 3):
-                y = bconv.binary_conv2d(xc, weight_packed, shape, *geometry, scale, bias, num_threads=threads, path=path)
+                y = bconv.binary_conv2d(
+                    xc, weight_packed, shape, *geometry, scale, bias, num_threads=threads, path=path
+                )
                 assert torch.equal(y, expected), (batch, channels_last, threads)
         nan = x.clone()
         nan[-1, 0, -1, -1] = math.nan
