@@ -148,6 +148,35 @@ def test_whole_images_per_thread_and_shared_batches_agree(name, path, monkeypatc
             bconv.binary_conv2d(nan, weight_packed, shape, *geometry, scale, bias, num_threads=2, path=path)
 
 
+@pytest.mark.skipif(not xnor.is_available() or "avx512" not in bconv.conv_paths(), reason="no avx512 conv path")
+def test_bf16_special_values():
+    """bfloat16 channels-last inputs of zeros of both signs, subnormals, infinities and the largest values count as
+    `x >= 0` says (the reference's sums, rounded to bf16, times a bf16 scale, plus a bf16 bias, each rounded); any
+    NaN pattern raises; strict takes exactly +-1."""
+    gen = torch.Generator().manual_seed(15)
+    patterns = (0x0000, 0x8000, 0x0001, 0x8001, 0x0080, 0x8080, 0x3F80, 0xBF80, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80)
+    values = torch.tensor(patterns, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    for c in (40, 64):  # a partial and a whole second channel word
+        x, weight_packed, shape, geometry, scale, bias = make_case((3, c, 6, 7, 24, 3, 1, 1, 1, 1), gen)
+        x = values[torch.randint(0, len(values), x.shape, generator=gen)].contiguous(memory_format=torch.channels_last)
+        s, b = scale.bfloat16(), bias.bfloat16()
+        y = bconv.binary_conv2d(x, weight_packed, shape, *geometry, s.float(), b.float())
+        sums = reference(x.float(), weight_packed, shape, *geometry, None, None).bfloat16()
+        assert torch.equal(y, sums * s.view(-1, 1, 1) + b.view(-1, 1, 1))
+        for nan in (0x7FC0, 0xFFC0, 0x7F81):
+            bad = x.clone()
+            bad[2, c - 1, 5, 6] = torch.tensor(nan, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+            with pytest.raises(ValueError, match="NaN"):
+                bconv.binary_conv2d(bad, weight_packed, shape, *geometry, s.float(), b.float())
+        pm1 = torch.where(x >= 0, 1.0, -1.0).bfloat16().contiguous(memory_format=torch.channels_last)
+        y = bconv.binary_conv2d(pm1, weight_packed, shape, *geometry, strict=True)
+        assert torch.equal(y, reference(pm1.float(), weight_packed, shape, *geometry, None, None).bfloat16())
+        bad = pm1.clone()
+        bad[1, 0, 0, 0] = -0.0
+        with pytest.raises(xnor.InputNotBinary):
+            bconv.binary_conv2d(bad, weight_packed, shape, *geometry, strict=True)
+
+
 @needs_kernel
 def test_non_contiguous_input_and_unprepared_weights():
     gen = torch.Generator().manual_seed(3)

@@ -778,6 +778,72 @@ def test_bf16_activations_round_like_torch(kernel):
         xnor.xnor_linear(x, weight_packed, k, path="scalar")
 
 
+def bf16_bits(*values: int) -> torch.Tensor:
+    """bfloat16 values from their 16-bit patterns."""
+    return torch.tensor(values, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+# +-0, +-subnormals, +-smallest normal, +-1, +-largest finite, +-inf: each counts as `x >= 0` says
+BF16_SPECIALS = (0x0000, 0x8000, 0x0001, 0x8001, 0x007F, 0x807F, 0x0080, 0x8080, 0x3F80, 0xBF80, 0x7F7F, 0xFF7F)
+BF16_INFS = (0x7F80, 0xFF80)
+BF16_NANS = (0x7FC0, 0xFFC0, 0x7F81, 0xFF81, 0x7FFF)
+
+
+@needs_avx512
+def test_bf16_signs_of_special_values():
+    """The bfloat16 sign words read the 16-bit patterns: zeros of both signs, subnormals, infinities and the
+    largest values count as `x >= 0` says; every NaN pattern raises; strict accepts exactly +-1."""
+    gen = torch.Generator().manual_seed(47)
+    k, n = 70, 20  # three sign words, the last one partial
+    weight_packed, out_scale, bias = make_layer(n, k, gen)
+    prepared = xnor.prepare_weights(weight_packed, n, k)
+    values = bf16_bits(*BF16_SPECIALS, *BF16_INFS)
+    x = values[torch.randint(0, len(values), (9, k), generator=gen)]
+    s, b = out_scale.bfloat16(), bias.bfloat16()
+    y = xnor.xnor_linear(x, weight_packed, k, s.float(), b.float(), prepared=prepared)
+    assert torch.equal(y, bf16_reference(x, weight_packed, k, s, b))
+    for nan in BF16_NANS:
+        bad = x.clone()
+        bad[4, 66] = bf16_bits(nan)[0]
+        with pytest.raises(ValueError, match="NaN"):
+            xnor.xnor_linear(bad, weight_packed, k, prepared=prepared)
+    pm1 = torch.where(x >= 0, 1.0, -1.0).bfloat16()
+    y = xnor.xnor_linear(pm1, weight_packed, k, prepared=prepared, strict=True)
+    assert torch.equal(y, bf16_reference(pm1, weight_packed, k, None, None))
+    for other in (0x0000, 0x8000, 0x3F81, 0xBF7F, 0x7F80, 0x0001):
+        bad = pm1.clone()
+        bad[8, 69] = bf16_bits(other)[0]
+        with pytest.raises(xnor.InputNotBinary):
+            xnor.xnor_linear(bad, weight_packed, k, prepared=prepared, strict=True)
+
+
+@needs_avx512
+def test_bf16_epilogue_with_wild_scales_and_biases():
+    """Scales and biases with infinities, NaNs and subnormal-range values take the epilogue's exact rounding: NaNs
+    where torch's bf16 path has them (its NaN bits differ between its scalar and vector code: 0x7FC0 / 0xFFFF) and
+    its bits everywhere else; tame ones, the fast rounding, give the same bits."""
+    gen = torch.Generator().manual_seed(48)
+    k, n = 300, 40
+    weight_packed, out_scale, bias = make_layer(n, k, gen)
+    prepared = xnor.prepare_weights(weight_packed, n, k)
+    x = make_input((17, k), gen).bfloat16()
+    wild = {
+        "inf scale": (out_scale.clone().index_fill_(0, torch.tensor([3]), math.inf), bias),
+        "nan bias": (out_scale, bias.clone().index_fill_(0, torch.tensor([5]), math.nan)),
+        "subnormal scale": (out_scale.clone().index_fill_(0, torch.tensor([7]), 1e-39), bias),
+        "tiny bias": (out_scale, bias.clone().index_fill_(0, torch.tensor([9]), 2.0**-110)),
+        "tame": (out_scale, bias),
+    }
+    for name, (s, b) in wild.items():
+        s, b = s.bfloat16(), b.bfloat16()
+        y = xnor.xnor_linear(x, weight_packed, k, s.float(), b.float(), prepared=prepared)
+        expected = bf16_reference(x, weight_packed, k, s, b)
+        assert torch.equal(y.isnan(), expected.isnan()), name
+        assert bool(y.isnan().any()) == (name in ("inf scale", "nan bias"))  # 0 * inf, x + NaN
+        finite = ~expected.isnan()
+        assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16)), name
+
+
 @needs_avx512
 @pytest.mark.parametrize("convert", [True, False], ids=["bf16 model", "bf16 input only"])
 def test_bf16_packed_linear_is_bit_identical(convert):

@@ -47,6 +47,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <float.h>
 #include <sched.h>
 #include <signal.h>
 #include <time.h>

@@ -190,6 +190,13 @@ XZ_INLINE __mmask16 xz_conv_pack_row(const xn_conv_job *j, int64_t b, int64_t hp
         const int64_t kk = k % j->cw, c0 = (k / j->cw) * j->Cg + 32 * kk;
         const int64_t cnt = j->Cg - 32 * kk < 32 ? j->Cg - 32 * kk : 32;
         uint32_t *out = rows + k * j->PS + j->pw;
+        if (j->sC == 1 && j->bf16) {
+            __mmask32 bad32 = 0;
+            for (int64_t w = 0; w < j->W; w++)
+                out[w] = xz_sign_word_bf16((const uint16_t *)j->x + xrow + w * j->sW + c0, cnt, j->strict, &bad32);
+            bad |= (__mmask16)(bad32 | bad32 >> 16);
+            continue;
+        }
         if (j->sC == 1) {
             const __mmask16 la = xz_lanes(cnt), lb = cnt > 16 ? xz_lanes(cnt - 16) : 0;
             for (int64_t w = 0; w < j->W; w++) {
@@ -429,6 +436,9 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
     xn_hugepage_hint(y, j.B * j.O * j.Ho * j.Wo * (int64_t)(bf16 ? 2 : 4));
     j.simd = path == XN_PATH_AVX512;
     j.scale = scale; j.bias = bias; j.y = (float *)y; j.nchw_out = nchw_out; j.strict = strict; j.bf16 = bf16;
+#if XN_X86_SIMD
+    if (bf16 && xz_tame(scale, j.O) && xz_tame(bias, j.O)) j.bf16 = XZ_BF16_TAME;
+#endif
     j.Cg = j.C / j.G; j.Og = j.O / j.G;
 #if XN_X86_SIMD
     j.stream = j.simd && !nchw_out && xz_stream_ok(y, j.B * j.O * j.Ho * j.Wo, j.O, j.Og, bf16);
