@@ -819,9 +819,9 @@ def test_bf16_signs_of_special_values():
 
 @needs_avx512
 def test_bf16_epilogue_with_wild_scales_and_biases():
-    """Scales and biases with infinities, NaNs and subnormal-range values take the epilogue's exact rounding: NaNs
-    where torch's bf16 path has them (its NaN bits differ between its scalar and vector code: 0x7FC0 / 0xFFFF) and
-    its bits everywhere else; tame ones, the fast rounding, give the same bits."""
+    """Scales and biases with infinities or NaNs take the epilogue's rounding with its NaN case: NaNs where torch's
+    bf16 path has them (its NaN bits differ between its scalar and vector code: 0x7FC0 / 0xFFFF) and its bits
+    everywhere else; finite ones (subnormal and tiny values included) take the rounding without it, same bits."""
     gen = torch.Generator().manual_seed(48)
     k, n = 300, 40
     weight_packed, out_scale, bias = make_layer(n, k, gen)

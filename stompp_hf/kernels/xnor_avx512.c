@@ -102,9 +102,6 @@ static int xz_stream_ok(const void *y, int64_t elems, int64_t row, int64_t group
            ((uintptr_t)y & 63) == 0 && row % unit == 0 && group % unit == 0;
 }
 
-/* Sign words of the `cnt` floats (bf16: bfloat16s) from element `i0` of p: bit b of word k is p[i0 + 32 k + b] >= 0
-   (-0.0 -> 1), bits past cnt are 0. Returns XN_NAN if one of them is a NaN, or, with `strict`, XN_NOT_PM1 if one is
-   not exactly +-1; else 0. */
 /* One sign word of the `cnt` <= 32 bfloat16s from element i0 of p, as xz_signs; ORs the lanes that are NaN (or,
    with `strict`, not +-1) into *bad. On the 16-bit patterns: negative = sign bit set and not -0.0 (0x8000); NaN =
    magnitude bits above 0x7F80; +-1 = magnitude bits 0x3F80. */
@@ -120,6 +117,9 @@ XZ_INLINE uint32_t xz_sign_word_bf16(const uint16_t *p, int64_t cnt, int strict,
     return (uint32_t)(l & ~neg);
 }
 
+/* Sign words of the `cnt` floats (bf16: bfloat16s) from element `i0` of p: bit b of word k is p[i0 + 32 k + b] >= 0
+   (-0.0 -> 1), bits past cnt are 0. Returns XN_NAN if one of them is a NaN, or, with `strict`, XN_NOT_PM1 if one is
+   not exactly +-1; else 0. */
 XZ_INLINE int xz_signs(const void *p, int64_t i0, int64_t cnt, uint32_t *out, int strict, int bf16)
 {
     if (bf16) {
@@ -197,15 +197,16 @@ XZ_INLINE void xz_dot8(const uint32_t *const xr[XZ_MR], const int32_t *off, int6
     (void)a01; (void)a11; (void)a21; (void)a31; (void)a41; (void)a51; (void)a61; (void)a71;
 }
 
-/* The outputs of 16 channels from their counts: (kc - 2 * count + corr) * scale + bias, the multiply and the add
-   rounded separately (no FMA), each step only where its operand exists (adding a zero bias would turn -0.0 into
-   +0.0). `corr` is the zero padding's correction (conv) or zero. With bf16 outputs every step is rounded to bf16,
-   as torch's bf16 ops round them: the integer (the dense op's bf16 output), the product, the sum. */
+/* One bf16 rounding of the epilogue (`bf16` as xz_finish takes it). */
 XZ_INLINE __m512 xz_bf16_step(__m512 f, int bf16)
 {
     return bf16 == XZ_BF16_TAME ? xz_round_bf16_finite(f) : xz_round_bf16(f);
 }
 
+/* The outputs of 16 channels from their counts: (kc - 2 * count + corr) * scale + bias, the multiply and the add
+   rounded separately (no FMA), each step only where its operand exists (adding a zero bias would turn -0.0 into
+   +0.0). `corr` is the zero padding's correction (conv) or zero. With bf16 outputs every step is rounded to bf16,
+   as torch's bf16 ops round them: the integer (the dense op's bf16 output), the product, the sum. */
 XZ_INLINE __m512 xz_finish(__m512i count, __m512i kc, __m512i corr, const __m512 *scale, const __m512 *bias, int bf16)
 {
     const __m512i d = _mm512_add_epi32(_mm512_sub_epi32(kc, _mm512_add_epi32(count, count)), corr);
@@ -222,15 +223,13 @@ XZ_INLINE __m512 xz_finish(__m512i count, __m512i kc, __m512i corr, const __m512
     return f;
 }
 
-/* Whether the n floats of v (NULL: none) are finite and each 0 or at least 2**-100 in magnitude. With such scales
-   and biases no bf16 epilogue step meets a NaN (an integer times a finite scale, plus a finite bias) or leaves the
-   normal range (nonzero results are at least 2**-123), so the outputs may take XZ_BF16_TAME's rounding. */
+/* Whether the n floats of v (NULL: none) are all finite. With finite scales and biases no bf16 epilogue step meets
+   a NaN (an integer times a finite scale is finite or overflows to an infinity; adding a finite bias keeps it so),
+   so the outputs may take XZ_BF16_TAME's rounding. */
 static int xz_tame(const float *v, int64_t n)
 {
-    for (int64_t i = 0; v && i < n; i++) {
-        const float a = __builtin_fabsf(v[i]);
-        if (!(a <= FLT_MAX) || (a != 0.0f && a < 0x1p-100f)) return 0;
-    }
+    for (int64_t i = 0; v && i < n; i++)
+        if (!(__builtin_fabsf(v[i]) <= FLT_MAX)) return 0;
     return 1;
 }
 
