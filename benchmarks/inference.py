@@ -33,6 +33,16 @@ Parts, each timed as medians of interleaved repeats (every repeat runs each mode
 The popcount limit: `threads x clock x 512` binary multiply-adds per second (one 512-bit VPOPCNTQ per cycle per
 core), the clock being `--clock-ghz` or, by default, the highest "cpu MHz" that /proc/cpuinfo reports. The XNOR rows
 give the fraction of it they reach.
+
+Memory allocator: by default glibc's own settings, under which a freed output can go back to the system and the next
+output of its size faults in fresh pages (on this project's VM, inside the interleaved linear table, the 384 -> 1536
+layer at 4096 rows faulted in all 6,144 pages of its float32 output on every call: 12.7 ms, against 3.4 ms and no
+faults under the tunables below, two runs minutes apart). `--keep-freed-memory` runs the whole benchmark under
+glibc tunables that keep freed blocks of up to 32 MiB for reuse, as a user tuning for speed would; the layer tables
+under it are in `benchmarks/results/inference_keep_freed.md`:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference.py --threads 2 --layer-repeats 21 9 --parts linear conv \
+        --keep-freed-memory --output benchmarks/results/inference_keep_freed.md
 """
 
 from __future__ import annotations
@@ -748,6 +758,15 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
         ),
         f"- transformers {transformers.__version__}, `torch.set_num_threads({args.threads})`, no GPU. Whole run "
         f"{elapsed / 60:.1f} min." + (" **`--quick`: toy sizes, not a measurement.**" if args.quick else ""),
+        "- Memory allocator: "
+        + (
+            f"glibc with `GLIBC_TUNABLES={KEEP_FREED}` (`--keep-freed-memory`: freed blocks up to 32 MiB are kept "
+            "and reused, so an output of that size reuses warm pages instead of faulting in fresh ones; every mode "
+            "runs under it)."
+            if args.keep_freed_memory
+            else "glibc's defaults (a freed block can go back to the system, and the next output of its size then "
+            "faults in fresh pages: `--keep-freed-memory` keeps them)."
+        ),
         f"- XNOR kernel paths on this CPU: {', '.join(kernel_paths()) or 'none (no kernel)'}; the binary "
         f"convolution's: {', '.join(p for p in ('avx512', 'scalar') if p in kernel_paths()) or 'none'}. "
         f"`auto` times the int8 path against XNOR only on CPUs with AMX int8: "
@@ -894,6 +913,10 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
     return "\n".join(lines)
 
 
+#: glibc malloc tunables of `--keep-freed-memory`: blocks up to 32 MiB come from the heap, which is never trimmed.
+KEEP_FREED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -913,8 +936,20 @@ def main() -> None:
     parser.add_argument("--idle-threshold", type=float, default=0.2)
     parser.add_argument("--idle-budget", type=float, default=300.0)
     parser.add_argument("--output", default=None, help=f"default {RESULTS} (a temporary file with --quick)")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="run under glibc tunables that keep freed memory for reuse (mmap threshold 32 MiB, the most glibc "
+        "takes; trim threshold 16 GiB), as a user tuning for speed would (like preloading jemalloc or tcmalloc): "
+        "outputs of up to 32 MiB then reuse warm pages instead of faulting in fresh ones on every call. Applies to "
+        "every mode, dense peers included; recorded in the results",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.keep_freed_memory and KEEP_FREED not in os.environ.get("GLIBC_TUNABLES", ""):
+        # glibc reads its tunables at process start: run again with them (the memory children inherit them)
+        tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), KEEP_FREED) if t)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tunables})
     if args.child:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         memory_child(*args.child)
