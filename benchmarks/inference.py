@@ -38,11 +38,11 @@ Memory allocator: by default glibc's own settings, under which a freed output ca
 output of its size faults in fresh pages (on this project's VM, inside the interleaved linear table, the 384 -> 1536
 layer at 4096 rows faulted in all 6,144 pages of its float32 output on every call: 12.7 ms, against 3.4 ms and no
 faults under the tunables below, two runs minutes apart). `--keep-freed-memory` runs the whole benchmark under
-glibc tunables that keep freed blocks of up to 32 MiB for reuse, as a user tuning for speed would; the layer tables
-under it are in `benchmarks/results/inference_keep_freed.md`:
+glibc tunables that keep freed blocks of up to 32 MiB for reuse, as a user tuning for speed would; a run under it is
+in `benchmarks/results/inference_keep_freed.md`:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference.py --threads 2 --layer-repeats 21 9 --parts linear conv \
-        --keep-freed-memory --output benchmarks/results/inference_keep_freed.md
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference.py --threads 2 --layer-repeats 21 9 --keep-freed-memory \
+        --output benchmarks/results/inference_keep_freed.md
 """
 
 from __future__ import annotations
