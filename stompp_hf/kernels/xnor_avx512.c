@@ -133,7 +133,7 @@ XZ_INLINE int xz_signs(const void *p, int64_t i0, int64_t cnt, uint32_t *out, in
     int64_t w = 0;
     for (int64_t k = 0; k < cnt; k += 32, w++) {
         const __mmask16 la = xz_lanes(cnt - k), lb = cnt - k > 16 ? xz_lanes(cnt - k - 16) : 0;
-        const __m512 a = xz_load(p, i0 + k, la, bf16), b = xz_load(p, i0 + k + 16, lb, bf16);
+        const __m512 a = xz_load(p, i0 + k, la, 0), b = xz_load(p, i0 + k + 16, lb, 0);   /* float32 */
         out[w] = (uint32_t)_mm512_mask_cmp_ps_mask(la, a, zero, _CMP_GE_OQ) |
                  (uint32_t)_mm512_mask_cmp_ps_mask(lb, b, zero, _CMP_GE_OQ) << 16;
         if (strict)

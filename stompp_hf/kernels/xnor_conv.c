@@ -117,19 +117,20 @@ static int xn_conv_pack_scalar(const xn_conv_job *j, int64_t r0, int64_t r1)
     return nan ? XN_NAN : 0;
 }
 
-/* The pixels of tile `tile`: their corners in group g's planes (tap (0, 0), channel word 0), image, offset in the
-   image's output plane, and row of the padding correction table; returns how many are real (the rest repeat the
-   first). */
-static inline int xn_conv_pixels(const xn_conv_job *j, int64_t tile, int64_t g, const uint32_t *xr[XN_CONV_TILE],
-                                 int64_t b[XN_CONV_TILE], int64_t r[XN_CONV_TILE], int64_t cls[XN_CONV_TILE])
+/* The pixels of tile `tile` of a run of `npix` pixels in j->pix (the batch's, or by_image one image's): their
+   corners in the bit image whose group-g planes start at `base` (tap (0, 0), channel word 0), image (the table's,
+   plus `image`), offset in the image's output plane, and row of the padding correction table; returns how many are
+   real (the rest repeat the first). */
+static inline int xn_conv_pixels(const xn_conv_job *j, const uint32_t *base, int64_t tile, int64_t npix,
+                                 int64_t image, const uint32_t *xr[XN_CONV_TILE], int64_t b[XN_CONV_TILE],
+                                 int64_t r[XN_CONV_TILE], int64_t cls[XN_CONV_TILE])
 {
     const int64_t p0 = tile * XN_CONV_TILE;
-    const int np = j->P - p0 < XN_CONV_TILE ? (int)(j->P - p0) : XN_CONV_TILE;
-    const uint32_t *base = j->xb + g * j->cw * j->PS;
+    const int np = npix - p0 < XN_CONV_TILE ? (int)(npix - p0) : XN_CONV_TILE;
     for (int i = 0; i < XN_CONV_TILE; i++) {
         const xn_conv_pix *q = j->pix + p0 + (i < np ? i : 0);
         xr[i] = base + q->xoff;
-        b[i] = q->b;
+        b[i] = q->b + image;
         r[i] = q->r;
         cls[i] = q->cls;
     }
@@ -157,7 +158,7 @@ static void xn_conv_unit_scalar(const xn_conv_job *j, int64_t u)
     const int64_t tile = u % j->PT, gq = u / j->PT, q = gq % j->NQ, g = gq / j->NQ;
     const uint32_t *xr[XN_CONV_TILE];
     int64_t r[XN_CONV_TILE], b[XN_CONV_TILE], cls[XN_CONV_TILE];
-    const int np = xn_conv_pixels(j, tile, g, xr, b, r, cls);
+    const int np = xn_conv_pixels(j, j->xb + g * j->cw * j->PS, tile, j->P, 0, xr, b, r, cls);
     for (int i = 0; i < np; i++) {
         for (int64_t panel = q * XN_CONV_NG; panel < (q + 1) * XN_CONV_NG && panel < j->P16; panel++) {
             const uint32_t *wr = j->wp + (g * j->P16 + panel) * j->T * 16;
@@ -201,7 +202,7 @@ XZ_INLINE __mmask16 xz_conv_pack_row(const xn_conv_job *j, int64_t b, int64_t hp
             const __mmask16 la = xz_lanes(cnt), lb = cnt > 16 ? xz_lanes(cnt - 16) : 0;
             for (int64_t w = 0; w < j->W; w++) {
                 const int64_t p = xrow + w * j->sW + c0;
-                const __m512 a = xz_load(j->x, p, la, j->bf16), v = xz_load(j->x, p + 16, lb, j->bf16);
+                const __m512 a = xz_load(j->x, p, la, 0), v = xz_load(j->x, p + 16, lb, 0);   /* float32 */
                 out[w] = (uint32_t)_mm512_mask_cmp_ps_mask(la, a, zero, _CMP_GE_OQ) |
                          (uint32_t)_mm512_mask_cmp_ps_mask(lb, v, zero, _CMP_GE_OQ) << 16;
                 if (j->strict)
@@ -285,7 +286,7 @@ XN_AVX512_FN static void xz_conv_units(const xn_conv_job *j, int64_t u0, int64_t
     int64_t r[XZ_MR], b[XZ_MR], cls[XZ_MR];
     for (int64_t u = u0; u < u1; u++) {
         const int64_t tile = u % j->PT, gq = u / j->PT, q = gq % j->NQ, g = gq / j->NQ;
-        const int np = xn_conv_pixels(j, tile, g, xr, b, r, cls);
+        const int np = xn_conv_pixels(j, j->xb + g * j->cw * j->PS, tile, j->P, 0, xr, b, r, cls);
         if (j->P16 - q * XZ_NG >= XZ_NG) xz_conv_tile(j, g, q, XZ_NG, xr, b, r, cls, np, tile * XZ_MR);
         else xz_conv_tile(j, g, q, 1, xr, b, r, cls, np, tile * XZ_MR);
     }
@@ -322,17 +323,10 @@ XN_AVX512_FN static void xz_conv_images(xn_conv_job *j, int tid)
             for (int64_t q = 0; q < j->NQ; q++) {
                 const int ng = j->P16 - q * XZ_NG >= XZ_NG ? XZ_NG : 1;
                 for (int64_t t = 0; t < tiles; t++) {
-                    const int64_t p0 = t * XZ_MR;
-                    const int np = j->HWo - p0 < XZ_MR ? (int)(j->HWo - p0) : XZ_MR;
-                    for (int i = 0; i < XZ_MR; i++) {
-                        const xn_conv_pix *px = j->pix + p0 + (i < np ? i : 0);
-                        xr[i] = base + px->xoff;
-                        bb[i] = b;
-                        r[i] = px->r;
-                        cls[i] = px->cls;
-                    }
-                    if (ng == XZ_NG) xz_conv_tile(j, g, q, XZ_NG, xr, bb, r, cls, np, b * j->HWo + p0);
-                    else xz_conv_tile(j, g, q, 1, xr, bb, r, cls, np, b * j->HWo + p0);
+                    const int np = xn_conv_pixels(j, base, t, j->HWo, b, xr, bb, r, cls);
+                    const int64_t pg0 = b * j->HWo + t * XZ_MR;
+                    if (ng == XZ_NG) xz_conv_tile(j, g, q, XZ_NG, xr, bb, r, cls, np, pg0);
+                    else xz_conv_tile(j, g, q, 1, xr, bb, r, cls, np, pg0);
                     if (pf) xz_prefetch(&pf, pf_end, pf_step);
                 }
             }
