@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 from stompp_hf import StoMPPConfig
+from stompp_hf.kernels import xnor
 from stompp_hf.nn.training import StoMPPLinear
+
+needs_avx512 = pytest.mark.skipif(
+    not xnor.is_available() or "avx512" not in xnor.paths(), reason="no avx512 path of the XNOR kernel here"
+)
 
 
 def frozen_linear(
@@ -92,6 +97,41 @@ def test_same_forward_bits_and_gradients_as_the_unfused_ops(autocast, weights, a
         if a is not None:
             assert a.dtype == b.dtype
             torch.testing.assert_close(a, b, rtol=0, atol=resolution * b.abs().max().item())
+
+
+@needs_avx512
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scales", ["channel", "none"])
+def test_frozen_product_through_the_xnor_kernel(autocast, dtype, scales, monkeypatch):
+    """Where the XNOR kernel's avx512 path runs, a frozen layer with binary weights and inputs takes its forward
+    product from the kernel, which reads the signs of the latent input (or of the autocast operand) and weight:
+    the same bits as the ops one by one, and the same gradients as the node without the kernel. A NaN input,
+    which the kernel refuses, takes the torch ops (binary_sign makes it -1)."""
+    calls = []
+    real = xnor.xnor_linear
+    monkeypatch.setattr(xnor, "xnor_linear", lambda x, *a, **k: calls.append(x.dtype) or real(x, *a, **k))
+    config = {"weight_scale": scales, "activation_scale": "tensor" if scales == "channel" else "none"}
+    x0 = torch.randn(3, 40, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
+    g = torch.randn(3, 40, 192, generator=torch.Generator().manual_seed(2))
+    nan = x0.clone()
+    nan[1, 2, 3] = float("nan")
+    for x, nan_input in ((x0, False), (nan, True)):
+        layers = [frozen_linear(256, 192, fused=fused, **config).to(dtype) for fused in (True, False)]
+        (y_a, grads_a), (y_b, grads_b) = (step(layer, x, g, autocast) for layer in layers)
+        # one kernel call each (a NaN input, which it refuses, unless the layer wrote the autocast operand)
+        assert calls == [autocast or dtype]
+        calls.clear()
+        assert y_a.dtype == y_b.dtype == (autocast or dtype)
+        torch.testing.assert_close(y_a, y_b, rtol=0, atol=0, equal_nan=True)
+        assert y_a.isnan().any() == (nan_input and scales == "channel")  # beta = mean |x| is NaN then
+        if scales == "none":
+            assert torch.equal(y_a, y_b)
+        with monkeypatch.context() as patch:  # the node without the kernel: the same gradients
+            patch.setattr("stompp_hf.nn.training.binary_linear_applies", lambda *a: False)
+            _, grads_c = step(frozen_linear(256, 192, **config).to(dtype), x, g, autocast)
+        for a, c in zip(grads_a, grads_c):
+            torch.testing.assert_close(a, c, rtol=0, atol=0, equal_nan=True)
 
 
 def test_zero_scales_pass_no_gradient():

@@ -355,6 +355,26 @@ def test_non_contiguous_inputs():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_signs_matches_the_torch_packing(dtype):
+    """`xnor.pack_signs(x)` is `pack_signs(x >= 0)` bit for bit: +-0 pack as +1, NaN as -1 (binary_sign's values),
+    for widths around the 8-bit bytes and 64-bit words, strided and transposed rows, bfloat16 special values."""
+    gen = torch.Generator().manual_seed(21)
+    special = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -1e-40, -1.0, 1.0])
+    for rows, k in ((1, 1), (3, 7), (2, 8), (5, 9), (4, 63), (4, 64), (3, 65), (2, 130), (17, 384)):
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        x.view(-1)[: min(x.numel(), special.numel())] = special[: x.numel()].to(dtype)
+        assert torch.equal(xnor.pack_signs(x), pack_signs(x >= 0)), (rows, k)
+    wide = torch.randn(6, 200, generator=gen).to(dtype)
+    for view in (wide[:, 10:107], wide.t(), wide[::2]):
+        assert torch.equal(xnor.pack_signs(view), pack_signs(view >= 0))
+    assert xnor.pack_signs(torch.zeros(0, 5, dtype=dtype)).shape == (0, 1)
+    for bad in (torch.zeros(3, dtype=dtype), torch.zeros(2, 2, dtype=torch.float16), torch.zeros(2, 2, 2)):
+        with pytest.raises(ValueError, match="pack_signs expects"):
+            xnor.pack_signs(bad)
+
+
+@needs_kernel
 def test_empty_batch():
     gen = torch.Generator().manual_seed(9)
     weight_packed, _, _ = make_layer(4, 20, gen)

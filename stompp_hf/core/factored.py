@@ -15,20 +15,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .functional import _overwritable, _windowed_grad, binary_sign, output_scale, scale_output
+from .functional import _overwritable, _windowed_grad, binary_linear, binary_sign, output_scale, scale_output
 
 
 class _FactoredLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, x_sign, w_sign, beta, alpha, bound, x_ste, w_ste):  # type: ignore[override]
-        x_binary = x_sign is not x
+        x_binary, w_binary = x_sign is not x, w_sign is not weight
         cast = None  # under autocast, the binary input in the autocast dtype, which the weight gradient reads
-        if x_binary and torch.is_autocast_enabled(x.device.type):
+        if x_sign is not None and x_binary and torch.is_autocast_enabled(x.device.type):
             cast = x_sign = x_sign.to(torch.get_autocast_dtype(x.device.type))  # no copy if it has it already
-        # the forward of the unfused layer, op for op (autocast applies to `F.linear` here as there)
-        y = scale_output(F.linear(x_sign, w_sign), output_scale(beta, alpha, 1), bias, 1)
+        scale = output_scale(beta, alpha, 1)
+        y = None
+        if w_sign is None:  # the caller found a kernel for the binary product (`binary_linear_applies`)
+            y = binary_linear(x if x_sign is None else x_sign, weight, scale, bias)
+            if y is None:  # it did not take these values after all (a NaN in x)
+                x_sign = binary_sign(x) if x_sign is None else x_sign
+                w_sign = binary_sign(weight)
+        if y is None:
+            # the forward of the unfused layer, op for op (autocast applies to `F.linear` here as there)
+            y = scale_output(F.linear(x_sign, w_sign), scale, bias, 1)
         ctx.save_for_backward(x, weight, beta, alpha, bound, cast)
-        ctx.flags = (x_binary, w_sign is not weight, x_ste, w_ste, None if bias is None else bias.dtype)
+        ctx.flags = (x_binary, w_binary, x_ste, w_ste, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
@@ -89,7 +97,9 @@ def factored_linear(
     Args:
         x, weight: the latent input and weight (what the gradients are for).
         x_sign, w_sign: `sign(x)` / `sign(W)` without a graph, or `x` / `weight` itself where that tensor is not
-            binarized (then its gradient is the plain one).
+            binarized (then its gradient is the plain one). `w_sign` None: both are binarized and a kernel computes
+            the product from the signs of `x` (or `x_sign`, the autocast operand, where given) and `weight`
+            (`functional.binary_linear`); `x_sign` may then be None too (the kernel reads `x`'s signs itself).
         beta: the 0-d input scale in `x`'s dtype, alpha the per-output-channel weight scale; None where off.
         bound: the 0-d clip bound `c` of a binarized input, in `x`'s dtype (its STE window is `|x| <= c`).
         x_ste, w_ste: whether the frozen tensor passes the straight-through gradient ('ste', 'stompp_ste'); False

@@ -39,7 +39,8 @@ class FusedOps(Protocol):
     """Fused implementations of this module's elementwise passes: one pass over memory each, where the torch ops
     take several (docs/design.md, "Fused passes"). Each gives the values of the torch expression it replaces, bit for
     bit, or None where it does not apply (another device, dtype or layout, a tensor subclass, `torch.compile`, or
-    no compiled kernel), and the torch ops run instead. `stompp_hf.kernels.elementwise` registers one with
+    no compiled kernel), and the torch ops run instead. One of them is not elementwise: the binary product of a
+    frozen linear layer (`binary_linear`, the XNOR kernel). `stompp_hf.kernels.elementwise` registers one with
     `set_fused_ops`; `core` itself imports no kernel."""
 
     def sign(
@@ -85,6 +86,17 @@ class FusedOps(Protocol):
         for a bool `mask` that broadcasts to `u` (None: the clamp alone); the window is `lo < u < hi` for
         `edges = (lo, hi)` (None: no window)."""
 
+    def binary_linear_applies(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether `binary_linear` can take `x` (or its sign written in `dtype`) and `weight`, as far as their
+        types, devices, dtypes and the CPU tell (it may still answer None, on a NaN in `x`)."""
+
+    def binary_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """`scale_output(F.linear(binary_sign(x), binary_sign(weight).to(x.dtype)), scale, bias, 1)` without a
+        graph (the factored form of a frozen linear layer, Eq. 5), from the signs of the latent `x` and `weight`:
+        binary products, which are exact integers either way."""
+
 
 _fused: FusedOps | None = None
 
@@ -100,6 +112,22 @@ def set_fused_ops(ops: FusedOps | None) -> FusedOps | None:
 def fused_ops() -> FusedOps | None:
     """The fused passes in use (`set_fused_ops`), or None."""
     return _fused
+
+
+def binary_linear_applies(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a kernel (`FusedOps.binary_linear`) can compute a frozen linear layer's product from `x` (or its
+    sign written in `dtype`) and `weight`."""
+    return _fused is not None and _fused.binary_linear_applies(x, weight, dtype)
+
+
+def binary_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """`scale_output(F.linear(binary_sign(x), binary_sign(weight).to(x.dtype)), scale, bias, 1)` through a kernel,
+    without a graph, or None where none applies (then the caller runs the torch ops)."""
+    if _fused is None:
+        return None
+    return _fused.binary_linear(x.detach(), weight.detach(), scale, bias)
 
 
 def binary_sign(u: torch.Tensor) -> torch.Tensor:

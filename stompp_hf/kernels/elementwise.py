@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from . import xnor
 from .build import XnorUnavailable
 from .xnor import _library
 
@@ -32,6 +33,8 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 #: Smaller tensors take the torch ops: a fused pass saves only microseconds per call there (sign and sum |x| of 1024
 #: float32 values: 20 against 30 us on the AMX Xeon, 2 threads; 26 against 62 us at 65536).
 _MIN_NUMEL = 1 << 14
+#: Tensor types whose data the kernels read directly (a layer's weight is a Parameter; no subclass such as DTensor).
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def enabled() -> bool:
@@ -249,3 +252,36 @@ class CpuFusedOps:
             torch.get_num_threads(),
         )
         return None if rc else (out, window)
+
+    def binary_linear_applies(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
+        # plain CPU tensors, the XNOR kernel's avx512 path (where it was measured faster than the dense matmul of
+        # either dtype; it is the only one taking bfloat16), outside torch.compile
+        return (
+            dtype in _DTYPES
+            and all(type(t) in _PLAIN_TYPES and t.is_cpu and t.dtype in _DTYPES for t in (x, weight))
+            and weight.dim() == 2
+            and x.dim() >= 1
+            and x.shape[-1] == weight.shape[1]
+            and not torch.compiler.is_compiling()
+            and (lib := self._kernels()) is not None
+            and "avx512" in lib.paths
+            and xnor._forced in (None, "avx512")
+        )
+
+    def binary_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        if not self.binary_linear_applies(x, weight, x.dtype):
+            return None
+        n, k = weight.shape
+        vectors = []
+        for t in (scale, bias):  # float32 vectors holding the values scale_output applies (cast to y's dtype)
+            if t is not None:
+                if type(t) not in _PLAIN_TYPES or not t.is_cpu or t.numel() not in (1, n):
+                    return None
+                t = t.detach().to(x.dtype).to(torch.float32).reshape(-1).expand(n).contiguous()
+            vectors.append(t)
+        try:
+            return xnor.xnor_linear(x, xnor.pack_signs(weight), k, *vectors)
+        except ValueError:  # a NaN in x: binary_sign makes it -1, the kernel refuses it (nothing written)
+            return None

@@ -968,6 +968,39 @@ int xnor_signs_i8(const float *x, int64_t M, int64_t ldx, int64_t K, int8_t *out
     return nan ? XN_NAN : XN_OK;
 }
 
+/* The sign bits of x[rows, K] (row stride ldx, float32 or, with `bf16`, bfloat16) in stompp_hf.core.packing.pack_signs
+   layout: out[r, k / 8] bit k % 8 set where x >= 0 (so +-0 give +1, NaN -1: binary_sign's values), ceil(K / 8)
+   bytes a row, a short last byte zero-padded. The latent weight of a frozen layer in training, packed at every
+   forward (stompp_hf.kernels.elementwise). */
+int xnor_pack_signs(const void *x, int64_t rows, int64_t K, int64_t ldx, int bf16, uint8_t *out)
+{
+    if (rows < 0 || K < 0 || ldx < K) return XN_BAD_ARGS;
+    const int64_t nbytes = (K + 7) / 8;
+    float buf[64];
+    for (int64_t r = 0; r < rows; r++) {
+        uint8_t *o = out + r * nbytes;
+        for (int64_t k0 = 0; k0 < K; k0 += 64) {
+            const int64_t cnt = K - k0 < 64 ? K - k0 : 64;
+            const float *p;
+            if (bf16) {   /* widened exactly: the bits of a bfloat16 are the high half of its float32 */
+                const uint16_t *h = (const uint16_t *)x + r * ldx + k0;
+                for (int64_t i = 0; i < cnt; i++) {
+                    const uint32_t v = (uint32_t)h[i] << 16;
+                    memcpy(&buf[i], &v, sizeof v);
+                }
+                p = buf;
+            } else {
+                p = (const float *)x + r * ldx + k0;
+            }
+            unsigned nan = 0;   /* a NaN packs as -1 here, as binary_sign gives it */
+            const uint64_t bits = xn_signs(p, cnt, &nan);
+            const int64_t nb = (cnt + 7) / 8;
+            for (int64_t b = 0; b < nb; b++) o[k0 / 8 + b] = (uint8_t)(bits >> (8 * b));
+        }
+    }
+    return XN_OK;
+}
+
 /* The int8 path's epilogue: y[m, n] = (float)acc[m, n] * scale[n] + bias[n], rounded like torch (two roundings;
    scale and bias optional). Exact integer-to-float conversion for |acc| < 2**24. */
 int xnor_epilogue_i32(const int32_t *acc, int64_t M, int64_t N, const float *scale, const float *bias, float *y)

@@ -45,6 +45,7 @@ __all__ = [
     "free_page_reporting",
     "is_available",
     "paths",
+    "pack_signs",
     "prepare_weights",
     "set_hugepages",
     "set_stream_min_bytes",
@@ -107,6 +108,7 @@ class _Library(NamedTuple):
     linear: Callable[..., int]
     conv2d: Callable[..., int]
     signs_i8: Callable[..., int]
+    pack_signs: Callable[..., int]
     epilogue_i32: Callable[..., int]
     prepared_bytes: Callable[..., int]
     prepare: Callable[..., int]
@@ -228,6 +230,8 @@ def _load() -> _Library:
             linear=_bind(lib, _SYMBOL, _ARGTYPES, _INT),
             conv2d=_bind(lib, "xnor_conv2d_f32", _CONV_ARGTYPES, _INT),
             signs_i8=_bind(lib, "xnor_signs_i8", (_P, _I64, _I64, _I64, _P), _INT),
+            # x, rows, K, ldx, bf16, out
+            pack_signs=_bind(lib, "xnor_pack_signs", (_P, _I64, _I64, _I64, _INT, _P), _INT),
             epilogue_i32=_bind(lib, "xnor_epilogue_i32", (_P, _I64, _I64, _P, _P, _P), _INT),
             prepared_bytes=_bind(lib, "xnor_prepared_bytes", (_I64, _I64, _I64, _I64), _I64),
             prepare=_bind(lib, "xnor_prepare_weights", (_P, _I64, _I64, _I64, _I64, _P), _INT),
@@ -421,6 +425,28 @@ def prepare_weights(
         )
     out = torch.empty(nbytes, dtype=_U8)
     lib.prepare(weight_packed.contiguous().data_ptr(), out_features, in_per_group, taps, groups, out.data_ptr())
+    return out
+
+
+def pack_signs(x: torch.Tensor) -> torch.Tensor:
+    """`stompp_hf.core.packing.pack_signs(x >= 0)` in one C pass: the signs of a float32 or bfloat16 CPU tensor
+    `[rows, K]` as uint8 `[rows, ceil(K / 8)]`, a set bit for `x >= 0` (+-0 give +1, NaN -1, as `binary_sign`).
+
+    Raises:
+        ValueError: On another dtype, device or number of dimensions.
+        XnorUnavailable: When the kernel could not be compiled or loaded.
+    """
+    lib = _library()
+    if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES or not x.is_cpu or x.ndim != 2:
+        raise ValueError(f"pack_signs expects a 2-D float32 or bfloat16 CPU tensor, got {_describe(x)}.")
+    rows, k = x.shape
+    if k > 1 and x.stride(1) != 1 or rows > 1 and x.stride(0) < k:
+        x = x.contiguous()
+    out = torch.empty((rows, (k + 7) // 8), dtype=_U8)
+    if rows and k:
+        ldx = x.stride(0) if rows > 1 else k
+        rc = lib.pack_signs(x.data_ptr(), rows, k, ldx, int(x.dtype is torch.bfloat16), out.data_ptr())
+        _raise_for(rc, "pack_signs", x)
     return out
 
 

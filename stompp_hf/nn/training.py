@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.factored import factored_linear
-from ..core.functional import binary_sign, layer_frozen, output_scale, scale_output
+from ..core.functional import binary_linear_applies, binary_sign, layer_frozen, output_scale, scale_output
 from ..core.surge import surge
 from .base import StoMPPModule
 from .binarizer import Binarizer, compiles_by_state
@@ -166,17 +166,25 @@ class StoMPPMixin(StoMPPModule):
         """`_binary_op` of a frozen layer in training, through `factored_op`: the same forward values, and the
         gradients without an output-sized `g * scale` (docs/design.md, "Frozen layers: the factored form")."""
         a, w = self.input_binarizer, self.weight_binarizer
+        operand = _operand_dtype(x)
+        # both binarized and a kernel for the binary product (the XNOR kernel, linear layers): it reads the signs
+        # of the latent weight and input itself, so neither is written here, except an autocast operand, which
+        # the weight gradient reads (docs/design.md, "Frozen layers: the factored form")
+        dtype = _product_dtype(x, self.weight, operand) if a is not None and w is not None else None
+        kernel = (
+            dtype is not None and self.factored_op is factored_linear and binary_linear_applies(x, self.weight, dtype)
+        )
         x_sign, beta, bound = x, None, None
         if a is not None:
             # under autocast, straight into the dtype `F.linear` would cast it to
-            sign, scale, bound = a.frozen_sign(x, self.feature_ndim, _operand_dtype(x))
-            x_sign = binary_sign(x) if sign is None else sign
+            sign, scale, bound = a.frozen_sign(x, self.feature_ndim, operand, sign=not kernel or operand is not None)
+            x_sign = None if kernel and operand is None else binary_sign(x) if sign is None else sign
             beta = scale if isinstance(scale, torch.Tensor) else None
             bound = torch.as_tensor(bound, dtype=x.dtype, device=x.device).detach()
         w_sign, alpha = self.weight, None
         if w is not None:
             _, scale, _ = w.frozen_sign(self.weight)
-            w_sign = binary_sign(self.weight)
+            w_sign = None if kernel else binary_sign(self.weight)
             alpha = scale if isinstance(scale, torch.Tensor) else None
         x_ste = a is None or a.rule != "stompp"
         w_ste = w is None or w.rule != "stompp"
@@ -226,6 +234,17 @@ def _operand_dtype(x: torch.Tensor) -> torch.dtype | None:
     if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None
+
+
+def _product_dtype(x: torch.Tensor, weight: torch.Tensor, operand: torch.dtype | None) -> torch.dtype | None:
+    """The dtype of a frozen linear layer's `F.linear(sign(x), sign(W))` where a kernel can read it from the signs
+    of `x` as given, or of its autocast operand (`operand`, `_operand_dtype(x)`) as the layer writes it: the
+    autocast dtype, or `x`'s where there is no autocast; None where `F.linear` would cast `x` differently or
+    refuse the pair."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return dtype if operand == dtype or x.dtype == dtype else None
+    return x.dtype if x.dtype == weight.dtype else None
 
 
 class StoMPPLinear(StoMPPMixin, nn.Linear):
