@@ -7,6 +7,7 @@ The benchmarks run as scripts (`python benchmarks/inference.py`), so they import
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -105,6 +106,18 @@ def iqr(values: list[float]) -> float:
         return 0.0
     q = statistics.quantiles(values, n=4)
     return q[2] - q[0]
+
+
+def median_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median (95% for z = 1.96): the order statistics of ranks
+    (1-based) n/2 - z * sqrt(n) / 2 and 1 + n/2 + z * sqrt(n) / 2, rounded outwards (the binomial's normal
+    approximation; ranks 10 and 22 of 31), clamped to the sample."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half = z * math.sqrt(n) / 2
+    lo = max(1, math.floor(n / 2 - half))
+    hi = min(n, math.ceil(1 + n / 2 + half))
+    return ordered[lo - 1], ordered[hi - 1]
 
 
 def interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:

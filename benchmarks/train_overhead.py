@@ -45,8 +45,9 @@ RULES = {
 PROGRESSION_STEPS = 10_000
 
 
-def build(model_name: str, rule: str, batch: int, seq: int):
-    """(model, optimizer, controller or None, batch) for one rule, seeded."""
+def build(model_name: str, rule: str, batch: int, seq: int, position: str = "middle"):
+    """(model, optimizer, controller or None, batch) for one rule, seeded; a StoMPP model at the middle of its
+    first, middle or last stage (`position`)."""
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     from stompp_hf import ProgressionController, StoMPPConfig, prepare_model
@@ -71,8 +72,7 @@ def build(model_name: str, rule: str, batch: int, seq: int):
     }
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     if controller is not None:
-        # middle of the middle stage
-        stage = controller.num_stages // 2
+        stage = {"first": 0, "middle": controller.num_stages // 2, "last": controller.num_stages - 1}[position]
         start = round(PROGRESSION_STEPS * (stage + 0.5) / controller.num_stages)
         model(**inputs)  # sizes the input masks
         controller.restore(start)
