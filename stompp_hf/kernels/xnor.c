@@ -968,10 +968,10 @@ int xnor_signs_i8(const float *x, int64_t M, int64_t ldx, int64_t K, int8_t *out
     return nan ? XN_NAN : XN_OK;
 }
 
-/* The sign bits of x[rows, K] (row stride ldx, float32 or, with `bf16`, bfloat16) in stompp_hf.core.packing.pack_signs
-   layout: out[r, k / 8] bit k % 8 set where x >= 0 (so +-0 give +1, NaN -1: binary_sign's values), ceil(K / 8)
-   bytes a row, a short last byte zero-padded. The latent weight of a frozen layer in training, packed at every
-   forward (stompp_hf.kernels.elementwise). */
+/* The sign bits of x[rows, K] (row stride ldx, float32 or, with `bf16`, bfloat16) in the layout of
+   stompp_hf.core.packing.pack_signs: out[r, k / 8] bit k % 8 set where x >= 0 (so +-0 give +1, NaN -1:
+   binary_sign's values), ceil(K / 8) bytes a row, a short last byte zero-padded. The latent weight of a frozen
+   layer in training, packed at every forward (stompp_hf.kernels.elementwise). */
 int xnor_pack_signs(const void *x, int64_t rows, int64_t K, int64_t ldx, int bf16, uint8_t *out)
 {
     if (rows < 0 || K < 0 || ldx < K) return XN_BAD_ARGS;

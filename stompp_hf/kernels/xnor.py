@@ -440,7 +440,7 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES or not x.is_cpu or x.ndim != 2:
         raise ValueError(f"pack_signs expects a 2-D float32 or bfloat16 CPU tensor, got {_describe(x)}.")
     rows, k = x.shape
-    if k > 1 and x.stride(1) != 1 or rows > 1 and x.stride(0) < k:
+    if (k > 1 and x.stride(1) != 1) or (rows > 1 and x.stride(0) < k):
         x = x.contiguous()
     out = torch.empty((rows, (k + 7) // 8), dtype=_U8)
     if rows and k:

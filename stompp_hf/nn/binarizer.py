@@ -253,12 +253,11 @@ class Binarizer(nn.Module):
         (no graph, in `dtype`, None: `u`'s) comes with an input's scale, from the same read of `u` where a fused
         pass applies; None otherwise (`binary_sign(u)` gives it), and always None with `sign=False` (a kernel
         reads the signs of `u` itself)."""
-        batch_sum = None
+        signs = batch_sum = None
         if self.kind == "input" and self.scale is not None and sign:
             signs, batch_sum = sign_and_abs_sum(u, dtype)  # one read of u for both where a fused pass applies
-            return signs, *self._scale_and_bound(u, feature_ndim, batch_sum)[1:]
-        _, scale, bound = self._scale_and_bound(u, feature_ndim)
-        return None, scale, bound
+        _, scale, bound = self._scale_and_bound(u, feature_ndim, batch_sum)
+        return signs, scale, bound
 
     def binarize_by_state(
         self, u: torch.Tensor, feature_ndim: int | None, group: list[int]
