@@ -457,3 +457,32 @@ def test_scale_bias_matches_torch(monkeypatch, dtype, scale, bias):
     y = y0.clone().requires_grad_()
     F.scale_output(y * 1, s, b, 1).sum().backward()
     assert not calls and torch.equal(y.grad, (torch.ones_like(y0) * (1 if s is None else s.to(dtype))))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "out"),
+    [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
+)
+def test_scaled_sign_matches_torch(monkeypatch, dtype, out):
+    """A frozen weight's `alpha * sign(W)` in the input gradient's dtype in one pass: the bits of
+    `(binary_sign(W) * alpha.view(-1, 1)).to(dtype)`, special values of W (NaN -> -alpha, +-0 -> +alpha) and
+    scales that round in bfloat16, zero, infinite or NaN included; a transposed W takes the torch ops."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(192, 257, generator=g).to(dtype)
+    special = special_values(dtype, 0.5)
+    w[0, : len(special)] = special
+    alpha = (torch.rand(192, 1, generator=g) + 1e-3).to(dtype)
+    alpha[:4, 0] = torch.tensor([0.0, math.inf, math.nan, 1.0 + 2**-9]).to(dtype)
+    calls = []
+    original = type(F.fused_ops()).scaled_sign
+    monkeypatch.setattr(type(F.fused_ops()), "scaled_sign", lambda self, *a: calls.append(1) or original(self, *a))
+    for scale in (alpha, alpha.view(-1), None):
+        got = F.scaled_sign(w, scale, out)
+        with torch_ops_only():
+            want = F.scaled_sign(w, scale, out)
+        assert_same(got, want)
+    assert len(calls) == 2  # the fused pass ran for both scale shapes (None takes the sign pass)
+    with torch_ops_only():
+        want = F.scaled_sign(w.t(), alpha[:1].expand(257, 1), out)
+    assert_same(F.scaled_sign(w.t(), alpha[:1].expand(257, 1), out), want)
+    assert len(calls) == 3 and original(F.fused_ops(), w.t(), alpha[:1].expand(257, 1), out) is None

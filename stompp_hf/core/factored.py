@@ -15,7 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .functional import _overwritable, _windowed_grad, binary_linear, binary_sign, output_scale, scale_output
+from .functional import (
+    _overwritable,
+    _windowed_grad,
+    binary_linear,
+    binary_sign,
+    output_scale,
+    scale_output,
+    scaled_sign,
+)
 
 
 class _FactoredLinear(torch.autograd.Function):
@@ -46,10 +54,9 @@ class _FactoredLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0] and x_ste:
-            w = binary_sign(weight) if w_binary else weight.detach()
-            if alpha is not None:
-                w = w * alpha.view(-1, 1)
-            gx = (g @ w.to(g.dtype)).view(*grad.shape[:-1], w.shape[1])
+            # alpha * sign(W) in the gradient's dtype, in one pass where a fused one applies
+            w = scaled_sign(weight, alpha, g.dtype) if w_binary else weight.detach().to(g.dtype)
+            gx = (g @ w).view(*grad.shape[:-1], w.shape[1])
             if x_binary:  # the clipped identity of the input, times 0 for a zero beta (no gradient, as unfused);
                 # an autocast gradient is widened to x's dtype in the same pass
                 gx = _windowed_grad(gx, x, bound, _zero_if_zero(beta, x), _overwritable(True, gx, x))

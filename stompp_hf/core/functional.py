@@ -86,6 +86,10 @@ class FusedOps(Protocol):
         for a bool `mask` that broadcasts to `u` (None: the clamp alone); the window is `lo < u < hi` for
         `edges = (lo, hi)` (None: no window)."""
 
+    def scaled_sign(self, u: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """`(binary_sign(u) * scale.view(-1, 1)).to(dtype)` for a 2-D `u` and one scale per row (`+-scale` is exact
+        before the one rounding)."""
+
     def binary_linear_applies(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether `binary_linear` can take `x` (or its sign written in `dtype`) and `weight`, as far as their
         types, devices, dtypes and the CPU tell (it may still answer None, on a NaN in `x`)."""
@@ -112,6 +116,19 @@ def set_fused_ops(ops: FusedOps | None) -> FusedOps | None:
 def fused_ops() -> FusedOps | None:
     """The fused passes in use (`set_fused_ops`), or None."""
     return _fused
+
+
+def scaled_sign(u: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """`(binary_sign(u) * scale.view(-1, 1)).to(dtype)` (without `scale`: `binary_sign(u).to(dtype)`) for a 2-D
+    `u` (a linear weight) and one scale per row, in one pass where a fused one applies."""
+    u = u.detach()
+    if scale is None:
+        if _fused is not None and (fused := _fused.sign(u, False, dtype)) is not None:
+            return fused[0]
+        return binary_sign(u).to(dtype)
+    if _fused is not None and (fused := _fused.scaled_sign(u, scale, dtype)) is not None:
+        return fused
+    return (binary_sign(u) * scale.view(-1, 1)).to(dtype)
 
 
 def binary_linear_applies(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -253,6 +253,33 @@ class CpuFusedOps:
         )
         return None if rc else (out, window)
 
+    def scaled_sign(self, u: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        # a row-major 2-D u (a linear weight), one float32-representable scale per row
+        if (
+            u.dim() != 2
+            or not _plain(u, ordered=True)
+            or not _pair(u.dtype, dtype)
+            or type(scale) is not torch.Tensor
+            or not scale.is_cpu
+            or scale.numel() != u.shape[0]
+            or scale.dtype not in _DTYPES
+            or (lib := self._kernels()) is None
+        ):
+            return None
+        rows = scale.detach().to(torch.float32).reshape(-1).contiguous()  # exact: bfloat16 widens to float32
+        out = torch.empty_like(u, dtype=dtype)
+        rc = lib.ew_row_sign(
+            u.data_ptr(),
+            rows.data_ptr(),
+            u.shape[0],
+            u.shape[1],
+            _DTYPES[u.dtype],
+            _DTYPES[dtype],
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return None if rc else out
+
     def binary_linear_applies(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
         # plain CPU tensors, the XNOR kernel's avx512 path (where it was measured faster than the dense matmul of
         # either dtype; it is the only one taking bfloat16), outside torch.compile

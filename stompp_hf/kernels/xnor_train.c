@@ -19,6 +19,9 @@
    * xnor_ew_window_apply: out = g * w, w that int8 window (0 or 1, as float): the backward of a transitioning
                           input under "stompp_ste" (the product, so a NaN or negative g times 0 gives what torch's
                           `grad * window.to(dtype)` gives).
+   * xnor_ew_row_sign:    out[r, :] = x[r, :] >= 0 ? s[r] : -s[r] (NaN -> -s[r]) in dtype odt: a frozen weight's
+                          alpha * sign(W) as the operand of the input gradient's matmul (torch's
+                          `(binary_sign(W) * alpha).to(dtype)`: +-alpha is exact before the one rounding).
 
    Values are float32 or bfloat16 (`dt`), read and written in that dtype. bfloat16 is widened to float32 (exact),
    computed in float32 and rounded back to nearest even (NaN -> 0x7FC0), as torch computes a bfloat16 op. Under
@@ -74,14 +77,15 @@ XE_INLINE void xe_st(void *p, const int dt, int64_t i, float f)
     else ((float *)p)[i] = f;
 }
 
-enum { XE_SIGN, XE_ABS_SUM, XE_WINDOW_GRAD, XE_MASKED, XE_WINDOW_APPLY, XE_SCALE_BIAS };
+enum { XE_SIGN, XE_ABS_SUM, XE_WINDOW_GRAD, XE_MASKED, XE_WINDOW_APPLY, XE_SCALE_BIAS, XE_ROW_SIGN };
 
 typedef struct {
     xn_task task;
     int op, dt, odt, gdt, want_sum, has_mult;
     const void *x, *g;
     const uint8_t *mask;
-    const void *scale, *bias;   /* XE_SCALE_BIAS: per column (scale may have one entry: scale_len 1), dtype dt */
+    const void *scale, *bias;   /* XE_SCALE_BIAS: per column (scale may have one entry: scale_len 1), dtype dt;
+                                   XE_ROW_SIGN: scale per row of `period` elements, float32 */
     int64_t scale_len;
     void *out;
     int8_t *window;
@@ -173,6 +177,17 @@ XE_INLINE void xe_window_apply_range(const xe_job *j, int64_t lo, int64_t hi, co
     for (int64_t i = lo; i < hi; i++) xe_st(out, dt, i, xe_ld(g, gdt, i) * (float)window[i]);
 }
 
+/* out (dtype odt) = x (dtype dt) >= 0 ? s[row] : -s[row], rows of `period` elements */
+XE_INLINE void xe_row_sign_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int odt)
+{
+    const float *s = (const float *)j->scale;
+    for (int64_t i = lo; i < hi;) {
+        const int64_t r = i / j->period, end = (r + 1) * j->period < hi ? (r + 1) * j->period : hi;
+        const float a = s[r];
+        for (; i < end; i++) xe_st(j->out, odt, i, xe_ld(j->x, dt, i) >= 0.0f ? a : -a);
+    }
+}
+
 XE_INLINE float xe_clamp(float u, float b) { return u < -b ? -b : (u > b ? b : u); }
 
 /* x in dtype dt, out in odt; without a mask (has_mask 0) every entry is continuous: the clamp alone */
@@ -241,6 +256,11 @@ static void xe_piece(xe_job *j, int p)
         else xe_scale_bias_range(j, lo, hi, XE_F32, 0, 1);
         break;
     }
+    case XE_ROW_SIGN:
+        if (bf) xe_row_sign_range(j, lo, hi, XE_BF16, XE_BF16);
+        else if (mixed) xe_row_sign_range(j, lo, hi, XE_F32, XE_BF16);
+        else xe_row_sign_range(j, lo, hi, XE_F32, XE_F32);
+        break;
     case XE_WINDOW_APPLY:
         if (bf) xe_window_apply_range(j, lo, hi, XE_BF16, XE_BF16);
         else if (mixed) xe_window_apply_range(j, lo, hi, XE_F32, XE_BF16);
@@ -347,6 +367,17 @@ int xnor_ew_scale_bias(void *y, int64_t rows, int64_t cols, int dt, const void *
         return XN_BAD_ARGS;
     xe_job j = {.op = XE_SCALE_BIAS, .dt = dt, .out = y, .n = rows * cols, .period = cols, .scale = scale,
                 .scale_len = scale_len, .bias = bias};
+    xe_run(&j, nthreads);
+    return XN_OK;
+}
+
+/* out (rows x cols, row-major, dtype odt) = x (dtype dt) >= 0 ? scale[row] : -scale[row], scale float32 per row. */
+int xnor_ew_row_sign(const void *x, const float *scale, int64_t rows, int64_t cols, int dt, int odt, void *out,
+                     int nthreads)
+{
+    if (xe_bad(rows, dt) || xe_bad_pair(dt, odt) || cols < 1 || !scale) return XN_BAD_ARGS;
+    xe_job j = {.op = XE_ROW_SIGN, .dt = dt, .odt = odt, .x = x, .scale = scale, .out = out, .n = rows * cols,
+                .period = cols};
     xe_run(&j, nthreads);
     return XN_OK;
 }
