@@ -63,7 +63,11 @@ def main() -> None:
     setups = {key: build("minilm", key[0], args.batch, args.seq, key[1] or "middle") for key in keys}
     command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/bf16_step.py", *sys.argv[1:]])
     lines = [
-        *results_header("Training step of StoMPP+STE vs full precision, fp32 and bf16 autocast (CPU)", command),
+        *results_header(
+            "Training step of StoMPP+STE vs full precision, fp32 and bf16 autocast (CPU)",
+            command,
+            threads=" and ".join(map(str, thread_counts)) + " (a table each)",
+        ),
         f"all-MiniLM-L6-v2, batch {args.batch} x sequence {args.seq}, {args.steps} timed rounds after "
         f"{args.warmup} warm-up per thread count, {len(keys)} setups interleaved (the order rotating every round). "
         "Steps: median (interquartile range) over the rounds, in seconds. Ratios: median of the ratios of two steps "

@@ -18,9 +18,10 @@ import torch
 from stompp_hf.kernels.cpu import describe_cpu
 
 
-def results_header(title: str, command: str) -> list[str]:
+def results_header(title: str, command: str, threads: str | None = None) -> list[str]:
     """The opening lines of a results file: its title, the command that wrote it, and the machine: the CPU (model,
-    cores and its instruction-set extensions that matter for the kernels), the torch version and thread count."""
+    cores and its instruction-set extensions that matter for the kernels), the torch version and thread count
+    (`threads`: what to say instead of the current count, for a file measured at several)."""
     return [
         f"# {title}",
         "",
@@ -31,7 +32,7 @@ def results_header(title: str, command: str) -> list[str]:
         "```",
         "",
         f"- CPU: {describe_cpu()}",
-        f"- torch {torch.__version__}, `torch.get_num_threads()` = {torch.get_num_threads()}",
+        f"- torch {torch.__version__}, `torch.get_num_threads()` = {threads or torch.get_num_threads()}",
         "",
     ]
 
