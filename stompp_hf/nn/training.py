@@ -176,9 +176,10 @@ class StoMPPMixin(StoMPPModule):
         )
         x_sign, beta, bound = x, None, None
         if a is not None:
+            written = not kernel or operand is not None  # whether the input's sign is needed as a tensor
             # under autocast, straight into the dtype `F.linear` would cast it to
-            sign, scale, bound = a.frozen_sign(x, self.feature_ndim, operand, sign=not kernel or operand is not None)
-            x_sign = None if kernel and operand is None else binary_sign(x) if sign is None else sign
+            sign, scale, bound = a.frozen_sign(x, self.feature_ndim, operand, sign=written)
+            x_sign = None if not written else binary_sign(x) if sign is None else sign
             beta = scale if isinstance(scale, torch.Tensor) else None
             bound = torch.as_tensor(bound, dtype=x.dtype, device=x.device).detach()
         w_sign, alpha = self.weight, None
