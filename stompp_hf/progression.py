@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .config import StoMPPConfig
 from .conversion import stompp_modules
 from .core.dtensor import is_sharded
+from .core.functional import clip_inplace_
 from .core.masks import TRANSITIONING, make_generator, mask_code
 from .core.schedules import get_schedule, stage_progress
 from .nn import Binarizer, StoMPPModule
@@ -283,7 +284,8 @@ class ProgressionController:
 
         The bound is [-1, 1] in the latent's own units with `weight_scale="channel"` too: pretrained transformer
         weights are |w| ~ 0.05, so there the clip is a no-op. FSDP2 / tensor-parallel `DTensor` weights clamp
-        their local shard. Cost: one clamp pass over the STE weights per optimizer step (`advance` calls it).
+        their local shard. Cost: one read of the STE weights per optimizer step (`advance` calls it), which writes
+        only blocks with an entry outside the bound where the fused pass applies (`core.functional.clip_inplace_`).
         """
         with torch.no_grad():
             for module, binarizer in self._clipped:
@@ -295,13 +297,9 @@ class ProgressionController:
                     continue
                 weight = module.weight.detach()
                 local = weight.to_local() if is_sharded(weight) else weight
-                if mask is True:
-                    local.clamp_(-1.0, 1.0)
-                    continue
-                if is_sharded(weight):
-                    mask = _local_shard(mask, weight)
-                mask = mask.to(local.device)
-                local.copy_(torch.where(mask, local.clamp(-1.0, 1.0), local))
+                if mask is not True:
+                    mask = (_local_shard(mask, weight) if is_sharded(weight) else mask).to(local.device)
+                clip_inplace_(local, 1.0, None if mask is True else mask)
 
     @staticmethod
     def _device(t: _Tensor) -> torch.device:

@@ -171,3 +171,64 @@ def test_in_place_input_modification_is_caught():
     h.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("state", ["frozen", "continuous"])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_sibling_layers_share_the_passes_over_their_input(state, autocast, monkeypatch):
+    """Three layers fed the same tensor (query, key, value) read it once for its sum of |x| and, frozen, once for
+    its sign: the same outputs, gradients and betas as three layers fed three copies of it, which read one each.
+    An in-place change of the input between two layers makes the next one read it again."""
+    from stompp_hf.core import functional as F
+
+    counts = {"sign": 0, "abs_sum": 0}
+    ops = type(F.fused_ops())
+    for name in counts:
+        real = getattr(ops, name)
+        monkeypatch.setattr(
+            ops, name, lambda self, *a, _n=name, _r=real: counts.__setitem__(_n, counts[_n] + 1) or _r(self, *a)
+        )
+
+    def siblings():
+        layers = [frozen_linear(256, 96 + 16 * i) for i in range(3)]
+        for layer in layers:
+            for b in layer.binarizers():
+                b.mask.fill(state == "frozen")
+        return layers
+
+    x0 = torch.randn(4, 40, 256, generator=torch.Generator().manual_seed(3))
+    gs = [torch.randn(4, 40, 96 + 16 * i, generator=torch.Generator().manual_seed(4 + i)) for i in range(3)]
+
+    def run(layers, shared: bool):
+        x = x0.clone().requires_grad_()
+        h = x * 1.0  # a non-leaf input, as inside a model
+        for name in counts:
+            counts[name] = 0
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            ys = [layer(h if shared else h.clone()) for layer in layers]
+        reads = counts["sign"] + counts["abs_sum"]  # the forward's passes over the input
+        torch.autograd.backward(ys, [g.to(y.dtype) for g, y in zip(gs, ys)])
+        grads = [layer.weight.grad for layer in layers]
+        return ys, x.grad, grads, [layer.input_binarizer.scale for layer in layers], reads
+
+    *a, reads_shared = run(siblings(), shared=True)
+    *b, reads_apart = run(siblings(), shared=False)
+    # the input read once for the three layers (a frozen one reads its sign with the sum where it writes a sign:
+    # under autocast, or without the kernel product), once each for three copies
+    assert (reads_shared, reads_apart) == (1, 3)
+    ys_a, gx_a, gw_a, beta_a = a
+    ys_b, gx_b, gw_b, beta_b = b
+    for a, b in zip([*ys_a, gx_a, *gw_a, *beta_a], [*ys_b, gx_b, *gw_b, *beta_b]):
+        assert torch.equal(a, b)
+    # an in-place change between two layers: the next one reads the input again, and sees the new values
+    layers = siblings()
+    for name in counts:
+        counts[name] = 0
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        h = x0.clone().requires_grad_() * 1.0
+        layers[0](h)
+        with torch.no_grad():
+            h.neg_()
+        y = layers[1](h)
+        assert counts["sign"] + counts["abs_sum"] == 2
+        assert torch.equal(y, siblings()[1](x0.neg().requires_grad_() * 1.0))

@@ -486,3 +486,35 @@ def test_scaled_sign_matches_torch(monkeypatch, dtype, out):
         want = F.scaled_sign(w.t(), alpha[:1].expand(257, 1), out)
     assert_same(F.scaled_sign(w.t(), alpha[:1].expand(257, 1), out), want)
     assert len(calls) == 3 and original(F.fused_ops(), w.t(), alpha[:1].expand(257, 1), out) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_inplace_matches_torch(monkeypatch, dtype):
+    """BinaryConnect's in-place clip of latent weights in one read-mostly pass: the bits of `u.clamp_(-b, b)` and of
+    the masked `u.copy_(where(mask, u.clamp(-b, b), u))`, special values included (NaN stays NaN, +-0 keep their
+    sign, the bound and its neighbours), for blocks with and without an entry outside and a size that is not a
+    multiple of the pass's blocks; a non-contiguous tensor takes the torch ops."""
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randn(N, generator=g) * 0.05).to(dtype)  # mostly inside: most blocks write nothing
+    special = special_values(dtype, 1.0)
+    base[1000 : 1000 + len(special)] = special
+    base[5000:5010] = torch.tensor([3.0, -3.0, 1.5, -1.5, 0.5, 2.0, -2.0, 1.0, -1.0, 7.0]).to(dtype)
+    base[-3:] = torch.tensor([4.0, -4.0, 0.25]).to(dtype)  # the tail past the last whole block
+    mask = torch.rand(N, generator=g) < 0.5
+    mask[5000:5005] = True
+    calls = []
+    original = type(F.fused_ops()).clip_inplace
+    monkeypatch.setattr(type(F.fused_ops()), "clip_inplace", lambda self, *a: calls.append(1) or original(self, *a))
+    for m in (None, mask):
+        got, want = base.clone(), base.clone()
+        F.clip_inplace_(got, 1.0, m)
+        with torch_ops_only():
+            F.clip_inplace_(want, 1.0, m)
+        assert_same(got, want)
+        assert not torch.equal(got[5000:5010], base[5000:5010])  # something was clipped
+    assert len(calls) == 2 and original(F.fused_ops(), base.clone(), 1.0, mask) is True
+    strided = base.clone().view(-1, 5)[:, ::2]
+    want = strided.clone()
+    F.clip_inplace_(strided, 1.0)
+    assert_same(strided, want.clamp_(-1.0, 1.0))
+    assert original(F.fused_ops(), base.clone().view(-1, 5)[:, ::2], 1.0, None) is False

@@ -69,12 +69,19 @@ class _FactoredLinear(torch.autograd.Function):
             gw = g.t() @ xs.reshape(-1, xs.shape[-1]).to(g.dtype)
             if beta is not None:
                 gw = gw.mul_(beta.to(gw.dtype))
-            if alpha is not None:  # a zero alpha (an all-zero weight row) passes no gradient, as unfused
+            if alpha is not None and not _all_positive(alpha):
+                # a zero alpha (an all-zero weight row) passes no gradient, as unfused (a product with 1 is exact)
                 gw = gw.mul_((alpha > 0).view(-1, 1).to(gw.dtype))
             gw = gw.to(weight.dtype)
         if ctx.needs_input_grad[2]:
             gb = g.sum(0).to(bias_dtype)
         return gx, gw, gb, None, None, None, None, None, None, None
+
+
+def _all_positive(alpha: torch.Tensor) -> bool:
+    """Whether every weight scale is positive, read back on CPU (then the weight gradient's 0/1 row factor is all
+    ones and needs no pass); False elsewhere and under `torch.compile`, which take the product."""
+    return alpha.is_cpu and not torch.compiler.is_compiling() and bool((alpha > 0).all())
 
 
 def _zero_if_zero(beta: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

@@ -90,6 +90,10 @@ class FusedOps(Protocol):
         """`(binary_sign(u) * scale.view(-1, 1)).to(dtype)` for a 2-D `u` and one scale per row (`+-scale` is exact
         before the one rounding)."""
 
+    def clip_inplace(self, u: torch.Tensor, bound: float, mask: torch.Tensor | None = None) -> bool:
+        """`u.clamp_(-bound, bound)` where the bool `mask` (of `u`'s shape) is True, everywhere without one, in place
+        and in one read (writing only where an entry lies outside); False (nothing done) where it does not apply."""
+
     def binary_linear_applies(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether `binary_linear` can take `x` (or its sign written in `dtype`) and `weight`, as far as their
         types, devices, dtypes and the CPU tell (it may still answer None, on a NaN in `x`)."""
@@ -119,8 +123,8 @@ def fused_ops() -> FusedOps | None:
 
 
 def scaled_sign(u: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """`(binary_sign(u) * scale.view(-1, 1)).to(dtype)` (without `scale`: `binary_sign(u).to(dtype)`) for a 2-D
-    `u` (a linear weight) and one scale per row, in one pass where a fused one applies."""
+    """`(binary_sign(u) * scale.view(-1, 1)).to(dtype)` for a 2-D `u` (a linear weight) and one scale per row, in one
+    pass where a fused one applies; without `scale`, `binary_sign(u).to(dtype)` for any `u`."""
     u = u.detach()
     if scale is None:
         if _fused is not None and (fused := _fused.sign(u, False, dtype)) is not None:
@@ -129,6 +133,18 @@ def scaled_sign(u: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype)
     if _fused is not None and (fused := _fused.scaled_sign(u, scale, dtype)) is not None:
         return fused
     return (binary_sign(u) * scale.view(-1, 1)).to(dtype)
+
+
+def clip_inplace_(u: torch.Tensor, bound: float, mask: torch.Tensor | None = None) -> None:
+    """Clamp `u` to `[-bound, bound]` in place where `mask` is True (a bool tensor of `u`'s shape; everywhere without
+    one): `u.clamp_(-bound, bound)`, or `u.copy_(where(mask, u.clamp(-bound, bound), u))`. One read-mostly pass
+    where a fused one applies (BinaryConnect's clip of the latent weights, which is a no-op for most of them)."""
+    if _fused is not None and _fused.clip_inplace(u, bound, mask):
+        return
+    if mask is None:
+        u.clamp_(-bound, bound)
+    else:
+        u.copy_(torch.where(mask, u.clamp(-bound, bound), u))
 
 
 def binary_linear_applies(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -280,6 +280,35 @@ class CpuFusedOps:
         )
         return None if rc else out
 
+    def clip_inplace(self, u: torch.Tensor, bound: float, mask: torch.Tensor | None = None) -> bool:
+        # a contiguous u (the mask, a bool of u's shape, read in the same order); one write per block with an entry
+        # outside the bound
+        if (
+            not _plain(u, ordered=True)
+            or not bound >= 0.0
+            or (
+                mask is not None
+                and (
+                    type(mask) is not torch.Tensor
+                    or mask.dtype != torch.bool
+                    or not mask.is_cpu
+                    or mask.shape != u.shape
+                    or not mask.is_contiguous()
+                )
+            )
+            or (lib := self._kernels()) is None
+        ):
+            return False
+        rc = lib.ew_clip_inplace(
+            u.data_ptr(),
+            None if mask is None else mask.data_ptr(),
+            u.numel(),
+            _DTYPES[u.dtype],
+            bound,
+            torch.get_num_threads(),
+        )
+        return rc == 0
+
     def binary_linear_applies(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
         # plain CPU tensors, the XNOR kernel's avx512 path (where it was measured faster than the dense matmul of
         # either dtype; it is the only one taking bfloat16), outside torch.compile

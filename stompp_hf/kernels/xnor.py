@@ -127,6 +127,7 @@ class _Library(NamedTuple):
     ew_window_apply: Callable[..., int]
     ew_scale_bias: Callable[..., int]
     ew_row_sign: Callable[..., int]
+    ew_clip_inplace: Callable[..., int]
 
 
 _lock = threading.Lock()
@@ -265,6 +266,8 @@ def _load() -> _Library:
             ew_scale_bias=_bind(lib, "xnor_ew_scale_bias", (_P, _I64, _I64, _INT, _P, _I64, _P, _INT), _INT),
             # x, scale, rows, cols, dtype, out dtype, out, nthreads
             ew_row_sign=_bind(lib, "xnor_ew_row_sign", (_P, _P, _I64, _I64, _INT, _INT, _P, _INT), _INT),
+            # x, mask, n, dtype, b, nthreads
+            ew_clip_inplace=_bind(lib, "xnor_ew_clip_inplace", (_P, _P, _I64, _INT, _F, _INT), _INT),
         )
         bound.set_hugepages(_hugepages_default())
     except AttributeError as e:  # a library of this name and digest that lacks an entry point: not ours

@@ -22,6 +22,11 @@
    * xnor_ew_row_sign:    out[r, :] = x[r, :] >= 0 ? s[r] : -s[r] (NaN -> -s[r]) in dtype odt: a frozen weight's
                           alpha * sign(W) as the operand of the input gradient's matmul (torch's
                           `(binary_sign(W) * alpha).to(dtype)`: +-alpha is exact before the one rounding).
+   * xnor_ew_clip_inplace: x = clamp(x, -b, b) in place where mask (everywhere without one): BinaryConnect's clip of
+                          the latent weights after each optimizer step. Read-mostly: a block of XE_CLIP_BLOCK
+                          entries is written only if one of its entries lies outside [-b, b] (the clip of
+                          pretrained transformer weights, |w| ~ 0.05, writes nothing), where torch's `clamp_`
+                          writes every entry and a masked clip is a clamp, a `where` and a copy.
 
    Values are float32 or bfloat16 (`dt`), read and written in that dtype. bfloat16 is widened to float32 (exact),
    computed in float32 and rounded back to nearest even (NaN -> 0x7FC0), as torch computes a bfloat16 op. Under
@@ -39,6 +44,7 @@
 #define XE_PARTS 64          /* pieces of the work (and of a sum), split between the threads */
 #define XE_FLUSH 4096        /* elements summed in the float32 lanes before their sums go into a double */
 #define XE_MIN_WORK 32768    /* elements per thread below which another thread costs more than it saves */
+#define XE_CLIP_BLOCK 64     /* entries of xnor_ew_clip_inplace tested together before any is written */
 
 #define XE_INLINE static inline __attribute__((always_inline))
 
@@ -77,7 +83,7 @@ XE_INLINE void xe_st(void *p, const int dt, int64_t i, float f)
     else ((float *)p)[i] = f;
 }
 
-enum { XE_SIGN, XE_ABS_SUM, XE_WINDOW_GRAD, XE_MASKED, XE_WINDOW_APPLY, XE_SCALE_BIAS, XE_ROW_SIGN };
+enum { XE_SIGN, XE_ABS_SUM, XE_WINDOW_GRAD, XE_MASKED, XE_WINDOW_APPLY, XE_SCALE_BIAS, XE_ROW_SIGN, XE_CLIP };
 
 typedef struct {
     xn_task task;
@@ -219,6 +225,27 @@ XE_INLINE void xe_masked_range(const xe_job *j, int64_t lo, int64_t hi, const in
     }
 }
 
+/* x (dtype dt) = clamp(x, -b, b) in place on mask entries (all without a mask, has_mask 0); a block is written
+   only when one of its entries lies outside (a NaN does not: the clamp keeps it) */
+XE_INLINE void xe_clip_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int has_mask)
+{
+    const float b = j->b;
+    void *x = j->out;
+    for (int64_t i = lo; i < hi; i += XE_CLIP_BLOCK) {
+        const int64_t end = hi - i < XE_CLIP_BLOCK ? hi : i + XE_CLIP_BLOCK;
+        int outside = 0;
+        for (int64_t k = i; k < end; k++) {
+            const float u = xe_ld(x, dt, k);
+            outside |= (u < -b) | (u > b);
+        }
+        if (!outside) continue;
+        for (int64_t k = i; k < end; k++) {
+            const float u = xe_ld(x, dt, k);
+            if ((!has_mask || j->mask[k]) && ((u < -b) | (u > b))) xe_st(x, dt, k, u < -b ? -b : b);
+        }
+    }
+}
+
 static void xe_piece(xe_job *j, int p)
 {
     const int64_t lo = xe_edge(j->n, p), hi = xe_edge(j->n, p + 1);
@@ -260,6 +287,12 @@ static void xe_piece(xe_job *j, int p)
         if (bf) xe_row_sign_range(j, lo, hi, XE_BF16, XE_BF16);
         else if (mixed) xe_row_sign_range(j, lo, hi, XE_F32, XE_BF16);
         else xe_row_sign_range(j, lo, hi, XE_F32, XE_F32);
+        break;
+    case XE_CLIP:
+        if (bf && j->mask) xe_clip_range(j, lo, hi, XE_BF16, 1);
+        else if (bf) xe_clip_range(j, lo, hi, XE_BF16, 0);
+        else if (j->mask) xe_clip_range(j, lo, hi, XE_F32, 1);
+        else xe_clip_range(j, lo, hi, XE_F32, 0);
         break;
     case XE_WINDOW_APPLY:
         if (bf) xe_window_apply_range(j, lo, hi, XE_BF16, XE_BF16);
@@ -378,6 +411,15 @@ int xnor_ew_row_sign(const void *x, const float *scale, int64_t rows, int64_t co
     if (xe_bad(rows, dt) || xe_bad_pair(dt, odt) || cols < 1 || !scale) return XN_BAD_ARGS;
     xe_job j = {.op = XE_ROW_SIGN, .dt = dt, .odt = odt, .x = x, .scale = scale, .out = out, .n = rows * cols,
                 .period = cols};
+    xe_run(&j, nthreads);
+    return XN_OK;
+}
+
+/* x (n entries, dtype dt) = clamp(x, -b, b) in place where mask (n bools; NULL: everywhere), b >= 0. */
+int xnor_ew_clip_inplace(void *x, const uint8_t *mask, int64_t n, int dt, float b, int nthreads)
+{
+    if (xe_bad(n, dt) || !(b >= 0.0f)) return XN_BAD_ARGS;
+    xe_job j = {.op = XE_CLIP, .dt = dt, .out = x, .mask = mask, .n = n, .b = b};
     xe_run(&j, nthreads);
     return XN_OK;
 }

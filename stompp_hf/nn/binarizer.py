@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..core.functional import abs_sum, clamp_to, hard_sign, masked_binarize, sign_and_abs_sum, state_binarize
+from ..core.functional import (
+    abs_sum,
+    clamp_to,
+    fused_ops,
+    hard_sign,
+    masked_binarize,
+    scaled_sign,
+    sign_and_abs_sum,
+    state_binarize,
+)
 from ..core.masks import (
     ABSENT,
     FROZEN,
@@ -37,6 +48,78 @@ def _in_backward() -> bool:
         return False
     current = getattr(torch._C, "_current_graph_task_id", None)
     return current is not None and current() != -1
+
+
+class _InputPasses:
+    """What the input binarizers read from one input tensor: its sum of |x| and, for factored layers, its sign by
+    dtype. Sibling layers fed the same tensor (a block's query, key and value projections) reuse them instead of
+    reading it again (docs/design.md, "Fused passes (CPU)"). Valid while the tensor is the same object at the same
+    version and data pointer, under the same fused passes; emptied when the tensor is freed."""
+
+    __slots__ = ("ref", "key", "sum", "signs")
+
+    def __init__(self, u: torch.Tensor) -> None:
+        self.ref = weakref.ref(u, self.release)
+        self.key = _input_key(u)
+        self.sum: torch.Tensor | None = None
+        self.signs: dict[torch.dtype, torch.Tensor] = {}
+
+    def release(self, _ref: weakref.ref | None = None) -> None:
+        self.sum, self.signs = None, {}
+
+    def holds(self, u: torch.Tensor) -> bool:
+        return self.ref() is u and self.key == _input_key(u)
+
+
+def _input_key(u: torch.Tensor) -> tuple:
+    return (u._version, u.data_ptr(), id(fused_ops()))
+
+
+class _LastInput(threading.local):
+    passes: _InputPasses | None = None
+
+
+_last_input = _LastInput()
+
+
+def _input_passes(u: torch.Tensor) -> _InputPasses | None:
+    """The shared passes of input `u` (a fresh record if the last one was another tensor's), or None where `u`
+    cannot be tracked: a tensor subclass, an inference tensor (no version counter), or under `torch.compile`."""
+    if torch.compiler.is_compiling() or type(u) is not torch.Tensor or u.is_inference():
+        return None
+    passes = _last_input.passes
+    if passes is None or not passes.holds(u):
+        if passes is not None:  # what it holds is not read again: let it go with the layers that saved it
+            passes.release()
+        passes = _last_input.passes = _InputPasses(u)
+    return passes
+
+
+def _shared_abs_sum(u: torch.Tensor) -> torch.Tensor:
+    """`abs_sum(u)`, computed once for the layers that read the same input one after the other."""
+    passes = _input_passes(u)
+    if passes is None:
+        return abs_sum(u)
+    if passes.sum is None:
+        passes.sum = abs_sum(u)
+    return passes.sum
+
+
+def _shared_sign_and_abs_sum(u: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sign_and_abs_sum(u, dtype)`, the sign shared between the layers that read the same input: only for callers
+    that never write into it nor hand it on as an autograd output (the factored form's operand)."""
+    passes = _input_passes(u)
+    if passes is None:
+        return sign_and_abs_sum(u, dtype)
+    key = u.dtype if dtype is None else dtype
+    sign = passes.signs.get(key)
+    if sign is None:
+        if passes.sum is None:
+            sign, passes.sum = sign_and_abs_sum(u, dtype)
+        else:  # the sum without the sign was read already (a layer that wrote no sign)
+            sign = scaled_sign(u, None, key)  # the sign alone, in one pass where a fused one applies
+        passes.signs[key] = sign
+    return sign, passes.sum
 
 
 class Binarizer(nn.Module):
@@ -120,7 +203,7 @@ class Binarizer(nn.Module):
 
         `batch_sum` is `abs_sum(x)` when the caller has it already (`sign_and_abs_sum`).
         """
-        batch = (abs_sum(x) if batch_sum is None else batch_sum) / x.numel()  # mean |x|, summed in float32
+        batch = (_shared_abs_sum(x) if batch_sum is None else batch_sum) / x.numel()  # mean |x|, summed in float32
         if self.training and not self.force_frozen and not _in_backward():
             with torch.no_grad():
                 ema = (1 - ACTIVATION_SCALE_MOMENTUM) * self.scale + ACTIVATION_SCALE_MOMENTUM * batch
@@ -176,6 +259,14 @@ class Binarizer(nn.Module):
             mask_state = self.ensure_mask(tuple(u.shape[-feature_ndim:]))
             scale = self._input_scale(u, batch_sum) if self.scale is not None else 1.0
             return mask_state, scale, scale * self.clip if self.clip != 1.0 else scale
+        if (
+            not torch.compiler.is_compiling()  # first: a compiled graph must not depend on the mask state
+            and self.mask is not None
+            and self.mask.value is False
+            and not self.force_frozen
+            and self.rule != "ste"
+        ):
+            return self.mask, 1.0, None  # a continuous weight is itself: no scale multiplies anything
         return self.mask, self.weight_scale(u), None
 
     def forward(self, u: torch.Tensor, feature_ndim: int | None = None) -> torch.Tensor:
@@ -247,15 +338,22 @@ class Binarizer(nn.Module):
         return out, None, None
 
     def frozen_sign(
-        self, u: torch.Tensor, feature_ndim: int | None = None, dtype: torch.dtype | None = None, sign: bool = True
+        self,
+        u: torch.Tensor,
+        feature_ndim: int | None = None,
+        dtype: torch.dtype | None = None,
+        sign: bool = True,
+        shared: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | float, torch.Tensor | float | None]:
         """`(sign(u) or None, scale, clip bound)` of a frozen tensor, the scale updated as by `binarize`. The sign
         (no graph, in `dtype`, None: `u`'s) comes with an input's scale, from the same read of `u` where a fused
         pass applies; None otherwise (`binary_sign(u)` gives it), and always None with `sign=False` (a kernel
-        reads the signs of `u` itself)."""
+        reads the signs of `u` itself). `shared`: the caller only reads the sign (the factored form's operand), so
+        it may be the one written for a sibling layer that read the same input (`_shared_sign_and_abs_sum`)."""
         signs = batch_sum = None
         if self.kind == "input" and self.scale is not None and sign:
-            signs, batch_sum = sign_and_abs_sum(u, dtype)  # one read of u for both where a fused pass applies
+            # one read of u for both where a fused pass applies
+            signs, batch_sum = _shared_sign_and_abs_sum(u, dtype) if shared else sign_and_abs_sum(u, dtype)
         _, scale, bound = self._scale_and_bound(u, feature_ndim, batch_sum)
         return signs, scale, bound
 

@@ -178,7 +178,7 @@ class StoMPPMixin(StoMPPModule):
         if a is not None:
             written = not kernel or operand is not None  # whether the input's sign is needed as a tensor
             # under autocast, straight into the dtype `F.linear` would cast it to
-            sign, scale, bound = a.frozen_sign(x, self.feature_ndim, operand, sign=written)
+            sign, scale, bound = a.frozen_sign(x, self.feature_ndim, operand, sign=written, shared=True)
             x_sign = None if not written else binary_sign(x) if sign is None else sign
             beta = scale if isinstance(scale, torch.Tensor) else None
             bound = torch.as_tensor(bound, dtype=x.dtype, device=x.device).detach()
