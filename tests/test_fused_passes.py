@@ -518,3 +518,70 @@ def test_clip_inplace_matches_torch(monkeypatch, dtype):
     F.clip_inplace_(strided, 1.0)
     assert_same(strided, want.clamp_(-1.0, 1.0))
     assert original(F.fused_ops(), base.clone().view(-1, 5)[:, ::2], 1.0, None) is False
+
+
+@pytest.mark.parametrize(
+    ("dtype", "out"), [(torch.float32, None), (torch.float32, torch.bfloat16), (torch.bfloat16, None)]
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "gradient in another layout"])
+def test_clip_keeps_a_bit_window(monkeypatch, dtype, out, layout):
+    """A continuous input's clip writes its window as one bit per entry in the clamp's own pass and saves that, not
+    `u`: the forward and the gradient are the bits of the torch ops (`clamp`, then `hardtanh_backward`: the closed
+    window at its exact ends, a NaN `u` outside, a NaN or infinite gradient outside the window gives 0), the
+    gradient widened from an autocast operand's dtype; a gradient laid out unlike `u` unpacks the bits in torch. A
+    bfloat16 `u` keeps itself; the passes themselves take bfloat16 too (`test_bit_window_passes_take_bfloat16`)."""
+    shape = (3, 16, 25, 27)
+    u0 = data(dtype, math.prod(shape)).view(shape)
+    g0 = data(out or dtype, u0.numel(), seed=1).view(shape)
+    g0.view(-1)[:64] = torch.tensor([math.nan, math.inf, -math.inf, 5.0] * 16, dtype=g0.dtype)
+    u0.view(-1)[:64] = torch.tensor([7.0, -7.0, 0.5, 0.75] * 16, dtype=dtype)  # outside, outside, inside, the end
+    if layout != "contiguous":
+        u0 = u0.contiguous(memory_format=torch.channels_last)
+    g0 = g0.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else g0.contiguous()
+    bound = torch.tensor(0.75, dtype=dtype)
+    calls = []
+    for name in ("clip_bits", "bits_grad"):
+        real = getattr(type(F.fused_ops()), name)
+        monkeypatch.setattr(
+            type(F.fused_ops()), name, lambda self, *a, _n=name, _r=real: calls.append(_n) or _r(self, *a)
+        )
+    results = []
+    for ops in ("fused", "torch"):
+        with torch_ops_only() if ops == "torch" else contextlib.nullcontext():
+            u = u0.clone(memory_format=torch.preserve_format).requires_grad_()
+            y = F.clip(u, bound, dtype=out)
+            if ops == "fused" and dtype == torch.float32:
+                saved = y.grad_fn.saved_tensors
+                assert saved[0] is None and saved[2].dtype == torch.uint8 and saved[2].numel() == (u.numel() + 7) // 8
+            elif ops == "fused":  # a bfloat16 u keeps itself (bits cost its forward more than they save)
+                assert y.grad_fn.saved_tensors[0] is not None
+            y.backward(g0)
+            results.append((y.detach(), u.grad))
+    if dtype == torch.bfloat16:
+        assert calls == []
+    else:
+        assert calls == (["clip_bits", "bits_grad"] if layout != "gradient in another layout" else ["clip_bits"])
+    (y_a, g_a), (y_b, g_b) = results
+    assert_same(y_a, y_b)
+    assert y_a.stride() == y_b.stride()
+    # outside the window a NaN or infinite gradient gives 0
+    assert torch.equal(g_a.reshape(-1)[:64].view(16, 4)[:, :2], torch.zeros(16, 2, dtype=dtype))
+    nan_u = torch.isnan(u0)
+    if layout == "gradient in another layout" and dtype == torch.float32:
+        # aten's hardtanh_backward passes the gradient of a NaN u on its path for mixed layouts (it gives 0 on its
+        # vectorized one); a NaN u is outside the window here, as everywhere in this library
+        assert torch.equal(g_a[nan_u], torch.zeros_like(g_a[nan_u]))
+        g_a, g_b = g_a[~nan_u], g_b[~nan_u]
+    assert_same(g_a, g_b)
+
+
+def test_bit_window_passes_take_bfloat16():
+    """`clip_bits` and `bits_grad` on bfloat16 (in and out): the clamp, and the gradient of the torch ops."""
+    u, g = data(torch.bfloat16), data(torch.bfloat16, seed=1)
+    bound = torch.tensor(0.75, dtype=torch.bfloat16)
+    ops = F.fused_ops()
+    out, bits = ops.clip_bits(u, bound.item(), F._window_edges(u, bound))
+    with torch_ops_only():
+        assert_same(out, F.clamp_to(u, bound))
+        want = F._windowed_grad(g, u, bound)
+    assert_same(ops.bits_grad(g.clone(), bits, torch.bfloat16, in_place=True), want)

@@ -30,6 +30,7 @@ from typing import Protocol
 import torch
 
 from .masks import MaskState
+from .packing import unpack_signs
 
 #: The training rules of a binarized tensor (`StoMPPConfig.weights` / `activations`; None keeps it full precision).
 RULES: tuple[str, ...] = ("stompp", "stompp_ste", "ste")
@@ -85,6 +86,19 @@ class FusedOps(Protocol):
         """`(where(mask, value * sign(u), clamp(u, -bound, bound)).to(dtype), int8 window)` (dtype None: `u`'s),
         for a bool `mask` that broadcasts to `u` (None: the clamp alone); the window is `lo < u < hi` for
         `edges = (lo, hi)` (None: no window)."""
+
+    def clip_bits(
+        self, u: torch.Tensor, bound: float, edges: tuple[float, float], dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(clamp(u, -bound, bound).to(dtype), window bits)`: the window `lo < u < hi` (`edges`) one bit per entry in
+        `u`'s memory order, entry `i` bit `i % 8` of byte `i // 8` (uint8, `ceil(numel / 8)` bytes)."""
+
+    def bits_grad(
+        self, grad: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype, in_place: bool = False
+    ) -> torch.Tensor | None:
+        """`where(window, grad.to(dtype), 0)` for the window bits of `clip_bits` on a tensor of `grad`'s shape and
+        memory order: the select of `hardtanh_backward` (a NaN gradient outside the window gives 0); written into
+        `grad` with `in_place` (where it has `dtype`)."""
 
     def scaled_sign(self, u: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """`(binary_sign(u) * scale.view(-1, 1)).to(dtype)` for a 2-D `u` and one scale per row (`+-scale` is exact
@@ -453,18 +467,51 @@ class _HardSign(torch.autograd.Function):
 
 class _Clip(torch.autograd.Function):
     """`clamp(u, -c, c)` with gradient `1{|u| <= c} * g`, computed with float comparisons (torch's own clamp
-    backward goes through bool masks, `where` and `masked_fill`, several times slower on CPU). Saves `u` itself."""
+    backward goes through bool masks, `where` and `masked_fill`, several times slower on CPU). Saves the window as
+    one bit per entry, written by the clamp's own pass, where a fused pass applies (`FusedOps.clip_bits`): the
+    backward then reads 1 bit per entry instead of `u`'s 16 or 32. Saves `u` itself otherwise, and rebuilds the
+    window from it."""
 
     @staticmethod
     def forward(ctx, u, bound, owned_grad, dtype):  # type: ignore[override]
-        ctx.save_for_backward(u, bound)
+        fused = None
+        # float32 u only: the backward then reads 1 bit per entry instead of 32; for a bfloat16 u (16) writing the
+        # bits costs the forward more than the backward saves (measured on the AMX Xeon)
+        if _fused is not None and u.dtype == torch.float32 and _bound_on_host(bound, u, bound):
+            fused = _fused.clip_bits(u.detach(), bound.item(), _window_edges(u, bound), dtype)
+        if fused is not None:
+            out, bits = fused
+            ctx.save_for_backward(None, bound, bits)
+        else:
+            out = clamp_to(u, bound, dtype)
+            ctx.save_for_backward(u, bound, None)
         ctx.owned_grad = owned_grad
-        return clamp_to(u, bound, dtype)
+        ctx.like = torch.empty((), dtype=u.dtype).expand(u.shape)  # the gradient's dtype and shape, no memory
+        ctx.strides = u.stride()  # the bits follow u's memory order (contiguous or channels-last)
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        u, bound = ctx.saved_tensors
-        return _windowed_grad(grad, u, bound, in_place=_overwritable(ctx.owned_grad, grad, u)), None, None, None
+        u, bound, bits = ctx.saved_tensors
+        in_place = _overwritable(ctx.owned_grad, grad, ctx.like)
+        if bits is None:
+            return _windowed_grad(grad, u, bound, in_place=in_place), None, None, None
+        dtype = ctx.like.dtype
+        if _fused is not None and grad.stride() == ctx.strides:
+            fused = _fused.bits_grad(grad, bits, dtype, in_place)
+            if fused is not None:
+                return fused, None, None, None
+        # a gradient the pass does not take (another layout or type): the window unpacked in torch
+        window = _unpack_window(bits, ctx.like.shape, ctx.strides)
+        return torch.where(window, grad.to(dtype), torch.zeros((), dtype=dtype)), None, None, None
+
+
+def _unpack_window(bits: torch.Tensor, shape: torch.Size, strides: tuple[int, ...]) -> torch.Tensor:
+    """The bool window of `FusedOps.clip_bits` for a tensor of `shape` and `strides` (dense: its memory order)."""
+    numel = math.prod(shape)
+    flat = unpack_signs(bits.view(1, -1), numel).view(-1) if numel else torch.zeros(0, dtype=torch.bool)
+    order = sorted(range(len(shape)), key=lambda d: -strides[d])  # dimensions from the outermost in memory
+    return flat.view([shape[d] for d in order]).permute([order.index(d) for d in range(len(shape))])
 
 
 def clip(

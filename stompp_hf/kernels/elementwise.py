@@ -253,6 +253,55 @@ class CpuFusedOps:
         )
         return None if rc else (out, window)
 
+    def clip_bits(
+        self, u: torch.Tensor, bound: float, edges: tuple[float, float], dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # elementwise in memory order (the bits follow it; the backward reads its gradient in the same order)
+        if not _plain(u) or not _pair(u.dtype, dtype) or (lib := self._kernels()) is None:
+            return None
+        out = torch.empty_like(u, dtype=dtype)
+        bits = torch.empty((u.numel() + 7) // 8, dtype=torch.uint8)
+        rc = lib.ew_clip_bits(
+            u.data_ptr(),
+            out.data_ptr(),
+            bits.data_ptr(),
+            u.numel(),
+            _DTYPES[u.dtype],
+            _DTYPES[out.dtype],
+            bound,
+            *edges,
+            torch.get_num_threads(),
+        )
+        return None if rc else (out, bits)
+
+    def bits_grad(
+        self, grad: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype, in_place: bool = False
+    ) -> torch.Tensor | None:
+        # the bits of `clip_bits` on a u of grad's shape and memory order
+        if (
+            dtype not in _DTYPES
+            or not _pair(dtype, grad.dtype)
+            or not _plain(grad)
+            or type(bits) is not torch.Tensor
+            or bits.dtype != torch.uint8
+            or not bits.is_cpu
+            or not bits.is_contiguous()
+            or bits.numel() != (grad.numel() + 7) // 8
+            or (lib := self._kernels()) is None
+        ):
+            return None
+        out = grad if in_place and grad.dtype == dtype else torch.empty_like(grad, dtype=dtype)
+        rc = lib.ew_bits_grad(
+            grad.data_ptr(),
+            bits.data_ptr(),
+            out.data_ptr(),
+            grad.numel(),
+            _DTYPES[dtype],
+            _DTYPES[grad.dtype],
+            torch.get_num_threads(),
+        )
+        return None if rc else out
+
     def scaled_sign(self, u: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         # a row-major 2-D u (a linear weight), one float32-representable scale per row
         if (

@@ -128,6 +128,8 @@ class _Library(NamedTuple):
     ew_scale_bias: Callable[..., int]
     ew_row_sign: Callable[..., int]
     ew_clip_inplace: Callable[..., int]
+    ew_clip_bits: Callable[..., int]
+    ew_bits_grad: Callable[..., int]
 
 
 _lock = threading.Lock()
@@ -268,6 +270,10 @@ def _load() -> _Library:
             ew_row_sign=_bind(lib, "xnor_ew_row_sign", (_P, _P, _I64, _I64, _INT, _INT, _P, _INT), _INT),
             # x, mask, n, dtype, b, nthreads
             ew_clip_inplace=_bind(lib, "xnor_ew_clip_inplace", (_P, _P, _I64, _INT, _F, _INT), _INT),
+            # x, out, bits, n, dtype, out dtype, b, lo, hi, nthreads
+            ew_clip_bits=_bind(lib, "xnor_ew_clip_bits", (_P, _P, _P, _I64, _INT, _INT, _F, _F, _F, _INT), _INT),
+            # g, bits, out, n, dtype (out), g's dtype, nthreads
+            ew_bits_grad=_bind(lib, "xnor_ew_bits_grad", (_P, _P, _P, _I64, _INT, _INT, _INT), _INT),
         )
         bound.set_hugepages(_hugepages_default())
     except AttributeError as e:  # a library of this name and digest that lacks an entry point: not ours

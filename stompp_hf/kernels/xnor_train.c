@@ -22,6 +22,11 @@
    * xnor_ew_row_sign:    out[r, :] = x[r, :] >= 0 ? s[r] : -s[r] (NaN -> -s[r]) in dtype odt: a frozen weight's
                           alpha * sign(W) as the operand of the input gradient's matmul (torch's
                           `(binary_sign(W) * alpha).to(dtype)`: +-alpha is exact before the one rounding).
+   * xnor_ew_clip_bits:   out = clamp(x, -b, b) and the window (lo < x && x < hi) as bits, entry i bit i % 8 of byte
+                          i / 8 (least significant first): the forward of a continuous input, whose backward then
+                          reads one bit per entry instead of x.
+   * xnor_ew_bits_grad:   out = bit i ? g : 0, g widened to out's dtype: that backward, the select of
+                          hardtanh_backward (a NaN g outside the window gives 0).
    * xnor_ew_clip_inplace: x = clamp(x, -b, b) in place where mask (everywhere without one): BinaryConnect's clip of
                           the latent weights after each optimizer step. Read-mostly: a block of XE_CLIP_BLOCK
                           entries is written only if one of its entries lies outside [-b, b] (the clip of
@@ -83,7 +88,8 @@ XE_INLINE void xe_st(void *p, const int dt, int64_t i, float f)
     else ((float *)p)[i] = f;
 }
 
-enum { XE_SIGN, XE_ABS_SUM, XE_WINDOW_GRAD, XE_MASKED, XE_WINDOW_APPLY, XE_SCALE_BIAS, XE_ROW_SIGN, XE_CLIP };
+enum { XE_SIGN, XE_ABS_SUM, XE_WINDOW_GRAD, XE_MASKED, XE_WINDOW_APPLY, XE_SCALE_BIAS, XE_ROW_SIGN, XE_CLIP,
+       XE_CLIP_BITS, XE_BITS_GRAD };
 
 typedef struct {
     xn_task task;
@@ -225,6 +231,80 @@ XE_INLINE void xe_masked_range(const xe_job *j, int64_t lo, int64_t hi, const in
     }
 }
 
+/* The window as bits goes through a byte per entry in a chunk of XE_BIT_CHUNK entries that stays in L1, so the
+   elementwise loops vectorize as the int8 window's do; bytes <-> bits eight at a time with one 64-bit product
+   (each byte 0 or 1, the first entry in the least significant byte and bit). */
+#define XE_BIT_CHUNK 2048
+#if XN_X86_SIMD && defined(__AVX512BW__)
+#define XE_BITS64 1  /* the host has AVX-512 BW (-march=native): 64 bytes <-> 64 bits in one instruction */
+#else
+#define XE_BITS64 0
+#endif
+
+XE_INLINE uint8_t xe_gather8(const int8_t *w)
+{
+    uint64_t v;
+    memcpy(&v, w, 8);
+    return (uint8_t)((v * 0x0102040810204080ULL) >> 56);
+}
+
+XE_INLINE void xe_spread8(uint8_t b, int8_t *w)
+{
+    const uint64_t v = ((((uint64_t)b * 0x0101010101010101ULL) & 0x8040201008040201ULL) + 0x7F7F7F7F7F7F7F7FULL) >> 7;
+    const uint64_t bytes = v & 0x0101010101010101ULL;
+    memcpy(w, &bytes, 8);
+}
+
+/* out (dtype odt) = clamp(x, -b, b); bits = the window lo < x < hi. A piece starts at a multiple of XE_LANES, so
+   every chunk starts on a byte of bits and no two threads write one byte. */
+XE_INLINE void xe_clip_bits_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int odt)
+{
+    const float b = j->b, wlo = j->lo, whi = j->hi;
+    uint8_t *bits = (uint8_t *)j->window;
+    int8_t w[XE_BIT_CHUNK + 8];
+    for (int64_t c = lo; c < hi; c += XE_BIT_CHUNK) {
+        const int64_t e = hi - c < XE_BIT_CHUNK ? hi - c : XE_BIT_CHUNK;
+        for (int64_t k = 0; k < e; k++) {
+            const float u = xe_ld(j->x, dt, c + k);
+            xe_st(j->out, odt, c + k, xe_clamp(u, b));
+            w[k] = (int8_t)((u > wlo) & (u < whi));
+        }
+        memset(w + e, 0, 8);  /* the last byte of bits past the end */
+        int64_t k = 0;
+#if XE_BITS64
+        for (; k + 64 <= e; k += 64) {
+            const __m512i v = _mm512_loadu_si512((const void *)(w + k));
+            const uint64_t m = (uint64_t)_mm512_test_epi8_mask(v, v);
+            memcpy(bits + ((c + k) >> 3), &m, 8);
+        }
+#endif
+        for (; k < e; k += 8) bits[(c + k) >> 3] = xe_gather8(w + k);
+    }
+}
+
+/* out (dtype dt) = bit i of bits ? g (dtype gdt) : 0 */
+XE_INLINE void xe_bits_grad_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int gdt)
+{
+    const uint8_t *bits = (const uint8_t *)j->window;
+    int8_t w[XE_BIT_CHUNK + 8];
+    for (int64_t c = lo; c < hi; c += XE_BIT_CHUNK) {
+        const int64_t e = hi - c < XE_BIT_CHUNK ? hi - c : XE_BIT_CHUNK;
+        int64_t k = 0;
+#if XE_BITS64
+        for (; k + 64 <= e; k += 64) {
+            uint64_t m;
+            memcpy(&m, bits + ((c + k) >> 3), 8);
+            _mm512_storeu_si512((void *)(w + k), _mm512_movm_epi8((__mmask64)m));
+        }
+#endif
+        for (; k < e; k += 8) xe_spread8(bits[(c + k) >> 3], w + k);
+        for (k = 0; k < e; k++) {
+            const float gv = xe_ld(j->g, gdt, c + k);   /* loaded either way: the loop vectorizes */
+            xe_st(j->out, dt, c + k, w[k] ? gv : 0.0f);
+        }
+    }
+}
+
 /* x (dtype dt) = clamp(x, -b, b) in place on mask entries (all without a mask, has_mask 0); a block is written
    only when one of its entries lies outside (a NaN does not: the clamp keeps it) */
 XE_INLINE void xe_clip_range(const xe_job *j, int64_t lo, int64_t hi, const int dt, const int has_mask)
@@ -249,7 +329,7 @@ XE_INLINE void xe_clip_range(const xe_job *j, int64_t lo, int64_t hi, const int 
 static void xe_piece(xe_job *j, int p)
 {
     const int64_t lo = xe_edge(j->n, p), hi = xe_edge(j->n, p + 1);
-    const int reads_g = j->op == XE_WINDOW_GRAD || j->op == XE_WINDOW_APPLY;
+    const int reads_g = j->op == XE_WINDOW_GRAD || j->op == XE_WINDOW_APPLY || j->op == XE_BITS_GRAD;
     const int bf = j->dt == XE_BF16, mixed = j->dt == XE_F32 && (reads_g ? j->gdt : j->odt) == XE_BF16;
     double *sum = j->want_sum ? &j->sums[p] : NULL;
     switch (j->op) {
@@ -287,6 +367,16 @@ static void xe_piece(xe_job *j, int p)
         if (bf) xe_row_sign_range(j, lo, hi, XE_BF16, XE_BF16);
         else if (mixed) xe_row_sign_range(j, lo, hi, XE_F32, XE_BF16);
         else xe_row_sign_range(j, lo, hi, XE_F32, XE_F32);
+        break;
+    case XE_CLIP_BITS:
+        if (bf) xe_clip_bits_range(j, lo, hi, XE_BF16, XE_BF16);
+        else if (mixed) xe_clip_bits_range(j, lo, hi, XE_F32, XE_BF16);
+        else xe_clip_bits_range(j, lo, hi, XE_F32, XE_F32);
+        break;
+    case XE_BITS_GRAD:
+        if (bf) xe_bits_grad_range(j, lo, hi, XE_BF16, XE_BF16);
+        else if (mixed) xe_bits_grad_range(j, lo, hi, XE_F32, XE_BF16);
+        else xe_bits_grad_range(j, lo, hi, XE_F32, XE_F32);
         break;
     case XE_CLIP:
         if (bf && j->mask) xe_clip_range(j, lo, hi, XE_BF16, 1);
@@ -420,6 +510,26 @@ int xnor_ew_clip_inplace(void *x, const uint8_t *mask, int64_t n, int dt, float 
 {
     if (xe_bad(n, dt) || !(b >= 0.0f)) return XN_BAD_ARGS;
     xe_job j = {.op = XE_CLIP, .dt = dt, .out = x, .mask = mask, .n = n, .b = b};
+    xe_run(&j, nthreads);
+    return XN_OK;
+}
+
+/* out (dtype odt) = clamp(x, -b, b); bits (ceil(n / 8) bytes) = the window lo < x < hi, one bit per entry. */
+int xnor_ew_clip_bits(const void *x, void *out, uint8_t *bits, int64_t n, int dt, int odt, float b, float lo,
+                      float hi, int nthreads)
+{
+    if (xe_bad(n, dt) || xe_bad_pair(dt, odt) || !bits) return XN_BAD_ARGS;
+    xe_job j = {.op = XE_CLIP_BITS, .dt = dt, .odt = odt, .x = x, .out = out, .window = (int8_t *)bits, .n = n,
+                .b = b, .lo = lo, .hi = hi};
+    xe_run(&j, nthreads);
+    return XN_OK;
+}
+
+/* out (dtype dt) = bit i of bits ? g (dtype gdt) : 0 (out may be g itself when gdt is dt). */
+int xnor_ew_bits_grad(const void *g, const uint8_t *bits, void *out, int64_t n, int dt, int gdt, int nthreads)
+{
+    if (xe_bad(n, dt) || xe_bad_pair(dt, gdt) || !bits) return XN_BAD_ARGS;
+    xe_job j = {.op = XE_BITS_GRAD, .dt = dt, .gdt = gdt, .g = g, .window = (int8_t *)bits, .out = out, .n = n};
     xe_run(&j, nthreads);
     return XN_OK;
 }
