@@ -467,10 +467,9 @@ class _HardSign(torch.autograd.Function):
 
 class _Clip(torch.autograd.Function):
     """`clamp(u, -c, c)` with gradient `1{|u| <= c} * g`, computed with float comparisons (torch's own clamp
-    backward goes through bool masks, `where` and `masked_fill`, several times slower on CPU). Saves the window as
-    one bit per entry, written by the clamp's own pass, where a fused pass applies (`FusedOps.clip_bits`): the
-    backward then reads 1 bit per entry instead of `u`'s 16 or 32. Saves `u` itself otherwise, and rebuilds the
-    window from it."""
+    backward goes through bool masks, `where` and `masked_fill`, several times slower on CPU). For a float32 `u`
+    where a fused pass applies (`FusedOps.clip_bits`) it saves the window as one bit per entry, written by the
+    clamp's own pass. Saves `u` itself otherwise, and rebuilds the window from it."""
 
     @staticmethod
     def forward(ctx, u, bound, owned_grad, dtype):  # type: ignore[override]

@@ -74,6 +74,31 @@ def _pair(dtype: torch.dtype, other: torch.dtype | None) -> bool:
     return other is None or other == dtype or (dtype == torch.float32 and other == torch.bfloat16)
 
 
+def _window_operand(window: object, dtype: torch.dtype) -> bool:
+    """Whether `window` is a window the gradient passes read as a flat array: a plain contiguous CPU tensor of
+    `dtype` (int8 entries, or uint8 bits)."""
+    return type(window) is torch.Tensor and window.dtype == dtype and window.is_cpu and window.is_contiguous()
+
+
+def _windowed_pass(fn, grad: torch.Tensor, window: torch.Tensor, dtype: torch.dtype, in_place: bool):
+    """`fn(g, window, out, n, dtype, g's dtype, threads)`, a C pass that applies a saved window to a gradient
+    (`ew_window_apply`, `ew_bits_grad`), into `grad` itself with `in_place` where it has `dtype`; None where the
+    dtypes do not pair or the pass refuses."""
+    if dtype not in _DTYPES or not _pair(dtype, grad.dtype):
+        return None
+    out = grad if in_place and grad.dtype == dtype else torch.empty_like(grad, dtype=dtype)
+    rc = fn(
+        grad.data_ptr(),
+        window.data_ptr(),
+        out.data_ptr(),
+        grad.numel(),
+        _DTYPES[dtype],
+        _DTYPES[grad.dtype],
+        torch.get_num_threads(),
+    )
+    return None if rc else out
+
+
 class CpuFusedOps:
     """`stompp_hf.core.functional.FusedOps` on CPU, through the C passes of the XNOR kernel's library. The library
     is built on the first call; where it cannot be, every call answers None (the torch ops run)."""
@@ -184,27 +209,12 @@ class CpuFusedOps:
     ) -> torch.Tensor | None:
         if (
             grad.shape != window.shape
-            or dtype not in _DTYPES
-            or not _pair(dtype, grad.dtype)
             or not _plain(grad, ordered=True)
-            or type(window) is not torch.Tensor
-            or window.dtype != torch.int8
-            or not window.is_cpu
-            or not window.is_contiguous()
+            or not _window_operand(window, torch.int8)
             or (lib := self._kernels()) is None
         ):
             return None
-        out = grad if in_place and grad.dtype == dtype else torch.empty_like(grad, dtype=dtype)
-        rc = lib.ew_window_apply(
-            grad.data_ptr(),
-            window.data_ptr(),
-            out.data_ptr(),
-            grad.numel(),
-            _DTYPES[dtype],
-            _DTYPES[grad.dtype],
-            torch.get_num_threads(),
-        )
-        return None if rc else out
+        return _windowed_pass(lib.ew_window_apply, grad, window, dtype, in_place)
 
     def masked(
         self,
@@ -279,28 +289,13 @@ class CpuFusedOps:
     ) -> torch.Tensor | None:
         # the bits of `clip_bits` on a u of grad's shape and memory order
         if (
-            dtype not in _DTYPES
-            or not _pair(dtype, grad.dtype)
-            or not _plain(grad)
-            or type(bits) is not torch.Tensor
-            or bits.dtype != torch.uint8
-            or not bits.is_cpu
-            or not bits.is_contiguous()
+            not _plain(grad)
+            or not _window_operand(bits, torch.uint8)
             or bits.numel() != (grad.numel() + 7) // 8
             or (lib := self._kernels()) is None
         ):
             return None
-        out = grad if in_place and grad.dtype == dtype else torch.empty_like(grad, dtype=dtype)
-        rc = lib.ew_bits_grad(
-            grad.data_ptr(),
-            bits.data_ptr(),
-            out.data_ptr(),
-            grad.numel(),
-            _DTYPES[dtype],
-            _DTYPES[grad.dtype],
-            torch.get_num_threads(),
-        )
-        return None if rc else out
+        return _windowed_pass(lib.ew_bits_grad, grad, bits, dtype, in_place)
 
     def scaled_sign(self, u: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         # a row-major 2-D u (a linear weight), one float32-representable scale per row
