@@ -798,6 +798,39 @@ def test_bf16_activations_round_like_torch(kernel):
         xnor.xnor_linear(x, weight_packed, k, path="scalar")
 
 
+def bf16_kernel(kernel: str, weight_packed: torch.Tensor, n: int, k: int):
+    """`kernel(x, scale, bias)`: the bfloat16 linear of the XNOR kernel (avx512 path) or of the AMX int8 one."""
+    if kernel == "amx":
+        if not int8.amx_available():
+            pytest.skip("no AMX int8 tiles on this CPU (or OS)")
+        weight = int8.amx_weight(weight_packed, n, k)
+        return lambda x, s, b: int8.amx_linear(x, weight, n, s, b)
+    prepared = xnor.prepare_weights(weight_packed, n, k)
+    return lambda x, s, b: xnor.xnor_linear(x, weight_packed, k, s, b, prepared=prepared)
+
+
+@needs_avx512
+@pytest.mark.parametrize("kernel", ["xnor", "amx"])
+def test_bf16_sums_up_to_the_full_length(kernel):
+    """Sums from -K to K in steps of 2, past 256 where bfloat16 stops holding every integer: the epilogue skips the
+    rounding of the sum only where it is exact (K <= 256, or even K <= 512: every sum then has K's parity), and
+    rounds it everywhere else, with and without a scale."""
+    gen = torch.Generator().manual_seed(49)
+    for k in (255, 256, 257, 383, 384, 511, 512, 513, 514, 700):
+        n = 24
+        weight_packed, out_scale, _ = make_layer(n, k, gen)
+        signs = unpack_signs(weight_packed, k, torch.float32)
+        flips = torch.arange(0, k + 1, max(1, k // 47))  # row r agrees with weight row r % n but for flips[r] entries
+        x = signs[torch.arange(len(flips)) % n].clone()
+        for r, f in enumerate(flips.tolist()):
+            x[r, :f] *= -1
+        x = (x * (torch.rand(x.shape, generator=gen) + 0.5)).bfloat16()
+        run = bf16_kernel(kernel, weight_packed, n, k)
+        for s in (None, out_scale.bfloat16()):
+            y = run(x, s.float() if s is not None else None, None)
+            assert torch.equal(y, bf16_reference(x, weight_packed, k, s, None)), k
+
+
 def bf16_bits(*values: int) -> torch.Tensor:
     """bfloat16 values from their 16-bit patterns."""
     return torch.tensor(values, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
@@ -838,25 +871,41 @@ def test_bf16_signs_of_special_values():
 
 
 @needs_avx512
-def test_bf16_epilogue_with_wild_scales_and_biases():
+@pytest.mark.parametrize("kernel", ["xnor", "amx"])
+def test_bf16_epilogue_with_wild_scales_and_biases(kernel):
     """Scales and biases with infinities or NaNs take the epilogue's rounding with its NaN case: NaNs where torch's
     bf16 path has them (its NaN bits differ between its scalar and vector code: 0x7FC0 / 0xFFFF) and its bits
     everywhere else; finite ones (subnormal and tiny values included) take the rounding without it, same bits."""
     gen = torch.Generator().manual_seed(48)
     k, n = 300, 40
     weight_packed, out_scale, bias = make_layer(n, k, gen)
-    prepared = xnor.prepare_weights(weight_packed, n, k)
+    run = bf16_kernel(kernel, weight_packed, n, k)
     x = make_input((17, k), gen).bfloat16()
     wild = {
         "inf scale": (out_scale.clone().index_fill_(0, torch.tensor([3]), math.inf), bias),
         "nan bias": (out_scale, bias.clone().index_fill_(0, torch.tensor([5]), math.nan)),
         "subnormal scale": (out_scale.clone().index_fill_(0, torch.tensor([7]), 1e-39), bias),
+        "subnormal outputs": (
+            out_scale.clone().index_fill_(0, torch.tensor([7]), 1e-39),
+            bias.clone().index_fill_(0, torch.tensor([7]), 0.0),
+        ),
         "tiny bias": (out_scale, bias.clone().index_fill_(0, torch.tensor([9]), 2.0**-110)),
+        # around the smallest magnitude the CPU's bf16 conversion takes (xz_native_ok): 2**-100 on either side
+        "small scales": (
+            out_scale.clone()
+            .index_fill_(0, torch.tensor([1, 2]), 2.0**-100)
+            .index_fill_(0, torch.tensor([4]), -(2.0**-101)),
+            bias.clone().index_fill_(0, torch.tensor([11]), 2.0**-100),
+        ),
+        "zero scale and bias": (
+            out_scale.clone().index_fill_(0, torch.tensor([6]), 0.0),
+            bias.clone().index_fill_(0, torch.tensor([8]), -0.0),
+        ),
         "tame": (out_scale, bias),
     }
     for name, (s, b) in wild.items():
         s, b = s.bfloat16(), b.bfloat16()
-        y = xnor.xnor_linear(x, weight_packed, k, s.float(), b.float(), prepared=prepared)
+        y = run(x, s.float(), b.float())
         expected = bf16_reference(x, weight_packed, k, s, b)
         assert torch.equal(y.isnan(), expected.isnan()), name
         assert bool(y.isnan().any()) == (name in ("inf scale", "nan bias"))  # 0 * inf, x + NaN

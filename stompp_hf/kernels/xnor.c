@@ -78,8 +78,19 @@
 #define XN_BAD_ARGS 5     /* a shape the kernel does not handle */
 
 #if XN_X86_SIMD
+/* AVX512-BF16's conversion instructions (VCVTNEPS2BF16), where the compiler knows them (GCC 10, clang 11): the
+   avx512 path's bfloat16 epilogue rounds with them on CPUs that have them (xz_native_ok). The target only makes
+   them available; nothing else of the avx512 path changes, and they run only where the CPU has them. */
+#if (defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define XN_HAVE_BF16 1
+#define XN_BF16_TARGET ",avx512bf16"
+#else
+#define XN_HAVE_BF16 0
+#define XN_BF16_TARGET ""
+#endif
 #define XN_AVX2_FN __attribute__((target("avx2,popcnt")))
-#define XN_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx2,popcnt")))
+#define XN_AVX512_FN \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx2,popcnt" XN_BF16_TARGET)))
 #endif
 
 /* Scalar path: register tile of XN_MR activation rows x XN_NR weight rows, read straight from the packed weights. */

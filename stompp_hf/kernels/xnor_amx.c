@@ -36,7 +36,9 @@
 #endif
 #include <cpuid.h>
 
-#define XA_FN __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx2,popcnt")))
+#define XA_FN                                                                                                \
+    __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx2,popcnt" \
+                          XN_BF16_TARGET)))
 #define XA_INLINE static inline __attribute__((always_inline)) XA_FN
 
 /* 1 where the CPU has AMX tiles and int8 (and the avx512 path, which packs and finishes for it) and the OS lets
@@ -142,26 +144,37 @@ XA_INLINE int xa_signs(const void *p, int64_t i0, int64_t cnt, int64_t padded, i
 }
 
 /* Where and how a call's outputs go: y = float(sum) * scale + bias (each where it exists), bf16 outputs (y is
-   bfloat16, every step rounded as in xz_finish), and `stream`: xz_store_row's streaming stores (xz_stream_ok held). */
+   bfloat16, every step rounded as in xz_finish; `bf16` is xz_finish's mode, `exact` its flag), and `stream`:
+   xz_store_row's streaming stores (xz_stream_ok held). */
 typedef struct {
     const float *scale, *bias;
     void *y;
-    int bf16, stream;
+    int bf16, exact, stream;
 } xa_out;
 
+/* The outputs of a call with `n` channels and sums of `K` products (`parity`: as xz_exact_ints takes it). */
+static xa_out xa_output(const float *scale, const float *bias, void *y, int bf16, int64_t n, int64_t K, int parity,
+                        int stream)
+{
+    return (xa_out){.scale = scale, .bias = bias, .y = y, .bf16 = xz_bf16_mode(bf16, scale, bias, n),
+                    .exact = xz_exact_ints(K, parity), .stream = stream};
+}
+
 /* One row of 16 sums -> outputs: float(acc) * scale + bias, two roundings, each only where it exists (with bf16
-   outputs each step rounded to bf16, as in xz_finish), for the `lanes` channels from n0. */
+   outputs each step rounded to bf16 as in xz_finish, XZ_BF16_NATIVE's last one by the store), for the `lanes`
+   channels from n0. */
 XA_INLINE __m512 xa_finish_row(const int32_t *acc, const xa_out *o, int64_t n0, __mmask16 lanes)
 {
+    const int bf16 = o->bf16, later = bf16 == XZ_BF16_NATIVE;
     __m512 f = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)acc));   /* exact: |acc| <= K < 2**24 */
-    if (o->bf16) f = xz_round_bf16(f);
+    if (bf16 && !o->exact && !(later && !o->scale && !o->bias)) f = xz_bf16_step(f, bf16);
     if (o->scale) {
         f = _mm512_mul_ps(f, _mm512_maskz_loadu_ps(lanes, o->scale + n0));
-        if (o->bf16) f = xz_round_bf16(f);
+        if (bf16 && !(later && !o->bias)) f = xz_bf16_step(f, bf16);
     }
     if (o->bias) {
         f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(lanes, o->bias + n0));
-        if (o->bf16) f = xz_round_bf16(f);
+        if (bf16 && !later) f = xz_bf16_step(f, bf16);
     }
     return f;
 }
@@ -186,7 +199,7 @@ XA_INLINE void xa_finish_rows(const xa_pending *p, int r0, int r1, const xa_out 
             if (p->idx[r] < 0) continue;
             const __m512 f[2] = {xa_finish_row(p->buf + 16 * r, o, p->n[r >> 4], p->lanes[r >> 4]),
                                  xa_finish_row(p->buf + 16 * (r + 16), o, p->n[(r >> 4) + 1], p->lanes[(r >> 4) + 1])};
-            xz_store_row(o->y, p->idx[r], f, p->lanes + (r >> 4), 2, 1, 1);
+            xz_store_row(o->y, p->idx[r], f, p->lanes + (r >> 4), 2, o->bf16, 1);
         }
         return;
     }
@@ -383,8 +396,7 @@ static int xa_linear(const void *x, int64_t M, int64_t ldx, int64_t K, const int
     memset(&j, 0, sizeof j);
     j.task.run = xa_linear_share;
     j.x = x; j.ldx = ldx; j.M = M; j.N = N; j.K = K; j.w = w;
-    j.out = (xa_out){.scale = scale, .bias = bias, .y = y, .bf16 = bf16,
-                     .stream = xz_stream_ok(y, M * N, N, N, bf16)};
+    j.out = xa_output(scale, bias, y, bf16, N, K, 1, xz_stream_ok(y, M * N, N, N, bf16));
     j.strict = strict;
     j.Kp = xa_round(K, 64);
     j.KC = j.Kp / 64;
@@ -586,8 +598,9 @@ static int xa_conv2d(const void *x, const int64_t *g, const int8_t *w, const flo
     j.Wp = j.W + 2 * j.pw;
     j.Ho = (j.Hp - j.dh * (j.kh - 1) - 1) / j.sh + 1;
     j.Wo = (j.Wp - j.dw * (j.kw - 1) - 1) / j.sw + 1;
-    j.out = (xa_out){.scale = scale, .bias = bias, .y = y, .bf16 = bf16,
-                     .stream = xz_stream_ok(y, j.B * j.Ho * j.Wo * j.O, j.O, j.O, bf16)};
+    /* zero padding makes sums of fewer products, of any parity */
+    j.out = xa_output(scale, bias, y, bf16, j.O, j.C * j.kh * j.kw, 0,
+                      xz_stream_ok(y, j.B * j.Ho * j.Wo * j.O, j.O, j.O, bf16));
     j.KC = j.kh * j.kw * j.CC;
     j.O32 = xa_round(j.O, 32);
     j.plane = j.Hp * j.Wp * 64;

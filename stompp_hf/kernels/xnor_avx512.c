@@ -19,8 +19,11 @@
 #define XZ_INLINE static inline __attribute__((always_inline)) XN_AVX512_FN
 
 /* The `bf16` argument of the epilogue: 0 float32; 1 bfloat16, each step rounded by xz_round_bf16; XZ_BF16_TAME
-   bfloat16 with scales and biases that xz_tame accepts, rounded without the NaN case (the same bits). */
+   bfloat16 with scales and biases that xz_tame accepts, rounded without the NaN case (the same bits);
+   XZ_BF16_NATIVE bfloat16 with scales and biases that xz_native_ok accepts, each step rounded by the CPU's
+   VCVTNEPS2BF16, the last one as the store converts (the same bits). */
 #define XZ_BF16_TAME 2
+#define XZ_BF16_NATIVE 3
 
 XZ_INLINE __mmask16 xz_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
@@ -63,9 +66,27 @@ XZ_INLINE __m512i xz_bf16_pair(__m512 a, __m512 b)
     return _mm512_permutex2var_epi16(_mm512_castps_si512(a), odd, _mm512_castps_si512(b));
 }
 
-/* Store the `lanes` of f at element i of y: float32, or (bf16) the top halves of f, already rounded. */
+#if XN_HAVE_BF16
+/* f rounded to the nearest bfloat16 (ties to even) by VCVTNEPS2BF16, widened back to float32 (exact). The
+   instruction reads subnormals as zero and writes zero for them, and quiets NaNs keeping their payload, so it
+   gives xz_round_bf16's bits only where no subnormal or NaN comes in or out: XZ_BF16_NATIVE (xz_native_ok). */
+XZ_INLINE __m512 xz_round_bf16_native(__m512 f)
+{
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(f);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+/* Store the `lanes` of f at element i of y: float32, or (bf16) the top halves of f, already rounded
+   (XZ_BF16_NATIVE: rounded here). */
 XZ_INLINE void xz_store(void *y, int64_t i, __mmask16 lanes, __m512 f, int bf16)
 {
+#if XN_HAVE_BF16
+    if (bf16 == XZ_BF16_NATIVE) {
+        _mm256_mask_storeu_epi16((uint16_t *)y + i, lanes, (__m256i)_mm512_cvtneps_pbh(f));
+        return;
+    }
+#endif
     if (bf16)
         _mm256_mask_storeu_epi16((uint16_t *)y + i, lanes,
                                  _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16)));
@@ -80,7 +101,12 @@ XZ_INLINE void xz_store(void *y, int64_t i, __mmask16 lanes, __m512 f, int bf16)
 XZ_INLINE void xz_store_row(void *y, int64_t at, const __m512 *f, const __mmask16 *lanes, int ng, int bf16, int stream)
 {
     if (bf16 && ng == XZ_NG) {   /* two bf16 panels: one 64-byte store */
+#if XN_HAVE_BF16
+        const __m512i pair =
+            bf16 == XZ_BF16_NATIVE ? (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]) : xz_bf16_pair(f[0], f[1]);
+#else
         const __m512i pair = xz_bf16_pair(f[0], f[1]);
+#endif
         if (stream) _mm512_stream_si512((__m512i *)((uint16_t *)y + at), pair);
         else _mm512_mask_storeu_epi16((uint16_t *)y + at, (__mmask32)lanes[0] | (__mmask32)lanes[1] << 16, pair);
         return;
@@ -200,25 +226,32 @@ XZ_INLINE void xz_dot8(const uint32_t *const xr[XZ_MR], const int32_t *off, int6
 /* One bf16 rounding of the epilogue (`bf16` as xz_finish takes it). */
 XZ_INLINE __m512 xz_bf16_step(__m512 f, int bf16)
 {
+#if XN_HAVE_BF16
+    if (bf16 == XZ_BF16_NATIVE) return xz_round_bf16_native(f);
+#endif
     return bf16 == XZ_BF16_TAME ? xz_round_bf16_finite(f) : xz_round_bf16(f);
 }
 
 /* The outputs of 16 channels from their counts: (kc - 2 * count + corr) * scale + bias, the multiply and the add
    rounded separately (no FMA), each step only where its operand exists (adding a zero bias would turn -0.0 into
    +0.0). `corr` is the zero padding's correction (conv) or zero. With bf16 outputs every step is rounded to bf16,
-   as torch's bf16 ops round them: the integer (the dense op's bf16 output), the product, the sum. */
-XZ_INLINE __m512 xz_finish(__m512i count, __m512i kc, __m512i corr, const __m512 *scale, const __m512 *bias, int bf16)
+   as torch's bf16 ops round them: the integer (the dense op's bf16 output), the product, the sum. XZ_BF16_NATIVE
+   leaves the last of these roundings to the store (xz_store_row converts as it stores). `exact`: every integer is
+   a bfloat16 already (xz_exact_ints), so its rounding is skipped. */
+XZ_INLINE __m512 xz_finish(__m512i count, __m512i kc, __m512i corr, const __m512 *scale, const __m512 *bias, int bf16,
+                           int exact)
 {
+    const int later = bf16 == XZ_BF16_NATIVE;   /* the last rounding happens in the store */
     const __m512i d = _mm512_add_epi32(_mm512_sub_epi32(kc, _mm512_add_epi32(count, count)), corr);
     __m512 f = _mm512_cvtepi32_ps(d);   /* exact: |d| <= K < 2**24 */
-    if (bf16) f = xz_bf16_step(f, bf16);
+    if (bf16 && !exact && !(later && !scale && !bias)) f = xz_bf16_step(f, bf16);
     if (scale) {
         f = _mm512_mul_ps(f, *scale);
-        if (bf16) f = xz_bf16_step(f, bf16);
+        if (bf16 && !(later && !bias)) f = xz_bf16_step(f, bf16);
     }
     if (bias) {
         f = _mm512_add_ps(f, *bias);
-        if (bf16) f = xz_bf16_step(f, bf16);
+        if (bf16 && !later) f = xz_bf16_step(f, bf16);
     }
     return f;
 }
@@ -231,6 +264,45 @@ static int xz_tame(const float *v, int64_t n)
     for (int64_t i = 0; v && i < n; i++)
         if (!(__builtin_fabsf(v[i]) <= FLT_MAX)) return 0;
     return 1;
+}
+
+/* Whether the n floats of v (NULL: none) are all zero or finite of magnitude at least 2**-100, on a CPU with
+   AVX512-BF16. Then no bf16 epilogue step meets or makes a subnormal, where VCVTNEPS2BF16 and xz_round_bf16
+   differ: the integer is 0 or at least 1; times a scale it is 0, or at least 2**-100 (or an infinity); a sum with
+   a bias is of two multiples of 2**-123 (every float of magnitude >= 2**-100 is one), so it is 0 or at least
+   2**-123, above the smallest normal 2**-126; and, finite scales and biases, no NaN (xz_tame). */
+static int xz_native_ok(const float *v, int64_t n)
+{
+#if XN_HAVE_BF16
+    static int cpu = -1;   /* whether the CPU has AVX512-BF16, once known */
+    int has = __atomic_load_n(&cpu, __ATOMIC_RELAXED);
+    if (has < 0) {
+        __builtin_cpu_init();
+        has = __builtin_cpu_supports("avx512bf16") != 0;
+        __atomic_store_n(&cpu, has, __ATOMIC_RELAXED);
+    }
+    if (!has) return 0;
+    for (int64_t i = 0; v && i < n; i++) {
+        const float a = __builtin_fabsf(v[i]);
+        if (!(a == 0.0f || (a >= 0x1p-100f && a <= FLT_MAX))) return 0;
+    }
+    return 1;
+#else
+    (void)v; (void)n;
+    return 0;
+#endif
+}
+
+/* Whether every integer an epilogue meets is a bfloat16 (8 significant bits): |d| <= K, and d = K - 2 * count has
+   K's parity without a padding correction (`parity`), so K <= 256, or an even K <= 512, is enough. */
+static int xz_exact_ints(int64_t K, int parity) { return K <= 256 || (parity && K <= 512 && K % 2 == 0); }
+
+/* The `bf16` argument of a call's epilogue (0 for float32 outputs) from its n scales and biases (NULL: none). */
+static int xz_bf16_mode(int bf16, const float *scale, const float *bias, int64_t n)
+{
+    if (!bf16) return 0;
+    if (xz_native_ok(scale, n) && xz_native_ok(bias, n)) return XZ_BF16_NATIVE;
+    return xz_tame(scale, n) && xz_tame(bias, n) ? XZ_BF16_TAME : 1;
 }
 
 /* Store 8 pixels x 16 channels (f[i] = the channels of pixel i) into channel-major planes: channel c's 8 values go
@@ -286,6 +358,7 @@ typedef struct {
     uint32_t *xa;            /* sign words [M][T] */
     int32_t *off;            /* 0 .. T - 1 */
     int split_m, strict, bf16, stream;   /* stream: xz_store_row's streaming stores */
+    int exact;                           /* xz_exact_ints: the integers need no bf16 rounding */
 } xz_linear_job;
 
 XZ_INLINE void xz_linear_tile(const xz_linear_job *j, int64_t m0, int64_t p0, const int mr, const int ng)
@@ -307,7 +380,8 @@ XZ_INLINE void xz_linear_tile(const xz_linear_job *j, int64_t m0, int64_t p0, co
     for (int i = 0; i < mr; i++) {
         __m512 f[XZ_NG];
         for (int h = 0; h < ng; h++)
-            f[h] = xz_finish(acc[i][h], kc, zero, j->scale ? &sv[h] : NULL, j->bias ? &bv[h] : NULL, j->bf16);
+            f[h] = xz_finish(acc[i][h], kc, zero, j->scale ? &sv[h] : NULL, j->bias ? &bv[h] : NULL, j->bf16,
+                             j->exact);
         xz_store_row(j->y, (m0 + i) * j->N + 16 * p0, f, lanes, ng, j->bf16, j->stream);
     }
 }
@@ -381,7 +455,8 @@ static int xz_linear(const void *x, int64_t M, int64_t ldx, int64_t K, const uin
     j.task.run = xz_linear_share;
     j.x = x; j.ldx = ldx; j.M = M; j.N = N; j.K = K; j.w = w;
     j.scale = scale; j.bias = bias; j.y = y; j.strict = strict;
-    j.bf16 = !bf16 ? 0 : xz_tame(scale, N) && xz_tame(bias, N) ? XZ_BF16_TAME : 1;
+    j.bf16 = xz_bf16_mode(bf16, scale, bias, N);
+    j.exact = xz_exact_ints(K, 1);
     j.T = (K + 31) / 32;
     j.stream = xz_stream_ok(y, M * N, N, N, bf16);
     j.P16 = (N + 15) / 16;

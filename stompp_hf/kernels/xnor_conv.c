@@ -49,6 +49,7 @@ typedef struct {
     const float *scale, *bias;
     float *y;
     int nchw_out, strict, simd, bf16;         /* bf16: x and y are bfloat16 (avx512 path, channels-last only) */
+    int exact;                                /* xz_exact_ints: the integers need no bf16 rounding */
     int stream;                               /* channels-last y by xz_store_row's streaming stores */
     int by_image;                             /* each thread packs and computes whole images (xz_conv_images) */
     uint32_t *xb;                             /* the packed bit images: [B][IS], or by_image one per thread */
@@ -262,7 +263,8 @@ XZ_INLINE void xz_conv_tile(const xn_conv_job *j, int64_t g, int64_t q, const in
         __m512 fh[XZ_MR];
         for (int i = 0; i < XZ_MR; i++) {
             const __m512i corr = j->corr ? _mm512_maskz_loadu_epi32(lanes[h], j->corr + cls[i] + oc) : zero;
-            f[i][h] = fh[i] = xz_finish(acc[i][h], kc, corr, j->scale ? &sv : NULL, j->bias ? &bv : NULL, j->bf16);
+            f[i][h] = fh[i] =
+                xz_finish(acc[i][h], kc, corr, j->scale ? &sv : NULL, j->bias ? &bv : NULL, j->bf16, j->exact);
         }
         if (planes) {
             xz_store_planes(fh, j->y + (b[0] * j->O + oc) * j->HWo + r[0], j->HWo, nl);
@@ -431,7 +433,7 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
     j.simd = path == XN_PATH_AVX512;
     j.scale = scale; j.bias = bias; j.y = (float *)y; j.nchw_out = nchw_out; j.strict = strict; j.bf16 = bf16;
 #if XN_X86_SIMD
-    if (bf16 && xz_tame(scale, j.O) && xz_tame(bias, j.O)) j.bf16 = XZ_BF16_TAME;
+    j.bf16 = xz_bf16_mode(bf16, scale, bias, j.O);
 #endif
     j.Cg = j.C / j.G; j.Og = j.O / j.G;
 #if XN_X86_SIMD
@@ -487,6 +489,9 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
                     j.corr[(a * j.ncc + c) * j.O + o] = s;
                 }
     }
+#if XN_X86_SIMD
+    j.exact = xz_exact_ints(j.K, !padded);
+#endif
     if (j.by_image) xn_conv_fill_pixels(&j, 0, j.HWo);   /* image 0's pixels; an image adds b * IS to xoff */
     j.task.nthreads = t;
     xn_run(&j.task);
