@@ -361,7 +361,8 @@ typedef struct {
     int exact;                           /* xz_exact_ints: the integers need no bf16 rounding */
 } xz_linear_job;
 
-XZ_INLINE void xz_linear_tile(const xz_linear_job *j, int64_t m0, int64_t p0, const int mr, const int ng)
+XZ_INLINE void xz_linear_tile(const xz_linear_job *j, const int bf16, int64_t m0, int64_t p0, const int mr,
+                               const int ng)
 {
     const uint32_t *xr[XZ_MR];
     for (int i = 0; i < XZ_MR; i++) xr[i] = j->xa + (m0 + (i < mr ? i : 0)) * j->T;
@@ -380,19 +381,20 @@ XZ_INLINE void xz_linear_tile(const xz_linear_job *j, int64_t m0, int64_t p0, co
     for (int i = 0; i < mr; i++) {
         __m512 f[XZ_NG];
         for (int h = 0; h < ng; h++)
-            f[h] = xz_finish(acc[i][h], kc, zero, j->scale ? &sv[h] : NULL, j->bias ? &bv[h] : NULL, j->bf16,
+            f[h] = xz_finish(acc[i][h], kc, zero, j->scale ? &sv[h] : NULL, j->bias ? &bv[h] : NULL, bf16,
                              j->exact);
-        xz_store_row(j->y, (m0 + i) * j->N + 16 * p0, f, lanes, ng, j->bf16, j->stream);
+        xz_store_row(j->y, (m0 + i) * j->N + 16 * p0, f, lanes, ng, bf16, j->stream);
     }
 }
 
-#define XZ_LINEAR_CASE(R)                                      \
-    case R:                                                    \
-        if (ng == XZ_NG) xz_linear_tile(j, m0, p0, R, XZ_NG);  \
-        else xz_linear_tile(j, m0, p0, R, 1);                  \
+#define XZ_LINEAR_CASE(R)                                            \
+    case R:                                                          \
+        if (ng == XZ_NG) xz_linear_tile(j, bf16, m0, p0, R, XZ_NG);  \
+        else xz_linear_tile(j, bf16, m0, p0, R, 1);                  \
         break;
 
-XN_AVX512_FN static void xz_linear_tile_any(const xz_linear_job *j, int64_t m0, int64_t p0, int mr, int ng)
+/* The tile of mr <= XZ_MR rows x ng <= XZ_NG panels; `bf16`: j->bf16, a constant where the caller knows it. */
+XZ_INLINE void xz_linear_tile_any(const xz_linear_job *j, const int bf16, int64_t m0, int64_t p0, int mr, int ng)
 {
     switch (mr) {
         XZ_LINEAR_CASE(1)
@@ -403,13 +405,14 @@ XN_AVX512_FN static void xz_linear_tile_any(const xz_linear_job *j, int64_t m0, 
         XZ_LINEAR_CASE(6)
         XZ_LINEAR_CASE(7)
     default:
-        if (ng == XZ_NG) xz_linear_tile(j, m0, p0, XZ_MR, XZ_NG);
-        else xz_linear_tile(j, m0, p0, XZ_MR, 1);
+        if (ng == XZ_NG) xz_linear_tile(j, bf16, m0, p0, XZ_MR, XZ_NG);
+        else xz_linear_tile(j, bf16, m0, p0, XZ_MR, 1);
         break;
     }
 }
 
-XN_AVX512_FN static void xz_linear_share(xn_task *task, int tid)
+/* A thread's share of a linear call; `bf16`: j->bf16 (xz_linear_share passes the common ones as constants). */
+XZ_INLINE void xz_linear_share_as(xn_task *task, int tid, const int bf16)
 {
     xz_linear_job *j = (xz_linear_job *)task;
     const int nt = task->nthreads;
@@ -438,12 +441,22 @@ XN_AVX512_FN static void xz_linear_share(xn_task *task, int tid)
                 const int ng = j->P16 - p0 < XZ_NG ? (int)(j->P16 - p0) : XZ_NG;
                 for (int64_t t = tb; t < te; t++) {
                     const int64_t m0 = t * XZ_MR;
-                    xz_linear_tile_any(j, m0, p0, j->M - m0 < XZ_MR ? (int)(j->M - m0) : XZ_MR, ng);
+                    xz_linear_tile_any(j, bf16, m0, p0, j->M - m0 < XZ_MR ? (int)(j->M - m0) : XZ_MR, ng);
                 }
             }
         }
     }
     if (j->stream) _mm_sfence();
+}
+
+/* xz_linear_share_as compiled for float32 outputs and for XZ_BF16_NATIVE's (the epilogue then branches on no
+   mode), and for the other bf16 modes read from the job. */
+XN_AVX512_FN static void xz_linear_share(xn_task *task, int tid)
+{
+    const int bf16 = ((xz_linear_job *)task)->bf16;
+    if (bf16 == 0) xz_linear_share_as(task, tid, 0);
+    else if (bf16 == XZ_BF16_NATIVE) xz_linear_share_as(task, tid, XZ_BF16_NATIVE);
+    else xz_linear_share_as(task, tid, bf16);
 }
 
 static int xz_linear(const void *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,

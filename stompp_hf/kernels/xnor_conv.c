@@ -241,10 +241,11 @@ XN_AVX512_FN static int xz_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r
 }
 
 /* avx512 path: the tile of np <= 8 output pixels (xr: their corners in group g's planes; b, r, cls as
-   xn_conv_pixels gives them; consecutive global indices from pg0) x ng panels of panel pair q. */
-XZ_INLINE void xz_conv_tile(const xn_conv_job *j, int64_t g, int64_t q, const int ng, const uint32_t *const xr[XZ_MR],
-                            const int64_t b[XZ_MR], const int64_t r[XZ_MR], const int64_t cls[XZ_MR], int np,
-                            int64_t pg0)
+   xn_conv_pixels gives them; consecutive global indices from pg0) x ng panels of panel pair q. `bf16`: j->bf16, a
+   constant where the caller knows it (xz_conv_images). */
+XZ_INLINE void xz_conv_tile(const xn_conv_job *j, const int bf16, int64_t g, int64_t q, const int ng,
+                            const uint32_t *const xr[XZ_MR], const int64_t b[XZ_MR], const int64_t r[XZ_MR],
+                            const int64_t cls[XZ_MR], int np, int64_t pg0)
 {
     const int64_t panel0 = q * XZ_NG;
     __m512i acc[XZ_MR][XZ_NG];
@@ -264,7 +265,7 @@ XZ_INLINE void xz_conv_tile(const xn_conv_job *j, int64_t g, int64_t q, const in
         for (int i = 0; i < XZ_MR; i++) {
             const __m512i corr = j->corr ? _mm512_maskz_loadu_epi32(lanes[h], j->corr + cls[i] + oc) : zero;
             f[i][h] = fh[i] =
-                xz_finish(acc[i][h], kc, corr, j->scale ? &sv : NULL, j->bias ? &bv : NULL, j->bf16, j->exact);
+                xz_finish(acc[i][h], kc, corr, j->scale ? &sv : NULL, j->bias ? &bv : NULL, bf16, j->exact);
         }
         if (planes) {
             xz_store_planes(fh, j->y + (b[0] * j->O + oc) * j->HWo + r[0], j->HWo, nl);
@@ -278,7 +279,7 @@ XZ_INLINE void xz_conv_tile(const xn_conv_job *j, int64_t g, int64_t q, const in
     }
     if (!j->nchw_out)   /* channels-last: pixel i's channels from oc on are consecutive */
         for (int i = 0; i < np; i++)
-            xz_store_row(j->y, (pg0 + i) * j->O + g * j->Og + 16 * panel0, f[i], lanes, ng, j->bf16, j->stream);
+            xz_store_row(j->y, (pg0 + i) * j->O + g * j->Og + 16 * panel0, f[i], lanes, ng, bf16, j->stream);
 }
 
 /* Work units [u0, u1) of the shared packed images: unit u = (group, panel pair, pixel tile of all P pixels). */
@@ -289,15 +290,16 @@ XN_AVX512_FN static void xz_conv_units(const xn_conv_job *j, int64_t u0, int64_t
     for (int64_t u = u0; u < u1; u++) {
         const int64_t tile = u % j->PT, gq = u / j->PT, q = gq % j->NQ, g = gq / j->NQ;
         const int np = xn_conv_pixels(j, j->xb + g * j->cw * j->PS, tile, j->P, 0, xr, b, r, cls);
-        if (j->P16 - q * XZ_NG >= XZ_NG) xz_conv_tile(j, g, q, XZ_NG, xr, b, r, cls, np, tile * XZ_MR);
-        else xz_conv_tile(j, g, q, 1, xr, b, r, cls, np, tile * XZ_MR);
+        if (j->P16 - q * XZ_NG >= XZ_NG) xz_conv_tile(j, j->bf16, g, q, XZ_NG, xr, b, r, cls, np, tile * XZ_MR);
+        else xz_conv_tile(j, j->bf16, g, q, 1, xr, b, r, cls, np, tile * XZ_MR);
     }
 }
 
 /* by_image: thread tid packs each of its images into its own bit image and computes all of that image's outputs
    there (every group, panel pair and tile of 8 of its pixels), prefetching the next image's input into L2 while
-   it computes: no barrier, no shared packed batch, and the input's trip from memory overlaps the popcounts. */
-XN_AVX512_FN static void xz_conv_images(xn_conv_job *j, int tid)
+   it computes: no barrier, no shared packed batch, and the input's trip from memory overlaps the popcounts.
+   `bf16`: j->bf16 (xz_conv_images passes the common ones as constants). */
+XZ_INLINE void xz_conv_images_as(xn_conv_job *j, int tid, const int bf16)
 {
     int64_t b0, b1;
     xn_share(j->B, 1, tid, j->task.nthreads, &b0, &b1);
@@ -327,14 +329,23 @@ XN_AVX512_FN static void xz_conv_images(xn_conv_job *j, int tid)
                 for (int64_t t = 0; t < tiles; t++) {
                     const int np = xn_conv_pixels(j, base, t, j->HWo, b, xr, bb, r, cls);
                     const int64_t pg0 = b * j->HWo + t * XZ_MR;
-                    if (ng == XZ_NG) xz_conv_tile(j, g, q, XZ_NG, xr, bb, r, cls, np, pg0);
-                    else xz_conv_tile(j, g, q, 1, xr, bb, r, cls, np, pg0);
+                    if (ng == XZ_NG) xz_conv_tile(j, bf16, g, q, XZ_NG, xr, bb, r, cls, np, pg0);
+                    else xz_conv_tile(j, bf16, g, q, 1, xr, bb, r, cls, np, pg0);
                     if (pf) xz_prefetch(&pf, pf_end, pf_step);
                 }
             }
         }
     }
     if (j->stream) _mm_sfence();
+}
+
+/* xz_conv_images_as compiled for float32 outputs and for XZ_BF16_NATIVE's (the epilogue then branches on no
+   mode), and for the other bf16 modes read from the job. */
+XN_AVX512_FN static void xz_conv_images(xn_conv_job *j, int tid)
+{
+    if (j->bf16 == 0) xz_conv_images_as(j, tid, 0);
+    else if (j->bf16 == XZ_BF16_NATIVE) xz_conv_images_as(j, tid, XZ_BF16_NATIVE);
+    else xz_conv_images_as(j, tid, j->bf16);
 }
 #endif
 
