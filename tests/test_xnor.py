@@ -855,9 +855,9 @@ def test_bf16_signs_of_special_values():
     s, b = out_scale.bfloat16(), bias.bfloat16()
     y = xnor.xnor_linear(x, weight_packed, k, s.float(), b.float(), prepared=prepared)
     assert torch.equal(y, bf16_reference(x, weight_packed, k, s, b))
-    for nan in BF16_NANS:
+    for nan, at in itertools.product(BF16_NANS, (5, 40, 66)):  # in each of the three words
         bad = x.clone()
-        bad[4, 66] = bf16_bits(nan)[0]
+        bad[4, at] = bf16_bits(nan)[0]
         with pytest.raises(ValueError, match="NaN"):
             xnor.xnor_linear(bad, weight_packed, k, prepared=prepared)
     pm1 = torch.where(x >= 0, 1.0, -1.0).bfloat16()

@@ -143,6 +143,20 @@ XZ_INLINE uint32_t xz_sign_word_bf16(const uint16_t *p, int64_t cnt, int strict,
     return (uint32_t)(l & ~neg);
 }
 
+/* xz_sign_word_bf16 for 32 values outside strict mode, with one comparison: v minus 0x8000, saturating, is 0
+   exactly for the patterns 0x0000 .. 0x8000 (+0 up, and -0.0), the values that count +1. NaNs are found from *mag,
+   the running maximum of the magnitude bits, once the caller has read all its words (xz_nan_lanes). */
+XZ_INLINE uint32_t xz_sign_word_bf16_full(const uint16_t *p, __m512i *mag)
+{
+    const __m512i v = _mm512_loadu_si512((const void *)p);
+    *mag = _mm512_max_epu16(*mag, _mm512_and_si512(v, _mm512_set1_epi16(0x7FFF)));
+    const __m512i over = _mm512_subs_epu16(v, _mm512_set1_epi16((short)0x8000));
+    return (uint32_t)_mm512_testn_epi16_mask(over, over);
+}
+
+/* The lanes of xz_sign_word_bf16_full's running maximum that saw a NaN (magnitude bits above 0x7F80). */
+XZ_INLINE __mmask32 xz_nan_lanes(__m512i mag) { return _mm512_cmpgt_epu16_mask(mag, _mm512_set1_epi16(0x7F80)); }
+
 /* Sign words of the `cnt` floats (bf16: bfloat16s) from element `i0` of p: bit b of word k is p[i0 + 32 k + b] >= 0
    (-0.0 -> 1), bits past cnt are 0. Returns XN_NAN if one of them is a NaN, or, with `strict`, XN_NOT_PM1 if one is
    not exactly +-1; else 0. */
@@ -150,8 +164,13 @@ XZ_INLINE int xz_signs(const void *p, int64_t i0, int64_t cnt, uint32_t *out, in
 {
     if (bf16) {
         __mmask32 bad = 0;
-        for (int64_t k = 0, w = 0; k < cnt; k += 32, w++)
-            out[w] = xz_sign_word_bf16((const uint16_t *)p + i0 + k, cnt - k, strict, &bad);
+        int64_t k = 0, w = 0;
+        if (!strict) {
+            __m512i mag = _mm512_setzero_si512();
+            for (; k + 32 <= cnt; k += 32, w++) out[w] = xz_sign_word_bf16_full((const uint16_t *)p + i0 + k, &mag);
+            bad = xz_nan_lanes(mag);
+        }
+        for (; k < cnt; k += 32, w++) out[w] = xz_sign_word_bf16((const uint16_t *)p + i0 + k, cnt - k, strict, &bad);
         return bad ? (strict ? XN_NOT_PM1 : XN_NAN) : 0;
     }
     const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);

@@ -194,8 +194,14 @@ XZ_INLINE __mmask16 xz_conv_pack_row(const xn_conv_job *j, int64_t b, int64_t hp
         uint32_t *out = rows + k * j->PS + j->pw;
         if (j->sC == 1 && j->bf16) {
             __mmask32 bad32 = 0;
-            for (int64_t w = 0; w < j->W; w++)
-                out[w] = xz_sign_word_bf16((const uint16_t *)j->x + xrow + w * j->sW + c0, cnt, j->strict, &bad32);
+            const uint16_t *px = (const uint16_t *)j->x + xrow + c0;
+            if (cnt == 32 && !j->strict) {
+                __m512i mag = _mm512_setzero_si512();
+                for (int64_t w = 0; w < j->W; w++) out[w] = xz_sign_word_bf16_full(px + w * j->sW, &mag);
+                bad32 = xz_nan_lanes(mag);
+            } else {
+                for (int64_t w = 0; w < j->W; w++) out[w] = xz_sign_word_bf16(px + w * j->sW, cnt, j->strict, &bad32);
+            }
             bad |= (__mmask16)(bad32 | bad32 >> 16);
             continue;
         }
