@@ -798,6 +798,20 @@ def test_bf16_activations_round_like_torch(kernel):
         xnor.xnor_linear(x, weight_packed, k, path="scalar")
 
 
+@needs_kernel
+def test_popcount_rate_times_the_register_loop():
+    """`popcount_rate` (the benchmark's ceiling probe) gives a positive, finite rate where the avx512 path runs and
+    None elsewhere, and checks its argument."""
+    rate = xnor.popcount_rate(1 << 10)
+    if "avx512" in available_paths():
+        assert rate is not None and 0 < rate < math.inf
+    else:
+        assert rate is None
+    for bad in (0, -1, 1.5, True, "8"):
+        with pytest.raises(TypeError, match="steps"):
+            xnor.popcount_rate(bad)
+
+
 def bf16_kernel(kernel: str, weight_packed: torch.Tensor, n: int, k: int):
     """`kernel(x, scale, bias)`: the bfloat16 linear of the XNOR kernel (avx512 path) or of the AMX int8 one."""
     if kernel == "amx":

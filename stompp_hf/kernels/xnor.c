@@ -852,6 +852,17 @@ int xnor_use_openmp(void *parallel, void *thread_num, void *num_threads, void *b
 /* 1 while multi-threaded calls run on the OpenMP runtime (not in a forked child), 0 on this file's pool. */
 int xnor_openmp_in_use(void) { return xn_gomp_parallel != NULL; }
 
+/* xz_popcount_probe (`steps` steps of the register tile's 16 XOR-popcount-adds, registers only) on the calling
+   thread; -1 where the avx512 path does not run here. */
+int64_t xnor_popcount_probe(int64_t steps)
+{
+#if XN_X86_SIMD
+    if (xn_supported(XN_PATH_AVX512)) return xz_popcount_probe(steps);
+#endif
+    (void)steps;
+    return -1;
+}
+
 /* Bytes of the prepared weight layout of a layer with O outputs, Cg inputs per group and `taps` kernel taps. */
 int64_t xnor_prepared_bytes(int64_t O, int64_t Cg, int64_t taps, int64_t groups)
 {

@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +47,7 @@ __all__ = [
     "is_available",
     "paths",
     "pack_signs",
+    "popcount_rate",
     "prepare_weights",
     "set_hugepages",
     "set_stream_min_bytes",
@@ -130,6 +132,7 @@ class _Library(NamedTuple):
     ew_clip_inplace: Callable[..., int]
     ew_clip_bits: Callable[..., int]
     ew_bits_grad: Callable[..., int]
+    popcount_probe: Callable[[int], int]
 
 
 _lock = threading.Lock()
@@ -241,6 +244,7 @@ def _load() -> _Library:
             prepare=_bind(lib, "xnor_prepare_weights", (_P, _I64, _I64, _I64, _I64, _P), _INT),
             paths=tuple(p for p in PATHS if mask >> _PATH_IDS[p] & 1),
             openmp_in_use=_bind(lib, "xnor_openmp_in_use", (), _INT),
+            popcount_probe=_bind(lib, "xnor_popcount_probe", (_I64,), _I64),
             set_hugepages=_bind(lib, "xnor_set_hugepages", (_INT,), _INT),
             set_stream_min_bytes=_bind(lib, "xnor_set_stream_min_bytes", (_I64,), _I64),
             amx_available=_bind(lib, "xnor_amx_available", (), _INT),
@@ -344,6 +348,24 @@ def paths() -> tuple[str, ...]:
         XnorUnavailable: When the kernel could not be compiled or loaded.
     """
     return _library().paths
+
+
+def popcount_rate(steps: int = 1 << 18) -> float | None:
+    """Binary multiply-adds per second that the avx512 path's register tile reaches on the calling thread right now,
+    with nothing else in the loop (no memory, no epilogue): `steps` steps of its 16 XOR-popcount-adds of 512 bits,
+    timed. A ceiling for the kernels' inner loop on this core at this moment (on a shared VM it moves with the
+    host's load), for benchmarks; None where the avx512 path does not run.
+
+    Raises:
+        XnorUnavailable: When the kernel could not be compiled or loaded.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise TypeError(f"`steps` must be a positive int, got {steps!r}.")
+    lib = _library()
+    start = time.perf_counter()
+    if lib.popcount_probe(steps) < 0:
+        return None
+    return steps * 16 * 512 / (time.perf_counter() - start)
 
 
 def thread_runtime() -> str:

@@ -518,3 +518,33 @@ static int xz_linear(const void *x, int64_t M, int64_t ldx, int64_t K, const uin
     free(j.own);
     return j.task.status;
 }
+
+/* The register tile's inner loop with nothing else (no memory, no epilogue), for the benchmark's measure of what
+   this core gives right now: `steps` steps of xz_dot8's vector operations (a broadcast row against two panels,
+   XOR, VPOPCNTD, ADD, for 8 rows: 16 x 512 binary multiply-adds), on registers, the panels rotated each step so that
+   nothing is computed once. Returns a checksum of the sums (the caller times the call). */
+XN_AVX512_FN static int64_t xz_popcount_probe(int64_t steps)
+{
+    const __m512i z = _mm512_setzero_si512();
+    __m512i a00 = z, a10 = z, a20 = z, a30 = z, a40 = z, a50 = z, a60 = z, a70 = z;
+    __m512i a01 = z, a11 = z, a21 = z, a31 = z, a41 = z, a51 = z, a61 = z, a71 = z;
+    __m512i w0 = _mm512_set1_epi32(0x2545F491), w1 = _mm512_set1_epi32(0x4F6CDD1D);
+    const __m512i x0 = _mm512_set1_epi32(0x0BADF00D), x1 = _mm512_set1_epi32(0x12345678);
+    const __m512i x2 = _mm512_set1_epi32(0x7FEDCBA9), x3 = _mm512_set1_epi32(0x3C3C3C3C);
+    const __m512i x4 = _mm512_set1_epi32(0x55AA55AA), x5 = _mm512_set1_epi32(0x0F0F0F0F);
+    const __m512i x6 = _mm512_set1_epi32(0x6B8B4567), x7 = _mm512_set1_epi32(0x327B23C6);
+    for (int64_t u = 0; u < steps; u++) {
+        XZ_POP(a00, x0, w0); XZ_POP(a01, x0, w1); XZ_POP(a10, x1, w0); XZ_POP(a11, x1, w1);
+        XZ_POP(a20, x2, w0); XZ_POP(a21, x2, w1); XZ_POP(a30, x3, w0); XZ_POP(a31, x3, w1);
+        XZ_POP(a40, x4, w0); XZ_POP(a41, x4, w1); XZ_POP(a50, x5, w0); XZ_POP(a51, x5, w1);
+        XZ_POP(a60, x6, w0); XZ_POP(a61, x6, w1); XZ_POP(a70, x7, w0); XZ_POP(a71, x7, w1);
+        w0 = _mm512_rol_epi32(w0, 1);
+        w1 = _mm512_rol_epi32(w1, 3);
+    }
+    __m512i t = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a00, a01), _mm512_add_epi32(a10, a11)),
+                                 _mm512_add_epi32(_mm512_add_epi32(a20, a21), _mm512_add_epi32(a30, a31)));
+    t = _mm512_add_epi32(t, _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a40, a41), _mm512_add_epi32(a50, a51)),
+                                             _mm512_add_epi32(_mm512_add_epi32(a60, a61), _mm512_add_epi32(a70, a71))));
+    return _mm512_reduce_add_epi32(t);
+}
+
