@@ -17,6 +17,7 @@
 #define XZ_X_BLOCK 16384        /* bytes of packed activation rows per cache block (L1) */
 #define XZ_W_BLOCK 131072       /* bytes of weight panels per cache block (L2) */
 #define XZ_INLINE static inline __attribute__((always_inline)) XN_AVX512_FN
+#include <cpuid.h>
 
 /* The `bf16` argument of the epilogue: 0 float32; 1 bfloat16, each step rounded by xz_round_bf16; XZ_BF16_TAME
    bfloat16 with scales and biases that xz_tame accepts, rounded without the NaN case (the same bits);
@@ -295,9 +296,9 @@ static int xz_native_ok(const float *v, int64_t n)
 #if XN_HAVE_BF16
     static int cpu = -1;   /* whether the CPU has AVX512-BF16, once known */
     int has = __atomic_load_n(&cpu, __ATOMIC_RELAXED);
-    if (has < 0) {
-        __builtin_cpu_init();
-        has = __builtin_cpu_supports("avx512bf16") != 0;
+    if (has < 0) {   /* CPUID leaf 7, subleaf 1: EAX bit 5 (read directly: older compilers lack the feature name) */
+        unsigned a = 0, b, c, d;
+        has = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);
         __atomic_store_n(&cpu, has, __ATOMIC_RELAXED);
     }
     if (!has) return 0;
