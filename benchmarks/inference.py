@@ -32,7 +32,9 @@ Parts, each timed as medians of interleaved repeats (every repeat runs each mode
 
 The popcount limit: `threads x clock x 512` binary multiply-adds per second (one 512-bit VPOPCNTQ per cycle per
 core), the clock being `--clock-ghz` or, by default, the highest "cpu MHz" that /proc/cpuinfo reports. The XNOR rows
-give the fraction of it they reach.
+give the fraction of it they reach, and next to it what the kernel's register loop alone reached during the row
+(`xnor.popcount_rate`, timed as one more mode in the row's rounds): on a VM whose cores the host shares, that
+ceiling moves from row to row.
 
 Memory allocator: by default glibc's own settings, under which a freed output can go back to the system and the next
 output of its size faults in fresh pages (on this project's VM, inside the interleaved linear table, the 384 -> 1536
