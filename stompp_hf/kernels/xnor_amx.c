@@ -165,18 +165,10 @@ static xa_out xa_output(const float *scale, const float *bias, void *y, int bf16
    channels from n0. */
 XA_INLINE __m512 xa_finish_row(const int32_t *acc, const xa_out *o, int64_t n0, __mmask16 lanes)
 {
-    const int bf16 = o->bf16, later = bf16 == XZ_BF16_NATIVE;
-    __m512 f = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)acc));   /* exact: |acc| <= K < 2**24 */
-    if (bf16 && !o->exact && !(later && !o->scale && !o->bias)) f = xz_bf16_step(f, bf16);
-    if (o->scale) {
-        f = _mm512_mul_ps(f, _mm512_maskz_loadu_ps(lanes, o->scale + n0));
-        if (bf16 && !(later && !o->bias)) f = xz_bf16_step(f, bf16);
-    }
-    if (o->bias) {
-        f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(lanes, o->bias + n0));
-        if (bf16 && !later) f = xz_bf16_step(f, bf16);
-    }
-    return f;
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)acc));   /* exact: |acc| <= K < 2**24 */
+    const __m512 sv = o->scale ? _mm512_maskz_loadu_ps(lanes, o->scale + n0) : _mm512_setzero_ps();
+    const __m512 bv = o->bias ? _mm512_maskz_loadu_ps(lanes, o->bias + n0) : _mm512_setzero_ps();
+    return xz_finish_sum(f, o->scale ? &sv : NULL, o->bias ? &bv : NULL, o->bf16, o->exact);
 }
 
 /* A unit's finished sums waiting for the epilogue: 4 tiles of 16 x 16 int32 in `buf`, tile q for the 16 channels

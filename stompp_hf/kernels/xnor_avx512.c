@@ -252,18 +252,11 @@ XZ_INLINE __m512 xz_bf16_step(__m512 f, int bf16)
     return bf16 == XZ_BF16_TAME ? xz_round_bf16_finite(f) : xz_round_bf16(f);
 }
 
-/* The outputs of 16 channels from their counts: (kc - 2 * count + corr) * scale + bias, the multiply and the add
-   rounded separately (no FMA), each step only where its operand exists (adding a zero bias would turn -0.0 into
-   +0.0). `corr` is the zero padding's correction (conv) or zero. With bf16 outputs every step is rounded to bf16,
-   as torch's bf16 ops round them: the integer (the dense op's bf16 output), the product, the sum. XZ_BF16_NATIVE
-   leaves the last of these roundings to the store (xz_store_row converts as it stores). `exact`: every integer is
-   a bfloat16 already (xz_exact_ints), so its rounding is skipped. */
-XZ_INLINE __m512 xz_finish(__m512i count, __m512i kc, __m512i corr, const __m512 *scale, const __m512 *bias, int bf16,
-                           int exact)
+/* xz_finish (below) from the sum already converted to float (f, an integer): the scale and the bias, with the
+   roundings (the AMX path's epilogue takes it with its int32 sums). */
+XZ_INLINE __m512 xz_finish_sum(__m512 f, const __m512 *scale, const __m512 *bias, int bf16, int exact)
 {
     const int later = bf16 == XZ_BF16_NATIVE;   /* the last rounding happens in the store */
-    const __m512i d = _mm512_add_epi32(_mm512_sub_epi32(kc, _mm512_add_epi32(count, count)), corr);
-    __m512 f = _mm512_cvtepi32_ps(d);   /* exact: |d| <= K < 2**24 */
     if (bf16 && !exact && !(later && !scale && !bias)) f = xz_bf16_step(f, bf16);
     if (scale) {
         f = _mm512_mul_ps(f, *scale);
@@ -274,6 +267,19 @@ XZ_INLINE __m512 xz_finish(__m512i count, __m512i kc, __m512i corr, const __m512
         if (bf16 && !later) f = xz_bf16_step(f, bf16);
     }
     return f;
+}
+
+/* The outputs of 16 channels from their counts: (kc - 2 * count + corr) * scale + bias, the multiply and the add
+   rounded separately (no FMA), each step only where its operand exists (adding a zero bias would turn -0.0 into
+   +0.0). `corr` is the zero padding's correction (conv) or zero. With bf16 outputs every step is rounded to bf16,
+   as torch's bf16 ops round them: the integer (the dense op's bf16 output), the product, the sum. XZ_BF16_NATIVE
+   leaves the last of these roundings to the store (xz_store_row converts as it stores). `exact`: every integer is
+   a bfloat16 already (xz_exact_ints), so its rounding is skipped. */
+XZ_INLINE __m512 xz_finish(__m512i count, __m512i kc, __m512i corr, const __m512 *scale, const __m512 *bias, int bf16,
+                           int exact)
+{
+    const __m512i d = _mm512_add_epi32(_mm512_sub_epi32(kc, _mm512_add_epi32(count, count)), corr);
+    return xz_finish_sum(_mm512_cvtepi32_ps(d), scale, bias, bf16, exact);   /* exact: |d| <= K < 2**24 */
 }
 
 /* Whether the n floats of v (NULL: none) are all finite. With finite scales and biases no bf16 epilogue step meets

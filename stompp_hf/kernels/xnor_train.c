@@ -326,6 +326,14 @@ XE_INLINE void xe_clip_range(const xe_job *j, int64_t lo, int64_t hi, const int 
     }
 }
 
+/* fn(j, lo, hi, x's dtype, the other operand's) for a piece's dtype pair: bf16, float32 with bf16, or float32. */
+#define XE_BY_PAIR(fn)                                  \
+    do {                                                \
+        if (bf) fn(j, lo, hi, XE_BF16, XE_BF16);        \
+        else if (mixed) fn(j, lo, hi, XE_F32, XE_BF16); \
+        else fn(j, lo, hi, XE_F32, XE_F32);             \
+    } while (0)
+
 static void xe_piece(xe_job *j, int p)
 {
     const int64_t lo = xe_edge(j->n, p), hi = xe_edge(j->n, p + 1);
@@ -364,19 +372,13 @@ static void xe_piece(xe_job *j, int p)
         break;
     }
     case XE_ROW_SIGN:
-        if (bf) xe_row_sign_range(j, lo, hi, XE_BF16, XE_BF16);
-        else if (mixed) xe_row_sign_range(j, lo, hi, XE_F32, XE_BF16);
-        else xe_row_sign_range(j, lo, hi, XE_F32, XE_F32);
+        XE_BY_PAIR(xe_row_sign_range);
         break;
     case XE_CLIP_BITS:
-        if (bf) xe_clip_bits_range(j, lo, hi, XE_BF16, XE_BF16);
-        else if (mixed) xe_clip_bits_range(j, lo, hi, XE_F32, XE_BF16);
-        else xe_clip_bits_range(j, lo, hi, XE_F32, XE_F32);
+        XE_BY_PAIR(xe_clip_bits_range);
         break;
     case XE_BITS_GRAD:
-        if (bf) xe_bits_grad_range(j, lo, hi, XE_BF16, XE_BF16);
-        else if (mixed) xe_bits_grad_range(j, lo, hi, XE_F32, XE_BF16);
-        else xe_bits_grad_range(j, lo, hi, XE_F32, XE_F32);
+        XE_BY_PAIR(xe_bits_grad_range);
         break;
     case XE_CLIP:
         if (bf && j->mask) xe_clip_range(j, lo, hi, XE_BF16, 1);
@@ -385,9 +387,7 @@ static void xe_piece(xe_job *j, int p)
         else xe_clip_range(j, lo, hi, XE_F32, 0);
         break;
     case XE_WINDOW_APPLY:
-        if (bf) xe_window_apply_range(j, lo, hi, XE_BF16, XE_BF16);
-        else if (mixed) xe_window_apply_range(j, lo, hi, XE_F32, XE_BF16);
-        else xe_window_apply_range(j, lo, hi, XE_F32, XE_F32);
+        XE_BY_PAIR(xe_window_apply_range);
         break;
     default: {
         /* the dtype pair (f32 / bf16 / f32 -> bf16) x window x mask, each its own loop */
@@ -409,6 +409,7 @@ static void xe_piece(xe_job *j, int p)
     }
     }
 }
+#undef XE_BY_PAIR
 
 static void xe_run_share(xn_task *task, int tid)
 {
