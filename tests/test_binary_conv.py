@@ -209,6 +209,35 @@ def test_nan_and_strict_inputs(path):
 
 
 @needs_kernel
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_bad_values_anywhere_in_a_wide_row(path):
+    """A NaN (or, strict, a value other than +-1) at each place the packers read in their own way: inside a full
+    vector of pixels (NCHW: 8 or 16 pixels per comparison) or in the row's tail, in a full channel word or in the
+    last partial one (40 channels: 32 + 8)."""
+    gen = torch.Generator().manual_seed(8)
+    x, weight_packed, shape, geometry, scale, bias = make_case((2, 40, 5, 19, 16, 3, 1, 1, 1, 1), gen)
+    signs = torch.where(x >= 0, 1.0, -1.0)
+    for channels_last in (False, True):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        y = bconv.binary_conv2d(
+            signs.contiguous(memory_format=fmt), weight_packed, shape, *geometry, path=path, strict=True
+        )
+        assert torch.equal(y, reference(signs, weight_packed, shape, *geometry, None, None))
+        for c, w in ((5, 2), (35, 9), (12, 17), (39, 18)):
+            nan = x.clone()
+            nan[1, c, 3, w] = math.nan
+            with pytest.raises(ValueError, match="NaN"):
+                bconv.binary_conv2d(nan.contiguous(memory_format=fmt), weight_packed, shape, *geometry, path=path)
+            for bad in (0.5, -0.0, math.inf):
+                off = signs.clone()
+                off[1, c, 3, w] = bad
+                with pytest.raises(xnor.InputNotBinary):
+                    bconv.binary_conv2d(
+                        off.contiguous(memory_format=fmt), weight_packed, shape, *geometry, path=path, strict=True
+                    )
+
+
+@needs_kernel
 def test_input_validation():
     gen = torch.Generator().manual_seed(5)
     x, weight_packed, shape, geometry, _, _ = make_case(CASES["resnet 3x3"], gen)
@@ -224,9 +253,9 @@ def test_input_validation():
         bconv.binary_conv2d(x.clone().requires_grad_(), weight_packed, shape, *geometry)
     with pytest.raises(ValueError, match="`prepared` must be"):
         bconv.binary_conv2d(x, weight_packed, shape, *geometry, prepared=torch.zeros(8, dtype=torch.uint8))
-    if "avx2" in xnor.paths():
-        with pytest.raises(ValueError, match="no 'avx2' path"):
-            bconv.binary_conv2d(x, weight_packed, shape, *geometry, path="avx2")
+    if "avx2" in xnor.paths():  # bfloat16 inputs need the avx512 path
+        with pytest.raises(ValueError, match="path"):
+            bconv.binary_conv2d(x.bfloat16(), weight_packed, shape, *geometry, path="avx2")
 
 
 # ---------------------------------------------------------------------------------------------------------------

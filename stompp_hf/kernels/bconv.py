@@ -10,8 +10,8 @@ bit, what the dense torch path of a packed convolution computes::
 with `sign(x) = where(x >= 0, 1, -1)`. The C kernel (`xnor_conv.c`, built with `xnor.c`) packs the signs into a
 zero-bordered bit image (32 channels per word), runs every output pixel over all taps with the linear kernel's
 register tile, and adds back what the border's -1 entries contributed (the padding correction, a small table per
-call): see the top of `xnor_conv.c`. Paths: "avx512" (AVX-512 VPOPCNTDQ) and "scalar"; there is no AVX2 one (on
-such CPUs `BinaryConv2d` keeps the dense path). The output has the input's memory format (channels-last in,
+call): see the top of `xnor_conv.c`. Paths: "avx512" (AVX-512 VPOPCNTDQ), "avx2" (byte-table popcounts on
+nibble-split words, float32 only) and "scalar". The output has the input's memory format (channels-last in,
 channels-last out; NCHW otherwise), as `F.conv2d` would give.
 """
 
@@ -27,7 +27,7 @@ from . import xnor
 __all__ = ["CONV_PATHS", "binary_conv2d", "conv_geometry", "conv_paths", "prepare_conv2d"]
 
 #: The convolution kernel's code paths, fastest first.
-CONV_PATHS: tuple[str, ...] = ("avx512", "scalar")
+CONV_PATHS: tuple[str, ...] = ("avx512", "avx2", "scalar")
 
 # Below this many (output, 64-input word) pairs per thread, waking another thread costs more than it saves.
 _MIN_WORK_PER_THREAD = 1 << 13
@@ -128,7 +128,7 @@ def binary_conv2d(
         strict: The input is already +-1 (a binary activation's output): any other value raises
             `xnor.InputNotBinary` and nothing is computed.
         num_threads: Threads to use (default `torch.get_num_threads()`); small problems use fewer.
-        path: "avx512" or "scalar" to force a code path (it must be in `conv_paths()`).
+        path: "avx512", "avx2" or "scalar" to force a code path (it must be in `conv_paths()`).
         prepared: `prepare_conv2d(weight_packed, weight_shape, groups)`; built by the call when missing.
 
     Returns:
@@ -154,11 +154,7 @@ def binary_conv2d(
     out_scale, scale_ptr = xnor._vector_pointer("out_scale", out_scale, o, "binary_conv2d")
     bias, bias_ptr = xnor._vector_pointer("bias", bias, o, "binary_conv2d")
     num_threads = xnor._threads(num_threads, "binary_conv2d")
-    if path is None and xnor._forced is not None and xnor._forced not in CONV_PATHS:
-        path = "scalar"  # a forced linear-only path ("avx2"): the convolution's portable one
     path_id = xnor._path_id(path, "binary convolution")
-    if path_id == xnor._PATH_IDS["avx2"]:
-        raise ValueError("The binary convolution kernel has no 'avx2' path; use 'avx512' or 'scalar'.")
     if prepared is None:
         prepared = prepare_conv2d(weight_packed.contiguous(), weight_shape, groups)
     else:

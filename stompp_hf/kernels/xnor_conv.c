@@ -49,6 +49,7 @@ typedef struct {
     const float *scale, *bias;
     float *y;
     int nchw_out, strict, simd, bf16;         /* bf16: x and y are bfloat16 (avx512 path, channels-last only) */
+    int avx2;                                 /* the avx2 path (simd: the avx512 one) */
     int exact;                                /* xz_exact_ints: the integers need no bf16 rounding */
     int stream;                               /* channels-last y by xz_store_row's streaming stores */
     int by_image;                             /* each thread packs and computes whole images (xz_conv_images) */
@@ -355,6 +356,198 @@ XN_AVX512_FN static void xz_conv_images(xn_conv_job *j, int tid)
 }
 #endif
 
+#if XN_X86_SIMD
+/* ------------------------------------------------------------------------------------------------------------
+   avx2 path (CPUs with AVX2 but not AVX-512 VPOPCNTDQ). The bit image holds each word as a nibble pair: word w at
+   2w (its low nibbles, bits & 0x0F0F0F0F) and 2w + 1 (its high nibbles, shifted down by 4), split once when the
+   input is packed instead of once per (tap, panel, pixel tile) that reads it. A tile is 4 output pixels x one
+   panel (16 channels, two 8-lane vectors): per step, the panel's two vectors are split into nibbles once, each
+   pixel's pair is broadcast, and popcount(x ^ w) per byte is the sum of two 16-entry table lookups (vpshufb), added
+   up in bytes (at most 8 per step) for up to 31 steps, then widened to 32-bit counts (vpmaddubsw, vpmaddwd). */
+
+#define XV_MR 4   /* output pixels per avx2 tile (two per 8-pixel work unit) */
+#define XV_RUN 31 /* steps a byte accumulator takes: 31 x 8 = 248 < 256 */
+
+/* The sign word of 32 (or `cnt`) channels of a pixel whose channels are contiguous: 8 per comparison. Adds the
+   lanes found bad (NaN; strict: not +-1) to *bad. */
+XN_AVX2_FN static inline uint32_t xv_sign_word(const float *p, int64_t cnt, int strict, int *bad)
+{
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    if (cnt < 32) {
+        uint32_t word = 0;
+        for (int64_t c = 0; c < cnt; c++) {
+            word |= (uint32_t)(p[c] >= 0.0f) << c;
+            *bad |= strict ? (p[c] != 1.0f) & (p[c] != -1.0f) : p[c] != p[c];
+        }
+        return word;
+    }
+    uint32_t word = 0;
+    __m256 b = zero;
+    for (int q = 0; q < 4; q++) {
+        const __m256 v = _mm256_loadu_ps(p + 8 * q);
+        word |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ)) << (8 * q);
+        b = _mm256_or_ps(b, strict ? _mm256_cmp_ps(_mm256_and_ps(v, mag), one, _CMP_NEQ_UQ)
+                                   : _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    *bad |= _mm256_movemask_ps(b);
+    return word;
+}
+
+/* Padded rows [r0, r1) of the flattened [B][Hp] into j->xb as nibble pairs (border words 0); XN_NAN / XN_NOT_PM1
+   / 0. Channels-last inputs: xv_sign_word per pixel; width-contiguous (NCHW) ones: 8 pixels of a channel per
+   comparison, its bit ORed into their words; other strides: one value at a time. */
+XN_AVX2_FN static int xv_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r1)
+{
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const uint32_t lo4 = 0x0F0F0F0Fu;
+    uint32_t words[256];
+    int bad = 0;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t b = r / j->Hp, hp = r % j->Hp, h = hp - j->ph;
+        for (int64_t k = 0; k < j->Gcw; k++) {
+            uint32_t *row = j->xb + 2 * (b * j->IS + k * j->PS + hp * j->Wp);
+            memset(row, 0, (size_t)(2 * j->Wp) * sizeof(uint32_t));
+            if (h < 0 || h >= j->H) continue;
+            const int64_t kk = k % j->cw, c0 = (k / j->cw) * j->Cg + 32 * kk;
+            const int64_t cnt = j->Cg - 32 * kk < 32 ? j->Cg - 32 * kk : 32;
+            const float *px = j->x + b * j->sB + h * j->sH + c0 * j->sC;
+            for (int64_t w0 = 0; w0 < j->W; w0 += 256) {   /* the sign words of 256 pixels, then their nibbles */
+                const int64_t n = j->W - w0 < 256 ? j->W - w0 : 256;
+                if (j->sC == 1) {
+                    for (int64_t w = 0; w < n; w++) words[w] = xv_sign_word(px + (w0 + w) * j->sW, cnt, j->strict, &bad);
+                } else if (j->sW == 1) {
+                    memset(words, 0, (size_t)n * sizeof(uint32_t));
+                    for (int64_t c = 0; c < cnt; c++) {
+                        const float *p = px + c * j->sC + w0;
+                        const __m256i bit = _mm256_set1_epi32((int)(1u << c));
+                        int64_t w = 0;
+                        __m256 bv = _mm256_setzero_ps();
+                        for (; w + 8 <= n; w += 8) {
+                            const __m256 v = _mm256_loadu_ps(p + w);
+                            const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GE_OQ));
+                            __m256i *o = (__m256i *)(words + w);
+                            _mm256_storeu_si256(o, _mm256_or_si256(_mm256_loadu_si256(o), _mm256_and_si256(ge, bit)));
+                            bv = _mm256_or_ps(bv, j->strict ? _mm256_cmp_ps(_mm256_and_ps(v, mag), one, _CMP_NEQ_UQ)
+                                                            : _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+                        }
+                        bad |= _mm256_movemask_ps(bv);
+                        for (; w < n; w++) {
+                            words[w] |= (uint32_t)(p[w] >= 0.0f) << c;
+                            bad |= j->strict ? (p[w] != 1.0f) & (p[w] != -1.0f) : p[w] != p[w];
+                        }
+                    }
+                } else {
+                    for (int64_t w = 0; w < n; w++) {
+                        uint32_t word = 0;
+                        for (int64_t c = 0; c < cnt; c++) {
+                            const float v = px[(w0 + w) * j->sW + c * j->sC];
+                            word |= (uint32_t)(v >= 0.0f) << c;
+                            bad |= j->strict ? (v != 1.0f) & (v != -1.0f) : v != v;
+                        }
+                        words[w] = word;
+                    }
+                }
+                uint32_t *o = row + 2 * (j->pw + w0);
+                for (int64_t w = 0; w < n; w++) {
+                    o[2 * w] = words[w] & lo4;
+                    o[2 * w + 1] = (words[w] >> 4) & lo4;
+                }
+            }
+        }
+    }
+    return bad ? (j->strict ? XN_NOT_PM1 : XN_NAN) : 0;
+}
+
+/* Counts of one panel (16 channels, its T steps from wp) at 4 pixels (xr: their corners, in nibble-pair words):
+   cnt[i][0..7] and cnt[i][8..15] as 32-bit lanes. */
+#define XV_POP(a, x, w) a = _mm256_add_epi8(a, _mm256_shuffle_epi8(lut, _mm256_xor_si256(x, w)))
+#define XV_PIX(i)                                                           \
+    {                                                                       \
+        const __m256i xl = _mm256_set1_epi32((int)x##i[o]);                  \
+        const __m256i xh = _mm256_set1_epi32((int)x##i[o + 1]);              \
+        XV_POP(a##i##0, xl, wl0); XV_POP(a##i##0, xh, wh0);                  \
+        XV_POP(a##i##1, xl, wl1); XV_POP(a##i##1, xh, wh1);                  \
+    }
+#define XV_WIDEN(i, h) cnt[i][h] = _mm256_add_epi32(cnt[i][h], _mm256_madd_epi16(_mm256_maddubs_epi16(a##i##h, ones8), ones16));
+
+XN_AVX2_FN static inline __attribute__((always_inline)) void xv_dot4(const uint32_t *const xr[XV_MR],
+                                                                      const int32_t *off, int64_t T,
+                                                                      const uint32_t *wp, __m256i cnt[XV_MR][2])
+{
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i lo4 = _mm256_set1_epi8(0x0F), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const uint32_t *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
+    for (int i = 0; i < XV_MR; i++) cnt[i][0] = cnt[i][1] = _mm256_setzero_si256();
+    for (int64_t u0 = 0; u0 < T; u0 += XV_RUN) {
+        const int64_t u1 = T - u0 < XV_RUN ? T : u0 + XV_RUN;
+        const __m256i z = _mm256_setzero_si256();
+        __m256i a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z;
+        for (int64_t u = u0; u < u1; u++) {
+            const int64_t o = 2 * (int64_t)off[u];
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wp + 16 * u));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wp + 16 * u + 8));
+            const __m256i wl0 = _mm256_and_si256(w0, lo4), wh0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), lo4);
+            const __m256i wl1 = _mm256_and_si256(w1, lo4), wh1 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), lo4);
+            XV_PIX(0) XV_PIX(1) XV_PIX(2) XV_PIX(3)
+        }
+        XV_WIDEN(0, 0) XV_WIDEN(0, 1) XV_WIDEN(1, 0) XV_WIDEN(1, 1)
+        XV_WIDEN(2, 0) XV_WIDEN(2, 1) XV_WIDEN(3, 0) XV_WIDEN(3, 1)
+    }
+}
+
+/* Work units [u0, u1) (as the scalar path's: group, panel pair, tile of 8 pixels), as two 4-pixel halves. */
+XN_AVX2_FN static void xv_conv_units(const xn_conv_job *j, int64_t u0, int64_t u1)
+{
+    const uint32_t *xr[XN_CONV_TILE];
+    int64_t r[XN_CONV_TILE], b[XN_CONV_TILE], cls[XN_CONV_TILE];
+    const __m256i kc = _mm256_set1_epi32((int)j->K);
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t tile = u % j->PT, gq = u / j->PT, q = gq % j->NQ, g = gq / j->NQ;
+        const int np = xn_conv_pixels(j, j->xb, tile, j->P, 0, xr, b, r, cls);
+        const uint32_t *xs[XN_CONV_TILE];
+        for (int i = 0; i < XN_CONV_TILE; i++) xs[i] = j->xb + 2 * (xr[i] - j->xb + g * j->cw * j->PS);
+        for (int64_t panel = q * XN_CONV_NG; panel < (q + 1) * XN_CONV_NG && panel < j->P16; panel++) {
+            const int64_t n0 = 16 * panel, oc = g * j->Og + n0;
+            const int nl = j->Og - n0 < 16 ? (int)(j->Og - n0) : 16;
+            const uint32_t *wr = j->wp + (g * j->P16 + panel) * j->T * 16;
+            for (int half = 0; half * XV_MR < np; half++) {
+                __m256i cnt[XV_MR][2];
+                xv_dot4(xs + half * XV_MR, j->off, j->T, wr, cnt);
+                for (int i = 0; i < XV_MR && half * XV_MR + i < np; i++) {
+                    const int ii = half * XV_MR + i;
+                    const int64_t p = tile * XN_CONV_TILE + ii;
+                    if (nl < 16) {
+                        int32_t c32[16];
+                        int64_t c64[16];
+                        _mm256_storeu_si256((__m256i *)c32, cnt[i][0]);
+                        _mm256_storeu_si256((__m256i *)(c32 + 8), cnt[i][1]);
+                        for (int c = 0; c < 16; c++) c64[c] = c32[c];
+                        xn_conv_store_scalar(j, p, b[ii], r[ii], cls[ii], g, n0, nl, c64);
+                        continue;
+                    }
+                    float f[16];
+                    for (int h = 0; h < 2; h++) {
+                        __m256i d = _mm256_sub_epi32(kc, _mm256_add_epi32(cnt[i][h], cnt[i][h]));
+                        if (j->corr)
+                            d = _mm256_add_epi32(d, _mm256_loadu_si256((const __m256i *)(j->corr + cls[ii] + oc + 8 * h)));
+                        __m256 v = _mm256_cvtepi32_ps(d);
+                        if (j->scale) v = _mm256_mul_ps(v, _mm256_loadu_ps(j->scale + oc + 8 * h));
+                        if (j->bias) v = _mm256_add_ps(v, _mm256_loadu_ps(j->bias + oc + 8 * h));
+                        if (j->nchw_out) _mm256_storeu_ps(f + 8 * h, v);
+                        else _mm256_storeu_ps(j->y + p * j->O + oc + 8 * h, v);
+                    }
+                    if (j->nchw_out)
+                        for (int c = 0; c < 16; c++) j->y[(b[ii] * j->O + oc + c) * j->HWo + r[ii]] = f[c];
+                }
+            }
+        }
+    }
+}
+#endif
+
 static void xn_conv_share(xn_task *task, int tid)
 {
     xn_conv_job *j = (xn_conv_job *)task;
@@ -372,6 +565,7 @@ static void xn_conv_share(xn_task *task, int tid)
     int bad;
 #if XN_X86_SIMD
     if (j->simd) bad = xz_conv_pack(j, lo, hi);
+    else if (j->avx2) bad = xv_conv_pack(j, lo, hi);
     else
 #endif
         bad = xn_conv_pack_scalar(j, lo, hi);
@@ -383,6 +577,10 @@ static void xn_conv_share(xn_task *task, int tid)
     if (j->simd) {
         xz_conv_units(j, lo, hi);
         if (j->stream) _mm_sfence();
+        return;
+    }
+    if (j->avx2) {
+        xv_conv_units(j, lo, hi);
         return;
     }
 #endif
@@ -444,10 +642,14 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
         return XN_BAD_ARGS;
     if (bf16 && (nchw_out || j.sC != 1)) return XN_BAD_ARGS;
     if (j.B == 0) return XN_OK;
-    if (path == XN_PATH_AUTO) path = xn_supported(XN_PATH_AVX512) || bf16 ? XN_PATH_AVX512 : XN_PATH_SCALAR;
-    if (path == XN_PATH_AVX2 || !xn_supported(path) || (bf16 && path != XN_PATH_AVX512)) return XN_NO_PATH;
+    if (path == XN_PATH_AUTO)
+        path = xn_supported(XN_PATH_AVX512) || bf16 ? XN_PATH_AVX512
+               : xn_supported(XN_PATH_AVX2)         ? XN_PATH_AVX2
+                                                    : XN_PATH_SCALAR;
+    if (!xn_supported(path) || (bf16 && path != XN_PATH_AVX512)) return XN_NO_PATH;
     xn_hugepage_hint(y, j.B * j.O * j.Ho * j.Wo * (int64_t)(bf16 ? 2 : 4));
     j.simd = path == XN_PATH_AVX512;
+    j.avx2 = path == XN_PATH_AVX2;
     j.scale = scale; j.bias = bias; j.y = (float *)y; j.nchw_out = nchw_out; j.strict = strict; j.bf16 = bf16;
 #if XN_X86_SIMD
     j.bf16 = xz_bf16_mode(bf16, scale, bias, j.O);
@@ -472,7 +674,7 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
     const int t = xn_threads(nthreads, j.P * j.O * ((j.K + 63) / 64), min_work, j.units);
     /* whole images per thread where the images share out evenly enough (and the avx512 path runs) */
     j.by_image = j.simd && j.B >= t && (j.B % t == 0 || j.B >= 4 * t);
-    j.xb = (uint32_t *)malloc((size_t)((j.by_image ? t : j.B) * j.IS) * sizeof(uint32_t));
+    j.xb = (uint32_t *)malloc((size_t)((j.by_image ? t : j.B) * j.IS * (j.avx2 ? 2 : 1)) * sizeof(uint32_t));
     j.off = (int32_t *)malloc((size_t)j.T * sizeof(int32_t));
     j.rcls = (int32_t *)malloc((size_t)(j.Ho + j.Wo) * sizeof(int32_t));
     uint32_t *masks = (uint32_t *)malloc((size_t)(j.Ho + j.Wo) * sizeof(uint32_t));

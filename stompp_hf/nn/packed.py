@@ -465,10 +465,10 @@ class BinaryConv2d(BinaryMixin, nn.Module):
         return None
 
     def conv_kernel_pays(self) -> bool:
-        """Whether "auto" should use the kernel here: it needs the avx512 path (or a forced one) and at least 1/32
-        of its vector lanes x bits busy, min(outputs per group, 16) x min(inputs per group, 32) >= 16 (measured at
-        4 x 4 per group: about even with the dense path; depthwise (1 x 1): 4 to 8 times slower)."""
-        if "avx512" not in xnor.paths() and xnor._forced is None:
+        """Whether "auto" should use the kernel here: it needs the avx512 or avx2 path (or a forced one) and at
+        least 1/32 of its vector lanes x bits busy, min(outputs per group, 16) x min(inputs per group, 32) >= 16
+        (measured at 4 x 4 per group: about even with the dense path; depthwise (1 x 1): 4 to 8 times slower)."""
+        if not {"avx512", "avx2"} & set(xnor.paths()) and xnor._forced is None:
             return False
         per_group_out, per_group_in = self.out_channels // self.groups, self.in_channels // self.groups
         return min(per_group_out, 16) * min(per_group_in, 32) >= 16
