@@ -800,10 +800,10 @@ def test_bf16_activations_round_like_torch(kernel):
 
 @needs_kernel
 def test_popcount_rate_times_the_register_loop():
-    """`popcount_rate` (the benchmark's ceiling probe) gives a positive, finite rate where the avx512 path runs and
+    """`popcount_rate` (the benchmark's ceiling probe) gives a positive, finite rate where a vector path runs and
     None elsewhere, and checks its argument."""
     rate = xnor.popcount_rate(1 << 10)
-    if "avx512" in available_paths():
+    if {"avx512", "avx2"} & set(available_paths()):
         assert rate is not None and 0 < rate < math.inf
     else:
         assert rate is None

@@ -351,10 +351,12 @@ def paths() -> tuple[str, ...]:
 
 
 def popcount_rate(steps: int = 1 << 18) -> float | None:
-    """Binary multiply-adds per second that the avx512 path's register tile reaches on the calling thread right now,
-    with nothing else in the loop (no memory, no epilogue): `steps` steps of its 16 XOR-popcount-adds of 512 bits,
-    timed. A ceiling for the kernels' inner loop on this core at this moment (on a shared VM it moves with the
-    host's load), for benchmarks; None where the avx512 path does not run.
+    """Binary multiply-adds per second that the fastest vector path's register tile reaches on the calling thread
+    right now, with nothing else in the loop (no outer loops, no epilogue): on the avx512 path `steps` steps of its
+    16 XOR-popcount-adds of 512 bits, registers only; on the avx2 path `steps` steps (whole runs of 31) of the
+    convolution's tile (4 pixels x 16 channels x 32 bits a step) on operands in L1. A ceiling for the kernels' inner
+    loop on this core at this moment (on a shared VM it moves with the host's load), for benchmarks; None where
+    neither path runs.
 
     Raises:
         XnorUnavailable: When the kernel could not be compiled or loaded.
@@ -363,9 +365,9 @@ def popcount_rate(steps: int = 1 << 18) -> float | None:
         raise TypeError(f"`steps` must be a positive int, got {steps!r}.")
     lib = _library()
     start = time.perf_counter()
-    if lib.popcount_probe(steps) < 0:
-        return None
-    return steps * 16 * 512 / (time.perf_counter() - start)
+    done = lib.popcount_probe(steps)
+    elapsed = time.perf_counter() - start
+    return done / elapsed if done >= 0 else None
 
 
 def thread_runtime() -> str:

@@ -50,6 +50,7 @@ typedef struct {
     float *y;
     int nchw_out, strict, simd, bf16;         /* bf16: x and y are bfloat16 (avx512 path, channels-last only) */
     int avx2;                                 /* the avx2 path (simd: the avx512 one) */
+    uint32_t *wn;                             /* avx2: the panels as nibble pairs, [G * P16][T][lo 16, hi 16] */
     int exact;                                /* xz_exact_ints: the integers need no bf16 rounding */
     int stream;                               /* channels-last y by xz_store_row's streaming stores */
     int by_image;                             /* each thread packs and computes whole images (xz_conv_images) */
@@ -360,12 +361,13 @@ XN_AVX512_FN static void xz_conv_images(xn_conv_job *j, int tid)
 /* ------------------------------------------------------------------------------------------------------------
    avx2 path (CPUs with AVX2 but not AVX-512 VPOPCNTDQ). The bit image holds each word as a nibble pair: word w at
    2w (its low nibbles, bits & 0x0F0F0F0F) and 2w + 1 (its high nibbles, shifted down by 4), split once when the
-   input is packed instead of once per (tap, panel, pixel tile) that reads it. A tile is 4 output pixels x one
-   panel (16 channels, two 8-lane vectors): per step, the panel's two vectors are split into nibbles once, each
-   pixel's pair is broadcast, and popcount(x ^ w) per byte is the sum of two 16-entry table lookups (vpshufb), added
-   up in bytes (at most 8 per step) for up to 31 steps, then widened to 32-bit counts (vpmaddubsw, vpmaddwd). */
+   input is packed instead of once per (tap, panel, pixel tile) that reads it; the weights' panels are split the
+   same way per call (xv_split_panels). A tile is 8 output pixels x 8 channels (half a panel, one 8-lane vector):
+   per step, each pixel's pair is broadcast, and popcount(x ^ w) per byte is the sum of two 16-entry table lookups
+   (vpshufb), added up in bytes (at most 8 per step) for up to 31 steps, then widened to 32-bit counts (vpmaddubsw,
+   vpmaddwd). */
 
-#define XV_MR 4   /* output pixels per avx2 tile (two per 8-pixel work unit) */
+#define XV_MR 8   /* output pixels per avx2 tile (a work unit's) */
 #define XV_RUN 31 /* steps a byte accumulator takes: 31 x 8 = 248 < 256 */
 
 /* The sign word of 32 (or `cnt`) channels of a pixel whose channels are contiguous: 8 per comparison. Adds the
@@ -425,6 +427,9 @@ XN_AVX2_FN static int xv_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r1)
                         int64_t w = 0;
                         __m256 bv = _mm256_setzero_ps();
                         for (; w + 8 <= n; w += 8) {
+                            /* the channel's next row: the planes' 32 or more streams are too many for the
+                               hardware prefetchers (without this, the loads took ~85% of the packing time) */
+                            if (!(w & 15)) _mm_prefetch((const char *)(p + j->sH + w), _MM_HINT_T0);
                             const __m256 v = _mm256_loadu_ps(p + w);
                             const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GE_OQ));
                             __m256i *o = (__m256i *)(words + w);
@@ -460,87 +465,155 @@ XN_AVX2_FN static int xv_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r1)
     return bad ? (j->strict ? XN_NOT_PM1 : XN_NAN) : 0;
 }
 
-/* Counts of one panel (16 channels, its T steps from wp) at 4 pixels (xr: their corners, in nibble-pair words):
-   cnt[i][0..7] and cnt[i][8..15] as 32-bit lanes. */
-#define XV_POP(a, x, w) a = _mm256_add_epi8(a, _mm256_shuffle_epi8(lut, _mm256_xor_si256(x, w)))
-#define XV_PIX(i)                                                           \
-    {                                                                       \
-        const __m256i xl = _mm256_set1_epi32((int)x##i[o]);                  \
-        const __m256i xh = _mm256_set1_epi32((int)x##i[o + 1]);              \
-        XV_POP(a##i##0, xl, wl0); XV_POP(a##i##0, xh, wh0);                  \
-        XV_POP(a##i##1, xl, wl1); XV_POP(a##i##1, xh, wh1);                  \
-    }
-#define XV_WIDEN(i, h) cnt[i][h] = _mm256_add_epi32(cnt[i][h], _mm256_madd_epi16(_mm256_maddubs_epi16(a##i##h, ones8), ones16));
+/* Panels [p0, p1) of all groups' (the prepared layout's) into j->wn as nibble pairs: step u of a panel is its 16
+   words' low nibbles, then their high nibbles shifted down. */
+XN_AVX2_FN static void xv_split_panels(const xn_conv_job *j, int64_t p0, int64_t p1)
+{
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    for (int64_t i = p0 * j->T; i < p1 * j->T; i++)
+        for (int h = 0; h < 2; h++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(j->wp + 16 * i + 8 * h));
+            _mm256_storeu_si256((__m256i *)(j->wn + 32 * i + 8 * h), _mm256_and_si256(w, lo4));
+            _mm256_storeu_si256((__m256i *)(j->wn + 32 * i + 16 + 8 * h),
+                                _mm256_and_si256(_mm256_srli_epi16(w, 4), lo4));
+        }
+}
 
-XN_AVX2_FN static inline __attribute__((always_inline)) void xv_dot4(const uint32_t *const xr[XV_MR],
+/* Counts of 8 channels (half `h` of a panel whose T steps start at wp, as nibble pairs) at 8 pixels (xr: their
+   corners, in nibble-pair words): cnt[i], one 32-bit lane per channel. 8 byte accumulators, the two weight vectors,
+   the table and a pixel's pair fit the 16 vector registers (4 pixels x 16 channels did not: GCC spilled 6 of its 8
+   accumulators). */
+/* One pixel's step, in assembly: GCC, given the same as intrinsics, reassociated the adds and kept several pixels'
+   broadcasts live at once, and spilled accumulators to the stack on every step. */
+#define XV_PIX(i)                                                                                  \
+    {                                                                                              \
+        __m256i t1, t2;                                                                            \
+        __asm__("vpbroadcastd %[xl], %[t1]\n\t"                                                    \
+                "vpbroadcastd %[xh], %[t2]\n\t"                                                    \
+                "vpxor %[wl], %[t1], %[t1]\n\t"                                                    \
+                "vpxor %[wh], %[t2], %[t2]\n\t"                                                    \
+                "vpshufb %[t1], %[lut], %[t1]\n\t"                                                 \
+                "vpshufb %[t2], %[lut], %[t2]\n\t"                                                 \
+                "vpaddb %[t1], %[a], %[a]\n\t"                                                     \
+                "vpaddb %[t2], %[a], %[a]"                                                         \
+                : [a] "+x"(a##i), [t1] "=&x"(t1), [t2] "=&x"(t2)                                   \
+                : [xl] "m"(xr[i][o]), [xh] "m"(xr[i][o + 1]), [wl] "x"(wl), [wh] "x"(wh), [lut] "x"(lut)); \
+    }
+#define XV_WIDEN(i) cnt[i] = _mm256_add_epi32(cnt[i], _mm256_madd_epi16(_mm256_maddubs_epi16(a##i, ones8), ones16));
+
+XN_AVX2_FN static inline __attribute__((always_inline)) void xv_dot8(const uint32_t *const xr[XV_MR],
                                                                       const int32_t *off, int64_t T,
-                                                                      const uint32_t *wp, __m256i cnt[XV_MR][2])
+                                                                      const uint32_t *wp, int h, __m256i cnt[XV_MR])
 {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const __m256i lo4 = _mm256_set1_epi8(0x0F), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-    const uint32_t *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
-    for (int i = 0; i < XV_MR; i++) cnt[i][0] = cnt[i][1] = _mm256_setzero_si256();
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int i = 0; i < XV_MR; i++) cnt[i] = _mm256_setzero_si256();
+    const uint32_t *w = wp + 8 * h;
     for (int64_t u0 = 0; u0 < T; u0 += XV_RUN) {
         const int64_t u1 = T - u0 < XV_RUN ? T : u0 + XV_RUN;
         const __m256i z = _mm256_setzero_si256();
-        __m256i a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z;
+        __m256i a0 = z, a1 = z, a2 = z, a3 = z, a4 = z, a5 = z, a6 = z, a7 = z;
         for (int64_t u = u0; u < u1; u++) {
             const int64_t o = 2 * (int64_t)off[u];
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wp + 16 * u));
-            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wp + 16 * u + 8));
-            const __m256i wl0 = _mm256_and_si256(w0, lo4), wh0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), lo4);
-            const __m256i wl1 = _mm256_and_si256(w1, lo4), wh1 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), lo4);
-            XV_PIX(0) XV_PIX(1) XV_PIX(2) XV_PIX(3)
+            const __m256i wl = _mm256_loadu_si256((const __m256i *)(w + 32 * u));
+            const __m256i wh = _mm256_loadu_si256((const __m256i *)(w + 32 * u + 16));
+            XV_PIX(0) XV_PIX(1) XV_PIX(2) XV_PIX(3) XV_PIX(4) XV_PIX(5) XV_PIX(6) XV_PIX(7)
         }
-        XV_WIDEN(0, 0) XV_WIDEN(0, 1) XV_WIDEN(1, 0) XV_WIDEN(1, 1)
-        XV_WIDEN(2, 0) XV_WIDEN(2, 1) XV_WIDEN(3, 0) XV_WIDEN(3, 1)
+        XV_WIDEN(0) XV_WIDEN(1) XV_WIDEN(2) XV_WIDEN(3) XV_WIDEN(4) XV_WIDEN(5) XV_WIDEN(6) XV_WIDEN(7)
     }
 }
 
-/* Work units [u0, u1) (as the scalar path's: group, panel pair, tile of 8 pixels), as two 4-pixel halves. */
+/* The avx2 register loop alone (xnor_popcount_probe): xv_dot8 over a panel and 8 pixel words that stay in L1,
+   XV_RUN steps a call, until `steps` steps are done; returns the binary multiply-adds done (8 x 8 x 32 a step). */
+XN_AVX2_FN static int64_t xv_popcount_probe(int64_t steps)
+{
+    uint32_t image[2 * XV_MR], panel[32 * XV_RUN];
+    int32_t off[XV_RUN] = {0};
+    uint32_t v = 0x2545F491u;
+    for (int i = 0; i < 32 * XV_RUN; i++) panel[i] = (v = v * 1664525u + 1013904223u) & 0x0F0F0F0Fu;
+    for (int i = 0; i < 2 * XV_MR; i++) image[i] = (v = v * 1664525u + 1013904223u) & 0x0F0F0F0Fu;
+    const uint32_t *xr[XV_MR];
+    for (int i = 0; i < XV_MR; i++) xr[i] = image + 2 * i;
+    __asm__ __volatile__("" : : "r"(off), "r"(xr) : "memory");   /* offsets and pixels unknown, as in a layer */
+    __m256i cnt[XV_MR], total = _mm256_setzero_si256();
+    int64_t done = 0;
+    for (; done < steps; done += XV_RUN) {
+        xv_dot8(xr, off, XV_RUN, panel, 0, cnt);
+        for (int i = 0; i < XV_MR; i++) total = _mm256_add_epi32(total, cnt[i]);   /* every count used */
+        __asm__ __volatile__("" : : "x"(total) : "memory");                         /* and every call */
+    }
+    return done * XV_MR * 8 * 32;
+}
+
+/* r[i] = pixel i's 8 channels -> r[c] = channel c's 8 pixels. */
+XN_AVX2_FN static inline void xv_transpose8(__m256 r[8])
+{
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20); r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20); r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31); r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31); r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+/* Work units [u0, u1) (as the scalar path's: group, panel pair, tile of 8 pixels; consecutive units share the
+   tile's pixels, so their bit-image words stay in L1), a tile of 8 channels at a time. */
 XN_AVX2_FN static void xv_conv_units(const xn_conv_job *j, int64_t u0, int64_t u1)
 {
     const uint32_t *xr[XN_CONV_TILE];
     int64_t r[XN_CONV_TILE], b[XN_CONV_TILE], cls[XN_CONV_TILE];
     const __m256i kc = _mm256_set1_epi32((int)j->K);
     for (int64_t u = u0; u < u1; u++) {
-        const int64_t tile = u % j->PT, gq = u / j->PT, q = gq % j->NQ, g = gq / j->NQ;
+        const int64_t q = u % j->NQ, tile = u / j->NQ % j->PT, g = u / j->NQ / j->PT;
         const int np = xn_conv_pixels(j, j->xb, tile, j->P, 0, xr, b, r, cls);
         const uint32_t *xs[XN_CONV_TILE];
         for (int i = 0; i < XN_CONV_TILE; i++) xs[i] = j->xb + 2 * (xr[i] - j->xb + g * j->cw * j->PS);
         for (int64_t panel = q * XN_CONV_NG; panel < (q + 1) * XN_CONV_NG && panel < j->P16; panel++) {
-            const int64_t n0 = 16 * panel, oc = g * j->Og + n0;
-            const int nl = j->Og - n0 < 16 ? (int)(j->Og - n0) : 16;
-            const uint32_t *wr = j->wp + (g * j->P16 + panel) * j->T * 16;
-            for (int half = 0; half * XV_MR < np; half++) {
-                __m256i cnt[XV_MR][2];
-                xv_dot4(xs + half * XV_MR, j->off, j->T, wr, cnt);
-                for (int i = 0; i < XV_MR && half * XV_MR + i < np; i++) {
-                    const int ii = half * XV_MR + i;
-                    const int64_t p = tile * XN_CONV_TILE + ii;
-                    if (nl < 16) {
-                        int32_t c32[16];
-                        int64_t c64[16];
-                        _mm256_storeu_si256((__m256i *)c32, cnt[i][0]);
-                        _mm256_storeu_si256((__m256i *)(c32 + 8), cnt[i][1]);
-                        for (int c = 0; c < 16; c++) c64[c] = c32[c];
-                        xn_conv_store_scalar(j, p, b[ii], r[ii], cls[ii], g, n0, nl, c64);
+            const uint32_t *wr = j->wn + (g * j->P16 + panel) * j->T * 32;
+            for (int h = 0; h < 2; h++) {
+                const int64_t n0 = 16 * panel + 8 * h, oc = g * j->Og + n0;
+                if (n0 >= j->Og) break;
+                const int nl = j->Og - n0 < 8 ? (int)(j->Og - n0) : 8;
+                __m256i cnt[XV_MR];
+                xv_dot8(xs, j->off, j->T, wr, h, cnt);
+                const __m256 sv = j->scale && nl == 8 ? _mm256_loadu_ps(j->scale + oc) : _mm256_setzero_ps();
+                const __m256 bv = j->bias && nl == 8 ? _mm256_loadu_ps(j->bias + oc) : _mm256_setzero_ps();
+                __m256 f[XV_MR];
+                for (int i = 0; i < np; i++) {
+                    const int64_t p = tile * XN_CONV_TILE + i;
+                    if (nl < 8) {
+                        int32_t c32[8];
+                        int64_t c64[8];
+                        _mm256_storeu_si256((__m256i *)c32, cnt[i]);
+                        for (int c = 0; c < 8; c++) c64[c] = c32[c];
+                        xn_conv_store_scalar(j, p, b[i], r[i], cls[i], g, n0, nl, c64);
                         continue;
                     }
-                    float f[16];
-                    for (int h = 0; h < 2; h++) {
-                        __m256i d = _mm256_sub_epi32(kc, _mm256_add_epi32(cnt[i][h], cnt[i][h]));
-                        if (j->corr)
-                            d = _mm256_add_epi32(d, _mm256_loadu_si256((const __m256i *)(j->corr + cls[ii] + oc + 8 * h)));
-                        __m256 v = _mm256_cvtepi32_ps(d);
-                        if (j->scale) v = _mm256_mul_ps(v, _mm256_loadu_ps(j->scale + oc + 8 * h));
-                        if (j->bias) v = _mm256_add_ps(v, _mm256_loadu_ps(j->bias + oc + 8 * h));
-                        if (j->nchw_out) _mm256_storeu_ps(f + 8 * h, v);
-                        else _mm256_storeu_ps(j->y + p * j->O + oc + 8 * h, v);
+                    __m256i d = _mm256_sub_epi32(kc, _mm256_add_epi32(cnt[i], cnt[i]));
+                    if (j->corr) d = _mm256_add_epi32(d, _mm256_loadu_si256((const __m256i *)(j->corr + cls[i] + oc)));
+                    __m256 v = _mm256_cvtepi32_ps(d);
+                    if (j->scale) v = _mm256_mul_ps(v, sv);
+                    if (j->bias) v = _mm256_add_ps(v, bv);
+                    f[i] = v;
+                    if (!j->nchw_out) _mm256_storeu_ps(j->y + p * j->O + oc, v);
+                }
+                if (!j->nchw_out || nl < 8) continue;
+                if (np == XV_MR && b[0] == b[XV_MR - 1]) {   /* 8 consecutive pixels of one image: 8 floats a plane */
+                    xv_transpose8(f);
+                    for (int c = 0; c < 8; c++) _mm256_storeu_ps(j->y + (b[0] * j->O + oc + c) * j->HWo + r[0], f[c]);
+                } else {
+                    for (int i = 0; i < np; i++) {
+                        float v[8];
+                        _mm256_storeu_ps(v, f[i]);
+                        for (int c = 0; c < 8; c++) j->y[(b[i] * j->O + oc + c) * j->HWo + r[i]] = v[c];
                     }
-                    if (j->nchw_out)
-                        for (int c = 0; c < 16; c++) j->y[(b[ii] * j->O + oc + c) * j->HWo + r[ii]] = f[c];
                 }
             }
         }
@@ -565,7 +638,11 @@ static void xn_conv_share(xn_task *task, int tid)
     int bad;
 #if XN_X86_SIMD
     if (j->simd) bad = xz_conv_pack(j, lo, hi);
-    else if (j->avx2) bad = xv_conv_pack(j, lo, hi);
+    else if (j->avx2) {
+        bad = xv_conv_pack(j, lo, hi);
+        xn_share(j->G * j->P16, 1, tid, nt, &lo, &hi);
+        xv_split_panels(j, lo, hi);
+    }
     else
 #endif
         bad = xn_conv_pack_scalar(j, lo, hi);
@@ -679,8 +756,9 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
     j.rcls = (int32_t *)malloc((size_t)(j.Ho + j.Wo) * sizeof(int32_t));
     uint32_t *masks = (uint32_t *)malloc((size_t)(j.Ho + j.Wo) * sizeof(uint32_t));
     j.pix = (xn_conv_pix *)malloc((size_t)(j.by_image ? j.HWo : j.P) * sizeof(xn_conv_pix));
+    if (j.avx2) j.wn = (uint32_t *)malloc((size_t)(j.G * j.P16 * j.T * 32) * sizeof(uint32_t));
     int rc = XN_NOMEM;
-    if (!j.xb || !j.off || !j.rcls || !masks || !j.pix) goto done;
+    if (!j.xb || !j.off || !j.rcls || !masks || !j.pix || (j.avx2 && !j.wn)) goto done;
     j.ccls = j.rcls + j.Ho;
     for (int64_t i = 0; i < j.kh; i++)
         for (int64_t jj = 0; jj < j.kw; jj++)
@@ -716,6 +794,7 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
     xn_run(&j.task);
     rc = j.task.status;
 done:
+    free(j.wn);
     free(j.xb);
     free(j.off);
     free(j.rcls);
