@@ -418,7 +418,8 @@ XN_AVX2_FN static int xv_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r1)
             for (int64_t w0 = 0; w0 < j->W; w0 += 256) {   /* the sign words of 256 pixels, then their nibbles */
                 const int64_t n = j->W - w0 < 256 ? j->W - w0 : 256;
                 if (j->sC == 1) {
-                    for (int64_t w = 0; w < n; w++) words[w] = xv_sign_word(px + (w0 + w) * j->sW, cnt, j->strict, &bad);
+                    for (int64_t w = 0; w < n; w++)
+                        words[w] = xv_sign_word(px + (w0 + w) * j->sW, cnt, j->strict, &bad);
                 } else if (j->sW == 1) {
                     memset(words, 0, (size_t)n * sizeof(uint32_t));
                     for (int64_t c = 0; c < cnt; c++) {
@@ -479,10 +480,6 @@ XN_AVX2_FN static void xv_split_panels(const xn_conv_job *j, int64_t p0, int64_t
         }
 }
 
-/* Counts of 8 channels (half `h` of a panel whose T steps start at wp, as nibble pairs) at 8 pixels (xr: their
-   corners, in nibble-pair words): cnt[i], one 32-bit lane per channel. 8 byte accumulators, the two weight vectors,
-   the table and a pixel's pair fit the 16 vector registers (4 pixels x 16 channels did not: GCC spilled 6 of its 8
-   accumulators). */
 /* One pixel's step, in assembly: GCC, given the same as intrinsics, reassociated the adds and kept several pixels'
    broadcasts live at once, and spilled accumulators to the stack on every step. */
 #define XV_PIX(i)                                                                                  \
@@ -501,6 +498,10 @@ XN_AVX2_FN static void xv_split_panels(const xn_conv_job *j, int64_t p0, int64_t
     }
 #define XV_WIDEN(i) cnt[i] = _mm256_add_epi32(cnt[i], _mm256_madd_epi16(_mm256_maddubs_epi16(a##i, ones8), ones16));
 
+/* Counts of 8 channels (half `h` of a panel whose T steps start at wp, as nibble pairs) at 8 pixels (xr: their
+   corners, in nibble-pair words): cnt[i], one 32-bit lane per channel. 8 byte accumulators, the two weight vectors,
+   the table and a pixel's pair fit the 16 vector registers (4 pixels x 16 channels did not: GCC spilled 6 of its 8
+   accumulators). */
 XN_AVX2_FN static inline __attribute__((always_inline)) void xv_dot8(const uint32_t *const xr[XV_MR],
                                                                       const int32_t *off, int64_t T,
                                                                       const uint32_t *wp, int h, __m256i cnt[XV_MR])
