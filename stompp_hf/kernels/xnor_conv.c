@@ -370,39 +370,44 @@ XN_AVX512_FN static void xz_conv_images(xn_conv_job *j, int tid)
 #define XV_MR 8   /* output pixels per avx2 tile (a work unit's) */
 #define XV_RUN 31 /* steps a byte accumulator takes: 31 x 8 = 248 < 256 */
 
-/* The sign word of 32 (or `cnt`) channels of a pixel whose channels are contiguous: 8 per comparison. Adds the
-   lanes found bad (NaN; strict: not +-1) to *bad. */
-XN_AVX2_FN static inline uint32_t xv_sign_word(const float *p, int64_t cnt, int strict, int *bad)
+/* Whether v is bad: a NaN, or with strict a value other than +-1 (one value, and 8 lanes of a vector). */
+static inline int xv_bad(float v, int strict) { return strict ? (v != 1.0f) & (v != -1.0f) : v != v; }
+
+XN_AVX2_FN static inline __m256 xv_bad_lanes(__m256 v, int strict)
 {
-    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
     const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    if (cnt < 32) {
-        uint32_t word = 0;
+    return strict ? _mm256_cmp_ps(_mm256_and_ps(v, mag), _mm256_set1_ps(1.0f), _CMP_NEQ_UQ)
+                  : _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+}
+
+/* The sign word of 32 (or `cnt`) channels of a pixel whose channels are `sc` floats apart: 8 per comparison where
+   they are contiguous and all 32 there. Adds the lanes found bad (xv_bad) to *bad. */
+XN_AVX2_FN static inline uint32_t xv_sign_word(const float *p, int64_t sc, int64_t cnt, int strict, int *bad)
+{
+    uint32_t word = 0;
+    if (cnt < 32 || sc != 1) {
         for (int64_t c = 0; c < cnt; c++) {
-            word |= (uint32_t)(p[c] >= 0.0f) << c;
-            *bad |= strict ? (p[c] != 1.0f) & (p[c] != -1.0f) : p[c] != p[c];
+            word |= (uint32_t)(p[c * sc] >= 0.0f) << c;
+            *bad |= xv_bad(p[c * sc], strict);
         }
         return word;
     }
-    uint32_t word = 0;
-    __m256 b = zero;
+    __m256 b = _mm256_setzero_ps();
     for (int q = 0; q < 4; q++) {
         const __m256 v = _mm256_loadu_ps(p + 8 * q);
-        word |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ)) << (8 * q);
-        b = _mm256_or_ps(b, strict ? _mm256_cmp_ps(_mm256_and_ps(v, mag), one, _CMP_NEQ_UQ)
-                                   : _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        word |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ)) << (8 * q);
+        b = _mm256_or_ps(b, xv_bad_lanes(v, strict));
     }
     *bad |= _mm256_movemask_ps(b);
     return word;
 }
 
 /* Padded rows [r0, r1) of the flattened [B][Hp] into j->xb as nibble pairs (border words 0); XN_NAN / XN_NOT_PM1
-   / 0. Channels-last inputs: xv_sign_word per pixel; width-contiguous (NCHW) ones: 8 pixels of a channel per
-   comparison, its bit ORed into their words; other strides: one value at a time. */
+   / 0. Width-contiguous (NCHW) inputs: 8 pixels of a channel per comparison, its bit ORed into their words; any
+   other: xv_sign_word per pixel (8 channels per comparison where they are contiguous). */
 XN_AVX2_FN static int xv_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r1)
 {
-    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
-    const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 zero = _mm256_setzero_ps();
     const uint32_t lo4 = 0x0F0F0F0Fu;
     uint32_t words[256];
     int bad = 0;
@@ -417,10 +422,7 @@ XN_AVX2_FN static int xv_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r1)
             const float *px = j->x + b * j->sB + h * j->sH + c0 * j->sC;
             for (int64_t w0 = 0; w0 < j->W; w0 += 256) {   /* the sign words of 256 pixels, then their nibbles */
                 const int64_t n = j->W - w0 < 256 ? j->W - w0 : 256;
-                if (j->sC == 1) {
-                    for (int64_t w = 0; w < n; w++)
-                        words[w] = xv_sign_word(px + (w0 + w) * j->sW, cnt, j->strict, &bad);
-                } else if (j->sW == 1) {
+                if (j->sW == 1 && j->sC != 1) {
                     memset(words, 0, (size_t)n * sizeof(uint32_t));
                     for (int64_t c = 0; c < cnt; c++) {
                         const float *p = px + c * j->sC + w0;
@@ -435,25 +437,17 @@ XN_AVX2_FN static int xv_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r1)
                             const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GE_OQ));
                             __m256i *o = (__m256i *)(words + w);
                             _mm256_storeu_si256(o, _mm256_or_si256(_mm256_loadu_si256(o), _mm256_and_si256(ge, bit)));
-                            bv = _mm256_or_ps(bv, j->strict ? _mm256_cmp_ps(_mm256_and_ps(v, mag), one, _CMP_NEQ_UQ)
-                                                            : _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+                            bv = _mm256_or_ps(bv, xv_bad_lanes(v, j->strict));
                         }
                         bad |= _mm256_movemask_ps(bv);
                         for (; w < n; w++) {
                             words[w] |= (uint32_t)(p[w] >= 0.0f) << c;
-                            bad |= j->strict ? (p[w] != 1.0f) & (p[w] != -1.0f) : p[w] != p[w];
+                            bad |= xv_bad(p[w], j->strict);
                         }
                     }
                 } else {
-                    for (int64_t w = 0; w < n; w++) {
-                        uint32_t word = 0;
-                        for (int64_t c = 0; c < cnt; c++) {
-                            const float v = px[(w0 + w) * j->sW + c * j->sC];
-                            word |= (uint32_t)(v >= 0.0f) << c;
-                            bad |= j->strict ? (v != 1.0f) & (v != -1.0f) : v != v;
-                        }
-                        words[w] = word;
-                    }
+                    for (int64_t w = 0; w < n; w++)
+                        words[w] = xv_sign_word(px + (w0 + w) * j->sW, j->sC, cnt, j->strict, &bad);
                 }
                 uint32_t *o = row + 2 * (j->pw + w0);
                 for (int64_t w = 0; w < n; w++) {
