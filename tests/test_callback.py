@@ -240,3 +240,20 @@ def test_resume_with_another_seed_names_the_field(tiny_bert_dir, tmp_path):
     with pytest.raises(ValueError, match=r"`seed`: 0 \(checkpoint\) vs 99 \(now\)"):
         trainer.train(resume_from_checkpoint=str(ckpt))
     assert os.path.isdir(ckpt)
+
+
+@pytest.mark.parametrize("native, bf16, warns", [(False, True, True), (True, True, False), (False, False, False)])
+def test_warns_once_bf16_would_be_emulated_on_this_cpu(monkeypatch, tmp_path, native, bf16, warns):
+    import warnings
+
+    from stompp_hf.integrations.transformers import callback
+
+    monkeypatch.setattr(callback, "has_native_bf16", lambda: native)
+    args = TrainingArguments(str(tmp_path), use_cpu=True, bf16=bf16, report_to="none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback._check_cpu_bf16(args)
+    messages = [str(w.message) for w in caught if "bf16 instructions" in str(w.message)]
+    assert len(messages) == int(warns)
+    if warns:
+        assert "bf16=False" in messages[0] and callback.cpu_model() in messages[0]

@@ -338,3 +338,24 @@ def test_collect_writes_the_table_from_finished_runs_only(tmp_path, monkeypatch)
     assert "--seeds 0 1 2 --jobs 2 --table" in text and "--collect" not in text
     with pytest.raises(SystemExit):
         glue_experiments.main([*configs, "--table", str(table), "--collect", "--force"])
+
+
+@pytest.mark.parametrize(
+    "native, keep, expected",
+    [(False, False, False), (False, True, True), (True, False, True), (None, False, True)],
+    ids=["no-bf16-cpu", "no-bf16-cpu-kept", "bf16-cpu", "flags-unknown"],
+)
+def test_bf16_presets_train_in_float32_on_a_cpu_without_bf16(monkeypatch, tmp_path, native, keep, expected):
+    from stompp_hf_recipes import common
+
+    monkeypatch.setattr(common, "has_native_bf16", lambda: native)
+    preset = json.load(open(os.path.join(RECIPES, "experiments", "glue", "demo_fp.json")))
+    assert preset["bf16"] is True and preset["use_cpu"] is True
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({**preset, "output_dir": str(tmp_path), "bf16_on_any_cpu": keep}))
+    training = glue.parse_args([str(path)])[-1]
+    assert training.bf16 is expected and training.mixed_precision == ("bf16" if expected else "no")
+    assert training.max_steps == preset["max_steps"] and training.output_dir == str(tmp_path)  # nothing else lost
+    flags = ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "--bf16_full_eval"]
+    training = glue.parse_args(flags + (["--bf16_on_any_cpu"] if keep else []))[-1]
+    assert training.bf16 is expected and training.bf16_full_eval is expected

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -632,7 +633,9 @@ def test_auto_measures_int8_where_it_may_win(monkeypatch):
         for choice in ("xnor", "int8"):
             int8._choices[key] = choice
             assert torch.equal(layer(x), expected)
-        set_kernel(layer, "int8")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "slow without AMX": test_int8_without_amx_tiles_warns_it_is_slow
+            set_kernel(layer, "int8")
         assert torch.equal(layer(x), expected)
         assert ("amx" if int8.amx_available() else "int8") in layer._kernel_layouts
     int8._reset_for_tests()
@@ -978,3 +981,51 @@ def test_kernel_scale_follows_the_layer_state():
         check(x.bfloat16())
         layer.to(torch.bfloat16)
         check(x.bfloat16())
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (set(), None),
+        ({"avx2", "avx512f"}, False),
+        ({"avx2", "avx512_bf16"}, True),
+        ({"amx_bf16"}, True),
+        ({"fp", "asimd", "bf16"}, True),
+    ],
+)
+def test_native_bf16_from_the_cpu_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    assert cpu.has_native_bf16() is expected
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_int8_without_amx_tiles_warns_it_is_slow(monkeypatch, amx):
+    monkeypatch.setattr(int8, "amx_available", lambda: amx)
+    layer = packed_linear(64, 8, torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert set_kernel(layer, "int8") == 1
+        set_kernel(layer, "auto")
+    messages = [str(w.message) for w in caught if "torch._int_mm" in str(w.message)]
+    assert len(messages) == int(not amx) and (amx or "kernel='auto'" in messages[0])
+
+
+def test_bf16_on_the_reference_path_warns_once(monkeypatch):
+    from stompp_hf.nn import packed
+
+    monkeypatch.setattr(packed, "_warned_bf16_fallback", False)
+    monkeypatch.setattr(xnor, "paths", lambda: ("avx2", "scalar"))  # as on a CPU without AVX-512
+    gen = torch.Generator().manual_seed(1)
+    layer = packed_linear(64, 8, gen).to(torch.bfloat16)
+    x = make_input((3, 64), gen).to(torch.bfloat16)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = layer(x)
+        assert torch.equal(layer(x), first)
+        set_kernel(layer, "reference")  # asked for: no warning
+        assert torch.equal(layer(x), first)
+        layer.float()
+        set_kernel(layer, "auto")
+        layer(x.float())  # float32 on the kernels: no warning
+    messages = [str(w.message) for w in caught if "bfloat16 inputs" in str(w.message)]
+    assert len(messages) == 1 and "model.float()" in messages[0]

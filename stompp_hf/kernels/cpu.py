@@ -11,7 +11,7 @@ import functools
 import os
 import platform
 
-__all__ = ["FEATURES_OF_INTEREST", "cpu_flags", "cpu_model", "describe_cpu"]
+__all__ = ["FEATURES_OF_INTEREST", "cpu_flags", "cpu_model", "describe_cpu", "has_native_bf16"]
 
 #: The extensions `describe_cpu` reports, as Linux names them: the ones that matter for binary and bf16 kernels.
 FEATURES_OF_INTEREST: tuple[str, ...] = (
@@ -55,6 +55,23 @@ def cpu_flags() -> frozenset[str]:
     info = _cpuinfo()
     line = info.get("flags") or info.get("Features") or ""
     return frozenset(line.lower().split())
+
+
+#: Flags of CPUs with bfloat16 arithmetic: x86 AVX512-BF16 and AMX-BF16 (Linux names), Arm's BF16 extension.
+BF16_FLAGS: frozenset[str] = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def has_native_bf16() -> bool | None:
+    """Whether the CPU computes in bfloat16 natively (`BF16_FLAGS`), or None where the OS lists no flags.
+
+    Without it PyTorch emulates bf16 through float32 conversions on every op: a bf16-autocast training step of
+    all-MiniLM-L6-v2 (batch 32 x 64) took 39 s against 1.6 s in float32 on an AMD EPYC with AVX2 only
+    (docs/design.md, "bf16 on CPUs without bf16 instructions").
+    """
+    flags = cpu_flags()
+    if not flags:
+        return None
+    return bool(flags & BF16_FLAGS)
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,6 +14,7 @@ them as `weight_packed`, still load (`LEGACY_PACKED_KEY`).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +28,28 @@ from ..kernels import bconv, int8, xnor
 
 if TYPE_CHECKING:
     from .training import StoMPPMixin
+
+#: Why "auto" keeps a bfloat16 forward on the reference path on a CPU without the avx512 kernels.
+BF16_NEEDS_AVX512 = "bfloat16 inputs need the kernels' avx512 path (the AMX one needs it too)"
+_warned_bf16_fallback = False
+
+
+def _note_reference_fallback(reason: str | None) -> None:
+    """Warn once per process when "auto" sends bfloat16 activations to the reference path for want of the avx512
+    kernels: unpacked signs through the dense bf16 op, which runs 4-9x slower than float32 on CPUs without bf16
+    instructions (AVX2-only AMD EPYC, `benchmarks/results/inference_epyc_avx2.md`)."""
+    global _warned_bf16_fallback
+    if reason != BF16_NEEDS_AVX512 or _warned_bf16_fallback or xnor._forced is not None:
+        return
+    _warned_bf16_fallback = True
+    warnings.warn(
+        "Packed layers got bfloat16 inputs on a CPU without the kernels' avx512 path: they run the reference path "
+        "(the dense bf16 op on unpacked signs). The float32 kernels run on this CPU: cast the model to float32 "
+        "(`model.float()`) for the 1-bit speed.",
+        UserWarning,
+        stacklevel=3,
+    )
+
 
 #: The key under which checkpoints of stompp_hf up to 0.2.0.dev0 stored the packed signs; renamed to `weight` on load.
 LEGACY_PACKED_KEY = "weight_packed"
@@ -213,7 +236,7 @@ class BinaryMixin:
         if x.device.type != "cpu" or x.dtype not in xnor.ACTIVATION_DTYPES:
             return f"the kernels take float32 or bfloat16 inputs on CPU, got {x.dtype} on {x.device.type}"
         if x.dtype == torch.bfloat16 and ("avx512" not in xnor.paths() or xnor._forced not in (None, "avx512")):
-            return "bfloat16 inputs need the kernels' avx512 path (the AMX one needs it too)"
+            return BF16_NEEDS_AVX512
         tracked = (x, self.bias, self.weight_scale, self.input_scale)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
             return "autograd tracks this forward and the kernels have no backward pass"
@@ -337,6 +360,7 @@ class BinaryLinear(BinaryMixin, nn.Module):
                 return self._kernel_forward(x)
             if self.kernel == "xnor":
                 raise ValueError(f"kernel='xnor' cannot run this forward: {reason}. Use kernel='auto' to fall back.")
+            _note_reference_fallback(reason)
         return self._binary_forward(x, F.linear)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -495,6 +519,8 @@ class BinaryConv2d(BinaryMixin, nn.Module):
                     self._inputs_not_binary = True  # "auto" stops trying for this layer
             elif self.kernel == "xnor":
                 raise ValueError(f"kernel='xnor' cannot run this forward: {reason}. Use kernel='auto' to fall back.")
+            else:
+                _note_reference_fallback(reason)
         return self._binary_forward(x, self._conv)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
