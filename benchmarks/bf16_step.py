@@ -16,7 +16,8 @@ round-robin (the order rotating every round), and every ratio is the median of t
 timed in the same round, with its interquartile range and a distribution-free 95% confidence interval of that
 median. One table per thread count (default 1 and 2, measured one after the other): on the 2-vCPU VMs of this
 project a 2-thread step varies by 10-25% from one step to the next, a 1-thread step by 2-4%, so the 1-thread
-ratios are the precise ones. This is a timing: no accuracy claim rests on it.
+ratios are the precise ones. On a CPU without bf16 instructions only fp32 is measured (`--precisions` overrides):
+PyTorch emulates bf16 there, 24x slower per step. This is a timing: no accuracy claim rests on it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import time
 import torch
 from common import iqr, median_ci, results_header
 from train_overhead import build, one_step
+
+from stompp_hf.kernels.cpu import has_native_bf16
 
 PRECISIONS = ("fp32", "bf16")
 POSITIONS = ("first", "middle", "last")
@@ -47,8 +50,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--positions", default=",".join(POSITIONS), help="comma-separated subset of " + str(POSITIONS))
+    parser.add_argument(
+        "--precisions",
+        default=None,
+        help="comma-separated subset of " + str(PRECISIONS) + "; default both, fp32 alone on a CPU without bf16 "
+        "instructions (where autocast emulates bf16: 24x slower per step, and no user would train so)",
+    )
     parser.add_argument("--output", default="benchmarks/results/bf16_step.md")
     args = parser.parse_args()
+    native_bf16 = has_native_bf16() is not False
+    precisions = args.precisions.split(",") if args.precisions else list(PRECISIONS if native_bf16 else ("fp32",))
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        parser.error(f"--precisions takes a comma-separated subset of {PRECISIONS}, got {args.precisions!r}")
     positions = [p for p in args.positions.split(",") if p]
     if not positions or any(p not in POSITIONS for p in positions):
         parser.error(f"--positions takes a comma-separated subset of {POSITIONS}, got {args.positions!r}")
@@ -58,8 +71,8 @@ def main() -> None:
         thread_counts = []
     if not thread_counts or min(thread_counts) < 1:
         parser.error(f"--threads takes comma-separated positive integers, got {args.threads!r}")
-    keys = [("FP", None, prec) for prec in PRECISIONS]
-    keys += [("StoMPP+STE", pos, prec) for pos in positions for prec in PRECISIONS]
+    keys = [("FP", None, prec) for prec in precisions]
+    keys += [("StoMPP+STE", pos, prec) for pos in positions for prec in precisions]
     setups = {key: build("minilm", key[0], args.batch, args.seq, key[1] or "middle") for key in keys}
     command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/bf16_step.py", *sys.argv[1:]])
     lines = [
@@ -74,10 +87,15 @@ def main() -> None:
         "timed in the same round (interquartile range; 95% confidence interval of the median). Positions: the "
         "middle of the progression's first, middle and last stage (of 7: one per encoder block, then the pooler).",
     ]
+    if "bf16" not in precisions and not native_bf16:
+        lines.append(
+            "bf16 autocast not measured: this CPU has no bf16 instructions (PyTorch emulates bf16 there; "
+            'docs/design.md, "bf16 on CPUs without bf16 instructions").'
+        )
     for threads in thread_counts:
         torch.set_num_threads(threads)  # the kernels and fused passes follow torch's thread count
         times = run(setups, keys, args.warmup, args.steps, f"{threads} thread(s)")
-        lines += ["", f"`torch.set_num_threads({threads})`:", "", *table(times, keys)]
+        lines += ["", f"`torch.set_num_threads({threads})`:", "", *table(times, keys, precisions)]
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
@@ -100,7 +118,7 @@ def run(setups: dict, keys: list[tuple], warmup: int, steps: int, label: str) ->
     return times
 
 
-def table(times: dict[tuple, list[float]], keys: list[tuple]) -> list[str]:
+def table(times: dict[tuple, list[float]], keys: list[tuple], precisions: list[str]) -> list[str]:
     def step(key: tuple) -> str:
         return f"{statistics.median(times[key]):.3f} ({iqr(times[key]):.3f})"
 
@@ -110,18 +128,17 @@ def table(times: dict[tuple, list[float]], keys: list[tuple]) -> list[str]:
         lo, hi = median_ci(ratios)
         return f"**{statistics.median(ratios):.3f}** ({iqr(ratios):.3f}; {lo:.3f}-{hi:.3f})"
 
-    lines = [
-        "| rule | position | fp32 step (s) | bf16 step (s) | step / FP step, fp32 | step / FP step, bf16 "
-        "| bf16 / fp32 |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    fp = {prec: ("FP", None, prec) for prec in PRECISIONS}
-    for key in keys[:: len(PRECISIONS)]:
-        f32, b16 = key, (*key[:2], "bf16")
-        lines.append(
-            f"| {key[0]} | {key[1] or '-'} | {step(f32)} | {step(b16)} | {paired(f32, fp['fp32'])} | "
-            f"{paired(b16, fp['bf16'])} | {paired(b16, f32)} |"
-        )
+    both = len(precisions) == 2
+    header = ["rule", "position", *(f"{p} step (s)" for p in precisions)]
+    header += [f"step / FP step, {p}" for p in precisions] + (["bf16 / fp32"] if both else [])
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for key in keys[:: len(precisions)]:
+        cells = [key[0], key[1] or "-"]
+        cells += [step((*key[:2], p)) for p in precisions]
+        cells += [paired((*key[:2], p), ("FP", None, p)) for p in precisions]
+        if both:
+            cells.append(paired((*key[:2], "bf16"), (*key[:2], "fp32")))
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
