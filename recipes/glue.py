@@ -355,6 +355,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prefix = "eval" if name == eval_names[0] else f"eval_{name.removeprefix('validation_')}"
         results.update(trainer.evaluate(datasets[name], metric_key_prefix=prefix))
     results.update({"task": task, "dataset": EMBEDDED_DATASET if embedded else (data.dataset_name or "local files")})
+    # what the run trained in: the recipes turn a preset's bf16 off on a CPU without bf16 instructions
+    results["train_precision"] = {"bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(
+        training_args.mixed_precision, "float32"
+    )
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", results)
         trainer.save_state()

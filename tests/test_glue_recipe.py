@@ -150,7 +150,7 @@ def test_recipe_end_to_end_on_local_files(tmp_path, tiny_model_dir):
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
         assert any(k.endswith(".weight") and f.get_slice(k).get_dtype() == "U8" for k in f.keys())
     saved = json.load(open(os.path.join(out, "all_results.json")))
-    assert saved["train_steps"] == 4 and saved["task"] == "rte"
+    assert saved["train_steps"] == 4 and saved["task"] == "rte" and saved["train_precision"] == "float32"
     assert 0.0 <= saved["eval_accuracy"] <= 1.0 and "eval_binarized_accuracy" in saved
     # The curve data: the binarized network was evaluated mid-progression (step 2 of 4), next to the trained one.
     history = json.load(open(os.path.join(out, "trainer_state.json")))["log_history"]
