@@ -354,9 +354,9 @@ class CpuFusedOps:
         return rc == 0
 
     def binary_linear_applies(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
-        # plain CPU tensors, the XNOR kernel's avx512 path (where it was measured faster than the dense matmul of
-        # either dtype; it is the only one taking bfloat16), outside torch.compile
-        return (
+        # plain CPU tensors outside torch.compile, and an XNOR path measured faster than the dense matmul: avx512
+        # (either dtype; the only one taking bfloat16), or avx2 in float32 (docs/design.md, "Frozen layers")
+        if not (
             dtype in _DTYPES
             and all(type(t) in _PLAIN_TYPES and t.is_cpu and t.dtype in _DTYPES for t in (x, weight))
             and weight.dim() == 2
@@ -364,9 +364,12 @@ class CpuFusedOps:
             and x.shape[-1] == weight.shape[1]
             and not torch.compiler.is_compiling()
             and (lib := self._kernels()) is not None
-            and "avx512" in lib.paths
-            and xnor._forced in (None, "avx512")
-        )
+        ):
+            return False
+        if "avx512" in lib.paths:
+            return xnor._forced in (None, "avx512")
+        float32 = dtype == x.dtype == weight.dtype == torch.float32
+        return float32 and "avx2" in lib.paths and xnor._forced in (None, "avx2")
 
     def binary_linear(
         self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
