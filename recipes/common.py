@@ -134,7 +134,8 @@ def float32_without_cpu_bf16(args: TrainingArguments) -> TrainingArguments:
     PyTorch emulates bf16, docs/design.md "bf16 on CPUs without bf16 instructions"); else `args` itself."""
     if not (args.bf16 or args.bf16_full_eval) or has_native_bf16() is not False:
         return args
-    if not args.use_cpu and torch.accelerator.is_available():
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if not args.use_cpu and (accelerator.is_available() if accelerator else torch.cuda.is_available()):
         return args  # trains on an accelerator
     logger.warning(
         f"This CPU ({cpu_model()}) has no bf16 instructions: training in float32 instead of bf16 "
