@@ -23,7 +23,8 @@ Parts, each timed as medians of interleaved repeats (every repeat runs each mode
 * Whole models: all-MiniLM-L6-v2 (packaged, seeded classifier) and a BERT-base-sized `BertConfig()` with seeded
   random weights, saved FP32, binarized with `StoMPPConfig()`, saved packed and reloaded (`from_pretrained`); modes
   FP32, bf16, `torch.ao` dynamic int8, and the packed model under `reference` (+ unpack cache), `xnor`, `int8` and
-  `auto`. ResNet-18 (timm, seeded) at 32 and 224 px as the paper's BNN (`activation_sites="activation"`, no scales:
+  `auto` (on a CPU without AMX tiles or VNNI, the packed `int8` model runs batch 1 only: `slow_int8`). ResNet-18
+  (timm, seeded) at 32 and 224 px as the paper's BNN (`activation_sites="activation"`, no scales:
   each binarized conv reads the +-1 output of a `BinaryActivation`), packed in memory: FP32, FP32 / bf16
   channels-last, and the packed model under `reference` and `auto` (NCHW and channels-last).
 * Memory: for the transformers, a fresh process per mode loads the model and runs one forward at batch 1 and one at
@@ -95,6 +96,25 @@ TF_MODES: dict[str, tuple] = {
     "packed, auto, bf16": ("packed", "auto", False, "bf16"),
 }
 TF_MODELS = {"minilm": "all-MiniLM-L6-v2", "base": "BERT-base-sized"}
+
+
+def slow_int8() -> bool:
+    """Whether the "packed, int8" whole model runs `torch._int_mm` on a CPU without AMX tiles or VNNI: there it took
+    332 s per BERT-base batch-32 call (17-52x FP32 per layer; AVX2-only EPYC, inference_epyc_avx2.md), most of the
+    benchmark's time, so its largest batch is skipped (the layer tables still time `_int_mm` at every batch)."""
+    from stompp_hf.kernels import int8
+    from stompp_hf.kernels.cpu import cpu_flags
+
+    return not int8.amx_available() and not ({"avx512_vnni", "avx_vnni"} & cpu_flags())
+
+
+def tf_batches(mode: str, batches: tuple[int, ...]) -> tuple[int, ...]:
+    """The batches a whole-transformer mode runs at: all of them, except the largest for a slow int8 mode."""
+    if mode == "packed, int8" and len(batches) > 1 and slow_int8():
+        return tuple(b for b in batches if b != max(batches))
+    return tuple(batches)
+
+
 DENSE_LINEAR = ("FP32", "bf16", "int8 dynamic (torch.ao)")
 DENSE_CONV = ("FP32", "FP32 channels-last", "bf16 channels-last", "int8 static (torch.ao)")
 
@@ -568,7 +588,7 @@ def memory(path: str, mode: str, vocab: int, threads: int, setting: Setting) -> 
         "OMP_NUM_THREADS": str(threads),
         "STOMPP_BENCH_VOCAB": str(vocab),
         "STOMPP_BENCH_SEQ": str(setting.seq),
-        "STOMPP_BENCH_BATCHES": json.dumps(list(setting.batches)),
+        "STOMPP_BENCH_BATCHES": json.dumps(list(tf_batches(mode, setting.batches))),
     }
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     result = json.loads(out.strip().splitlines()[-1])
@@ -576,12 +596,16 @@ def memory(path: str, mode: str, vocab: int, threads: int, setting: Setting) -> 
     return result
 
 
-def whole_model(models: dict, inputs: dict, repeats: dict[int, int], call=None) -> dict[tuple[str, int], float]:
+def whole_model(
+    models: dict, inputs: dict, repeats: dict[int, int], call=None, skip: set[tuple[str, int]] = frozenset()
+) -> dict[tuple[str, int], float]:
+    """Median seconds per call of every model at every batch, interleaved; `(mode, batch)` pairs in `skip` are not
+    run (and not in the result)."""
     call = call or (lambda m, x: m(**x))
-    names = list(models)
     samples: dict[tuple[str, int], float] = {}
     with torch.no_grad():
         for b, x in inputs.items():
+            names = [n for n in models if (n, b) not in skip]
             runs = interleaved({n: lambda m=models[n], x=x: call(m, x) for n in names}, repeats[b])
             samples.update({(n, b): median(v) for n, v in runs.items()})
             log(f"batch {b}: " + ", ".join(f"{n} {ms(samples[(n, b)])} ms" for n in names))
@@ -602,13 +626,20 @@ def measure_transformer(key: str, args: argparse.Namespace, setting: Setting) ->
             for mode, model in models.items():
                 if TF_MODES[mode][0] == "packed":
                     expected = reference_bf16 if TF_MODES[mode][3:] == ("bf16",) else reference
-                    exact[mode] = all(torch.equal(model(**inputs[b]).logits, expected[b]) for b in setting.batches)
+                    exact[mode] = all(
+                        torch.equal(model(**inputs[b]).logits, expected[b]) for b in tf_batches(mode, setting.batches)
+                    )
         log(f"{TF_MODELS[key]}: bit-identical {exact}")
         repeats = dict(zip(setting.batches, setting.repeats))
         if key == "base" and not setting.tiny_bert:
             repeats = {b: max(3, r // 3) for b, r in repeats.items()}
         MONITOR.reset()
-        whole = whole_model(models, inputs, repeats)
+        whole = whole_model(
+            models,
+            inputs,
+            repeats,
+            skip={(m, b) for m in models for b in setting.batches if b not in tf_batches(m, setting.batches)},
+        )
         other_cpu = MONITOR.cores
         layouts = {mode: layout_mib(model) for mode, model in models.items()}
         del models
@@ -905,12 +936,23 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
         for mode in TF_MODES:
             cells = [mode]
             for b in setting.batches:
+                if (mode, b) not in r["whole"]:
+                    cells += ["skipped (below)", "-"]
+                    continue
                 t, fp = r["whole"][(mode, b)], r["whole"][("FP32", b)]
                 cells += [ms(t), f"{fp / t:.2f}"]
             mem = r["memory"][mode]
             cells += [f"{mem['tensors_mib']:.1f}", f"{mem['layouts_mib']:.1f}", f"{mem['increment_mib']:.0f}"]
             cells.append("(dense peer)" if TF_MODES[mode][0] == "dense" else ("**yes**" if r["exact"][mode] else "NO"))
             lines.append("| " + " | ".join(cells) + " |")
+        skipped = [(m, b) for m in TF_MODES for b in setting.batches if (m, b) not in r["whole"]]
+        for mode, b in skipped:
+            lines += [
+                "",
+                f"`{mode}` at batch {b}: skipped. Without AMX int8 tiles or VNNI this mode runs `torch._int_mm`, "
+                "which took 332 s per BERT-base batch-32 call on an AVX2-only EPYC (`slow_int8`); its bit-identity "
+                "and peak RSS above are from the other batch only, and the layer tables time `_int_mm` at both.",
+            ]
         lines.append("")
     for size, r in results["resnet"].items():
         lines += [
