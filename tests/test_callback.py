@@ -243,7 +243,7 @@ def test_resume_with_another_seed_names_the_field(tiny_bert_dir, tmp_path):
 
 
 @pytest.mark.parametrize("native, bf16, warns", [(False, True, True), (True, True, False), (False, False, False)])
-def test_warns_once_bf16_would_be_emulated_on_this_cpu(monkeypatch, tmp_path, native, bf16, warns):
+def test_warns_when_bf16_would_be_emulated_on_this_cpu(monkeypatch, tmp_path, native, bf16, warns):
     import warnings
 
     from stompp_hf.integrations.transformers import callback
