@@ -13,7 +13,7 @@ from stompp_hf.core.packing import pack_signs
 from stompp_hf.kernels import bconv, int8, xnor
 
 from .test_binary_conv import reference as conv_reference
-from .test_xnor import bf16_reference, needs_amx, needs_avx512
+from .test_xnor import bf16_reference, needs_amx, needs_avx2, needs_avx512
 from .testing_utils import reference
 
 
@@ -78,6 +78,23 @@ def test_linear_streamed_outputs_are_the_same_bits(stream_everything, kernel, dt
     )
     assert torch.equal(streamed, plain)
     assert torch.equal(streamed, expected)
+
+
+# outputs: 64 (whole lines, one panel of two groups), 48 (whole lines, a partial group), 40 (partial lines: never
+# streamed), 96 (one whole panel), 112 (a whole panel and a lone partial group); rows: past whole tiles of 3 or not
+AVX2_LINEAR = [(5, 384, 64), (64, 96, 48), (70, 200, 40), (33, 1024, 96), (4, 300, 112)]
+
+
+@needs_avx2
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", AVX2_LINEAR, ids=lambda s: "x".join(map(str, s)))
+def test_avx2_linear_streamed_outputs_are_the_same_bits(stream_everything, threads, shape):
+    m, k, n = shape
+    x, weight_packed, scale, bias = linear_case(m, k, n, seed=m + k + n)
+    call = lambda: xnor.xnor_linear(x, weight_packed, k, scale, bias, threads, path="avx2")  # noqa: E731
+    streamed, plain = stream_everything(call)
+    assert torch.equal(streamed, plain)
+    assert torch.equal(streamed, reference(x, weight_packed, k, scale, bias))
 
 
 # (batch, in channels, size, out channels, stride, groups)

@@ -41,6 +41,8 @@ def available_paths():
     return xnor.paths() if xnor.is_available() else ()
 
 
+needs_avx2 = pytest.mark.skipif("avx2" not in available_paths(), reason="no avx2 path on this CPU")
+
 # every code path, forced; the ones this CPU cannot run are skipped (and listed as such)
 PATH_PARAMS = [
     pytest.param(p, marks=pytest.mark.skipif(p not in available_paths(), reason=f"no {p} path on this CPU"))
@@ -151,6 +153,38 @@ def test_large_batch_split_over_rows(path, every_path):
         for threads in (1, 2, 3):
             y = xnor.xnor_linear(x, weight_packed, k, out_scale, bias, num_threads=threads, path=path)
             assert torch.equal(y, reference(x, weight_packed, k, out_scale, bias))
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_panels_and_row_tiles_of_the_avx2_layout(path, every_path):
+    """Outputs in whole panels of 96 (the avx2 path's register tile: 3 groups of 32 weight rows), a last panel of one
+    or two groups with a partial group, rows past the last whole tile of 3, and K over several 63-step runs of the
+    byte counts (252 inputs each), a partial nibble at the end; one thread and two."""
+    gen = torch.Generator().manual_seed(11)
+    for n, k, m in [(96, 252, 3), (192, 253, 7), (131, 1001, 11), (64, 510, 4), (33, 4, 2)]:
+        weight_packed, out_scale, bias = make_layer(n, k, gen)
+        x = make_input((m, k), gen)
+        for threads in (1, 2):
+            y = xnor.xnor_linear(x, weight_packed, k, out_scale, bias, num_threads=threads, path=path)
+            assert torch.equal(y, reference(x, weight_packed, k, out_scale, bias)), (n, k, m, threads)
+
+
+@needs_kernel
+@needs_avx2
+def test_avx2_path_takes_inputs_past_its_16_bit_sums():
+    """Counts past 65535 inputs do not fit the avx2 path's 16-bit sums: such a layer is computed on the scalar path,
+    with the same bits. All-equal signs make every count 0 or K, the extremes."""
+    k = 65536 + 70
+    gen = torch.Generator().manual_seed(5)
+    weight_packed, out_scale, bias = make_layer(4, k, gen)
+    weight_packed[0] = 255  # all +1
+    weight_packed[1] = 0  # all -1
+    x = make_input((3, k), gen).abs()  # all +1 (+0.0 and tiny values included)
+    y = xnor.xnor_linear(x, weight_packed, k, out_scale, bias, num_threads=2, path="avx2")
+    expected = reference(x, weight_packed, k, out_scale, bias)
+    assert torch.equal(y, expected)
+    assert torch.equal(y[:, :2], torch.tensor([k, -k], dtype=torch.float32).expand(3, 2) * out_scale[:2] + bias[:2])
 
 
 @needs_kernel

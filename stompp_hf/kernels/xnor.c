@@ -22,8 +22,9 @@
      per 512-bit vector; a register tile of 8 activation rows x 2 panels broadcasts each activation word against the
      panel words (vpxord, vpopcntd, vpaddd), so 32 outputs accumulate in 16 registers with no horizontal sums. Tiles
      sweep one panel pair over a block of rows (the panel stays in L1, the rows in L2).
-   * avx2 (from simd_min_rows rows on): weights copied into nibble planes, 4 rows interleaved per 64-bit word, bits
-     counted with two 16-entry byte table lookups (vpshufb) per word on register tiles of 6 rows x 4 weight rows.
+   * avx2 (from simd_min_rows rows on; K <= 65535): every 4 bits are one table lookup. An activation nibble selects
+     one of 16 tables (popcount(a ^ v) for v = 0..15), and vpshufb looks up the nibbles of 32 weight rows at once,
+     laid out one byte each per call; register tiles of 3 rows x 96 weight rows, byte counts widened every 63 steps.
    * scalar (any CPU): popcnt on register tiles of 4 activation rows x 2 weight rows, read from the packed weights.
 
    The AVX2 and AVX-512 code is compiled with `target` attributes, so every path is built whatever -march says and
@@ -96,13 +97,15 @@
 /* Scalar path: register tile of XN_MR activation rows x XN_NR weight rows, read straight from the packed weights. */
 #define XN_MR 4
 #define XN_NR 2
-/* AVX2 path: XN_VMR activation rows x XN_VNG groups of 4 weight rows, from a nibble-split copy of the weights. */
-#define XN_VMR 6
-#define XN_VNG 1
-#define XN_BLOCK_BYTES 131072   /* weight bytes per cache block */
+/* AVX2 path: register tile of XT_R activation rows x XT_C groups of 32 weight rows (a panel), byte counts flushed to
+   16-bit sums every XT_RUN nibble steps (at most 4 a step: 63 x 4 = 252 < 256). */
+#define XT_R 3
+#define XT_C 3
+#define XT_RUN 63
+#define XT_MAX_K 65535          /* 16-bit sums: K above this goes to the scalar path */
+#define XT_ROWS_BYTES 262144    /* activation offset bytes per row block (kept in L2 while the panels sweep it) */
+#define XN_BLOCK_BYTES 131072   /* scalar path: weight bytes per cache block */
 #define XN_MAX_THREADS 256
-
-static const uint64_t XN_LO4 = 0x0F0F0F0F0F0F0F0FULL;
 
 /* The bitmask of paths this build and this CPU support: bit XN_PATH_* set where that path can run. */
 int xnor_paths(void)
@@ -430,10 +433,13 @@ typedef struct {
     int simd;                /* the AVX2 path */
     int split_m;
     int strict;
-    uint64_t *xa;            /* scalar: sign words [M, nw]; simd: nibble planes, each word 4 times [Mpad, nw, 2, 4] */
-    uint64_t *wv;            /* simd: nibble planes of the weights [Gpad, nw, 2, 4] */
-    int64_t mpad, gpad;      /* simd: rows padded to XN_VMR, weight groups of 4 padded to XN_VNG */
-    int64_t block;           /* scalar: weight rows per cache block; simd: groups per cache block */
+    uint64_t *xa;            /* scalar: sign words [M, nw] */
+    uint8_t *xt;             /* simd: per row, 4 x each nibble of its signs, one byte a nibble [mpad, 16 * nw] */
+    uint8_t *wt;             /* simd: the weights' nibbles, one byte each, in panels of XT_C groups of 32 rows */
+    int64_t k4;              /* simd: nibble steps, ceil(K / 4) */
+    int64_t mpad, groups;    /* simd: rows padded to XT_R; groups of 32 weight rows, ceil(N / 32) */
+    int64_t block;           /* scalar: weight rows per cache block; simd: rows per block */
+    int stream;              /* simd: the outputs go out with streaming stores (xt_stream_ok) */
 } xn_job;
 
 /* Word `k` of packed weight row `n`, with bits past K cleared. */
@@ -457,12 +463,12 @@ static void xn_pack_x(xn_job *j, int64_t m0, int64_t m1)
         const float *r = j->x + m * j->ldx;
         if (j->strict && m < j->M) pm1 &= xn_all_pm1(r, j->K);
         if (j->simd) {
-            uint64_t *o = j->xa + m * nw * 8;
+            uint8_t *o = j->xt + m * nw * 16;
             for (int64_t k = 0; k < nw; k++) {
                 const uint64_t b = m < j->M ? xn_signs(r + 64 * k, j->K - 64 * k, &nan) : 0;
-                for (int q = 0; q < 4; q++) {
-                    o[8 * k + q] = b & XN_LO4;
-                    o[8 * k + 4 + q] = (b >> 4) & XN_LO4;
+                for (int q = 0; q < 8; q++) {   /* nibble 2q, then 2q + 1, times 4: the table's row, in 8-byte units */
+                    o[16 * k + 2 * q] = (uint8_t)(((b >> (8 * q)) & 15) << 2);
+                    o[16 * k + 2 * q + 1] = (uint8_t)(((b >> (8 * q + 4)) & 15) << 2);
                 }
             }
         } else {
@@ -556,116 +562,202 @@ static void xn_compute(const xn_job *j, int64_t m0, int64_t m1, int64_t n0, int6
 }
 
 #if XN_X86_SIMD
-/* AVX2 path: nibble planes of weight groups [g0, g1), 4 rows interleaved per word (zero rows past N). */
-static void xn_pack_w(const xn_job *j, int64_t g0, int64_t g1)
+/* AVX2 path. popcount(x ^ w) over 4 bits is a 16-entry table lookup: row a of xt_tab is popcount(a ^ v) for
+   v = 0..15 (twice: once per 128-bit lane). An activation nibble picks the row (a table register), and vpshufb
+   looks up 32 weight nibbles at once (one byte each, a group of 32 weight rows): 128 multiply-adds per shuffle and
+   one byte add, against the two lookups, two XORs and two adds per 256 of a popcount table on XORed nibbles. */
+#define XT_P(v) (((v) & 1) + (((v) >> 1) & 1) + (((v) >> 2) & 1) + (((v) >> 3) & 1))
+#define XT_ROW8(a, v) XT_P((a) ^ (v)), XT_P((a) ^ ((v) + 1)), XT_P((a) ^ ((v) + 2)), XT_P((a) ^ ((v) + 3)), \
+                      XT_P((a) ^ ((v) + 4)), XT_P((a) ^ ((v) + 5)), XT_P((a) ^ ((v) + 6)), XT_P((a) ^ ((v) + 7))
+#define XT_ROW(a) XT_ROW8(a, 0), XT_ROW8(a, 8), XT_ROW8(a, 0), XT_ROW8(a, 8)
+static const uint8_t xt_tab[16 * 32] __attribute__((aligned(32))) = {
+    XT_ROW(0),  XT_ROW(1),  XT_ROW(2),  XT_ROW(3),  XT_ROW(4),  XT_ROW(5),  XT_ROW(6),  XT_ROW(7),
+    XT_ROW(8),  XT_ROW(9),  XT_ROW(10), XT_ROW(11), XT_ROW(12), XT_ROW(13), XT_ROW(14), XT_ROW(15)};
+
+/* Bytes before panel p (XT_C groups, each k4 steps of 32 bytes; the last panel may have fewer groups). */
+static inline int64_t xt_panel_at(const xn_job *j, int64_t p) { return p * XT_C * j->k4 * 32; }
+static inline int xt_panel_groups(const xn_job *j, int64_t p)
 {
-    const int64_t nw = j->nw, nfull = j->nfull;
+    return j->groups - XT_C * p < XT_C ? (int)(j->groups - XT_C * p) : XT_C;
+}
+
+/* 8 bytes (64 entries of packed signs) -> their 16 nibbles, one byte each, in order. */
+XN_AVX2_FN static inline __m128i xt_nibbles(uint64_t b)
+{
+    const __m128i v = _mm_cvtsi64_si128((long long)b), lo4 = _mm_set1_epi8(0x0F);
+    return _mm_unpacklo_epi8(_mm_and_si128(v, lo4), _mm_and_si128(_mm_srli_epi16(v, 4), lo4));
+}
+
+/* Weight groups [g0, g1) into their panels: per nibble step, the nibble of each of the group's 32 rows (rows past
+   N are zero). 16 rows' 16 nibbles are a 16 x 16 byte matrix, transposed with four rounds of unpacks (which leave nibble s in t[s]). */
+XN_AVX2_FN static void xn_pack_w(const xn_job *j, int64_t g0, int64_t g1)
+{
     for (int64_t g = g0; g < g1; g++) {
-        uint64_t *o = j->wv + g * nw * 8;
-        const uint8_t *row[4];
-        uint64_t keep[4];
-        int64_t n[4];
-        for (int q = 0; q < 4; q++) {
-            n[q] = 4 * g + q < j->N ? 4 * g + q : 4 * g;   /* a row past N reads row 4g and is zeroed */
-            keep[q] = 4 * g + q < j->N ? ~(uint64_t)0 : 0;
-            row[q] = j->w + n[q] * j->nbytes;
-        }
-        for (int64_t k = 0; k < nfull; k++) {
-            for (int q = 0; q < 4; q++) {
-                const uint64_t b = xn_load64(row[q] + 8 * k) & keep[q];
-                o[8 * k + q] = b & XN_LO4;
-                o[8 * k + 4 + q] = (b >> 4) & XN_LO4;
-            }
-        }
-        if (nfull < nw) {
-            for (int q = 0; q < 4; q++) {
-                const uint64_t b = xn_wword(j, n[q], nfull) & keep[q];
-                o[8 * nfull + q] = b & XN_LO4;
-                o[8 * nfull + 4 + q] = (b >> 4) & XN_LO4;
-            }
-        }
-    }
-}
-
-/* AVX2 register tile: padded rows [m, m + XN_VMR) x weight groups [g, g + XN_VNG). Per byte, popcount is the sum
-   of two 16-entry table lookups (low and high nibble); byte sums are flushed to 64-bit lanes every 31 words. */
-static inline __attribute__((always_inline)) XN_AVX2_FN void xn_vchunk(const uint64_t *xr, const uint64_t *wr,
-                                                                         int64_t nw, int64_t k0, int64_t k1,
-                                                                         __m256i acc[XN_VMR][XN_VNG])
-{
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    for (int i = 0; i < XN_VMR; i++)
-        for (int h = 0; h < XN_VNG; h++) acc[i][h] = _mm256_setzero_si256();
-    for (int64_t k = k0; k < k1; k++) {
-        __m256i wl[XN_VNG], wh[XN_VNG];
-        for (int h = 0; h < XN_VNG; h++) {
-            wl[h] = _mm256_loadu_si256((const __m256i *)(wr + h * nw * 8 + 8 * k));
-            wh[h] = _mm256_loadu_si256((const __m256i *)(wr + h * nw * 8 + 8 * k + 4));
-        }
-        for (int i = 0; i < XN_VMR; i++) {
-            const __m256i xl = _mm256_loadu_si256((const __m256i *)(xr + i * nw * 8 + 8 * k));
-            const __m256i xh = _mm256_loadu_si256((const __m256i *)(xr + i * nw * 8 + 8 * k + 4));
-            for (int h = 0; h < XN_VNG; h++) {
-                acc[i][h] = _mm256_add_epi8(acc[i][h], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xl, wl[h])));
-                acc[i][h] = _mm256_add_epi8(acc[i][h], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xh, wh[h])));
+        const int64_t p = g / XT_C;
+        const int cn = xt_panel_groups(j, p), c = (int)(g % XT_C);
+        uint8_t *o = j->wt + xt_panel_at(j, p) + 32 * c;
+        const int64_t step = 32 * cn;   /* bytes from one nibble step to the next within the panel */
+        for (int64_t k = 0; k < j->nw; k++) {
+            const int64_t steps = j->k4 - 16 * k < 16 ? j->k4 - 16 * k : 16;
+            for (int half = 0; half < 2; half++) {
+                __m128i r[16];
+                for (int q = 0; q < 16; q++) {
+                    const int64_t n = 32 * g + 16 * half + q;
+                    r[q] = n < j->N ? xt_nibbles(xn_wword(j, n, k)) : _mm_setzero_si128();
+                }
+                for (int q = 0; q < 8; q++) {   /* round 1: bytes of row pairs */
+                    const __m128i a = r[2 * q], b = r[2 * q + 1];
+                    r[2 * q] = _mm_unpacklo_epi8(a, b);
+                    r[2 * q + 1] = _mm_unpackhi_epi8(a, b);
+                }
+                __m128i t[16];
+                for (int q = 0; q < 4; q++)     /* round 2: 16-bit pairs of pairs */
+                    for (int h = 0; h < 2; h++) {
+                        t[4 * q + 2 * h] = _mm_unpacklo_epi16(r[4 * q + h], r[4 * q + 2 + h]);
+                        t[4 * q + 2 * h + 1] = _mm_unpackhi_epi16(r[4 * q + h], r[4 * q + 2 + h]);
+                    }
+                for (int q = 0; q < 2; q++)     /* round 3 */
+                    for (int h = 0; h < 4; h++) {
+                        r[8 * q + 2 * h] = _mm_unpacklo_epi32(t[8 * q + h], t[8 * q + 4 + h]);
+                        r[8 * q + 2 * h + 1] = _mm_unpackhi_epi32(t[8 * q + h], t[8 * q + 4 + h]);
+                    }
+                for (int h = 0; h < 8; h++) {   /* round 4 */
+                    t[2 * h] = _mm_unpacklo_epi64(r[h], r[8 + h]);
+                    t[2 * h + 1] = _mm_unpackhi_epi64(r[h], r[8 + h]);
+                }
+                for (int s = 0; s < steps; s++)
+                    _mm_storeu_si128((__m128i *)(o + (16 * k + s) * step + 16 * half), t[s]);
             }
         }
     }
 }
 
-XN_AVX2_FN static void xn_vtile(const xn_job *j, int64_t m, int64_t g)
+/* One nibble step of the full tile, in assembly (as the convolution's avx2 step: GCC spilled accumulators when given
+   the same as intrinsics): the three rows' table rows and the panel's three index vectors, then nine lookups and
+   byte adds. The last row's lookups overwrite the index vectors, each row's last one its table. The "memory" clobber
+   keeps it after the stores that packed the panels (30 operands leave no room for the panel as an input). */
+#define XT_STEP()                                                                                        \
+    __asm__("vmovdqa (%[tab],%[x0],8), %[t0]\n\t"                                                          \
+            "vmovdqa (%[tab],%[x1],8), %[t1]\n\t"                                                          \
+            "vmovdqa (%[tab],%[x2],8), %[t2]\n\t"                                                          \
+            "vmovdqa (%[w]), %[i0]\n\t"                                                                    \
+            "vmovdqa 32(%[w]), %[i1]\n\t"                                                                  \
+            "vmovdqa 64(%[w]), %[i2]\n\t"                                                                  \
+            "vpshufb %[i0], %[t0], %[tm]\n\tvpaddb %[tm], %[a00], %[a00]\n\t"                 \
+            "vpshufb %[i1], %[t0], %[tm]\n\tvpaddb %[tm], %[a01], %[a01]\n\t"                 \
+            "vpshufb %[i2], %[t0], %[t0]\n\tvpaddb %[t0], %[a02], %[a02]\n\t"                 \
+            "vpshufb %[i0], %[t1], %[tm]\n\tvpaddb %[tm], %[a10], %[a10]\n\t"                 \
+            "vpshufb %[i1], %[t1], %[tm]\n\tvpaddb %[tm], %[a11], %[a11]\n\t"                 \
+            "vpshufb %[i2], %[t1], %[t1]\n\tvpaddb %[t1], %[a12], %[a12]\n\t"                 \
+            "vpshufb %[i0], %[t2], %[i0]\n\tvpaddb %[i0], %[a20], %[a20]\n\t"                 \
+            "vpshufb %[i1], %[t2], %[i1]\n\tvpaddb %[i1], %[a21], %[a21]\n\t"                 \
+            "vpshufb %[i2], %[t2], %[i2]\n\tvpaddb %[i2], %[a22], %[a22]"                     \
+            : [a00] "+x"(acc00), [a01] "+x"(acc01), [a02] "+x"(acc02), [a10] "+x"(acc10), [a11] "+x"(acc11), \
+              [a12] "+x"(acc12), [a20] "+x"(acc20), [a21] "+x"(acc21), [a22] "+x"(acc22), [t0] "=&x"(t0),    \
+              [t1] "=&x"(t1), [t2] "=&x"(t2), [i0] "=&x"(i0), [i1] "=&x"(i1), [i2] "=&x"(i2), [tm] "=&x"(tm) \
+            : [tab] "r"(xt_tab), [x0] "r"((int64_t)x0[u]), [x1] "r"((int64_t)x1[u]), [x2] "r"((int64_t)x2[u]), \
+              [w] "r"(wp + 96 * u)                                                                       \
+            : "memory")
+
+/* Flush byte counts into 16-bit sums: lo gets bytes 0-7 | 16-23 of each lane pair, hi bytes 8-15 | 24-31. */
+#define XT_FLUSH(acc, r, c)                                                                                \
+    {                                                                                                      \
+        const __m256i lo = _mm256_unpacklo_epi8(acc, zero), hi = _mm256_unpackhi_epi8(acc, zero);          \
+        sum[r][c][0] = first ? lo : _mm256_add_epi16(sum[r][c][0], lo);                                    \
+        sum[r][c][1] = first ? hi : _mm256_add_epi16(sum[r][c][1], hi);                                    \
+    }
+
+/* 16-bit sums of the tile: rows [m, m + 3) x the cn groups of panel p, over all k4 steps. */
+XN_AVX2_FN static void xt_sums(const xn_job *j, int64_t m, int64_t p, int cn, __m256i sum[XT_R][XT_C][2])
 {
-    const int64_t nw = j->nw;
+    const uint8_t *x0 = j->xt + m * j->nw * 16, *x1 = x0 + j->nw * 16, *x2 = x1 + j->nw * 16;
+    const uint8_t *w = j->wt + xt_panel_at(j, p);
     const __m256i zero = _mm256_setzero_si256();
-    const uint64_t *xr = j->xa + m * nw * 8;
-    const uint64_t *wr = j->wv + g * nw * 8;
-    __m256i sum[XN_VMR][XN_VNG], acc[XN_VMR][XN_VNG];
-    if (nw <= 31) {   /* one chunk: no running sums to keep in registers */
-        xn_vchunk(xr, wr, nw, 0, nw, acc);
-        for (int i = 0; i < XN_VMR; i++)
-            for (int h = 0; h < XN_VNG; h++) sum[i][h] = _mm256_sad_epu8(acc[i][h], zero);
-    } else {
-        for (int i = 0; i < XN_VMR; i++)
-            for (int h = 0; h < XN_VNG; h++) sum[i][h] = zero;
-        for (int64_t k0 = 0; k0 < nw; k0 += 31) {
-            xn_vchunk(xr, wr, nw, k0, k0 + 31 < nw ? k0 + 31 : nw, acc);
-            for (int i = 0; i < XN_VMR; i++)
-                for (int h = 0; h < XN_VNG; h++)
-                    sum[i][h] = _mm256_add_epi64(sum[i][h], _mm256_sad_epu8(acc[i][h], zero));
+    for (int64_t u0 = 0; u0 < j->k4; u0 += XT_RUN) {
+        const int64_t u1 = j->k4 - u0 < XT_RUN ? j->k4 : u0 + XT_RUN;
+        const int first = u0 == 0;
+        if (cn == XT_C) {
+            __m256i acc00 = zero, acc01 = zero, acc02 = zero, acc10 = zero, acc11 = zero, acc12 = zero;
+            __m256i acc20 = zero, acc21 = zero, acc22 = zero;
+            const uint8_t *wp = w;
+            for (int64_t u = u0; u < u1; u++) {
+                __m256i t0, t1, t2, i0, i1, i2, tm;
+                XT_STEP();
+            }
+            XT_FLUSH(acc00, 0, 0) XT_FLUSH(acc01, 0, 1) XT_FLUSH(acc02, 0, 2)
+            XT_FLUSH(acc10, 1, 0) XT_FLUSH(acc11, 1, 1) XT_FLUSH(acc12, 1, 2)
+            XT_FLUSH(acc20, 2, 0) XT_FLUSH(acc21, 2, 1) XT_FLUSH(acc22, 2, 2)
+        } else {   /* the last panel's one or two groups */
+            __m256i acc[XT_R][XT_C - 1];
+            for (int r = 0; r < XT_R; r++)
+                for (int c = 0; c < XT_C - 1; c++) acc[r][c] = zero;
+            for (int64_t u = u0; u < u1; u++) {
+                const __m256i t0 = _mm256_load_si256((const __m256i *)(xt_tab + 8 * (int64_t)x0[u]));
+                const __m256i t1 = _mm256_load_si256((const __m256i *)(xt_tab + 8 * (int64_t)x1[u]));
+                const __m256i t2 = _mm256_load_si256((const __m256i *)(xt_tab + 8 * (int64_t)x2[u]));
+                for (int c = 0; c < cn; c++) {
+                    const __m256i i = _mm256_loadu_si256((const __m256i *)(w + (u * cn + c) * 32));
+                    acc[0][c] = _mm256_add_epi8(acc[0][c], _mm256_shuffle_epi8(t0, i));
+                    acc[1][c] = _mm256_add_epi8(acc[1][c], _mm256_shuffle_epi8(t1, i));
+                    acc[2][c] = _mm256_add_epi8(acc[2][c], _mm256_shuffle_epi8(t2, i));
+                }
+            }
+            for (int r = 0; r < XT_R; r++)
+                for (int c = 0; c < cn; c++) XT_FLUSH(acc[r][c], r, c)
         }
     }
-    const __m256i lo32 = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
-    const __m128i kk = _mm_set1_epi32((int)j->K);
-    for (int i = 0; i < XN_VMR; i++) {
-        if (m + i >= j->M) break;
-        float *yr = j->y + (m + i) * j->N;
-        for (int h = 0; h < XN_VNG; h++) {
-            const int64_t n = 4 * (g + h);
-            if (n + 4 <= j->N && j->K < ((int64_t)1 << 30)) {
-                /* counts <= K < 2**31: the low 32 bits of each lane, then d = K - 2 * count, exactly as floats */
-                const __m128i c = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(sum[i][h], lo32));
-                __m128 d = _mm_cvtepi32_ps(_mm_sub_epi32(kk, _mm_add_epi32(c, c)));
-                if (j->scale) d = _mm_mul_ps(d, _mm_loadu_ps(j->scale + n));
-                if (j->bias) d = _mm_add_ps(d, _mm_loadu_ps(j->bias + n));
-                _mm_storeu_ps(yr + n, d);
-            } else {
-                uint64_t c[4];
-                _mm256_storeu_si256((__m256i *)c, sum[i][h]);
-                for (int q = 0; n + q < j->N; q++) xn_store(j, m + i, n + q, c[q]);
+}
+
+/* Rows [m, m + 3) x panel p: the sums, then y = (K - 2 * count) * scale + bias per output, 8 at a time. */
+XN_AVX2_FN static void xt_tile(const xn_job *j, int64_t m, int64_t p)
+{
+    const int cn = xt_panel_groups(j, p);
+    __m256i sum[XT_R][XT_C][2];
+    xt_sums(j, m, p, cn, sum);
+    const __m256i kk = _mm256_set1_epi32((int)j->K);
+    for (int r = 0; r < XT_R && m + r < j->M; r++) {
+        float *yr = j->y + (m + r) * j->N;
+        for (int c = 0; c < cn; c++) {
+            const int64_t n0 = 32 * (XT_C * p + c);
+            for (int q = 0; q < 4; q++) {   /* columns n0 + 8q ..: sum half q & 1, 128-bit lane q >> 1 */
+                const __m256i s = sum[r][c][q & 1];
+                const __m128i h = q >> 1 ? _mm256_extracti128_si256(s, 1) : _mm256_castsi256_si128(s);
+                const int64_t col = n0 + 8 * ((q & 1) + 2 * (q >> 1));
+                const __m256i cnt = _mm256_cvtepu16_epi32(h);
+                if (col + 8 <= j->N) {
+                    __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(kk, _mm256_add_epi32(cnt, cnt)));
+                    if (j->scale) d = _mm256_mul_ps(d, _mm256_loadu_ps(j->scale + col));
+                    if (j->bias) d = _mm256_add_ps(d, _mm256_loadu_ps(j->bias + col));
+                    if (j->stream) _mm256_stream_ps(yr + col, d);
+                    else _mm256_storeu_ps(yr + col, d);
+                } else {
+                    int32_t c32[8];
+                    _mm256_storeu_si256((__m256i *)c32, cnt);
+                    for (int e = 0; col + e < j->N && e < 8; e++) xn_store(j, m + r, col + e, (uint64_t)c32[e]);
+                }
             }
         }
     }
 }
 
-/* AVX2 path: padded rows [m0, m1) x groups [g0, g1), the weight groups swept in cache blocks. */
-static void xn_vcompute(const xn_job *j, int64_t m0, int64_t m1, int64_t g0, int64_t g1)
+/* Whether xt_tile may write y with streaming stores: at least xn_stream_min_bytes of it (a smaller output may still
+   be in cache for the next op), 64-byte aligned, and rows of whole lines (N a multiple of 16), so that a tile's
+   consecutive 32-byte stores fill whole lines. */
+static int xt_stream_ok(const float *y, int64_t M, int64_t N)
 {
-    for (int64_t b0 = g0; b0 < g1; b0 += j->block) {
-        const int64_t b1 = b0 + j->block < g1 ? b0 + j->block : g1;
-        for (int64_t m = m0; m < m1; m += XN_VMR)
-            for (int64_t g = b0; g < b1; g += XN_VNG) xn_vtile(j, m, g);
+    return M * N * 4 >= __atomic_load_n(&xn_stream_min_bytes, __ATOMIC_RELAXED) && ((uintptr_t)y & 63) == 0 &&
+           N % 16 == 0;
+}
+
+/* AVX2 path: padded rows [m0, m1) x panels [p0, p1); per block of rows, each panel sweeps the block's row tiles. */
+XN_AVX2_FN static void xn_vcompute(const xn_job *j, int64_t m0, int64_t m1, int64_t p0, int64_t p1)
+{
+    for (int64_t b0 = m0; b0 < m1; b0 += j->block) {
+        const int64_t b1 = b0 + j->block < m1 ? b0 + j->block : m1;
+        for (int64_t p = p0; p < p1; p++)
+            for (int64_t m = b0; m < b1; m += XT_R) xt_tile(j, m, p);
     }
+    if (j->stream) _mm_sfence();   /* before another thread (or the caller) reads y */
 }
 #endif
 
@@ -677,10 +769,10 @@ static void xn_linear_share(xn_task *task, int tid)
     const int T = task->nthreads;
     int64_t lo, hi;
     if (j->simd) {
-        xn_share(j->mpad, XN_VMR, tid, T, &lo, &hi);
+        xn_share(j->mpad, XT_R, tid, T, &lo, &hi);
         xn_pack_x(j, lo, hi);
 #if XN_X86_SIMD
-        xn_share(j->gpad, XN_VNG, tid, T, &lo, &hi);
+        xn_share(j->groups, 1, tid, T, &lo, &hi);
         xn_pack_w(j, lo, hi);
 #endif
     } else {
@@ -691,11 +783,12 @@ static void xn_linear_share(xn_task *task, int tid)
     if (xn_failed(task)) return;
 #if XN_X86_SIMD
     if (j->simd) {
+        const int64_t panels = (j->groups + XT_C - 1) / XT_C;
         if (j->split_m) {
-            xn_share(j->mpad, XN_VMR, tid, T, &lo, &hi);
-            xn_vcompute(j, lo, hi, 0, j->gpad);
+            xn_share(j->mpad, XT_R, tid, T, &lo, &hi);
+            xn_vcompute(j, lo, hi, 0, panels);
         } else {
-            xn_share(j->gpad, XN_VNG, tid, T, &lo, &hi);
+            xn_share(panels, 1, tid, T, &lo, &hi);
             xn_vcompute(j, 0, j->mpad, lo, hi);
         }
         return;
@@ -709,6 +802,9 @@ static void xn_linear_share(xn_task *task, int tid)
         xn_compute(j, 0, j->M, lo, hi);
     }
 }
+
+/* v rounded up to a multiple of m. */
+static int64_t xa_round(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 static int xn_linear_scalar_avx2(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t *w, int64_t N,
                                  const float *scale, const float *bias, float *y, int nthreads, int64_t min_work,
@@ -724,23 +820,26 @@ static int xn_linear_scalar_avx2(const float *x, int64_t M, int64_t ldx, int64_t
     j.nfull = K / 64;
     j.tail_bytes = (int)(j.nbytes - 8 * j.nfull);
     j.tail_mask = (K % 64) ? ((uint64_t)1 << (K % 64)) - 1 : ~(uint64_t)0;
-    j.simd = simd;
+    j.simd = simd && K <= XT_MAX_K;   /* the avx2 path's 16-bit sums hold counts up to 65535 */
     j.strict = strict;
 
     int64_t mtiles, ntiles;
     if (j.simd) {
-        j.mpad = (M + XN_VMR - 1) / XN_VMR * XN_VMR;
-        const int64_t groups = (N + 3) / 4;
-        j.gpad = (groups + XN_VNG - 1) / XN_VNG * XN_VNG;
-        j.block = XN_BLOCK_BYTES / (j.nw * 64) / XN_VNG * XN_VNG;
-        if (j.block < XN_VNG) j.block = XN_VNG;
-        mtiles = j.mpad / XN_VMR;
-        ntiles = j.gpad / XN_VNG;
-        j.xa = (uint64_t *)malloc((size_t)(j.mpad * j.nw * 8) * sizeof(uint64_t));
-        j.wv = (uint64_t *)malloc((size_t)(j.gpad * j.nw * 8) * sizeof(uint64_t));
-        if (!j.xa || !j.wv) {
-            free(j.xa);
-            free(j.wv);
+        j.k4 = (K + 3) / 4;
+        j.mpad = xa_round(M, XT_R);
+        j.groups = (N + 31) / 32;
+        j.block = XT_ROWS_BYTES / (j.nw * 16) / XT_R * XT_R;
+        if (j.block < XT_R) j.block = XT_R;
+        mtiles = j.mpad / XT_R;
+        ntiles = (j.groups + XT_C - 1) / XT_C;
+#if XN_X86_SIMD
+        j.stream = xt_stream_ok(y, M, N);
+#endif
+        j.xt = (uint8_t *)aligned_alloc(64, (size_t)xa_round(j.mpad * j.nw * 16, 64));
+        j.wt = (uint8_t *)aligned_alloc(64, (size_t)xa_round(ntiles * XT_C * j.k4 * 32, 64));
+        if (!j.xt || !j.wt) {
+            free(j.xt);
+            free(j.wt);
             return XN_NOMEM;
         }
     } else {
@@ -757,7 +856,8 @@ static int xn_linear_scalar_avx2(const float *x, int64_t M, int64_t ldx, int64_t
     j.task.nthreads = t;
     xn_run(&j.task);
     free(j.xa);
-    free(j.wv);
+    free(j.xt);
+    free(j.wt);
     return j.task.status;
 }
 
@@ -814,7 +914,6 @@ static void xn_fill_panels(const uint8_t *w, int64_t O, int64_t Cg, int64_t taps
 }
 
 /* The AMX path's sizes (xnor_amx.c), needed by its entry points in every build. */
-static int64_t xa_round(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 /* Bytes of the AMX weight layout for O outputs, Cg inputs per tap and `taps` taps. */
 static int64_t xa_weight_bytes(int64_t O, int64_t Cg, int64_t taps)
