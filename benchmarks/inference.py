@@ -874,10 +874,12 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
             "limit on an idle core at the stated clock, more under turbo, less where the host shares the core)."
             if "avx512" in kernel_paths()
             else "This CPU has no AVX-512 VPOPCNTDQ, so the limit above (the issue's formula, kept as the bar) has "
-            "no instruction behind it here: AVX2 has no vector popcount, and the kernels count bits with byte-table "
-            "lookups (VPSHUFB, 128 bits a lookup). The probe is the avx2 convolution tile on operands in L1 (per "
-            "256 multiply-adds: two broadcasts, two VPXOR, two VPSHUFB, two VPADDB; six vector operations on "
-            "four pipes on AMD Zen 3, about 171 multiply-adds per cycle, a third of the limit)."
+            "no instruction behind it here: AVX2 has no vector popcount, and the kernels look popcounts up in "
+            "byte tables (VPSHUFB: an activation nibble selects one of 16 tables of popcount(a ^ v), and one "
+            "lookup counts 4 inputs for 32 weight rows, 128 multiply-adds). The probe is the avx2 convolution's "
+            "table tile (4 pixels x 64 channels) on operands in L1: one VPSHUFB and one VPADDB per 128 "
+            "multiply-adds, at most 256 per cycle where two shuffle pipes and four vector pipes are free (AMD Zen "
+            "3), half the limit; a vCPU whose core is shared retires fewer."
             if "avx2" in kernel_paths()
             else "No vector path runs on this CPU: no probe."
         ),

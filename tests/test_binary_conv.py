@@ -46,6 +46,10 @@ CASES = {
     "wide channels": (1, 520, 4, 4, 33, 3, 1, 1, 1, 1),
     "padding past the kernel's reach": (1, 5, 3, 3, 7, 3, 1, 3, 1, 1),
     "rectangular kernel": (2, 24, 6, 9, 8, (1, 3), (1, 2), (0, 1), 1, 1),
+    # the avx2 path's table tiles (64 channels of a group, two halves of 32): one half, one and a half, groups of 64
+    "32 outputs, 1x1": (2, 70, 3, 5, 32, 1, 1, 0, 1, 1),
+    "48 outputs, stride 2": (3, 64, 7, 6, 48, 3, 2, 1, 1, 1),
+    "groups of 64 outputs": (1, 64, 5, 5, 128, 3, 1, 1, 1, 2),
 }
 
 

@@ -952,13 +952,14 @@ int xnor_use_openmp(void *parallel, void *thread_num, void *num_threads, void *b
 int xnor_openmp_in_use(void) { return xn_gomp_parallel != NULL; }
 
 /* The register loop of the fastest vector path, alone, on the calling thread: xz_popcount_probe (avx512: `steps`
-   steps of the register tile's 16 XOR-popcount-adds, registers only) or xv_popcount_probe (avx2: the convolution's
-   tile on L1-resident operands). Returns the binary multiply-adds done; -1 where neither path runs here. */
+   steps of the register tile's 16 XOR-popcount-adds, registers only) or xw_popcount_probe (avx2: `steps` words of
+   the convolution's table tile on L1-resident operands). Returns the binary multiply-adds done; -1 where neither
+   path runs here. */
 int64_t xnor_popcount_probe(int64_t steps)
 {
 #if XN_X86_SIMD
     if (xn_supported(XN_PATH_AVX512)) return xz_popcount_probe(steps);
-    if (xn_supported(XN_PATH_AVX2)) return xv_popcount_probe(steps);
+    if (xn_supported(XN_PATH_AVX2)) return xw_popcount_probe(steps);
 #endif
     (void)steps;
     return -1;

@@ -353,8 +353,9 @@ def paths() -> tuple[str, ...]:
 def popcount_rate(steps: int = 1 << 18) -> float | None:
     """Binary multiply-adds per second that the fastest vector path's register tile reaches on the calling thread
     right now, with nothing else in the loop (no outer loops, no epilogue): on the avx512 path `steps` steps of its
-    16 XOR-popcount-adds of 512 bits, registers only; on the avx2 path `steps` steps (whole runs of 31) of the
-    convolution's tile (8 pixels x 8 channels x 32 bits a step) on operands in L1. A ceiling for the kernels' inner
+    16 XOR-popcount-adds of 512 bits, registers only; on the avx2 path `steps` channel words (whole runs of 7) of
+    the convolution's table tile (4 pixels x 64 channels x 32 bits a word: 8 nibble steps of 8 VPSHUFB lookups and
+    8 byte adds) on operands in L1. A ceiling for the kernels' inner
     loop on this core at this moment (on a shared VM it moves with the host's load), for benchmarks; None where
     neither path runs.
 

@@ -36,6 +36,8 @@
 #define XN_CONV_GEOM 18   /* B, C, H, W, stride of B, C, H, W (elements), O, kh, kw, sh, sw, ph, pw, dh, dw, groups */
 #define XN_CONV_TILE 8    /* output pixels per tile (XZ_MR on the avx512 path) */
 #define XN_CONV_NG 2      /* panels per tile (XZ_NG on the avx512 path) */
+#define XV_PAIRS 1        /* xn_conv_job.avx2: the avx2 nibble-pair path (xv_) */
+#define XV_TABLE 2        /* xn_conv_job.avx2: the avx2 table path (xw_) */
 
 typedef struct {
     xn_task task;
@@ -44,13 +46,15 @@ typedef struct {
     int64_t O, kh, kw, sh, sw, ph, pw, dh, dw, G;
     int64_t Cg, Og, cw, Gcw, Hp, Wp, PS, IS;  /* words per group's channels, planes, padded size, plane / image size */
     int64_t Ho, Wo, HWo, P, K;                /* output size, pixels per image, all pixels, inputs per output */
-    int64_t P16, NQ, PT, T, units;            /* panels per group, panel pairs, pixel tiles, steps, work units */
+    int64_t P16, NQ, PT, T, units;            /* panels per group, panel pairs (avx2 table path: quads of 64
+                                                 channels), pixel tiles, steps, work units */
     const uint32_t *wp;
     const float *scale, *bias;
     float *y;
     int nchw_out, strict, simd, bf16;         /* bf16: x and y are bfloat16 (avx512 path, channels-last only) */
-    int avx2;                                 /* the avx2 path (simd: the avx512 one) */
-    uint32_t *wn;                             /* avx2: the panels as nibble pairs, [G * P16][T][lo 16, hi 16] */
+    int avx2;                                 /* the avx2 path: XV_PAIRS or XV_TABLE (simd: the avx512 one) */
+    uint32_t *wn;                             /* avx2: the panels as nibble pairs, [G * P16][T][lo 16, hi 16]; table
+                                                 path: bytes [G * NQ][T][8 nibbles][64 channels] */
     int exact;                                /* xz_exact_ints: the integers need no bf16 rounding */
     int stream;                               /* channels-last y by xz_store_row's streaming stores */
     int by_image;                             /* each thread packs and computes whole images (xz_conv_images) */
@@ -370,6 +374,13 @@ XN_AVX512_FN static void xz_conv_images(xn_conv_job *j, int tid)
 #define XV_MR 8   /* output pixels per avx2 tile (a work unit's) */
 #define XV_RUN 31 /* steps a byte accumulator takes: 31 x 8 = 248 < 256 */
 
+/* A word's 8 nibbles, one byte each, in order, times 4. */
+XN_AVX2_FN static inline __m128i xw_bytes(uint32_t v)
+{
+    const __m128i lo = _mm_cvtsi32_si128((int)(v & 0x0F0F0F0Fu)), hi = _mm_cvtsi32_si128((int)((v >> 4) & 0x0F0F0F0Fu));
+    return _mm_slli_epi16(_mm_unpacklo_epi8(lo, hi), 2);
+}
+
 /* Whether v is bad: a NaN, or with strict a value other than +-1 (one value, and 8 lanes of a vector). */
 static inline int xv_bad(float v, int strict) { return strict ? (v != 1.0f) & (v != -1.0f) : v != v; }
 
@@ -450,9 +461,13 @@ XN_AVX2_FN static int xv_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r1)
                         words[w] = xv_sign_word(px + (w0 + w) * j->sW, j->sC, cnt, j->strict, &bad);
                 }
                 uint32_t *o = row + 2 * (j->pw + w0);
-                for (int64_t w = 0; w < n; w++) {
-                    o[2 * w] = words[w] & lo4;
-                    o[2 * w + 1] = (words[w] >> 4) & lo4;
+                if (j->avx2 == XV_TABLE) {
+                    for (int64_t w = 0; w < n; w++) _mm_storel_epi64((__m128i *)(o + 2 * w), xw_bytes(words[w]));
+                } else {
+                    for (int64_t w = 0; w < n; w++) {
+                        o[2 * w] = words[w] & lo4;
+                        o[2 * w + 1] = (words[w] >> 4) & lo4;
+                    }
                 }
             }
         }
@@ -519,28 +534,6 @@ XN_AVX2_FN static inline __attribute__((always_inline)) void xv_dot8(const uint3
     }
 }
 
-/* The avx2 register loop alone (xnor_popcount_probe): xv_dot8 over a panel and 8 pixel words that stay in L1,
-   XV_RUN steps a call, until `steps` steps are done; returns the binary multiply-adds done (8 x 8 x 32 a step). */
-XN_AVX2_FN static int64_t xv_popcount_probe(int64_t steps)
-{
-    uint32_t image[2 * XV_MR], panel[32 * XV_RUN];
-    int32_t off[XV_RUN] = {0};
-    uint32_t v = 0x2545F491u;
-    for (int i = 0; i < 32 * XV_RUN; i++) panel[i] = (v = v * 1664525u + 1013904223u) & 0x0F0F0F0Fu;
-    for (int i = 0; i < 2 * XV_MR; i++) image[i] = (v = v * 1664525u + 1013904223u) & 0x0F0F0F0Fu;
-    const uint32_t *xr[XV_MR];
-    for (int i = 0; i < XV_MR; i++) xr[i] = image + 2 * i;
-    __asm__ __volatile__("" : : "r"(off), "r"(xr) : "memory");   /* offsets and pixels unknown, as in a layer */
-    __m256i cnt[XV_MR], total = _mm256_setzero_si256();
-    int64_t done = 0;
-    for (; done < steps; done += XV_RUN) {
-        xv_dot8(xr, off, XV_RUN, panel, 0, cnt);
-        for (int i = 0; i < XV_MR; i++) total = _mm256_add_epi32(total, cnt[i]);   /* every count used */
-        __asm__ __volatile__("" : : "x"(total) : "memory");                         /* and every call */
-    }
-    return done * XV_MR * 8 * 32;
-}
-
 /* r[i] = pixel i's 8 channels -> r[c] = channel c's 8 pixels. */
 XN_AVX2_FN static inline void xv_transpose8(__m256 r[8])
 {
@@ -558,13 +551,55 @@ XN_AVX2_FN static inline void xv_transpose8(__m256 r[8])
     r[6] = _mm256_permute2f128_ps(s2, s6, 0x31); r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
+/* The outputs of 8 channels (n0 .. n0 + nl of group g) at a tile's np pixels from their counts cnt[i] (pixel i's,
+   one 32-bit lane per channel): K - 2 * count, plus the padding's correction, then scale and bias; channels-last
+   directly, NCHW through an 8 x 8 transpose where the 8 pixels are consecutive ones of one image. */
+XN_AVX2_FN static void xv_finish8(const xn_conv_job *j, const __m256i cnt[XV_MR], int np, int64_t tile,
+                                  const int64_t b[XN_CONV_TILE], const int64_t r[XN_CONV_TILE],
+                                  const int64_t cls[XN_CONV_TILE], int64_t g, int64_t n0, int nl)
+{
+    const __m256i kc = _mm256_set1_epi32((int)j->K);
+    const int64_t oc = g * j->Og + n0;
+    const __m256 sv = j->scale && nl == 8 ? _mm256_loadu_ps(j->scale + oc) : _mm256_setzero_ps();
+    const __m256 bv = j->bias && nl == 8 ? _mm256_loadu_ps(j->bias + oc) : _mm256_setzero_ps();
+    __m256 f[XV_MR];
+    for (int i = 0; i < np; i++) {
+        const int64_t p = tile * XN_CONV_TILE + i;
+        if (nl < 8) {
+            int32_t c32[8];
+            int64_t c64[8];
+            _mm256_storeu_si256((__m256i *)c32, cnt[i]);
+            for (int c = 0; c < 8; c++) c64[c] = c32[c];
+            xn_conv_store_scalar(j, p, b[i], r[i], cls[i], g, n0, nl, c64);
+            continue;
+        }
+        __m256i d = _mm256_sub_epi32(kc, _mm256_add_epi32(cnt[i], cnt[i]));
+        if (j->corr) d = _mm256_add_epi32(d, _mm256_loadu_si256((const __m256i *)(j->corr + cls[i] + oc)));
+        __m256 v = _mm256_cvtepi32_ps(d);
+        if (j->scale) v = _mm256_mul_ps(v, sv);
+        if (j->bias) v = _mm256_add_ps(v, bv);
+        f[i] = v;
+        if (!j->nchw_out) _mm256_storeu_ps(j->y + p * j->O + oc, v);
+    }
+    if (!j->nchw_out || nl < 8) return;
+    if (np == XV_MR && b[0] == b[XV_MR - 1]) {   /* 8 consecutive pixels of one image: 8 floats a plane */
+        xv_transpose8(f);
+        for (int c = 0; c < 8; c++) _mm256_storeu_ps(j->y + (b[0] * j->O + oc + c) * j->HWo + r[0], f[c]);
+    } else {
+        for (int i = 0; i < np; i++) {
+            float v[8];
+            _mm256_storeu_ps(v, f[i]);
+            for (int c = 0; c < 8; c++) j->y[(b[i] * j->O + oc + c) * j->HWo + r[i]] = v[c];
+        }
+    }
+}
+
 /* Work units [u0, u1) (as the scalar path's: group, panel pair, tile of 8 pixels; consecutive units share the
    tile's pixels, so their bit-image words stay in L1), a tile of 8 channels at a time. */
 XN_AVX2_FN static void xv_conv_units(const xn_conv_job *j, int64_t u0, int64_t u1)
 {
     const uint32_t *xr[XN_CONV_TILE];
     int64_t r[XN_CONV_TILE], b[XN_CONV_TILE], cls[XN_CONV_TILE];
-    const __m256i kc = _mm256_set1_epi32((int)j->K);
     for (int64_t u = u0; u < u1; u++) {
         const int64_t q = u % j->NQ, tile = u / j->NQ % j->PT, g = u / j->NQ / j->PT;
         const int np = xn_conv_pixels(j, j->xb, tile, j->P, 0, xr, b, r, cls);
@@ -573,44 +608,189 @@ XN_AVX2_FN static void xv_conv_units(const xn_conv_job *j, int64_t u0, int64_t u
         for (int64_t panel = q * XN_CONV_NG; panel < (q + 1) * XN_CONV_NG && panel < j->P16; panel++) {
             const uint32_t *wr = j->wn + (g * j->P16 + panel) * j->T * 32;
             for (int h = 0; h < 2; h++) {
-                const int64_t n0 = 16 * panel + 8 * h, oc = g * j->Og + n0;
+                const int64_t n0 = 16 * panel + 8 * h;
                 if (n0 >= j->Og) break;
-                const int nl = j->Og - n0 < 8 ? (int)(j->Og - n0) : 8;
                 __m256i cnt[XV_MR];
                 xv_dot8(xs, j->off, j->T, wr, h, cnt);
-                const __m256 sv = j->scale && nl == 8 ? _mm256_loadu_ps(j->scale + oc) : _mm256_setzero_ps();
-                const __m256 bv = j->bias && nl == 8 ? _mm256_loadu_ps(j->bias + oc) : _mm256_setzero_ps();
-                __m256 f[XV_MR];
-                for (int i = 0; i < np; i++) {
-                    const int64_t p = tile * XN_CONV_TILE + i;
-                    if (nl < 8) {
-                        int32_t c32[8];
-                        int64_t c64[8];
-                        _mm256_storeu_si256((__m256i *)c32, cnt[i]);
-                        for (int c = 0; c < 8; c++) c64[c] = c32[c];
-                        xn_conv_store_scalar(j, p, b[i], r[i], cls[i], g, n0, nl, c64);
-                        continue;
-                    }
-                    __m256i d = _mm256_sub_epi32(kc, _mm256_add_epi32(cnt[i], cnt[i]));
-                    if (j->corr) d = _mm256_add_epi32(d, _mm256_loadu_si256((const __m256i *)(j->corr + cls[i] + oc)));
-                    __m256 v = _mm256_cvtepi32_ps(d);
-                    if (j->scale) v = _mm256_mul_ps(v, sv);
-                    if (j->bias) v = _mm256_add_ps(v, bv);
-                    f[i] = v;
-                    if (!j->nchw_out) _mm256_storeu_ps(j->y + p * j->O + oc, v);
+                xv_finish8(j, cnt, np, tile, b, r, cls, g, n0, j->Og - n0 < 8 ? (int)(j->Og - n0) : 8);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   avx2 table path (xw_; the avx2 path's choice where a group has at least 32 output channels and K <= 65535):
+   the linear path's lookup (xnor.c, xt_tab) on the convolution's implicit im2col. The bit image holds each word as
+   its 8 nibbles, one byte each (times 4: the table row's address in 8-byte units), and the weights of 64 output
+   channels of a group (a quad: 4 panels, two halves of 32) are laid out per call as per step u and nibble s, the
+   nibble of each channel, one byte each (xw_split). A register tile is 4 pixels x 64 channels: per nibble step,
+   each pixel's byte picks its table, and 8 VPSHUFB + 8 VPADDB count 1024 binary multiply-adds; byte counts are
+   widened to 16-bit sums every XW_WORDS words (8 steps each, at most 4 a step: 7 x 8 x 4 = 224 < 256). */
+
+#define XW_R 4      /* pixels per register tile: a unit's 8 pixels are two */
+#define XW_WORDS 7  /* channel words per run of byte counts */
+
+
+/* Quads [q0, q1) of all groups (G * NQ of them) into j->wn: for each step u and nibble s, 64 bytes (channel c of
+   the quad at byte c: its word's nibble s; channels past the group's are 0). 32 channels' words are a 32 x 4 byte
+   matrix: a byte shuffle and a dword permute per 8 channels, then a 4 x 4 transpose of 8-byte rows give each byte
+   position's 32 bytes, whose low and high nibbles are steps 2b and 2b + 1. */
+XN_AVX2_FN static void xw_split(const xn_conv_job *j, int64_t q0, int64_t q1)
+{
+    const __m256i gather = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                            0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i pairs = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), lo4 = _mm256_set1_epi8(0x0F);
+    uint8_t *out = (uint8_t *)j->wn;
+    for (int64_t gq = q0; gq < q1; gq++) {
+        const int64_t g = gq / j->NQ, quad = gq % j->NQ;
+        for (int64_t u = 0; u < j->T; u++) {
+            uint8_t *o = out + (gq * j->T + u) * 512;
+            for (int h = 0; h < 2; h++) {
+                __m256i a[4];
+                for (int e = 0; e < 4; e++) {   /* channels 8e .. 8e + 7 of the half: panel 4 quad + 2 h + e / 2 */
+                    const int64_t panel = 4 * quad + 2 * h + e / 2;
+                    a[e] = panel < j->P16 ? _mm256_loadu_si256((const __m256i *)(j->wp + ((g * j->P16 + panel) * j->T +
+                                                                                           u) * 16 + 8 * (e & 1)))
+                                          : _mm256_setzero_si256();
+                    a[e] = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a[e], gather), pairs);
                 }
-                if (!j->nchw_out || nl < 8) continue;
-                if (np == XV_MR && b[0] == b[XV_MR - 1]) {   /* 8 consecutive pixels of one image: 8 floats a plane */
-                    xv_transpose8(f);
-                    for (int c = 0; c < 8; c++) _mm256_storeu_ps(j->y + (b[0] * j->O + oc + c) * j->HWo + r[0], f[c]);
-                } else {
-                    for (int i = 0; i < np; i++) {
-                        float v[8];
-                        _mm256_storeu_ps(v, f[i]);
-                        for (int c = 0; c < 8; c++) j->y[(b[i] * j->O + oc + c) * j->HWo + r[i]] = v[c];
+                const __m256i lo01 = _mm256_unpacklo_epi64(a[0], a[1]), hi01 = _mm256_unpackhi_epi64(a[0], a[1]);
+                const __m256i lo23 = _mm256_unpacklo_epi64(a[2], a[3]), hi23 = _mm256_unpackhi_epi64(a[2], a[3]);
+                const __m256i byte[4] = {_mm256_permute2x128_si256(lo01, lo23, 0x20),
+                                         _mm256_permute2x128_si256(hi01, hi23, 0x20),
+                                         _mm256_permute2x128_si256(lo01, lo23, 0x31),
+                                         _mm256_permute2x128_si256(hi01, hi23, 0x31)};
+                for (int e = 0; e < 4; e++) {
+                    _mm256_storeu_si256((__m256i *)(o + 64 * (2 * e) + 32 * h), _mm256_and_si256(byte[e], lo4));
+                    _mm256_storeu_si256((__m256i *)(o + 64 * (2 * e + 1) + 32 * h),
+                                        _mm256_and_si256(_mm256_srli_epi16(byte[e], 4), lo4));
+                }
+            }
+        }
+    }
+}
+
+/* One nibble step s of the 4 x 64 tile, in assembly (as xt's step): each pixel's table, the quad's two index
+   vectors, 8 lookups and byte adds; each table is overwritten by its second lookup. */
+#define XW_STEP(s)                                                                                       \
+    __asm__("vmovdqa (%[tab],%[x0],8), %[t0]\n\t"                                                          \
+            "vmovdqa (%[tab],%[x1],8), %[t1]\n\t"                                                          \
+            "vmovdqa (%[tab],%[x2],8), %[t2]\n\t"                                                          \
+            "vmovdqa (%[tab],%[x3],8), %[t3]\n\t"                                                          \
+            "vmovdqa " #s "*64(%[w]), %[i0]\n\t"                                                           \
+            "vmovdqa " #s "*64+32(%[w]), %[i1]\n\t"                                                        \
+            "vpshufb %[i0], %[t0], %[tm]\n\tvpaddb %[tm], %[a00], %[a00]\n\t"                                \
+            "vpshufb %[i1], %[t0], %[t0]\n\tvpaddb %[t0], %[a01], %[a01]\n\t"                                \
+            "vpshufb %[i0], %[t1], %[tm]\n\tvpaddb %[tm], %[a10], %[a10]\n\t"                                \
+            "vpshufb %[i1], %[t1], %[t1]\n\tvpaddb %[t1], %[a11], %[a11]\n\t"                                \
+            "vpshufb %[i0], %[t2], %[tm]\n\tvpaddb %[tm], %[a20], %[a20]\n\t"                                \
+            "vpshufb %[i1], %[t2], %[t2]\n\tvpaddb %[t2], %[a21], %[a21]\n\t"                                \
+            "vpshufb %[i0], %[t3], %[tm]\n\tvpaddb %[tm], %[a30], %[a30]\n\t"                                \
+            "vpshufb %[i1], %[t3], %[t3]\n\tvpaddb %[t3], %[a31], %[a31]"                                    \
+            : [a00] "+x"(a00), [a01] "+x"(a01), [a10] "+x"(a10), [a11] "+x"(a11), [a20] "+x"(a20),             \
+              [a21] "+x"(a21), [a30] "+x"(a30), [a31] "+x"(a31), [t0] "=&x"(t0), [t1] "=&x"(t1),               \
+              [t2] "=&x"(t2), [t3] "=&x"(t3), [i0] "=&x"(i0), [i1] "=&x"(i1), [tm] "=&x"(tm)                   \
+            : [tab] "r"(xt_tab), [x0] "r"((int64_t)p0[s]), [x1] "r"((int64_t)p1[s]), [x2] "r"((int64_t)p2[s]), \
+              [x3] "r"((int64_t)p3[s]), [w] "r"(wu)                                                          \
+            : "memory")
+
+#define XW_FLUSH(acc, i, h)                                                                                \
+    {                                                                                                      \
+        const __m256i lo = _mm256_unpacklo_epi8(acc, zero), hi = _mm256_unpackhi_epi8(acc, zero);          \
+        sum[i][h][0] = w0 ? _mm256_add_epi16(sum[i][h][0], lo) : lo;                                       \
+        sum[i][h][1] = w0 ? _mm256_add_epi16(sum[i][h][1], hi) : hi;                                       \
+    }
+
+/* Counts of 4 pixels (x: their first byte in the image) x the quad's cn halves (wq: its layout) over all T words,
+   as cnt[i][c] (channel c of the quad, 16 bits, natural order). */
+XN_AVX2_FN static void xw_counts4(const uint8_t *const x[XW_R], const int32_t *off, int64_t T, const uint8_t *wq,
+                                  int cn, uint16_t cnt[XW_R][64])
+{
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i sum[XW_R][2][2];
+    for (int64_t w0 = 0; w0 < T; w0 += XW_WORDS) {
+        const int64_t w1 = T - w0 < XW_WORDS ? T : w0 + XW_WORDS;
+        if (cn == 2) {
+            __m256i a00 = zero, a01 = zero, a10 = zero, a11 = zero, a20 = zero, a21 = zero, a30 = zero, a31 = zero;
+            for (int64_t u = w0; u < w1; u++) {
+                const int64_t o = 8 * (int64_t)off[u];
+                const uint8_t *p0 = x[0] + o, *p1 = x[1] + o, *p2 = x[2] + o, *p3 = x[3] + o, *wu = wq + u * 512;
+                __m256i t0, t1, t2, t3, i0, i1, tm;
+                XW_STEP(0); XW_STEP(1); XW_STEP(2); XW_STEP(3); XW_STEP(4); XW_STEP(5); XW_STEP(6); XW_STEP(7);
+            }
+            XW_FLUSH(a00, 0, 0) XW_FLUSH(a01, 0, 1) XW_FLUSH(a10, 1, 0) XW_FLUSH(a11, 1, 1)
+            XW_FLUSH(a20, 2, 0) XW_FLUSH(a21, 2, 1) XW_FLUSH(a30, 3, 0) XW_FLUSH(a31, 3, 1)
+        } else {   /* one half: 4 accumulators, intrinsics */
+            __m256i a[XW_R] = {zero, zero, zero, zero};
+            for (int64_t u = w0; u < w1; u++) {
+                const int64_t o = 8 * (int64_t)off[u];
+                for (int s = 0; s < 8; s++) {
+                    const __m256i i0 = _mm256_loadu_si256((const __m256i *)(wq + u * 512 + 64 * s));
+                    for (int i = 0; i < XW_R; i++) {
+                        const __m256i t = _mm256_load_si256((const __m256i *)(xt_tab + 8 * (int64_t)x[i][o + s]));
+                        a[i] = _mm256_add_epi8(a[i], _mm256_shuffle_epi8(t, i0));
                     }
                 }
             }
+            for (int i = 0; i < XW_R; i++) XW_FLUSH(a[i], i, 0)
+        }
+    }
+    for (int i = 0; i < XW_R; i++)
+        for (int h = 0; h < cn; h++) {   /* lo: channels 0-7 | 16-23, hi: 8-15 | 24-31 */
+            _mm256_storeu_si256((__m256i *)(cnt[i] + 32 * h), _mm256_permute2x128_si256(sum[i][h][0], sum[i][h][1], 0x20));
+            _mm256_storeu_si256((__m256i *)(cnt[i] + 32 * h + 16),
+                                _mm256_permute2x128_si256(sum[i][h][0], sum[i][h][1], 0x31));
+        }
+}
+
+/* The avx2 register loop alone (xnor_popcount_probe): xw_counts4 (4 pixels x 64 channels, one run of XW_WORDS
+   words, its flush and its stores included) on operands in L1, until `steps` words are done; returns the binary
+   multiply-adds done (4 x 64 x 32 a word). */
+XN_AVX2_FN static int64_t xw_popcount_probe(int64_t steps)
+{
+    static uint8_t image[XW_R * 8 * XW_WORDS], weights[512 * XW_WORDS] __attribute__((aligned(64)));
+    int32_t off[XW_WORDS];
+    uint16_t cnt[XW_R][64];
+    uint32_t v = 0x2545F491u;
+    for (int i = 0; i < (int)sizeof weights; i++) weights[i] = (uint8_t)((v = v * 1664525u + 1013904223u) >> 28);
+    for (int i = 0; i < (int)sizeof image; i++) image[i] = (uint8_t)(((v = v * 1664525u + 1013904223u) >> 28) << 2);
+    for (int u = 0; u < XW_WORDS; u++) off[u] = u;
+    const uint8_t *x[XW_R];
+    for (int i = 0; i < XW_R; i++) x[i] = image + 8 * XW_WORDS * i;
+    __asm__ __volatile__("" : : "r"(off), "r"(x) : "memory");   /* offsets and pixels unknown, as in a layer */
+    uint32_t total = 0;
+    int64_t done = 0;
+    for (; done < steps; done += XW_WORDS) {
+        xw_counts4(x, off, XW_WORDS, weights, 2, cnt);
+        total += cnt[0][0] + cnt[XW_R - 1][63];   /* every call's counts used */
+        __asm__ __volatile__("" : : "r"(total) : "memory");
+    }
+    return done * XW_R * 64 * 32;
+}
+
+/* Work units [u0, u1): (group, pixel tile, quad), the quad's 64 channels at the tile's 8 pixels, then 8 channels
+   at a time through xv_finish8. */
+XN_AVX2_FN static void xw_conv_units(const xn_conv_job *j, int64_t u0, int64_t u1)
+{
+    const uint32_t *xr[XN_CONV_TILE];
+    int64_t r[XN_CONV_TILE], b[XN_CONV_TILE], cls[XN_CONV_TILE];
+    uint16_t cnt16[XN_CONV_TILE][64] __attribute__((aligned(32)));
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t quad = u % j->NQ, tile = u / j->NQ % j->PT, g = u / j->NQ / j->PT;
+        const int np = xn_conv_pixels(j, j->xb, tile, j->P, 0, xr, b, r, cls);
+        const uint8_t *xs[XN_CONV_TILE];
+        for (int i = 0; i < XN_CONV_TILE; i++) xs[i] = (const uint8_t *)j->xb + 8 * (xr[i] - j->xb + g * j->cw * j->PS);
+        const int64_t left = j->Og - 64 * quad;
+        const int cn = left > 32 ? 2 : 1;
+        const uint8_t *wq = (const uint8_t *)j->wn + (g * j->NQ + quad) * j->T * 512;
+        xw_counts4(xs, j->off, j->T, wq, cn, cnt16);
+        xw_counts4(xs + XW_R, j->off, j->T, wq, cn, cnt16 + XW_R);
+        for (int q8 = 0; q8 < 4 * cn; q8++) {
+            const int64_t n0 = 64 * quad + 8 * q8;
+            if (n0 >= j->Og) break;
+            __m256i cnt[XV_MR];
+            for (int i = 0; i < XV_MR; i++) cnt[i] = _mm256_cvtepu16_epi32(_mm_load_si128((const __m128i *)(cnt16[i] + 8 * q8)));
+            xv_finish8(j, cnt, np, tile, b, r, cls, g, n0, j->Og - n0 < 8 ? (int)(j->Og - n0) : 8);
         }
     }
 }
@@ -635,8 +815,13 @@ static void xn_conv_share(xn_task *task, int tid)
     if (j->simd) bad = xz_conv_pack(j, lo, hi);
     else if (j->avx2) {
         bad = xv_conv_pack(j, lo, hi);
-        xn_share(j->G * j->P16, 1, tid, nt, &lo, &hi);
-        xv_split_panels(j, lo, hi);
+        if (j->avx2 == XV_TABLE) {
+            xn_share(j->G * j->NQ, 1, tid, nt, &lo, &hi);
+            xw_split(j, lo, hi);
+        } else {
+            xn_share(j->G * j->P16, 1, tid, nt, &lo, &hi);
+            xv_split_panels(j, lo, hi);
+        }
     }
     else
 #endif
@@ -649,6 +834,10 @@ static void xn_conv_share(xn_task *task, int tid)
     if (j->simd) {
         xz_conv_units(j, lo, hi);
         if (j->stream) _mm_sfence();
+        return;
+    }
+    if (j->avx2 == XV_TABLE) {
+        xw_conv_units(j, lo, hi);
         return;
     }
     if (j->avx2) {
@@ -721,7 +910,7 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
     if (!xn_supported(path) || (bf16 && path != XN_PATH_AVX512)) return XN_NO_PATH;
     xn_hugepage_hint(y, j.B * j.O * j.Ho * j.Wo * (int64_t)(bf16 ? 2 : 4));
     j.simd = path == XN_PATH_AVX512;
-    j.avx2 = path == XN_PATH_AVX2;
+    j.avx2 = path == XN_PATH_AVX2 ? XV_PAIRS : 0;
     j.scale = scale; j.bias = bias; j.y = (float *)y; j.nchw_out = nchw_out; j.strict = strict; j.bf16 = bf16;
 #if XN_X86_SIMD
     j.bf16 = xz_bf16_mode(bf16, scale, bias, j.O);
@@ -737,6 +926,12 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
     j.K = j.Cg * j.kh * j.kw;
     j.P16 = (j.Og + 15) / 16;
     j.NQ = (j.P16 + XN_CONV_NG - 1) / XN_CONV_NG;
+    /* the table path where a group has a half of 32 channels to fill and the counts fit 16 bits (a depthwise conv's
+       one channel per group keeps the nibble pairs' 8-channel tiles) */
+    if (j.avx2 && j.Og >= 32 && j.K <= 65535) {
+        j.avx2 = XV_TABLE;
+        j.NQ = (j.Og + 63) / 64;
+    }
     j.PT = (j.P + XN_CONV_TILE - 1) / XN_CONV_TILE;
     j.T = j.kh * j.kw * j.cw;
     j.units = j.G * j.NQ * j.PT;
@@ -751,7 +946,10 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
     j.rcls = (int32_t *)malloc((size_t)(j.Ho + j.Wo) * sizeof(int32_t));
     uint32_t *masks = (uint32_t *)malloc((size_t)(j.Ho + j.Wo) * sizeof(uint32_t));
     j.pix = (xn_conv_pix *)malloc((size_t)(j.by_image ? j.HWo : j.P) * sizeof(xn_conv_pix));
-    if (j.avx2) j.wn = (uint32_t *)malloc((size_t)(j.G * j.P16 * j.T * 32) * sizeof(uint32_t));
+    if (j.avx2) {   /* 32-byte aligned: the table path's step loads it with vmovdqa */
+        const int64_t words = j.avx2 == XV_TABLE ? j.G * j.NQ * j.T * 128 : j.G * j.P16 * j.T * 32;
+        j.wn = (uint32_t *)aligned_alloc(64, (size_t)xa_round(words * (int64_t)sizeof(uint32_t), 64));
+    }
     int rc = XN_NOMEM;
     if (!j.xb || !j.off || !j.rcls || !masks || !j.pix || (j.avx2 && !j.wn)) goto done;
     j.ccls = j.rcls + j.Ho;
