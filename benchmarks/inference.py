@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import json
 import os
@@ -76,11 +77,12 @@ PROBE = "register loop"
 PROBE_STEPS = 1 << 18
 
 
+@functools.cache
 def probe_macs() -> int:
-    """Binary multiply-adds of one probe call: avx512 steps are 16 x 512; avx2 ones 8 x 8 x 32, in runs of 31."""
-    if "avx512" in kernel_paths():
-        return PROBE_STEPS * 16 * 512
-    return -(-PROBE_STEPS // 31) * 31 * 8 * 8 * 32
+    """Binary multiply-adds of one probe call, as the kernel counts them (`xnor.popcount_probe`; one untimed call)."""
+    from stompp_hf.kernels import xnor
+
+    return xnor.popcount_probe(PROBE_STEPS)
 
 
 #: transformer mode -> how the model is made: ("dense", dtype tag) or ("packed", kernel, unpack cache)

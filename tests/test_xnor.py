@@ -840,13 +840,19 @@ def test_popcount_rate_times_the_register_loop():
     """`popcount_rate` (the benchmark's ceiling probe) gives a positive, finite rate where a vector path runs and
     None elsewhere, and checks its argument."""
     rate = xnor.popcount_rate(1 << 10)
+    done = xnor.popcount_probe(1 << 10)
     if {"avx512", "avx2"} & set(available_paths()):
         assert rate is not None and 0 < rate < math.inf
+        # what a benchmark divides its own timing by: the same every call, and at least 32 per step asked for
+        assert done == xnor.popcount_probe(1 << 10) >= 32 * (1 << 10)
+        assert xnor.popcount_probe(1 << 12) > done
     else:
-        assert rate is None
+        assert rate is None and done is None
     for bad in (0, -1, 1.5, True, "8"):
         with pytest.raises(TypeError, match="steps"):
             xnor.popcount_rate(bad)
+        with pytest.raises(TypeError, match="steps"):
+            xnor.popcount_probe(bad)
 
 
 def bf16_kernel(kernel: str, weight_packed: torch.Tensor, n: int, k: int):

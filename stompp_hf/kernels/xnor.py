@@ -47,6 +47,7 @@ __all__ = [
     "is_available",
     "paths",
     "pack_signs",
+    "popcount_probe",
     "popcount_rate",
     "prepare_weights",
     "set_hugepages",
@@ -362,13 +363,30 @@ def popcount_rate(steps: int = 1 << 18) -> float | None:
     Raises:
         XnorUnavailable: When the kernel could not be compiled or loaded.
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise TypeError(f"`steps` must be a positive int, got {steps!r}.")
+    _check_steps(steps)
     lib = _library()
     start = time.perf_counter()
     done = lib.popcount_probe(steps)
     elapsed = time.perf_counter() - start
     return done / elapsed if done >= 0 else None
+
+
+def popcount_probe(steps: int = 1 << 18) -> int | None:
+    """Runs `popcount_rate`'s register loop for `steps` steps and returns the binary multiply-adds it did (the same
+    for the same `steps` on the same path: what a caller that times the call itself divides by), or None where no
+    vector path runs.
+
+    Raises:
+        XnorUnavailable: When the kernel could not be compiled or loaded.
+    """
+    _check_steps(steps)
+    done = _library().popcount_probe(steps)
+    return done if done >= 0 else None
+
+
+def _check_steps(steps: object) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise TypeError(f"`steps` must be a positive int, got {steps!r}.")
 
 
 def thread_runtime() -> str:
@@ -385,8 +403,8 @@ def thread_runtime() -> str:
 @contextlib.contextmanager
 def forced_path(path: str | None) -> Iterator[None]:
     """Run every kernel call that does not name a `path` on `path` ("avx512", "avx2" or "scalar"; None: choose)
-    inside the block, packed layers included: for tests and measurements. The convolution, which has no "avx2" path,
-    runs its "scalar" one under "avx2". Not thread-local."""
+    inside the block, packed layers included (convolutions too: they have the same three paths): for tests and
+    measurements. Not thread-local."""
     global _forced
     if path is not None and path not in PATHS:
         raise ValueError(f"`path` must be one of {', '.join(map(repr, PATHS))} or None, but got {path!r}.")
@@ -412,14 +430,14 @@ def _path_id(path: str | None, kernel: str) -> int:
 
 
 def set_stream_min_bytes(min_bytes: int | None) -> int | None:
-    """Outputs of at least `min_bytes` bytes are written with streaming (non-temporal) stores, by the avx512 linear
-    and convolution paths and the AMX int8 path, where the layout allows it (64-byte aligned, rows of whole cache
-    lines: a multiple of 16 float32 or 32 bf16 channels; channels-last for a convolution). A normal store first
-    reads the line it writes; streaming skips that read, about a third of the memory traffic of a layer whose input
-    and output are the same size, and leaves the caches to the data still in use. An output too large to stay in
-    L2 gains (22-35% less time, medians, on 384- and 768-wide linear layers at 4096 rows, float32, AMX Xeon); a
-    small one would be read back from memory by the next op, hence the threshold. `None`: never stream. The
-    default is 4 MiB.
+    """Outputs of at least `min_bytes` bytes are written with streaming (non-temporal) stores, by the avx512 and avx2
+    linear paths, the avx512 convolution path and the AMX int8 path, where the layout allows it (64-byte aligned, rows
+    of whole cache lines: a multiple of 16 float32 or 32 bf16 channels; channels-last for a convolution). A normal
+    store first reads the line it writes; streaming skips that read, about a third of the memory traffic of a layer
+    whose input and output are the same size, and leaves the caches to the data still in use. An output too large to
+    stay in L2 gains (22-35% less time, medians, on 384- and 768-wide linear layers at 4096 rows, float32, AMX Xeon); a
+    small one would be read back from memory by the next op, hence the threshold. `None`: never stream. The default is
+    4 MiB.
     Only the stores change, never a value. Returns the previous setting. Process-wide, not thread-local.
 
     Raises:
