@@ -659,7 +659,8 @@ XN_AVX2_FN static void xn_pack_w(const xn_job *j, int64_t g0, int64_t g1)
               [w] "r"(wp + 96 * u)                                                                       \
             : "memory")
 
-/* Flush byte counts into 16-bit sums: lo gets bytes 0-7 | 16-23 of each lane pair, hi bytes 8-15 | 24-31. */
+/* Flush byte counts into 16-bit sums: lo gets bytes 0-7 | 16-23 of each lane pair, hi bytes 8-15 | 24-31. Expects
+   `sum[][][2]`, `zero` and `first` (the first run sets the sums) in scope; the convolution's table path uses it too. */
 #define XT_FLUSH(acc, r, c)                                                                                \
     {                                                                                                      \
         const __m256i lo = _mm256_unpacklo_epi8(acc, zero), hi = _mm256_unpackhi_epi8(acc, zero);          \

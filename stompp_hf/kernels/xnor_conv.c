@@ -374,12 +374,8 @@ XN_AVX512_FN static void xz_conv_images(xn_conv_job *j, int tid)
 #define XV_MR 8   /* output pixels per avx2 tile (a work unit's) */
 #define XV_RUN 31 /* steps a byte accumulator takes: 31 x 8 = 248 < 256 */
 
-/* A word's 8 nibbles, one byte each, in order, times 4. */
-XN_AVX2_FN static inline __m128i xw_bytes(uint32_t v)
-{
-    const __m128i lo = _mm_cvtsi32_si128((int)(v & 0x0F0F0F0Fu)), hi = _mm_cvtsi32_si128((int)((v >> 4) & 0x0F0F0F0Fu));
-    return _mm_slli_epi16(_mm_unpacklo_epi8(lo, hi), 2);
-}
+/* A word's 8 nibbles, one byte each, in order, times 4 (xt_nibbles, xnor.c, of the word; its low 8 bytes). */
+XN_AVX2_FN static inline __m128i xw_bytes(uint32_t v) { return _mm_slli_epi16(xt_nibbles(v), 2); }
 
 /* Whether v is bad: a NaN, or with strict a value other than +-1 (one value, and 8 lanes of a vector). */
 static inline int xv_bad(float v, int strict) { return strict ? (v != 1.0f) & (v != -1.0f) : v != v; }
@@ -694,13 +690,6 @@ XN_AVX2_FN static void xw_split(const xn_conv_job *j, int64_t q0, int64_t q1)
               [x3] "r"((int64_t)p3[s]), [w] "r"(wu)                                                          \
             : "memory")
 
-#define XW_FLUSH(acc, i, h)                                                                                \
-    {                                                                                                      \
-        const __m256i lo = _mm256_unpacklo_epi8(acc, zero), hi = _mm256_unpackhi_epi8(acc, zero);          \
-        sum[i][h][0] = w0 ? _mm256_add_epi16(sum[i][h][0], lo) : lo;                                       \
-        sum[i][h][1] = w0 ? _mm256_add_epi16(sum[i][h][1], hi) : hi;                                       \
-    }
-
 /* Counts of 4 pixels (x: their first byte in the image) x the quad's cn halves (wq: its layout) over all T words,
    as cnt[i][c] (channel c of the quad, 16 bits, natural order). */
 XN_AVX2_FN static void xw_counts4(const uint8_t *const x[XW_R], const int32_t *off, int64_t T, const uint8_t *wq,
@@ -710,6 +699,7 @@ XN_AVX2_FN static void xw_counts4(const uint8_t *const x[XW_R], const int32_t *o
     __m256i sum[XW_R][2][2];
     for (int64_t w0 = 0; w0 < T; w0 += XW_WORDS) {
         const int64_t w1 = T - w0 < XW_WORDS ? T : w0 + XW_WORDS;
+        const int first = w0 == 0;   /* XT_FLUSH (xnor.c): the first run sets the sums */
         if (cn == 2) {
             __m256i a00 = zero, a01 = zero, a10 = zero, a11 = zero, a20 = zero, a21 = zero, a30 = zero, a31 = zero;
             for (int64_t u = w0; u < w1; u++) {
@@ -718,8 +708,8 @@ XN_AVX2_FN static void xw_counts4(const uint8_t *const x[XW_R], const int32_t *o
                 __m256i t0, t1, t2, t3, i0, i1, tm;
                 XW_STEP(0); XW_STEP(1); XW_STEP(2); XW_STEP(3); XW_STEP(4); XW_STEP(5); XW_STEP(6); XW_STEP(7);
             }
-            XW_FLUSH(a00, 0, 0) XW_FLUSH(a01, 0, 1) XW_FLUSH(a10, 1, 0) XW_FLUSH(a11, 1, 1)
-            XW_FLUSH(a20, 2, 0) XW_FLUSH(a21, 2, 1) XW_FLUSH(a30, 3, 0) XW_FLUSH(a31, 3, 1)
+            XT_FLUSH(a00, 0, 0) XT_FLUSH(a01, 0, 1) XT_FLUSH(a10, 1, 0) XT_FLUSH(a11, 1, 1)
+            XT_FLUSH(a20, 2, 0) XT_FLUSH(a21, 2, 1) XT_FLUSH(a30, 3, 0) XT_FLUSH(a31, 3, 1)
         } else {   /* one half: 4 accumulators, intrinsics */
             __m256i a[XW_R] = {zero, zero, zero, zero};
             for (int64_t u = w0; u < w1; u++) {
@@ -732,7 +722,7 @@ XN_AVX2_FN static void xw_counts4(const uint8_t *const x[XW_R], const int32_t *o
                     }
                 }
             }
-            for (int i = 0; i < XW_R; i++) XW_FLUSH(a[i], i, 0)
+            for (int i = 0; i < XW_R; i++) XT_FLUSH(a[i], i, 0)
         }
     }
     for (int i = 0; i < XW_R; i++)
