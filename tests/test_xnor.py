@@ -107,6 +107,8 @@ def test_bit_identical_to_reference(k, path, every_path):
             y = xnor.xnor_linear(x, weight_packed, k, s, b, num_threads=threads, path=path, prepared=prep)
             assert y.dtype == torch.float32 and y.shape == (m, n)
             assert torch.equal(y, expected), (k, n, m, with_scale, with_bias, threads, prep is not None)
+            # bit for bit, signed zeros too: a zero sum times a negative scale is -0.0 when there is no bias
+            assert torch.equal(y.view(torch.int32), expected.view(torch.int32)), (k, n, m, with_scale, with_bias)
 
 
 @needs_kernel

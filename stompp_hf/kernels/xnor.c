@@ -709,33 +709,46 @@ XN_AVX2_FN static void xt_sums(const xn_job *j, int64_t m, int64_t p, int cn, __
     }
 }
 
-/* Rows [m, m + 3) x panel p: the sums, then y = (K - 2 * count) * scale + bias per output, 8 at a time. */
+/* Rows [m, m + 3) x panel p: the sums, then y = (K - 2 * count) * scale + bias per output, 8 at a time. Per group
+   of 32 columns the scales and biases are loaded once for the three rows, and each row's 32 outputs are stored in
+   column order (two whole lines, which a streaming store needs to fill). The job's fields are read into locals:
+   a vector store may alias them, so the compiler would otherwise reload them after every store. */
 XN_AVX2_FN static void xt_tile(const xn_job *j, int64_t m, int64_t p)
 {
     const int cn = xt_panel_groups(j, p);
     __m256i sum[XT_R][XT_C][2];
     xt_sums(j, m, p, cn, sum);
+    const int64_t N = j->N;
+    const float *const scale = j->scale, *const bias = j->bias;
+    const int rows = j->M - m < XT_R ? (int)(j->M - m) : XT_R, stream = j->stream;
+    float *const y = j->y + m * N;
     const __m256i kk = _mm256_set1_epi32((int)j->K);
-    for (int r = 0; r < XT_R && m + r < j->M; r++) {
-        float *yr = j->y + (m + r) * j->N;
-        for (int c = 0; c < cn; c++) {
-            const int64_t n0 = 32 * (XT_C * p + c);
-            for (int q = 0; q < 4; q++) {   /* columns n0 + 8q ..: sum half q & 1, 128-bit lane q >> 1 */
+    for (int c = 0; c < cn; c++) {
+        const int64_t n0 = 32 * (XT_C * p + c);
+        for (int r = 0; r < rows && n0 + 32 > N; r++)   /* the last group, past N: one output at a time */
+            for (int q = 0; q < 4; q++) {   /* columns 8q ..: sum half q & 1, 128-bit lane q >> 1 */
                 const __m256i s = sum[r][c][q & 1];
-                const __m128i h = q >> 1 ? _mm256_extracti128_si256(s, 1) : _mm256_castsi256_si128(s);
-                const int64_t col = n0 + 8 * ((q & 1) + 2 * (q >> 1));
-                const __m256i cnt = _mm256_cvtepu16_epi32(h);
-                if (col + 8 <= j->N) {
-                    __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(kk, _mm256_add_epi32(cnt, cnt)));
-                    if (j->scale) d = _mm256_mul_ps(d, _mm256_loadu_ps(j->scale + col));
-                    if (j->bias) d = _mm256_add_ps(d, _mm256_loadu_ps(j->bias + col));
-                    if (j->stream) _mm256_stream_ps(yr + col, d);
-                    else _mm256_storeu_ps(yr + col, d);
-                } else {
-                    int32_t c32[8];
-                    _mm256_storeu_si256((__m256i *)c32, cnt);
-                    for (int e = 0; col + e < j->N && e < 8; e++) xn_store(j, m + r, col + e, (uint64_t)c32[e]);
-                }
+                int32_t c32[8];
+                _mm256_storeu_si256((__m256i *)c32, _mm256_cvtepu16_epi32(q >> 1 ? _mm256_extracti128_si256(s, 1)
+                                                                                      : _mm256_castsi256_si128(s)));
+                for (int e = 0; n0 + 8 * q + e < N && e < 8; e++) xn_store(j, m + r, n0 + 8 * q + e, (uint64_t)c32[e]);
+            }
+        if (n0 + 32 > N) continue;
+        __m256 sc[4], bi[4];
+        for (int q = 0; q < 4; q++) {
+            sc[q] = scale ? _mm256_loadu_ps(scale + n0 + 8 * q) : _mm256_set1_ps(1.0f);
+            bi[q] = bias ? _mm256_loadu_ps(bias + n0 + 8 * q) : _mm256_set1_ps(-0.0f);   /* x + -0 = x, -0 too */
+        }
+        for (int r = 0; r < rows; r++) {
+            float *const yr = y + r * N + n0;
+            for (int q = 0; q < 4; q++) {
+                const __m256i s = sum[r][c][q & 1];
+                const __m256i cnt = _mm256_cvtepu16_epi32(q >> 1 ? _mm256_extracti128_si256(s, 1)
+                                                                 : _mm256_castsi256_si128(s));
+                const __m256 d = _mm256_add_ps(
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(kk, _mm256_add_epi32(cnt, cnt))), sc[q]), bi[q]);
+                if (stream) _mm256_stream_ps(yr + 8 * q, d);
+                else _mm256_storeu_ps(yr + 8 * q, d);
             }
         }
     }
