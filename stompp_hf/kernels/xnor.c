@@ -452,29 +452,27 @@ static inline uint64_t xn_wword(const xn_job *j, int64_t n, int64_t k)
     return v & j->tail_mask;
 }
 
+#if XN_X86_SIMD
+XN_AVX2_FN static void xt_pack_row(const xn_job *j, const float *r, int64_t m, unsigned *nan);
+#endif
+
 /* Pack activation rows [m0, m1) into the layout of the active path (zero rows past M for the simd path); flag a
    NaN (or, strict, a value other than +-1) among them. */
 static void xn_pack_x(xn_job *j, int64_t m0, int64_t m1)
 {
-    const int64_t nw = j->nw;
     unsigned nan = 0;
     int pm1 = 1;
     for (int64_t m = m0; m < m1; m++) {
         const float *r = j->x + m * j->ldx;
         if (j->strict && m < j->M) pm1 &= xn_all_pm1(r, j->K);
+#if XN_X86_SIMD
         if (j->simd) {
-            uint8_t *o = j->xt + m * nw * 16;
-            for (int64_t k = 0; k < nw; k++) {
-                const uint64_t b = m < j->M ? xn_signs(r + 64 * k, j->K - 64 * k, &nan) : 0;
-                for (int q = 0; q < 8; q++) {   /* nibble 2q, then 2q + 1, times 4: the table's row, in 8-byte units */
-                    o[16 * k + 2 * q] = (uint8_t)(((b >> (8 * q)) & 15) << 2);
-                    o[16 * k + 2 * q + 1] = (uint8_t)(((b >> (8 * q + 4)) & 15) << 2);
-                }
-            }
-        } else {
-            uint64_t *o = j->xa + m * nw;
-            for (int64_t k = 0; k < nw; k++) o[k] = xn_signs(r + 64 * k, j->K - 64 * k, &nan);
+            xt_pack_row(j, r, m, &nan);
+            continue;
         }
+#endif
+        uint64_t *o = j->xa + m * j->nw;
+        for (int64_t k = 0; k < j->nw; k++) o[k] = xn_signs(r + 64 * k, j->K - 64 * k, &nan);
     }
     if (j->strict ? !pm1 : nan != 0) xn_fail(&j->task, j->strict ? XN_NOT_PM1 : XN_NAN);
 }
@@ -586,6 +584,31 @@ XN_AVX2_FN static inline __m128i xt_nibbles(uint64_t b)
 {
     const __m128i v = _mm_cvtsi64_si128((long long)b), lo4 = _mm_set1_epi8(0x0F);
     return _mm_unpacklo_epi8(_mm_and_si128(v, lo4), _mm_and_si128(_mm_srli_epi16(v, 4), lo4));
+}
+
+/* Row m of the avx2 path's activations (zeros past M): per 64 inputs, their signs (a compare and a movemask per 8),
+   then their 16 nibbles times 4, one byte each: the offset of the nibble's table row in 8-byte units. */
+XN_AVX2_FN static void xt_pack_row(const xn_job *j, const float *r, int64_t m, unsigned *nan)
+{
+    __m128i *o = (__m128i *)(j->xt + m * j->nw * 16);
+    if (m >= j->M) {
+        for (int64_t k = 0; k < j->nw; k++) _mm_storeu_si128(o + k, _mm_setzero_si128());
+        return;
+    }
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 unord = zero;
+    for (int64_t k = 0; k < j->nfull; k++) {
+        uint64_t b = 0;
+        for (int e = 0; e < 8; e++) {
+            const __m256 v = _mm256_loadu_ps(r + 64 * k + 8 * e);
+            b |= (uint64_t)(unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ)) << (8 * e);
+            unord = _mm256_or_ps(unord, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        _mm_storeu_si128(o + k, _mm_slli_epi16(xt_nibbles(b), 2));
+    }
+    *nan |= (unsigned)_mm256_movemask_ps(unord);
+    if (j->nfull < j->nw)
+        _mm_storeu_si128(o + j->nfull, _mm_slli_epi16(xt_nibbles(xn_signs(r + 64 * j->nfull, j->K - 64 * j->nfull, nan)), 2));
 }
 
 /* Weight groups [g0, g1) into their panels: per nibble step, the nibble of each of the group's 32 rows (rows past
