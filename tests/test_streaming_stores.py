@@ -134,6 +134,32 @@ def test_conv_streamed_outputs_are_the_same_bits(stream_everything, kernel, dtyp
         assert torch.equal(streamed, conv_reference(x, weight_packed, shape, stride, 1, 1, groups, scale, bias))
 
 
+# the avx2 table path streams channels-last outputs whose groups are whole quads of 64 channels (the last two)
+AVX2_CONV = [*CONV, (2, 64, 7, 128, 1, 2), (1, 128, 6, 128, 2, 1)]
+
+
+@needs_avx2
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "nchw"])
+@pytest.mark.parametrize("case", AVX2_CONV, ids=lambda c: "-".join(map(str, c)))
+def test_avx2_conv_streamed_outputs_are_the_same_bits(stream_everything, channels_last, case):
+    b, c, size, o, stride, groups = case
+    g = torch.Generator().manual_seed(sum(case))
+    shape = (o, c // groups, 3, 3)
+    weight_packed = pack_signs(torch.rand(o, shape[1] * 9, generator=g) < 0.5)
+    scale, bias = torch.rand(o, generator=g) - 0.3, torch.randn(o, generator=g)
+    x = torch.randn(b, c, size, size, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for s, bb in ((scale, bias), (None, None)):
+        call = lambda s=s, bb=bb: bconv.binary_conv2d(  # noqa: E731
+            x, weight_packed, shape, stride, 1, 1, groups, s, bb, path="avx2"
+        )
+        streamed, plain = stream_everything(call)
+        expected = conv_reference(x, weight_packed, shape, stride, 1, 1, groups, s, bb)
+        assert torch.equal(streamed.view(torch.int32), plain.view(torch.int32))
+        assert torch.equal(streamed, expected)
+
+
 @needs_avx512
 def test_set_stream_min_bytes_returns_the_previous_setting_and_checks_its_argument():
     previous = xnor.set_stream_min_bytes(1 << 20)

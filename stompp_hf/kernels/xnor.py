@@ -429,8 +429,9 @@ def _path_id(path: str | None, kernel: str) -> int:
 
 def set_stream_min_bytes(min_bytes: int | None) -> int | None:
     """Outputs of at least `min_bytes` bytes are written with streaming (non-temporal) stores, by the avx512 and avx2
-    linear paths, the avx512 convolution path and the AMX int8 path, where the layout allows it (64-byte aligned, rows
-    of whole cache lines: a multiple of 16 float32 or 32 bf16 channels; channels-last for a convolution). A normal
+    linear paths, the avx512 convolution path, the avx2 convolution's table path (groups of whole 64-channel quads)
+    and the AMX int8 path, where the layout allows it (64-byte aligned, rows of whole cache lines: a multiple of 16
+    float32 or 32 bf16 channels; channels-last for a convolution). A normal
     store first reads the line it writes; streaming skips that read, about a third of the memory traffic of a layer
     whose input and output are the same size, and leaves the caches to the data still in use. An output too large to
     stay in L2 gains (22-35% less time, medians, on 384- and 768-wide linear layers at 4096 rows, float32, AMX Xeon); a

@@ -56,7 +56,7 @@ typedef struct {
     uint32_t *wn;                             /* avx2: the panels as nibble pairs, [G * P16][T][lo 16, hi 16]; table
                                                  path: bytes [G * NQ][T][8 nibbles][64 channels] */
     int exact;                                /* xz_exact_ints: the integers need no bf16 rounding */
-    int stream;                               /* channels-last y by xz_store_row's streaming stores */
+    int stream;                               /* channels-last y by streaming stores (xz_store_row, xw_finish64) */
     int by_image;                             /* each thread packs and computes whole images (xz_conv_images) */
     uint32_t *xb;                             /* the packed bit images: [B][IS], or by_image one per thread */
     int32_t *off;                             /* [T] */
@@ -758,6 +758,34 @@ XN_AVX2_FN static int64_t xw_popcount_probe(int64_t steps)
     return done * XW_R * 64 * 32;
 }
 
+/* The table path's outputs for a quad of 64 channels of channels-last y, from channel oc: per pixel its 64 outputs
+   (four whole lines) in channel order, streamed where j->stream. The job's fields are read into locals once (a
+   vector store may alias them). Same arithmetic as xv_finish8. */
+XN_AVX2_FN static void xw_finish64(const xn_conv_job *j, const uint16_t cnt16[][64], int np, int64_t tile,
+                                   const int64_t cls[XN_CONV_TILE], int64_t oc)
+{
+    const float *const scale = j->scale, *const bias = j->bias;
+    const int32_t *const corr = j->corr;
+    const int stream = j->stream;
+    float *const y = j->y + tile * XN_CONV_TILE * j->O + oc;
+    const int64_t O = j->O;
+    const __m256i kc = _mm256_set1_epi32((int)j->K);
+    for (int i = 0; i < np; i++) {
+        float *const yp = y + i * O;
+        const int32_t *const cr = corr ? corr + cls[i] + oc : NULL;
+        for (int q = 0; q < 8; q++) {
+            const __m256i cnt = _mm256_cvtepu16_epi32(_mm_load_si128((const __m128i *)(cnt16[i] + 8 * q)));
+            __m256i d = _mm256_sub_epi32(kc, _mm256_add_epi32(cnt, cnt));
+            if (cr) d = _mm256_add_epi32(d, _mm256_loadu_si256((const __m256i *)(cr + 8 * q)));
+            __m256 v = _mm256_cvtepi32_ps(d);
+            if (scale) v = _mm256_mul_ps(v, _mm256_loadu_ps(scale + oc + 8 * q));
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + oc + 8 * q));
+            if (stream) _mm256_stream_ps(yp + 8 * q, v);
+            else _mm256_storeu_ps(yp + 8 * q, v);
+        }
+    }
+}
+
 /* Work units [u0, u1): (group, pixel tile, quad), the quad's 64 channels at the tile's 8 pixels, then 8 channels
    at a time through xv_finish8. */
 XN_AVX2_FN static void xw_conv_units(const xn_conv_job *j, int64_t u0, int64_t u1)
@@ -775,6 +803,10 @@ XN_AVX2_FN static void xw_conv_units(const xn_conv_job *j, int64_t u0, int64_t u
         const uint8_t *wq = (const uint8_t *)j->wn + (g * j->NQ + quad) * j->T * 512;
         xw_counts4(xs, j->off, j->T, wq, cn, cnt16);
         xw_counts4(xs + XW_R, j->off, j->T, wq, cn, cnt16 + XW_R);
+        if (!j->nchw_out && j->Og % 64 == 0) {
+            xw_finish64(j, (const uint16_t(*)[64])cnt16, np, tile, cls, g * j->Og + 64 * quad);
+            continue;
+        }
         for (int q8 = 0; q8 < 4 * cn; q8++) {
             const int64_t n0 = 64 * quad + 8 * q8;
             if (n0 >= j->Og) break;
@@ -828,6 +860,7 @@ static void xn_conv_share(xn_task *task, int tid)
     }
     if (j->avx2 == XV_TABLE) {
         xw_conv_units(j, lo, hi);
+        if (j->stream) _mm_sfence();
         return;
     }
     if (j->avx2) {
@@ -921,6 +954,9 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
     if (j.avx2 && j.Og >= 32 && j.K <= 65535) {
         j.avx2 = XV_TABLE;
         j.NQ = (j.Og + 63) / 64;
+#if XN_X86_SIMD   /* whole quads of channels-last outputs: xw_finish64 writes each pixel's lines whole */
+        j.stream = !nchw_out && j.Og % 64 == 0 && xz_stream_ok(y, j.B * j.O * j.Ho * j.Wo, j.O, j.Og, 0);
+#endif
     }
     j.PT = (j.P + XN_CONV_TILE - 1) / XN_CONV_TILE;
     j.T = j.kh * j.kw * j.cw;
