@@ -420,6 +420,42 @@ def test_empty_batch():
 
 
 @needs_kernel
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_output_into_a_reused_buffer(path, every_path):
+    gen = torch.Generator().manual_seed(12)
+    weight_packed, out_scale, bias = make_layer(100, 384, gen)
+    out = torch.full((2, 33, 100), float("nan"))  # stale contents: every entry must be overwritten
+    for seed in range(2):
+        x = make_input((2, 33, 384), torch.Generator().manual_seed(seed))
+        y = xnor.xnor_linear(x, weight_packed, 384, out_scale, bias, 2, path=path, out=out)
+        assert y is out
+        expected = xnor.xnor_linear(x, weight_packed, 384, out_scale, bias, 2, path=path)
+        assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+        assert torch.equal(out, reference(x, weight_packed, 384, out_scale, bias))
+
+
+@needs_kernel
+def test_output_buffer_validation():
+    gen = torch.Generator().manual_seed(13)
+    weight_packed, _, _ = make_layer(8, 40, gen)
+    x = make_input((4, 40), gen)
+    bad = {
+        "shape": torch.empty(4, 9),
+        "dtype": torch.empty(4, 8, dtype=torch.float64),
+        "contiguous": torch.empty(8, 4).t(),
+        "type": [[0.0] * 8] * 4,
+    }
+    for out in bad.values():
+        with pytest.raises(ValueError, match="out"):
+            xnor.xnor_linear(x, weight_packed, 40, out=out)
+    shared = torch.empty(4 * 40 + 4 * 8)
+    with pytest.raises(ValueError, match="shares its storage"):
+        xnor.xnor_linear(shared[:160].view(4, 40), weight_packed, 40, out=shared[160:].view(4, 8))
+    with pytest.raises(ValueError, match="requires grad"):
+        xnor.xnor_linear(x, weight_packed, 40, out=torch.empty(4, 8, requires_grad=True))
+
+
+@needs_kernel
 def test_no_grad_and_inference_mode():
     gen = torch.Generator().manual_seed(10)
     weight_packed, out_scale, _ = make_layer(8, 40, gen)

@@ -515,6 +515,7 @@ def xnor_linear(
     path: str | None = None,
     prepared: torch.Tensor | None = None,
     strict: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Binary-input x binary-weight linear layer with XNOR and popcount, bit-identical to the dense torch path.
 
@@ -541,9 +542,12 @@ def xnor_linear(
         prepared: `prepare_weights(weight_packed, N, in_features)`, which spares the avx512 path rebuilding its
             weight panels on every call.
         strict: The inputs are already +-1 (a binary activation's output): any other value raises `InputNotBinary`.
+        out: A contiguous CPU tensor `[..., N]` of `x`'s dtype, in no storage shared with `x`, to write the output
+            into instead of a new tensor (a caller that reuses one buffer call after call spares the page faults of
+            a fresh output; its contents are unspecified after an error).
 
     Returns:
-        Tensor `[..., N]` of `x`'s dtype.
+        Tensor `[..., N]` of `x`'s dtype: `out` where given.
 
     Raises:
         ValueError: On a wrong dtype, device or shape, when `x` has a NaN value, when `path` does not run on this
@@ -594,7 +598,7 @@ def xnor_linear(
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype)
+    y = torch.empty((m, n), dtype=x.dtype) if out is None else _check_out(out, x, n, "xnor_linear").view(m, n)
     if m and n:
         rc = fn(
             x2.data_ptr(),
@@ -615,7 +619,23 @@ def xnor_linear(
             int(x.dtype is torch.bfloat16),
         )
         _raise_for(rc, "xnor_linear", x)
+    if out is not None:
+        return out
     return y if x.ndim == 2 else y.view(*x.shape[:-1], n)
+
+
+def _check_out(out: object, x: torch.Tensor, n: int, caller: str) -> torch.Tensor:
+    """`out` if it can take the output `[..., n]` of `x`: same dtype, CPU, contiguous, in a storage of its own."""
+    shape = (*x.shape[:-1], n)
+    if not isinstance(out, torch.Tensor) or out.dtype != x.dtype or not out.is_cpu or tuple(out.shape) != shape:
+        raise ValueError(f"{caller} expects `out` as a {x.dtype} CPU tensor of shape {shape}, got {_describe(out)}.")
+    if not out.is_contiguous():
+        raise ValueError(f"{caller} expects a contiguous `out`.")
+    if out.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        raise ValueError(f"{caller}: `out` shares its storage with `x`.")
+    if torch.is_grad_enabled() and out.requires_grad:
+        raise ValueError(f"{caller}: `out` requires grad, and the kernel has no backward pass.")
+    return out
 
 
 def _check_packed(weight_packed: object, rows: int, nbytes: int, caller: str) -> None:
