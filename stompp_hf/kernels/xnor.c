@@ -607,8 +607,10 @@ XN_AVX2_FN static void xt_pack_row(const xn_job *j, const float *r, int64_t m, u
         _mm_storeu_si128(o + k, _mm_slli_epi16(xt_nibbles(b), 2));
     }
     *nan |= (unsigned)_mm256_movemask_ps(unord);
-    if (j->nfull < j->nw)
-        _mm_storeu_si128(o + j->nfull, _mm_slli_epi16(xt_nibbles(xn_signs(r + 64 * j->nfull, j->K - 64 * j->nfull, nan)), 2));
+    if (j->nfull < j->nw) {
+        const uint64_t b = xn_signs(r + 64 * j->nfull, j->K - 64 * j->nfull, nan);
+        _mm_storeu_si128(o + j->nfull, _mm_slli_epi16(xt_nibbles(b), 2));
+    }
 }
 
 /* Weight groups [g0, g1) into their panels: per nibble step, the nibble of each of the group's 32 rows (rows past

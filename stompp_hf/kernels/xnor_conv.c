@@ -786,8 +786,8 @@ XN_AVX2_FN static void xw_finish64(const xn_conv_job *j, const uint16_t cnt16[][
     }
 }
 
-/* Work units [u0, u1): (group, pixel tile, quad), the quad's 64 channels at the tile's 8 pixels, then 8 channels
-   at a time through xv_finish8. */
+/* Work units [u0, u1): (group, pixel tile, quad), the quad's 64 channels at the tile's 8 pixels, then their outputs
+   through xw_finish64 (channels-last, whole quads) or 8 channels at a time through xv_finish8. */
 XN_AVX2_FN static void xw_conv_units(const xn_conv_job *j, int64_t u0, int64_t u1)
 {
     const uint32_t *xr[XN_CONV_TILE];
