@@ -101,6 +101,19 @@ def test_avx2_linear_streamed_outputs_are_the_same_bits(stream_everything, threa
 CONV = [(2, 64, 9, 64, 1, 1), (3, 32, 8, 48, 2, 1), (2, 64, 7, 64, 1, 2), (1, 40, 6, 40, 1, 1), (2, 64, 5, 96, 1, 1)]
 
 
+def conv_case(case, channels_last):
+    """A seeded 3x3 conv of `case`: its weight shape, packed weights, scale, bias and float32 input."""
+    b, c, size, o, _, groups = case
+    g = torch.Generator().manual_seed(sum(case))
+    shape = (o, c // groups, 3, 3)
+    weight_packed = pack_signs(torch.rand(o, shape[1] * 9, generator=g) < 0.5)
+    scale, bias = torch.rand(o, generator=g) - 0.3, torch.randn(o, generator=g)
+    x = torch.randn(b, c, size, size, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return shape, weight_packed, scale, bias, x
+
+
 @needs_avx512
 @pytest.mark.parametrize("kernel", ["xnor", pytest.param("amx", marks=needs_amx)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -110,13 +123,7 @@ def test_conv_streamed_outputs_are_the_same_bits(stream_everything, kernel, dtyp
     b, c, size, o, stride, groups = case
     if kernel == "amx" and groups != 1:
         pytest.skip("the AMX convolution takes groups = 1")
-    g = torch.Generator().manual_seed(sum(case))
-    shape = (o, c // groups, 3, 3)
-    weight_packed = pack_signs(torch.rand(o, shape[1] * 9, generator=g) < 0.5)
-    scale, bias = torch.rand(o, generator=g) - 0.3, torch.randn(o, generator=g)
-    x = torch.randn(b, c, size, size, generator=g)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    shape, weight_packed, scale, bias, x = conv_case(case, channels_last)
     x = x.to(dtype)
     if dtype is torch.bfloat16:
         scale, bias = scale.bfloat16().float(), bias.bfloat16().float()
@@ -142,14 +149,8 @@ AVX2_CONV = [*CONV, (2, 64, 7, 128, 1, 2), (1, 128, 6, 128, 2, 1)]
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "nchw"])
 @pytest.mark.parametrize("case", AVX2_CONV, ids=lambda c: "-".join(map(str, c)))
 def test_avx2_conv_streamed_outputs_are_the_same_bits(stream_everything, channels_last, case):
-    b, c, size, o, stride, groups = case
-    g = torch.Generator().manual_seed(sum(case))
-    shape = (o, c // groups, 3, 3)
-    weight_packed = pack_signs(torch.rand(o, shape[1] * 9, generator=g) < 0.5)
-    scale, bias = torch.rand(o, generator=g) - 0.3, torch.randn(o, generator=g)
-    x = torch.randn(b, c, size, size, generator=g)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    *_, stride, groups = case
+    shape, weight_packed, scale, bias, x = conv_case(case, channels_last)
     for s, bb in ((scale, bias), (None, None)):
         call = lambda s=s, bb=bb: bconv.binary_conv2d(  # noqa: E731
             x, weight_packed, shape, stride, 1, 1, groups, s, bb, path="avx2"

@@ -586,6 +586,21 @@ XN_AVX2_FN static inline __m128i xt_nibbles(uint64_t b)
     return _mm_unpacklo_epi8(_mm_and_si128(v, lo4), _mm_and_si128(_mm_srli_epi16(v, 4), lo4));
 }
 
+/* The avx2 epilogues' output vector: (float)d * scale + bias, torch's two roundings. A layer without a scale gets
+   1.0 and without a bias -0.0 (xt_scale8, xt_bias8), both exact identities (x + -0.0 keeps a -0.0 product). */
+XN_AVX2_FN static inline __m256 xt_affine8(__m256i d, __m256 sc, __m256 bi)
+{
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), sc), bi);
+}
+XN_AVX2_FN static inline __m256 xt_scale8(const float *scale, int64_t col)
+{
+    return scale ? _mm256_loadu_ps(scale + col) : _mm256_set1_ps(1.0f);
+}
+XN_AVX2_FN static inline __m256 xt_bias8(const float *bias, int64_t col)
+{
+    return bias ? _mm256_loadu_ps(bias + col) : _mm256_set1_ps(-0.0f);
+}
+
 /* Row m of the avx2 path's activations (zeros past M): per 64 inputs, their signs (a compare and a movemask per 8),
    then their 16 nibbles times 4, one byte each: the offset of the nibble's table row in 8-byte units. */
 XN_AVX2_FN static void xt_pack_row(const xn_job *j, const float *r, int64_t m, unsigned *nan)
@@ -761,8 +776,8 @@ XN_AVX2_FN static void xt_tile(const xn_job *j, int64_t m, int64_t p)
         if (n0 + 32 > N) continue;
         __m256 sc[4], bi[4];
         for (int q = 0; q < 4; q++) {
-            sc[q] = scale ? _mm256_loadu_ps(scale + n0 + 8 * q) : _mm256_set1_ps(1.0f);
-            bi[q] = bias ? _mm256_loadu_ps(bias + n0 + 8 * q) : _mm256_set1_ps(-0.0f);   /* x + -0 = x, -0 too */
+            sc[q] = xt_scale8(scale, n0 + 8 * q);
+            bi[q] = xt_bias8(bias, n0 + 8 * q);
         }
         for (int r = 0; r < rows; r++) {
             float *const yr = y + r * N + n0;
@@ -770,8 +785,7 @@ XN_AVX2_FN static void xt_tile(const xn_job *j, int64_t m, int64_t p)
                 const __m256i s = sum[r][c][q & 1];
                 const __m256i cnt = _mm256_cvtepu16_epi32(q >> 1 ? _mm256_extracti128_si256(s, 1)
                                                                  : _mm256_castsi256_si128(s));
-                const __m256 d = _mm256_add_ps(
-                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(kk, _mm256_add_epi32(cnt, cnt))), sc[q]), bi[q]);
+                const __m256 d = xt_affine8(_mm256_sub_epi32(kk, _mm256_add_epi32(cnt, cnt)), sc[q], bi[q]);
                 if (stream) _mm256_stream_ps(yr + 8 * q, d);
                 else _mm256_storeu_ps(yr + 8 * q, d);
             }

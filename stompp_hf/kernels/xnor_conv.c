@@ -556,8 +556,8 @@ XN_AVX2_FN static void xv_finish8(const xn_conv_job *j, const __m256i cnt[XV_MR]
 {
     const __m256i kc = _mm256_set1_epi32((int)j->K);
     const int64_t oc = g * j->Og + n0;
-    const __m256 sv = j->scale && nl == 8 ? _mm256_loadu_ps(j->scale + oc) : _mm256_setzero_ps();
-    const __m256 bv = j->bias && nl == 8 ? _mm256_loadu_ps(j->bias + oc) : _mm256_setzero_ps();
+    const __m256 sv = nl == 8 ? xt_scale8(j->scale, oc) : _mm256_setzero_ps();
+    const __m256 bv = nl == 8 ? xt_bias8(j->bias, oc) : _mm256_setzero_ps();
     __m256 f[XV_MR];
     for (int i = 0; i < np; i++) {
         const int64_t p = tile * XN_CONV_TILE + i;
@@ -571,9 +571,7 @@ XN_AVX2_FN static void xv_finish8(const xn_conv_job *j, const __m256i cnt[XV_MR]
         }
         __m256i d = _mm256_sub_epi32(kc, _mm256_add_epi32(cnt[i], cnt[i]));
         if (j->corr) d = _mm256_add_epi32(d, _mm256_loadu_si256((const __m256i *)(j->corr + cls[i] + oc)));
-        __m256 v = _mm256_cvtepi32_ps(d);
-        if (j->scale) v = _mm256_mul_ps(v, sv);
-        if (j->bias) v = _mm256_add_ps(v, bv);
+        const __m256 v = xt_affine8(d, sv, bv);
         f[i] = v;
         if (!j->nchw_out) _mm256_storeu_ps(j->y + p * j->O + oc, v);
     }
@@ -760,7 +758,7 @@ XN_AVX2_FN static int64_t xw_popcount_probe(int64_t steps)
 
 /* The table path's outputs for a quad of 64 channels of channels-last y, from channel oc: per pixel its 64 outputs
    (four whole lines) in channel order, streamed where j->stream. The job's fields are read into locals once (a
-   vector store may alias them). Same arithmetic as xv_finish8. */
+   vector store may alias them). */
 XN_AVX2_FN static void xw_finish64(const xn_conv_job *j, const uint16_t cnt16[][64], int np, int64_t tile,
                                    const int64_t cls[XN_CONV_TILE], int64_t oc)
 {
@@ -777,9 +775,7 @@ XN_AVX2_FN static void xw_finish64(const xn_conv_job *j, const uint16_t cnt16[][
             const __m256i cnt = _mm256_cvtepu16_epi32(_mm_load_si128((const __m128i *)(cnt16[i] + 8 * q)));
             __m256i d = _mm256_sub_epi32(kc, _mm256_add_epi32(cnt, cnt));
             if (cr) d = _mm256_add_epi32(d, _mm256_loadu_si256((const __m256i *)(cr + 8 * q)));
-            __m256 v = _mm256_cvtepi32_ps(d);
-            if (scale) v = _mm256_mul_ps(v, _mm256_loadu_ps(scale + oc + 8 * q));
-            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + oc + 8 * q));
+            const __m256 v = xt_affine8(d, xt_scale8(scale, oc + 8 * q), xt_bias8(bias, oc + 8 * q));
             if (stream) _mm256_stream_ps(yp + 8 * q, v);
             else _mm256_storeu_ps(yp + 8 * q, v);
         }
