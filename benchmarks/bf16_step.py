@@ -5,19 +5,19 @@ Reproduce (from the repository root, on an otherwise idle machine):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bf16_step.py
 
-Writes `benchmarks/results/bf16_step.md`. The packaged all-MiniLM-L6-v2 at batch 32 x sequence 128, built and
-stepped as in `train_overhead.py` (forward, backward, AdamW step, mask advance) with a 10,000-step progression of
-7 stages (one per encoder block, then the pooler), StoMPP+STE at the middle of its first stage (block 0
-transitioning, everything after it continuous), of its middle stage (blocks 0-2 frozen, block 3 transitioning,
-the rest continuous) and of its last stage (every block frozen, the pooler transitioning). Each step of the bf16
-setups runs its forward under `torch.autocast("cpu", dtype=torch.bfloat16)`, as `Trainer` does with
-`bf16=True, use_cpu=True`; the weights and the optimizer stay fp32. All setups are measured in one process,
-round-robin (the order rotating every round), and every ratio is the median of the per-round ratios of two steps
-timed in the same round, with its interquartile range and a distribution-free 95% confidence interval of that
-median. One table per thread count (default 1 and 2, measured one after the other): on the 2-vCPU VMs of this
-project a 2-thread step varies by 10-25% from one step to the next, a 1-thread step by 2-4%, so the 1-thread
-ratios are the precise ones. On a CPU without bf16 instructions only fp32 is measured (`--precisions` overrides):
-PyTorch emulates bf16 there, 24x slower per step. This is a timing: no accuracy claim rests on it.
+Writes `benchmarks/results/bf16_step.md`. The packaged all-MiniLM-L6-v2 at batch 32 x sequence 128, built and stepped
+as in `train_overhead.py` (forward, backward, AdamW step, mask advance) with a 10,000-step progression of 7 stages (one
+per encoder block, then the pooler), StoMPP+STE at the middle of its first stage (block 0 transitioning, everything
+after it continuous), of its middle stage (blocks 0-2 frozen, block 3 transitioning, the rest continuous) and of its
+last stage (every block frozen, the pooler transitioning). Each step of the bf16 setups runs its forward under
+`torch.autocast("cpu", dtype=torch.bfloat16)`, as `Trainer` does with `bf16=True, use_cpu=True`; the weights and the
+optimizer stay fp32. All setups are measured in one process, round-robin (in a fresh order every round:
+`common.round_order`), and every ratio is the median of the per-round ratios of two steps timed in the same round, with
+its interquartile range and a distribution-free 95% confidence interval of that median. One table per thread count
+(default 1 and 2, measured one after the other): on the 2-vCPU VMs of this project a 2-thread step varies by 10-25%
+from one step to the next, a 1-thread step by 2-4%, so the 1-thread ratios are the precise ones. On a CPU without bf16
+instructions only fp32 is measured (`--precisions` overrides): PyTorch emulates bf16 there, 24x slower per step. This
+is a timing: no accuracy claim rests on it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sys
 import time
 
 import torch
-from common import iqr, median_ci, results_header
+from common import iqr, median_ci, results_header, round_order
 from train_overhead import build, one_step
 
 from stompp_hf.kernels.cpu import has_native_bf16
@@ -82,7 +82,7 @@ def main() -> None:
             threads=" and ".join(map(str, thread_counts)) + " (a table each)",
         ),
         f"all-MiniLM-L6-v2, batch {args.batch} x sequence {args.seq}, {args.steps} timed rounds after "
-        f"{args.warmup} warm-up per thread count, {len(keys)} setups interleaved (the order rotating every round). "
+        f"{args.warmup} warm-up per thread count, {len(keys)} setups interleaved (in a fresh order every round). "
         "Steps: median (interquartile range) over the rounds, in seconds. Ratios: median of the ratios of two steps "
         "timed in the same round (interquartile range; 95% confidence interval of the median). Positions: the "
         "middle of the progression's first, middle and last stage (of 7: one per encoder block, then the pooler).",
@@ -106,10 +106,9 @@ def run(setups: dict, keys: list[tuple], warmup: int, steps: int, label: str) ->
     """Step times of every setup over `steps` rounds after `warmup`, the setups round-robin."""
     times: dict[tuple, list[float]] = {key: [] for key in keys}
     for round_ in range(warmup + steps):
-        # the order rotates every round, so no setup always runs after the same one (this VM's speed drifts over
+        # a fresh order every round, so no setup always runs after the same one (this VM's speed drifts over
         # seconds, and a step leaves the caches and the allocator to the next)
-        order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
-        for key in order:
+        for key in round_order(keys, round_):
             start = time.perf_counter()
             one_step(*setups[key], autocast=AUTOCAST[key[2]])
             if round_ >= warmup:

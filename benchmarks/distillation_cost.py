@@ -13,7 +13,7 @@ first `--layers` layers (`num_hidden_layers`, default 3) with a seeded random 2-
 teacher, i.e. `Trainer`), logit KD, logit + hidden-state + attention KD, each with the teacher in float32 and in
 bfloat16 (`teacher_dtype`). Attention KD needs eager attention (the only implementation that returns the
 probabilities), so the trainer switches student and teacher to it; "no KD, eager attention" separates that cost
-from the teacher's. Medians of `--steps` interleaved rounds (each round runs every variant once, rotating the
+from the teacher's. Medians of `--steps` interleaved rounds (each round runs every variant once, in a fresh
 order) after one warm-up step each; the teacher's forward pass alone is timed the same way.
 """
 

@@ -217,7 +217,7 @@ def measure(
     del loaded["packed_f16"], f16
     gc.collect()
 
-    # Eval latency, interleaved: every repeat runs each model once, rotating which goes first.
+    # Eval latency, interleaved: every repeat runs each model once, in a fresh order.
     variants = {"fp32": fp32, "packed, cache off": packed, "packed, cache on": cached}
     names = list(variants)
     MONITOR.reset()
@@ -442,7 +442,7 @@ def render(results: list[Result], command: str, elapsed: float, args: argparse.N
         f"{args.seq_len} tokens). Activation scales measured by {CALIBRATION_BATCHES} `model.train()` forward passes "
         f"of batch {CALIBRATION_BATCH_SIZE} under `torch.no_grad()`. Seed {args.seed}.",
         "- MB = 10^6 bytes. Latencies: `model.eval()`, `torch.no_grad()`, one warm-up call per model, then the median "
-        "of interleaved repeats (each repeat runs every model once, rotating the order). Reload times: median of "
+        "of interleaved repeats (each repeat runs every model once, in a fresh order). Reload times: median of "
         "interleaved `from_pretrained` calls after one warm-up load (the files are in the OS page cache).",
         f"- Whole run: {elapsed / 60:.1f} min. Before each timing round the run waited until other processes used "
         f"at most {args.idle_threshold} cores over 0.3 s (total waiting budget {args.idle_budget:.0f} s; "

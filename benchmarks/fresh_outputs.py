@@ -7,7 +7,7 @@ Reproduce (from the repository root, on an otherwise idle machine; a few minutes
 
 Writes `benchmarks/results/fresh_outputs.md` (`--output` for another file). Per weight shape of all-MiniLM-L6-v2 and
 BERT-base at 4096 rows (batch 32 x sequence 128), float32, under `torch.no_grad()`, medians of interleaved rounds
-(`common.interleaved`: each round runs every mode once, rotating the order, after one warm-up call each):
+(`common.interleaved`: each round runs every mode once, in a fresh order, after one warm-up call each):
 
 * `xnor, fresh`: `xnor.xnor_linear` returning a new tensor (what `BinaryLinear` does), on the CPU's fastest path;
 * `xnor, reused`: the same call with `out=` one buffer allocated once;
@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import MONITOR, iqr, results_header
+from common import MONITOR, iqr, results_header, round_order
 from inference import clock_ghz, median, popcount_limit
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fresh_outputs.md")
@@ -46,7 +46,8 @@ def minor_faults() -> int:
 
 def rounds(calls: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Seconds per call and minor page faults per call of each mode over `repeats` interleaved rounds (after one
-    warm-up call each; every round waits for a quiet machine and rotates which mode goes first)."""
+    warm-up call each; every round waits for a quiet machine and runs the modes in a fresh order,
+    `common.round_order`)."""
     names = list(calls)
     for name in names:
         calls[name]()
@@ -54,7 +55,7 @@ def rounds(calls: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[s
     faults = dict.fromkeys(names, 0)
     for r in range(repeats):
         MONITOR.wait_idle()
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in round_order(names, r):
             f0, t0 = minor_faults(), time.perf_counter()
             out = calls[name]()
             seconds[name].append(time.perf_counter() - t0)

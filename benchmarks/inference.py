@@ -8,7 +8,7 @@ Reproduce (from the repository root, on an otherwise idle machine; about 30 minu
 Writes `benchmarks/results/inference.md`. `--quick` runs every part at toy sizes (a minute or two) and writes to a
 temporary file unless `--output` says otherwise: a check that the script works, not a measurement.
 
-Parts, each timed as medians of interleaved repeats (every repeat runs each mode once, rotating the order), under
+Parts, each timed as medians of interleaved repeats (every repeat runs each mode once, in a fresh order), under
 `torch.no_grad()`, after one warm-up call per mode:
 
 * Linear layers, one per weight shape of all-MiniLM-L6-v2 and BERT-base, at 128 rows (batch 1 x sequence 128) and
