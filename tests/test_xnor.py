@@ -893,6 +893,24 @@ def test_popcount_rate_times_the_register_loop():
             xnor.popcount_probe(bad)
 
 
+@needs_kernel
+def test_clock_ghz_times_a_chain_of_dependent_multiplies(monkeypatch):
+    """`clock_ghz` (the benchmark's clock measure) runs exactly `steps` dependent multiplies (the chain's value
+    proves it: none folded away), gives a clock no CPU exceeds only if the chain were skipped, None off x86, and
+    checks its argument."""
+    probe = xnor._library().clock_probe
+    assert probe(3) == 6561  # 3 -> 9 -> 81 -> 6561
+    assert probe(64) == pow(65, 2**64, 2**64) - 2**64 * (pow(65, 2**64, 2**64) >= 2**63)  # as a signed int64
+    ghz = xnor.clock_ghz(1 << 20)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert ghz is not None and 0 < ghz < 20
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert xnor.clock_ghz(1 << 10) is None
+    for bad in (0, -1, 1.5, True, "8"):
+        with pytest.raises(TypeError, match="steps"):
+            xnor.clock_ghz(bad)
+
+
 def bf16_kernel(kernel: str, weight_packed: torch.Tensor, n: int, k: int):
     """`kernel(x, scale, bias)`: the bfloat16 linear of the XNOR kernel (avx512 path) or of the AMX int8 one."""
     if kernel == "amx":

@@ -1018,6 +1018,20 @@ int64_t xnor_popcount_probe(int64_t steps)
     return -1;
 }
 
+/* A chain of `steps` dependent 64-bit multiplies on the calling thread, for the benchmark's measure of the clock the
+   core runs at (the caller times the call: on x86 cores since Intel Sandy Bridge and AMD Zen a 64-bit IMUL takes 3
+   cycles, and the loop's counter runs beside it). The empty asm keeps each product opaque, so the compiler can
+   neither fold nor split the chain. Returns the chain's last value. */
+int64_t xnor_clock_probe(int64_t steps)
+{
+    uint64_t x = (uint64_t)steps | 1;
+    for (int64_t i = 0; i < steps; i++) {
+        x *= x;
+        __asm__ __volatile__("" : "+r"(x));
+    }
+    return (int64_t)x;
+}
+
 /* Bytes of the prepared weight layout of a layer with O outputs, Cg inputs per group and `taps` kernel taps. */
 int64_t xnor_prepared_bytes(int64_t O, int64_t Cg, int64_t taps, int64_t groups)
 {
