@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from common import MONITOR, iqr, results_header, round_order
-from inference import clock_ghz, median, popcount_limit
+from inference import median, popcount_limit, stated_clock
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fresh_outputs.md")
 SHAPES = ((384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768))
@@ -153,7 +153,7 @@ def main() -> None:
     if not xnor.is_available():
         sys.exit("The XNOR kernel is not available on this machine (no C compiler?): nothing to measure.")
     torch.set_num_threads(args.threads)
-    ghz, ghz_note = clock_ghz(args.clock_ghz)
+    ghz, ghz_note = stated_clock(args.clock_ghz)
     limit = popcount_limit(args.threads, ghz)
     rows = []
     for k, n in SHAPES:

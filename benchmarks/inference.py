@@ -165,8 +165,9 @@ def median(values: list[float]) -> float:
 # the machine
 
 
-def clock_ghz(override: float | None) -> tuple[float, str]:
-    """The clock of the popcount limit and where it came from."""
+def stated_clock(override: float | None) -> tuple[float, str]:
+    """The clock the popcount limit is stated at (`--clock-ghz`, else what /proc/cpuinfo reports) and where it came
+    from; `measured_clock` is the one the cores run at."""
     if override:
         return override, "`--clock-ghz`"
     try:
@@ -846,7 +847,7 @@ def render(results: dict, command: str, args: argparse.Namespace, setting: Setti
 
     from stompp_hf.kernels import int8, xnor
 
-    ghz, source = clock_ghz(args.clock_ghz)
+    ghz, source = stated_clock(args.clock_ghz)
     limit = popcount_limit(args.threads, ghz)
     bandwidth = results["bandwidth"]["warm"]
     clocks = [c for c in results.get("clock", []) if c]
@@ -1113,7 +1114,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     MONITOR.threshold, MONITOR.budget = args.idle_threshold, (0.0 if args.quick else args.idle_budget)
     command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/inference.py", *sys.argv[1:]])
-    ghz, _ = clock_ghz(args.clock_ghz)
+    ghz, _ = stated_clock(args.clock_ghz)
     limit = popcount_limit(args.threads, ghz)
     start = time.perf_counter()
     results: dict = {"linear": [], "conv": [], "transformers": {}, "resnet": {}}
