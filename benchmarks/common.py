@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -138,9 +139,17 @@ def round_order(items: list, round_: int, seed: int = 0) -> list:
     return order
 
 
-def interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+def minor_faults() -> int:
+    """Minor page faults of this process so far (`getrusage`)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def interleaved(
+    calls: dict[str, Callable[[], object]], repeats: int, faults: dict[str, int] | None = None
+) -> dict[str, list[float]]:
     """Seconds per call over `repeats` rounds, after one warm-up call each. Every round waits for a quiet machine
-    (`MONITOR.wait_idle`) and runs each call once, in a fresh order (`round_order`)."""
+    (`MONITOR.wait_idle`) and runs each call once, in a fresh order (`round_order`). With `faults` (a dict), each
+    name's minor page faults over its timed calls are added to `faults[name]`."""
     names = list(calls)
     for n in names:
         calls[n]()
@@ -148,7 +157,10 @@ def interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[st
     for r in range(repeats):
         MONITOR.wait_idle()
         for n in round_order(names, r):
+            before = minor_faults() if faults is not None else 0
             samples[n].append(timed(calls[n])[0])
+            if faults is not None:
+                faults[n] = faults.get(n, 0) + minor_faults() - before
     return samples
 
 

@@ -24,44 +24,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shlex
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import MONITOR, iqr, results_header, round_order
+from common import interleaved, iqr, results_header
 from inference import median, popcount_limit, stated_clock
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fresh_outputs.md")
 SHAPES = ((384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768))
 MODES = ("xnor, fresh", "xnor, reused", "FP32, fresh", "FP32, reused")
-
-
-def minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def rounds(calls: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Seconds per call and minor page faults per call of each mode over `repeats` interleaved rounds (after one
-    warm-up call each; every round waits for a quiet machine and runs the modes in a fresh order,
-    `common.round_order`)."""
-    names = list(calls)
-    for name in names:
-        calls[name]()
-    seconds: dict[str, list[float]] = {n: [] for n in names}
-    faults = dict.fromkeys(names, 0)
-    for r in range(repeats):
-        MONITOR.wait_idle()
-        for name in round_order(names, r):
-            f0, t0 = minor_faults(), time.perf_counter()
-            out = calls[name]()
-            seconds[name].append(time.perf_counter() - t0)
-            faults[name] += minor_faults() - f0
-            del out
-    return seconds, {n: faults[n] / repeats for n in names}
 
 
 def measure(k: int, n: int, rows: int, repeats: int, threads: int) -> dict:
@@ -82,13 +55,14 @@ def measure(k: int, n: int, rows: int, repeats: int, threads: int) -> dict:
     }
     with torch.no_grad():
         exact = torch.equal(calls["xnor, fresh"](), calls["xnor, reused"]())
-        seconds, faults = rounds(calls, repeats)
+        faults: dict[str, int] = {}
+        seconds = interleaved(calls, repeats, faults)
     return {
         "shape": (k, n),
         "rows": rows,
         "t": {m: median(v) for m, v in seconds.items()},
         "iqr": max(iqr(v) for v in seconds.values()),
-        "faults": faults,
+        "faults": {m: faults[m] / repeats for m in calls},
         "exact": exact,
         "out_mib": rows * n * 4 / 2**20,
     }
