@@ -127,7 +127,7 @@ def main() -> None:
     if not xnor.is_available():
         sys.exit("The XNOR kernel is not available on this machine (no C compiler?): nothing to measure.")
     torch.set_num_threads(args.threads)
-    ghz, ghz_note = stated_clock(args.clock_ghz)
+    ghz, _ = stated_clock(args.clock_ghz)
     limit = popcount_limit(args.threads, ghz)
     rows = []
     for k, n in SHAPES:
