@@ -178,11 +178,14 @@ def test_in_place_input_modification_is_caught():
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 def test_sibling_layers_share_the_passes_over_their_input(state, autocast, monkeypatch):
     """Three layers fed the same tensor (query, key, value) read it once for its sum of |x| and, frozen, once for
-    its sign: the same outputs, gradients and betas as three layers fed three copies of it, which read one each.
+    its sign; continuous, they share one clipped tensor (float32): one clip in the forward, one window pass over
+    the sum of their input gradients and one recompute of the clip for their weight gradients in the backward. The
+    same outputs, gradients and betas, bit for bit, as three layers fed three copies of it, which read one each.
     An in-place change of the input between two layers makes the next one read it again."""
     from stompp_hf.core import functional as F
+    from stompp_hf.nn import binarizer
 
-    counts = {"sign": 0, "abs_sum": 0}
+    counts = {"sign": 0, "abs_sum": 0, "clip_bits": 0, "bits_grad": 0, "recompute": 0}
     x0 = torch.randn(4, 40, 256, generator=torch.Generator().manual_seed(3))
     ops = type(F.fused_ops())
 
@@ -195,8 +198,13 @@ def test_sibling_layers_share_the_passes_over_their_input(state, autocast, monke
 
         return op
 
-    for name in counts:
+    def clamp_to(u, *a):  # the recompute of a continuous input's clip, in the backward
+        counts["recompute"] += u.shape == x0.shape
+        return F.clamp_to(u, *a)
+
+    for name in ("sign", "abs_sum", "clip_bits", "bits_grad"):
         monkeypatch.setattr(ops, name, counted(name, getattr(ops, name)))
+    monkeypatch.setattr(binarizer, "clamp_to", clamp_to)
 
     def siblings():
         layers = [frozen_linear(256, 96 + 16 * i) for i in range(3)]
@@ -215,15 +223,21 @@ def test_sibling_layers_share_the_passes_over_their_input(state, autocast, monke
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
             ys = [layer(h if shared else h.clone()) for layer in layers]
         reads = counts["sign"] + counts["abs_sum"]  # the forward's passes over the input
+        clips = counts["clip_bits"]
         torch.autograd.backward(ys, [g.to(y.dtype) for g, y in zip(gs, ys)])
         grads = [layer.weight.grad for layer in layers]
-        return ys, x.grad, grads, [layer.input_binarizer.scale for layer in layers], reads
+        passes = (reads, clips, counts["bits_grad"], counts["recompute"])
+        return ys, x.grad, grads, [layer.input_binarizer.scale for layer in layers], passes
 
-    *a, reads_shared = run(siblings(), shared=True)
-    *b, reads_apart = run(siblings(), shared=False)
+    *a, passes_shared = run(siblings(), shared=True)
+    *b, passes_apart = run(siblings(), shared=False)
     # the input read once for the three layers (a frozen one reads its sign with the sum where it writes a sign:
     # under autocast, or without the kernel product), once each for three copies
-    assert (reads_shared, reads_apart) == (1, 3)
+    assert (passes_shared[0], passes_apart[0]) == (1, 3)
+    if state == "continuous" and autocast is None:  # one clip, window pass and recompute for the three
+        assert (passes_shared[1:], passes_apart[1:]) == ((1, 1, 1), (3, 3, 3))
+    else:  # frozen: no clip; an autocast operand: each layer clips into bf16 and keeps it (no recompute)
+        assert passes_shared[1:] == passes_apart[1:] == ((0, 0, 0) if state == "frozen" else (3, 3, 0))
     ys_a, gx_a, gw_a, beta_a = a
     ys_b, gx_b, gw_b, beta_b = b
     for a, b in zip([*ys_a, gx_a, *gw_a, *beta_a], [*ys_b, gx_b, *gw_b, *beta_b]):
@@ -240,3 +254,47 @@ def test_sibling_layers_share_the_passes_over_their_input(state, autocast, monke
         y = layers[1](h)
         assert counts["sign"] + counts["abs_sum"] == 2
         assert torch.equal(y, siblings()[1](x0.neg().requires_grad_() * 1.0))
+def test_shared_clip_is_recomputed_once_and_let_go(monkeypatch):
+    """Continuous siblings' shared clip (`SharedRecompute`): the first backward recomputes it once for the three
+    weight gradients and holds nothing afterwards; a second backward over the retained graph recomputes it again,
+    and gives the same gradients again (accumulated: twice the first's); a sibling whose weight needs no gradient
+    saves nothing and takes nothing from the others."""
+    from stompp_hf.core import functional as F
+    from stompp_hf.nn import binarizer, recompute
+
+    recipes, computed = [], []
+    real = recompute.SharedRecompute.__init__
+
+    def init(self, fn):
+        real(self, fn)
+        recipes.append(self)
+
+    def clamp_to(u, *a):
+        out = F.clamp_to(u, *a)
+        computed.append(out)
+        return out
+
+    monkeypatch.setattr(recompute.SharedRecompute, "__init__", init)
+    monkeypatch.setattr(binarizer, "clamp_to", clamp_to)
+    layers = [frozen_linear(64, 32) for _ in range(3)]
+    for layer in layers:
+        for b in layer.binarizers():
+            b.mask.fill(False)
+    layers[2].weight.requires_grad_(False)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    h = x * 1.0
+    ys = [layer(h) for layer in layers]
+    loss = sum((y * torch.linspace(-1, 1, 32)).sum() for y in ys)
+    (recipe,) = recipes
+    assert recipe.pending == 2  # the two layers whose op saves its input for a weight gradient
+    loss.backward(retain_graph=True)
+    first = [layers[i].weight.grad.clone() for i in range(2)], x.grad.clone()
+    assert len(computed) == 1 and recipe.pending == 0 and recipe.value is None
+    loss.backward()
+    assert len(computed) == 3  # after the last save was read: recomputed per read, nothing kept
+    assert recipe.value is None
+    for i in range(2):
+        assert torch.equal(layers[i].weight.grad, first[0][i] * 2)
+    assert torch.equal(x.grad, first[1] * 2)
+
+

@@ -31,6 +31,7 @@ from ..core.masks import (
     decode_mask_state,
     encode_mask_state,
 )
+from .recompute import SharedRecompute
 
 #: Momentum of the running mean of |x| that sets the activation scale beta.
 ACTIVATION_SCALE_MOMENTUM = 0.1
@@ -51,21 +52,23 @@ def _in_backward() -> bool:
 
 
 class _InputPasses:
-    """What the input binarizers read from one input tensor: its sum of |x| and, for factored layers, its sign by
-    dtype. Sibling layers fed the same tensor (a block's query, key and value projections) reuse them instead of
-    reading it again (docs/design.md, "Fused passes (CPU)"). Valid while the tensor is the same object at the same
-    version and data pointer, under the same fused passes; emptied when the tensor is freed."""
+    """What the input binarizers read from one input tensor: its sum of |x|, for factored layers its sign by dtype,
+    and for continuous inputs the clipped tensor by clip (`_SharedClip`). Sibling layers fed the same tensor (a
+    block's query, key and value projections) reuse them instead of reading it again (docs/design.md, "Fused passes
+    (CPU)"). Valid while the tensor is the same object at the same version and data pointer, under the same fused
+    passes; emptied when the tensor is freed, or when the next layer's input is another tensor."""
 
-    __slots__ = ("ref", "key", "sum", "signs")
+    __slots__ = ("ref", "key", "sum", "signs", "clips")
 
     def __init__(self, u: torch.Tensor) -> None:
         self.ref = weakref.ref(u, self.release)
         self.key = _input_key(u)
         self.sum: torch.Tensor | None = None
         self.signs: dict[torch.dtype, torch.Tensor] = {}
+        self.clips: dict[tuple, _SharedClip] = {}
 
     def release(self, _ref: weakref.ref | None = None) -> None:
-        self.sum, self.signs = None, {}
+        self.sum, self.signs, self.clips = None, {}, {}
 
     def holds(self, u: torch.Tensor) -> bool:
         return self.ref() is u and self.key == _input_key(u)
@@ -120,6 +123,30 @@ def _shared_sign_and_abs_sum(u: torch.Tensor, dtype: torch.dtype | None) -> tupl
             sign = scaled_sign(u, None, key)  # the sign alone, in one pass where a fused one applies
         passes.signs[key] = sign
     return sign, passes.sum
+
+
+class _SharedClip(NamedTuple):
+    """A continuous input's clipped tensor (an autograd output) and its recipe, handed to each sibling layer that
+    clips the same input to the same bound: one clip in the forward, one window pass in the backward over the sum of
+    the siblings' gradients (autograd adds them first, as it adds a full-precision model's gradients of the shared
+    input), one recompute for the siblings' weight gradients (`SharedRecompute`)."""
+
+    out: torch.Tensor
+    version: int
+    recipe: Callable[[], torch.Tensor] | None
+
+
+def _clip_key(rule: str, bound: torch.Tensor | float, owned_grad: bool) -> tuple | None:
+    """What makes two continuous binarizations of one input the same tensor: the clip bound's value (bit for bit:
+    siblings' betas are equal when they have seen the same inputs from the same start, as a block's projections
+    have) and the gradient ownership; None where the bound is not a number on the host."""
+    if isinstance(bound, torch.Tensor):
+        if bound.numel() != 1 or not bound.is_cpu:
+            return None
+        value = (bound.dtype, bound.item())
+    else:
+        value = (None, float(bound))
+    return (rule, value, owned_grad)
 
 
 class Binarizer(nn.Module):
@@ -322,6 +349,16 @@ class Binarizer(nn.Module):
             return self._by_state(u, mask_state, scale, bound, None), None, None
         mask = mask_state.as_mask()
         cast = operand_dtype if self.kind == "input" and operand_dtype != u.dtype else None
+        shared = key = None
+        if mask is False and self.kind == "input" and cast is None and u.requires_grad and torch.is_grad_enabled():
+            # a continuous input with a graph: siblings fed the same input share its clip (`_SharedClip`). Not an
+            # autocast operand: autograd would add the siblings' bfloat16 gradients in bfloat16, where a
+            # full-precision model adds them in float32 after each op's cast back
+            shared = _input_passes(u)
+            key = _clip_key(self.rule, bound, owned_grad) if shared is not None else None
+            hit = shared.clips.get(key) if key is not None else None
+            if hit is not None and hit.out._version == hit.version and (hit.recipe is not None or not recompute):
+                return hit.out, None, hit.recipe if recompute else None
         out = masked_binarize(
             u,
             mask,
@@ -332,10 +369,15 @@ class Binarizer(nn.Module):
             owned_grad=owned_grad,
             dtype=cast,
         )
+        recipe = None
         if recompute and mask is False and self.kind == "input" and cast is None:
             b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
-            return out, None, _recipe(u, lambda: clamp_to(u.detach(), b))
-        return out, None, None
+            recipe = _recipe(u, lambda: clamp_to(u.detach(), b))
+            if key is not None and recipe is not None:
+                recipe = SharedRecompute(recipe)
+        if key is not None and (recipe is not None or not recompute):
+            shared.clips[key] = _SharedClip(out, out._version, recipe)
+        return out, None, recipe
 
     def frozen_sign(
         self,

@@ -33,6 +33,8 @@ class _RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):
             if hit is None:
                 return t
             base_offset, fn = hit
+            if isinstance(fn, SharedRecompute):
+                fn.packed()
             return _Recompute(fn, t.size(), t.stride(), t.storage_offset() - base_offset)
 
         def unpack(saved):
@@ -42,3 +44,26 @@ class _RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):
             return saved
 
         super().__init__(pack, unpack)
+
+
+class SharedRecompute:
+    """A recipe several layers save (sibling layers that share one binarized input, `nn.binarizer._SharedClip`):
+    the first of their backward passes to need it recomputes it, the others reuse that tensor, and it is let go once
+    every layer that saved it has read it. A read after that (a second backward over a retained graph) recomputes
+    it again, and keeps nothing."""
+
+    __slots__ = ("fn", "pending", "value")
+
+    def __init__(self, fn: Callable[[], torch.Tensor]) -> None:
+        self.fn = fn
+        self.pending = 0  # saves not read back yet
+        self.value: torch.Tensor | None = None
+
+    def packed(self) -> None:
+        self.pending += 1
+
+    def __call__(self) -> torch.Tensor:
+        value = self.value if self.value is not None else self.fn()
+        self.pending -= 1
+        self.value = value if self.pending > 0 else None
+        return value
