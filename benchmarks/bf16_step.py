@@ -11,9 +11,13 @@ per encoder block, then the pooler), StoMPP+STE at the middle of its first stage
 after it continuous), of its middle stage (blocks 0-2 frozen, block 3 transitioning, the rest continuous) and of its
 last stage (every block frozen, the pooler transitioning). Each step of the bf16 setups runs its forward under
 `torch.autocast("cpu", dtype=torch.bfloat16)`, as `Trainer` does with `bf16=True, use_cpu=True`; the weights and the
-optimizer stay fp32. All setups are measured in one process, round-robin (in a fresh order every round:
-`common.round_order`), and every ratio is the median of the per-round ratios of two steps timed in the same round, with
-its interquartile range and a distribution-free 95% confidence interval of that median. One table per thread count
+optimizer stay fp32. Every setup trains in a process of its own (`--processes per-setup`, the default: one heap per
+model, as in a user's training run: in one shared process, measured on the Xeon without AMX, the FP steps faulted
+in no fresh memory at all, 0 minor faults a step against 43-51 thousand in a process of their own, while the first
+stage's StoMPP+STE steps faulted 20-33 thousand: what the other setups leave in glibc's heap decides how much of its
+memory a step finds mapped), and the setups are stepped round-robin from this process (in a fresh order every
+round: `common.round_order`). Every ratio is the median of the per-round ratios of two steps timed in the same round,
+with its interquartile range and a distribution-free 95% confidence interval of that median. One table per thread count
 (default 1 and 2, measured one after the other): on the 2-vCPU VMs of this project a 2-thread step varies by 10-25%
 from one step to the next, a 1-thread step by 2-4%, so the 1-thread ratios are the precise ones. On a CPU without bf16
 instructions only fp32 is measured (`--precisions` overrides): PyTorch emulates bf16 there, 24x slower per step. This
@@ -23,6 +27,7 @@ is a timing: no accuracy claim rests on it.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shlex
 import statistics
@@ -30,7 +35,7 @@ import sys
 import time
 
 import torch
-from common import iqr, median_ci, results_header, round_order
+from common import iqr, median_ci, minor_faults, results_header, round_order
 from train_overhead import build, one_step
 
 from stompp_hf.kernels.cpu import has_native_bf16
@@ -56,6 +61,14 @@ def main() -> None:
         help="comma-separated subset of " + str(PRECISIONS) + "; default both, fp32 alone on a CPU without bf16 "
         "instructions (where autocast emulates bf16: 24x slower per step, and no user would train so)",
     )
+    parser.add_argument(
+        "--processes",
+        choices=("per-setup", "shared"),
+        default="per-setup",
+        help="per-setup (default): every setup trains in a process of its own, as a user's model does; shared: all "
+        "in this process, sharing one heap (what this benchmark did before: the steps then fault in different "
+        "amounts of fresh memory depending on what the other setups freed)",
+    )
     parser.add_argument("--output", default="benchmarks/results/bf16_step.md")
     args = parser.parse_args()
     native_bf16 = has_native_bf16() is not False
@@ -73,7 +86,11 @@ def main() -> None:
         parser.error(f"--threads takes comma-separated positive integers, got {args.threads!r}")
     keys = [("FP", None, prec) for prec in precisions]
     keys += [("StoMPP+STE", pos, prec) for pos in positions for prec in precisions]
-    setups = {key: build("minilm", key[0], args.batch, args.seq, key[1] or "middle") for key in keys}
+    if args.processes == "shared":
+        setups = {key: build("minilm", key[0], args.batch, args.seq, key[1] or "middle") for key in keys}
+    else:  # built one after another (each load is a burst of memory traffic)
+        context = multiprocessing.get_context("spawn")  # no fork of a process that runs OpenMP
+        setups = {key: Worker(context, key, args.batch, args.seq) for key in keys}
     command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/bf16_step.py", *sys.argv[1:]])
     lines = [
         *results_header(
@@ -85,7 +102,12 @@ def main() -> None:
         f"{args.warmup} warm-up per thread count, {len(keys)} setups interleaved (in a fresh order every round). "
         "Steps: median (interquartile range) over the rounds, in seconds. Ratios: median of the ratios of two steps "
         "timed in the same round (interquartile range; 95% confidence interval of the median). Positions: the "
-        "middle of the progression's first, middle and last stage (of 7: one per encoder block, then the pooler).",
+        "middle of the progression's first, middle and last stage (of 7: one per encoder block, then the pooler). "
+        "Faults: the median of the minor page faults of a step (fresh memory the step touched).",
+        "Each setup trains in a process of its own (one heap per model, as a user's training run has), stepped "
+        "from this one; a step is timed in its process."
+        if args.processes == "per-setup"
+        else "All setups train in this process and share its heap (`--processes shared`).",
     ]
     if "bf16" not in precisions and not native_bf16:
         lines.append(
@@ -94,32 +116,108 @@ def main() -> None:
         )
     for threads in thread_counts:
         torch.set_num_threads(threads)  # the kernels and fused passes follow torch's thread count
-        times = run(setups, keys, args.warmup, args.steps, f"{threads} thread(s)")
-        lines += ["", f"`torch.set_num_threads({threads})`:", "", *table(times, keys, precisions)]
+        for setup in setups.values():
+            if isinstance(setup, Worker):
+                setup.threads(threads)
+        times, faults = run(setups, keys, args.warmup, args.steps, f"{threads} thread(s)")
+        lines += ["", f"`torch.set_num_threads({threads})`:", "", *table(times, faults, keys, precisions)]
+    for setup in setups.values():
+        if isinstance(setup, Worker):
+            setup.close()
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def run(setups: dict, keys: list[tuple], warmup: int, steps: int, label: str) -> dict[tuple, list[float]]:
-    """Step times of every setup over `steps` rounds after `warmup`, the setups round-robin."""
+def run(setups: dict, keys: list[tuple], warmup: int, steps: int, label: str) -> tuple[dict, dict]:
+    """Step times (seconds) and minor page faults of every setup over `steps` rounds after `warmup`, the setups
+    round-robin in a fresh order every round. `setups`: key -> a `Worker` (its own process) or the tuple of
+    `train_overhead.build` (stepped here)."""
     times: dict[tuple, list[float]] = {key: [] for key in keys}
+    faults: dict[tuple, list[int]] = {key: [] for key in keys}
     for round_ in range(warmup + steps):
         # a fresh order every round, so no setup always runs after the same one (this VM's speed drifts over
-        # seconds, and a step leaves the caches and the allocator to the next)
+        # seconds, and a step leaves the caches, and in one process the allocator, to the next)
         for key in round_order(keys, round_):
-            start = time.perf_counter()
-            one_step(*setups[key], autocast=AUTOCAST[key[2]])
+            setup = setups[key]
+            if isinstance(setup, Worker):
+                seconds, faulted = setup.step()
+            else:
+                before = minor_faults()
+                start = time.perf_counter()
+                one_step(*setup, autocast=AUTOCAST[key[2]])
+                seconds, faulted = time.perf_counter() - start, minor_faults() - before
             if round_ >= warmup:
-                times[key].append(time.perf_counter() - start)
+                times[key].append(seconds)
+                faults[key].append(faulted)
         print(f"  {label}: round {round_ + 1}/{warmup + steps}", flush=True)
-    return times
+    return times, faults
 
 
-def table(times: dict[tuple, list[float]], keys: list[tuple], precisions: list[str]) -> list[str]:
+class Worker:
+    """One setup in a process of its own, stepped on request: each model then has its own heap, as when a user
+    trains it, instead of sharing glibc's heap with the other setups (where whether a step finds its memory mapped
+    depends on what the other setups left there: the module docstring). The child builds its setup with
+    `train_overhead.build` and waits on a pipe; `step` times one `one_step` there (the time and the faults are
+    taken in the child, around the step only)."""
+
+    def __init__(self, context, key: tuple, batch: int, seq: int) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_main, args=(child, key, batch, seq), daemon=True)
+        self.process.start()
+        child.close()
+        self._reply()  # built
+
+    def _reply(self):
+        reply = self.conn.recv()
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def threads(self, n: int) -> None:
+        self.conn.send(("threads", n))
+        self._reply()
+
+    def step(self) -> tuple[float, int]:
+        # the previous setup's OpenMP threads spin for a moment after their last region: let them stop
+        time.sleep(0.05)
+        self.conn.send(("step",))
+        return self._reply()
+
+    def close(self) -> None:
+        self.conn.send(("stop",))
+        self.process.join()
+
+
+def _worker_main(conn, key: tuple, batch: int, seq: int) -> None:
+    try:
+        setup = build("minilm", key[0], batch, seq, key[1] or "middle")
+        conn.send("built")
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
+        conn.send(exc)
+        return
+    while True:
+        command = conn.recv()
+        try:
+            if command[0] == "stop":
+                return
+            if command[0] == "threads":
+                torch.set_num_threads(command[1])  # the kernels and fused passes follow torch's thread count
+                conn.send("ok")
+            else:
+                before = minor_faults()
+                start = time.perf_counter()
+                one_step(*setup, autocast=AUTOCAST[key[2]])
+                conn.send((time.perf_counter() - start, minor_faults() - before))
+        except BaseException as exc:  # noqa: BLE001
+            conn.send(exc)
+            return
+
+
+def table(times: dict[tuple, list[float]], faults: dict, keys: list[tuple], precisions: list[str]) -> list[str]:
     def step(key: tuple) -> str:
-        return f"{statistics.median(times[key]):.3f} ({iqr(times[key]):.3f})"
+        return f"{statistics.median(times[key]):.3f} ({iqr(times[key]):.3f}); {statistics.median(faults[key]):,.0f}"
 
     def paired(a: tuple, b: tuple) -> str:
         """Median, interquartile range and 95% confidence interval of the median of the per-round ratios a / b."""
@@ -128,7 +226,7 @@ def table(times: dict[tuple, list[float]], keys: list[tuple], precisions: list[s
         return f"**{statistics.median(ratios):.3f}** ({iqr(ratios):.3f}; {lo:.3f}-{hi:.3f})"
 
     both = len(precisions) == 2
-    header = ["rule", "position", *(f"{p} step (s)" for p in precisions)]
+    header = ["rule", "position", *(f"{p} step (s); faults" for p in precisions)]
     header += [f"step / FP step, {p}" for p in precisions] + (["bf16 / fp32"] if both else [])
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
     for key in keys[:: len(precisions)]:
