@@ -141,8 +141,11 @@ def test_layer_keeps_no_copy_of_its_binarized_operands(kind, state):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "continuous"])
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant, frozen):
+    """Continuous: the query, key and value projections share their input's clip (`_SharedClip`), also in the
+    forward that checkpointing runs again inside the backward."""
     torch.manual_seed(0)
     fp = BertForSequenceClassification(tiny_bert_config())
     models = []
@@ -155,7 +158,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
             for b in m.binarizers():
                 b.controlled = True
                 if b.mask is not None:
-                    b.mask.fill(True)
+                    b.mask.fill(frozen)
         if checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
         model.train()
