@@ -254,6 +254,8 @@ def test_sibling_layers_share_the_passes_over_their_input(state, autocast, monke
         y = layers[1](h)
         assert counts["sign"] + counts["abs_sum"] == 2
         assert torch.equal(y, siblings()[1](x0.neg().requires_grad_() * 1.0))
+
+
 def test_shared_clip_is_recomputed_once_and_let_go(monkeypatch):
     """Continuous siblings' shared clip (`SharedRecompute`): the first backward recomputes it once for the three
     weight gradients and holds nothing afterwards; a second backward over the retained graph recomputes it again,
@@ -296,5 +298,3 @@ def test_shared_clip_is_recomputed_once_and_let_go(monkeypatch):
     for i in range(2):
         assert torch.equal(layers[i].weight.grad, first[0][i] * 2)
     assert torch.equal(x.grad, first[1] * 2)
-
-
