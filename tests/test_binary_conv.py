@@ -480,10 +480,15 @@ def test_auto_measures_the_amx_conv(monkeypatch):
 
 
 @pytest.mark.skipif("avx512" not in bconv.conv_paths(), reason="no avx512 conv path on this CPU")
-@pytest.mark.parametrize("conv", [{}, {"stride": 2, "bias": False}, {"kernel_size": 1, "padding": 0, "groups": 4}])
+@pytest.mark.parametrize(
+    "conv",
+    [{}, {"out_channels": 24}, {"stride": 2, "bias": False}, {"kernel_size": 1, "padding": 0, "groups": 4}],
+)
 def test_bf16_packed_conv_is_bit_identical(conv):
     """A packed convolution of a bfloat16 model, NCHW or channels-last input, in every kernel mode: bf16 outputs
-    (in the input's format) with the reference path's bits, sums past bf16's 8 bits included (288 inputs)."""
+    (in the input's format) with the reference path's bits, sums past bf16's 8 bits included (288 inputs). The
+    first two take the avx512 tile's paired epilogue (two panels rounded together; 24 channels: the second panel
+    of the pair has 8), the others its one-panel epilogue (no bias; 3 output channels per group)."""
     gen = torch.Generator().manual_seed(14)
     layer = make_layer(gen, **conv).to(torch.bfloat16)
     x = make_input((3, 32, 9, 10), gen).bfloat16()

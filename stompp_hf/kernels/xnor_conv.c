@@ -61,6 +61,7 @@ typedef struct {
     uint32_t *xb;                             /* the packed bit images: [B][IS], or by_image one per thread */
     int32_t *off;                             /* [T] */
     int32_t *corr;                            /* [row classes][column classes][O], or NULL without padding */
+    float *kcorr;                             /* avx512: K + corr as floats (the same layout), or NULL */
     int32_t *rcls, *ccls;                     /* class of each output row / column */
     int64_t ncc;                              /* column classes */
     struct xn_conv_pix *pix;                  /* [P] (by_image: [HWo], image 0's): output pixels' coordinates */
@@ -262,7 +263,34 @@ XZ_INLINE void xz_conv_tile(const xn_conv_job *j, const int bf16, int64_t g, int
     const int64_t panel0 = q * XZ_NG;
     __m512i acc[XZ_MR][XZ_NG];
     xz_dot8(xr, j->off, j->T, j->wp + (g * j->P16 + panel0) * j->T * 16, j->T * 16, ng == XZ_NG, acc);
-    const __m512i kc = _mm512_set1_epi32((int)j->K), zero = _mm512_setzero_si512();
+    /* K - 2 * count + corr as one multiply-add of floats, the same integer (every operand and the result are
+       integers below 2**24, so the one rounding is exact; a zero is +0.0 as the conversion of an integer 0) */
+    const __m512 kf = _mm512_set1_ps((float)j->K), two = _mm512_set1_ps(2.0f);
+#if XN_HAVE_BF16
+    if (bf16 == XZ_BF16_NATIVE && ng == XZ_NG && j->scale && j->bias && !j->exact && !j->nchw_out) {
+        /* both panels' roundings at once (xz_pair_bf16) */
+        const int64_t oc = g * j->Og + 16 * panel0;
+        __mmask16 lanes[XZ_NG];
+        __m512 sv[XZ_NG], bv[XZ_NG];
+        for (int h = 0; h < XZ_NG; h++) {
+            lanes[h] = xz_lanes(j->Og - 16 * (panel0 + h));
+            sv[h] = _mm512_maskz_loadu_ps(lanes[h], j->scale + oc + 16 * h);
+            bv[h] = _mm512_maskz_loadu_ps(lanes[h], j->bias + oc + 16 * h);
+        }
+        xz_pair_epilogue e;
+        xz_pair_setup(sv[0], sv[1], bv[0], bv[1], &e);
+        for (int i = 0; i < np; i++) {
+            __m512 d[XZ_NG];
+            for (int h = 0; h < XZ_NG; h++) {
+                const __m512 kc =
+                    j->kcorr ? _mm512_maskz_loadu_ps(lanes[h], j->kcorr + cls[i] + oc + 16 * h) : kf;
+                d[h] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(acc[i][h]), two, kc);
+            }
+            xz_store_pair(j->y, (pg0 + i) * j->O + oc, xz_pair_bf16(d[0], d[1], &e), lanes, j->stream);
+        }
+        return;
+    }
+#endif
     /* NCHW stores 8 consecutive pixels of one image as 8 consecutive floats of each channel plane */
     const int planes = j->nchw_out && np == XZ_MR && b[0] == b[XZ_MR - 1];
     __m512 f[XZ_MR][XZ_NG];
@@ -275,9 +303,9 @@ XZ_INLINE void xz_conv_tile(const xn_conv_job *j, const int bf16, int64_t g, int
         const __m512 bv = j->bias ? _mm512_maskz_loadu_ps(lanes[h], j->bias + oc) : _mm512_setzero_ps();
         __m512 fh[XZ_MR];
         for (int i = 0; i < XZ_MR; i++) {
-            const __m512i corr = j->corr ? _mm512_maskz_loadu_epi32(lanes[h], j->corr + cls[i] + oc) : zero;
-            f[i][h] = fh[i] =
-                xz_finish(acc[i][h], kc, corr, j->scale ? &sv : NULL, j->bias ? &bv : NULL, bf16, j->exact);
+            const __m512 kc = j->kcorr ? _mm512_maskz_loadu_ps(lanes[h], j->kcorr + cls[i] + oc) : kf;
+            const __m512 d = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(acc[i][h]), two, kc);
+            f[i][h] = fh[i] = xz_finish_sum(d, j->scale ? &sv : NULL, j->bias ? &bv : NULL, bf16, j->exact);
         }
         if (planes) {
             xz_store_planes(fh, j->y + (b[0] * j->O + oc) * j->HWo + r[0], j->HWo, nl);
@@ -1000,6 +1028,11 @@ int xnor_conv2d_f32(const void *x, const int64_t *geom, const void *prepared, co
                             if (((masks[a] >> i) | (cmasks[c] >> jj)) & 1) s += S[o * j.kh * j.kw + i * j.kw + jj];
                     j.corr[(a * j.ncc + c) * j.O + o] = s;
                 }
+        if (j.simd) {
+            j.kcorr = (float *)malloc((size_t)(nrc * j.ncc * j.O) * sizeof(float));
+            if (!j.kcorr) goto done;
+            for (int64_t i = 0; i < nrc * j.ncc * j.O; i++) j.kcorr[i] = (float)(j.K + j.corr[i]);
+        }
     }
 #if XN_X86_SIMD
     j.exact = xz_exact_ints(j.K, !padded);
@@ -1015,6 +1048,7 @@ done:
     free(j.rcls);
     free(masks);
     free(j.corr);
+    free(j.kcorr);
     free(j.pix);
     return rc;
 }
