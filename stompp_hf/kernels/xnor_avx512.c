@@ -290,47 +290,54 @@ XZ_INLINE __m512 xz_finish(__m512i count, __m512i kc, __m512i corr, const __m512
 }
 
 #if XN_HAVE_BF16
-/* The XZ_BF16_NATIVE epilogue of one output row's two panels with a scale and a bias, and integers that need their
-   rounding (not xz_exact_ints), each rounding done for both panels by one VCVTNE2PS2BF16 and widened back by two
-   unpacks: the same roundings as xz_finish_sum per panel, in half the instructions. The unpacks interleave the
-   channels within 128-bit lanes, so the scales and biases come permuted to match (xz_pair_setup) and the result
-   is put back in channel order by one word permute. */
+/* The XZ_BF16_NATIVE epilogue of one output row's two panels with a scale (and a bias, or none), and integers that
+   need their rounding (not xz_exact_ints), each rounding done for both panels by one VCVTNE2PS2BF16 and widened back
+   by two unpacks: the same roundings as xz_finish_sum per panel, in half the instructions. The unpacks interleave
+   the channels within 128-bit lanes, so the scales and biases come permuted to match (xz_pair_setup) and the
+   result is put back in channel order by one word permute. */
 typedef struct {
     __m512 scale_lo, scale_hi, bias_lo, bias_hi;   /* the scales of the first unpacks' channels, the biases of the
                                                       second's */
     __m512i order;                                 /* the word permute back to channel order */
 } xz_pair_epilogue;
 
-/* The constants of xz_pair_bf16 from the two panels' scales (s0: channels 0-15, s1: 16-31) and biases. */
-XZ_INLINE void xz_pair_setup(__m512 s0, __m512 s1, __m512 b0, __m512 b1, xz_pair_epilogue *e)
+/* The constants of xz_pair_bf16 from the two panels' scales (s0: channels 0-15, s1: 16-31) and, `biased`, biases. */
+XZ_INLINE void xz_pair_setup(__m512 s0, __m512 s1, __m512 b0, __m512 b1, const int biased, xz_pair_epilogue *e)
 {
     /* the words of one rounding of (a, b): a's 16 then b's; unpacking them in 128-bit lanes gives the channels
        lo = a 0-3, a 8-11, b 0-3, b 8-11 and hi = a 4-7, a 12-15, b 4-7, b 12-15 */
     const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
     const __m512i hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    e->scale_lo = _mm512_permutex2var_ps(s0, lo, s1);
+    e->scale_hi = _mm512_permutex2var_ps(s0, hi, s1);
+    if (!biased) {   /* the store's rounding of (lo, hi) holds channel c at word order[c] */
+        e->order = _mm512_set_epi16(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8, 23, 22, 21, 20, 7,
+                                    6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+        return;
+    }
     /* after the second rounding, of (lo, hi): channels 0-3, 16-19, 4-7, 20-23 and 8-11, 24-27, 12-15, 28-31 */
     const __m512i lo2 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
     const __m512i hi2 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-    e->scale_lo = _mm512_permutex2var_ps(s0, lo, s1);
-    e->scale_hi = _mm512_permutex2var_ps(s0, hi, s1);
     e->bias_lo = _mm512_permutex2var_ps(b0, lo2, b1);
     e->bias_hi = _mm512_permutex2var_ps(b0, hi2, b1);
-    /* the final rounding of (lo2 channels, hi2 channels) holds channel c at word order[c] */
+    /* the store's rounding of (those lo, hi) holds channel c at word order[c] */
     e->order = _mm512_set_epi16(31, 30, 29, 28, 23, 22, 21, 20, 15, 14, 13, 12, 7, 6, 5, 4, 27, 26, 25, 24, 19, 18,
                                 17, 16, 11, 10, 9, 8, 3, 2, 1, 0);
 }
 
 /* The 32 bfloat16 outputs of channels 0-31 (in order) from the integers d0 (channels 0-15) and d1 (16-31), as
-   floats: round, times the scale, round, plus the bias, round (torch's bf16 steps). */
-XZ_INLINE __m512i xz_pair_bf16(__m512 d0, __m512 d1, const xz_pair_epilogue *e)
+   floats: round, times the scale, round, and with `biased` plus the bias, round (torch's bf16 steps). */
+XZ_INLINE __m512i xz_pair_bf16(__m512 d0, __m512 d1, const int biased, const xz_pair_epilogue *e)
 {
     const __m512i z = _mm512_setzero_si512();
     __m512i w = (__m512i)_mm512_cvtne2ps_pbh(d1, d0);
     __m512 lo = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(z, w)), e->scale_lo);
     __m512 hi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(z, w)), e->scale_hi);
-    w = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-    lo = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(z, w)), e->bias_lo);
-    hi = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(z, w)), e->bias_hi);
+    if (biased) {
+        w = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        lo = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(z, w)), e->bias_lo);
+        hi = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(z, w)), e->bias_hi);
+    }
     return _mm512_permutexvar_epi16(e->order, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
 #endif

@@ -253,6 +253,34 @@ XN_AVX512_FN static int xz_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r
     return bad ? (j->strict ? XN_NOT_PM1 : XN_NAN) : 0;
 }
 
+#if XN_HAVE_BF16
+/* The channels-last bf16 outputs of np pixels x two panels from panel0 on, in XZ_BF16_NATIVE with a scale and,
+   `biased`, a bias, integers that need rounding: xz_pair_bf16. */
+XZ_INLINE void xz_conv_pair_rows(const xn_conv_job *j, int64_t g, int64_t panel0, __m512i acc[XZ_MR][XZ_NG],
+                                 const int64_t cls[XZ_MR], int np, int64_t pg0, const int biased)
+{
+    const int64_t oc = g * j->Og + 16 * panel0;
+    const __m512 kf = _mm512_set1_ps((float)j->K), two = _mm512_set1_ps(2.0f);
+    __mmask16 lanes[XZ_NG];
+    __m512 sv[XZ_NG], bv[XZ_NG];
+    for (int h = 0; h < XZ_NG; h++) {
+        lanes[h] = xz_lanes(j->Og - 16 * (panel0 + h));
+        sv[h] = _mm512_maskz_loadu_ps(lanes[h], j->scale + oc + 16 * h);
+        bv[h] = biased ? _mm512_maskz_loadu_ps(lanes[h], j->bias + oc + 16 * h) : _mm512_setzero_ps();
+    }
+    xz_pair_epilogue e;
+    xz_pair_setup(sv[0], sv[1], bv[0], bv[1], biased, &e);
+    for (int i = 0; i < np; i++) {
+        __m512 d[XZ_NG];
+        for (int h = 0; h < XZ_NG; h++) {   /* the integer, as in xz_conv_tile */
+            const __m512 kc = j->kcorr ? _mm512_maskz_loadu_ps(lanes[h], j->kcorr + cls[i] + oc + 16 * h) : kf;
+            d[h] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(acc[i][h]), two, kc);
+        }
+        xz_store_pair(j->y, (pg0 + i) * j->O + oc, xz_pair_bf16(d[0], d[1], biased, &e), lanes, j->stream);
+    }
+}
+#endif
+
 /* avx512 path: the tile of np <= 8 output pixels (xr: their corners in group g's planes; b, r, cls as
    xn_conv_pixels gives them; consecutive global indices from pg0) x ng panels of panel pair q. `bf16`: j->bf16, a
    constant where the caller knows it (xz_conv_images). */
@@ -267,27 +295,10 @@ XZ_INLINE void xz_conv_tile(const xn_conv_job *j, const int bf16, int64_t g, int
        integers below 2**24, so the one rounding is exact; a zero is +0.0 as the conversion of an integer 0) */
     const __m512 kf = _mm512_set1_ps((float)j->K), two = _mm512_set1_ps(2.0f);
 #if XN_HAVE_BF16
-    if (bf16 == XZ_BF16_NATIVE && ng == XZ_NG && j->scale && j->bias && !j->exact && !j->nchw_out) {
+    if (bf16 == XZ_BF16_NATIVE && ng == XZ_NG && j->scale && !j->exact && !j->nchw_out) {
         /* both panels' roundings at once (xz_pair_bf16) */
-        const int64_t oc = g * j->Og + 16 * panel0;
-        __mmask16 lanes[XZ_NG];
-        __m512 sv[XZ_NG], bv[XZ_NG];
-        for (int h = 0; h < XZ_NG; h++) {
-            lanes[h] = xz_lanes(j->Og - 16 * (panel0 + h));
-            sv[h] = _mm512_maskz_loadu_ps(lanes[h], j->scale + oc + 16 * h);
-            bv[h] = _mm512_maskz_loadu_ps(lanes[h], j->bias + oc + 16 * h);
-        }
-        xz_pair_epilogue e;
-        xz_pair_setup(sv[0], sv[1], bv[0], bv[1], &e);
-        for (int i = 0; i < np; i++) {
-            __m512 d[XZ_NG];
-            for (int h = 0; h < XZ_NG; h++) {
-                const __m512 kc =
-                    j->kcorr ? _mm512_maskz_loadu_ps(lanes[h], j->kcorr + cls[i] + oc + 16 * h) : kf;
-                d[h] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(acc[i][h]), two, kc);
-            }
-            xz_store_pair(j->y, (pg0 + i) * j->O + oc, xz_pair_bf16(d[0], d[1], &e), lanes, j->stream);
-        }
+        if (j->bias) xz_conv_pair_rows(j, g, panel0, acc, cls, np, pg0, 1);
+        else xz_conv_pair_rows(j, g, panel0, acc, cls, np, pg0, 0);
         return;
     }
 #endif
