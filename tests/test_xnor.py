@@ -928,11 +928,12 @@ def bf16_kernel(kernel: str, weight_packed: torch.Tensor, n: int, k: int):
 def test_bf16_sums_up_to_the_full_length(kernel):
     """Sums from -K to K in steps of 2, past 256 where bfloat16 stops holding every integer: the epilogue skips the
     rounding of the sum only where it is exact (K <= 256, or even K <= 512: every sum then has K's parity), and
-    rounds it everywhere else, with and without a scale."""
+    rounds it everywhere else, with and without a scale and a bias (the four ways the avx512 epilogue takes two
+    panels' roundings at once; 24 outputs: the pair's second panel has 8)."""
     gen = torch.Generator().manual_seed(49)
     for k in (255, 256, 257, 383, 384, 511, 512, 513, 514, 700):
         n = 24
-        weight_packed, out_scale, _ = make_layer(n, k, gen)
+        weight_packed, out_scale, bias = make_layer(n, k, gen)
         signs = unpack_signs(weight_packed, k, torch.float32)
         flips = torch.arange(0, k + 1, max(1, k // 47))  # row r agrees with weight row r % n but for flips[r] entries
         x = signs[torch.arange(len(flips)) % n].clone()
@@ -941,8 +942,9 @@ def test_bf16_sums_up_to_the_full_length(kernel):
         x = (x * (torch.rand(x.shape, generator=gen) + 0.5)).bfloat16()
         run = bf16_kernel(kernel, weight_packed, n, k)
         for s in (None, out_scale.bfloat16()):
-            y = run(x, s.float() if s is not None else None, None)
-            assert torch.equal(y, bf16_reference(x, weight_packed, k, s, None)), k
+            for b in (None, bias.bfloat16()):
+                y = run(x, s.float() if s is not None else None, b.float() if b is not None else None)
+                assert torch.equal(y, bf16_reference(x, weight_packed, k, s, b)), (k, s is None, b is None)
 
 
 def bf16_bits(*values: int) -> torch.Tensor:

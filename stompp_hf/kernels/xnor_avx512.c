@@ -290,55 +290,95 @@ XZ_INLINE __m512 xz_finish(__m512i count, __m512i kc, __m512i corr, const __m512
 }
 
 #if XN_HAVE_BF16
-/* The XZ_BF16_NATIVE epilogue of one output row's two panels with a scale (and a bias, or none), and integers that
-   need their rounding (not xz_exact_ints), each rounding done for both panels by one VCVTNE2PS2BF16 and widened back
-   by two unpacks: the same roundings as xz_finish_sum per panel, in half the instructions. The unpacks interleave
-   the channels within 128-bit lanes, so the scales and biases come permuted to match (xz_pair_setup) and the
-   result is put back in channel order by one word permute. */
+/* The XZ_BF16_NATIVE epilogue of one output row's two panels with a scale, each rounding done for both panels by one
+   VCVTNE2PS2BF16 and widened back by two unpacks: the same roundings as xz_finish_sum per panel, in half the
+   instructions. The unpacks interleave the channels within 128-bit lanes, so the scales and biases that come after
+   a rounding are permuted to match (xz_pair_setup), and the result is put back in channel order by one word
+   permute before the store. The steps, as xz_finish_sum takes them (the last rounding is the store's):
+     XZ_PAIR_RSRB  round the integer, times the scale, round, plus the bias (integers that need rounding)
+     XZ_PAIR_RS    round the integer, times the scale (no bias)
+     XZ_PAIR_SRB   times the scale, round, plus the bias (xz_exact_ints) */
+#define XZ_PAIR_RSRB 0
+#define XZ_PAIR_RS 1
+#define XZ_PAIR_SRB 2
+
 typedef struct {
-    __m512 scale_lo, scale_hi, bias_lo, bias_hi;   /* the scales of the first unpacks' channels, the biases of the
-                                                      second's */
+    __m512 scale_lo, scale_hi, bias_lo, bias_hi;   /* as the vectors they meet are ordered (XZ_PAIR_SRB: the scale
+                                                      in channel order, panel 0 in _lo) */
     __m512i order;                                 /* the word permute back to channel order */
 } xz_pair_epilogue;
 
-/* The constants of xz_pair_bf16 from the two panels' scales (s0: channels 0-15, s1: 16-31) and, `biased`, biases. */
-XZ_INLINE void xz_pair_setup(__m512 s0, __m512 s1, __m512 b0, __m512 b1, const int biased, xz_pair_epilogue *e)
+/* The constants of xz_pair_bf16 from the two panels' scales (s0: channels 0-15, s1: 16-31) and biases. */
+XZ_INLINE void xz_pair_setup(__m512 s0, __m512 s1, __m512 b0, __m512 b1, const int mode, xz_pair_epilogue *e)
 {
     /* the words of one rounding of (a, b): a's 16 then b's; unpacking them in 128-bit lanes gives the channels
        lo = a 0-3, a 8-11, b 0-3, b 8-11 and hi = a 4-7, a 12-15, b 4-7, b 12-15 */
     const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
     const __m512i hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    e->scale_lo = _mm512_permutex2var_ps(s0, lo, s1);
-    e->scale_hi = _mm512_permutex2var_ps(s0, hi, s1);
-    if (!biased) {   /* the store's rounding of (lo, hi) holds channel c at word order[c] */
-        e->order = _mm512_set_epi16(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8, 23, 22, 21, 20, 7,
-                                    6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
-        return;
-    }
-    /* after the second rounding, of (lo, hi): channels 0-3, 16-19, 4-7, 20-23 and 8-11, 24-27, 12-15, 28-31 */
+    /* after a second rounding, of (lo, hi): channels 0-3, 16-19, 4-7, 20-23 and 8-11, 24-27, 12-15, 28-31 */
     const __m512i lo2 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
     const __m512i hi2 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    /* the store's rounding of (lo, hi) after one unpack, or after two, holds channel c at word order[c] */
+    const __m512i order1 = _mm512_set_epi16(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8, 23, 22, 21,
+                                            20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i order2 = _mm512_set_epi16(31, 30, 29, 28, 23, 22, 21, 20, 15, 14, 13, 12, 7, 6, 5, 4, 27, 26, 25,
+                                            24, 19, 18, 17, 16, 11, 10, 9, 8, 3, 2, 1, 0);
+    if (mode == XZ_PAIR_SRB) {
+        e->scale_lo = s0;
+        e->scale_hi = s1;
+        e->bias_lo = _mm512_permutex2var_ps(b0, lo, b1);
+        e->bias_hi = _mm512_permutex2var_ps(b0, hi, b1);
+        e->order = order1;
+        return;
+    }
+    e->scale_lo = _mm512_permutex2var_ps(s0, lo, s1);
+    e->scale_hi = _mm512_permutex2var_ps(s0, hi, s1);
+    if (mode == XZ_PAIR_RS) {
+        e->order = order1;
+        return;
+    }
     e->bias_lo = _mm512_permutex2var_ps(b0, lo2, b1);
     e->bias_hi = _mm512_permutex2var_ps(b0, hi2, b1);
-    /* the store's rounding of (those lo, hi) holds channel c at word order[c] */
-    e->order = _mm512_set_epi16(31, 30, 29, 28, 23, 22, 21, 20, 15, 14, 13, 12, 7, 6, 5, 4, 27, 26, 25, 24, 19, 18,
-                                17, 16, 11, 10, 9, 8, 3, 2, 1, 0);
+    e->order = order2;
+}
+
+/* One rounding of (a, b), widened back: *lo and *hi as xz_pair_setup describes them. */
+XZ_INLINE void xz_pair_round(__m512 a, __m512 b, __m512 *lo, __m512 *hi)
+{
+    const __m512i z = _mm512_setzero_si512(), w = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+    *lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, w));
+    *hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, w));
 }
 
 /* The 32 bfloat16 outputs of channels 0-31 (in order) from the integers d0 (channels 0-15) and d1 (16-31), as
-   floats: round, times the scale, round, and with `biased` plus the bias, round (torch's bf16 steps). */
-XZ_INLINE __m512i xz_pair_bf16(__m512 d0, __m512 d1, const int biased, const xz_pair_epilogue *e)
+   floats, by the steps of `mode` (torch's bf16 roundings). */
+XZ_INLINE __m512i xz_pair_bf16(__m512 d0, __m512 d1, const int mode, const xz_pair_epilogue *e)
 {
-    const __m512i z = _mm512_setzero_si512();
-    __m512i w = (__m512i)_mm512_cvtne2ps_pbh(d1, d0);
-    __m512 lo = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(z, w)), e->scale_lo);
-    __m512 hi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(z, w)), e->scale_hi);
-    if (biased) {
-        w = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-        lo = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(z, w)), e->bias_lo);
-        hi = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(z, w)), e->bias_hi);
+    __m512 lo, hi;
+    if (mode == XZ_PAIR_SRB) {
+        xz_pair_round(_mm512_mul_ps(d0, e->scale_lo), _mm512_mul_ps(d1, e->scale_hi), &lo, &hi);
+        lo = _mm512_add_ps(lo, e->bias_lo);
+        hi = _mm512_add_ps(hi, e->bias_hi);
+    } else {
+        xz_pair_round(d0, d1, &lo, &hi);
+        lo = _mm512_mul_ps(lo, e->scale_lo);
+        hi = _mm512_mul_ps(hi, e->scale_hi);
+        if (mode == XZ_PAIR_RSRB) {
+            xz_pair_round(lo, hi, &lo, &hi);
+            lo = _mm512_add_ps(lo, e->bias_lo);
+            hi = _mm512_add_ps(hi, e->bias_hi);
+        }
     }
     return _mm512_permutexvar_epi16(e->order, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+/* The pair mode of an epilogue with these operands, or -1 where pairing saves nothing (no scale, or an exact
+   integer and no bias: the store's rounding is the only one). */
+static inline int xz_pair_mode(int has_scale, int has_bias, int exact)
+{
+    if (!has_scale) return -1;
+    if (!exact) return has_bias ? XZ_PAIR_RSRB : XZ_PAIR_RS;
+    return has_bias ? XZ_PAIR_SRB : -1;
 }
 #endif
 
@@ -447,6 +487,32 @@ typedef struct {
     int exact;                           /* xz_exact_ints: the integers need no bf16 rounding */
 } xz_linear_job;
 
+#if XN_HAVE_BF16
+/* The bf16 outputs of rows m0 .. m0 + mr - 1 x two panels from p0 on, in XZ_BF16_NATIVE with a scale: xz_pair_bf16
+   in pair mode `mode` (xz_pair_mode). */
+XZ_INLINE void xz_linear_pair_rows(const xz_linear_job *j, int64_t m0, int64_t p0, const int mr,
+                                   __m512i acc[XZ_MR][XZ_NG], const int mode)
+{
+    /* K - 2 * count as one exact multiply-add of floats (integers below 2**24; a zero is +0.0) */
+    const __m512 kf = _mm512_set1_ps((float)j->K), two = _mm512_set1_ps(2.0f);
+    __mmask16 lanes[XZ_NG];
+    __m512 sv[XZ_NG], bv[XZ_NG];
+    for (int h = 0; h < XZ_NG; h++) {
+        const int64_t n = 16 * (p0 + h);
+        lanes[h] = xz_lanes(j->N - n);
+        sv[h] = _mm512_maskz_loadu_ps(lanes[h], j->scale + n);
+        bv[h] = j->bias ? _mm512_maskz_loadu_ps(lanes[h], j->bias + n) : _mm512_setzero_ps();
+    }
+    xz_pair_epilogue e;
+    xz_pair_setup(sv[0], sv[1], bv[0], bv[1], mode, &e);
+    for (int i = 0; i < mr; i++) {
+        const __m512 d0 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(acc[i][0]), two, kf);
+        const __m512 d1 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), two, kf);
+        xz_store_pair(j->y, (m0 + i) * j->N + 16 * p0, xz_pair_bf16(d0, d1, mode, &e), lanes, j->stream);
+    }
+}
+#endif
+
 XZ_INLINE void xz_linear_tile(const xz_linear_job *j, const int bf16, int64_t m0, int64_t p0, const int mr,
                                const int ng)
 {
@@ -455,6 +521,16 @@ XZ_INLINE void xz_linear_tile(const xz_linear_job *j, const int bf16, int64_t m0
     __m512i acc[XZ_MR][XZ_NG];
     if (mr == XZ_MR) xz_dot8(xr, j->off, j->T, j->wz + p0 * j->T * 16, j->T * 16, ng == XZ_NG, acc);
     else xz_dot(xr, j->off, j->T, j->wz + p0 * j->T * 16, j->T * 16, mr, ng, acc);
+#if XN_HAVE_BF16
+    if (bf16 == XZ_BF16_NATIVE && ng == XZ_NG) {   /* both panels' roundings at once */
+        switch (xz_pair_mode(j->scale != NULL, j->bias != NULL, j->exact)) {
+        case XZ_PAIR_RSRB: xz_linear_pair_rows(j, m0, p0, mr, acc, XZ_PAIR_RSRB); return;
+        case XZ_PAIR_RS: xz_linear_pair_rows(j, m0, p0, mr, acc, XZ_PAIR_RS); return;
+        case XZ_PAIR_SRB: xz_linear_pair_rows(j, m0, p0, mr, acc, XZ_PAIR_SRB); return;
+        default: break;
+        }
+    }
+#endif
     const __m512i kc = _mm512_set1_epi32((int)j->K), zero = _mm512_setzero_si512();
     __m512 sv[XZ_NG], bv[XZ_NG];
     __mmask16 lanes[XZ_NG];

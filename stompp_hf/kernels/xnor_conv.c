@@ -254,10 +254,10 @@ XN_AVX512_FN static int xz_conv_pack(const xn_conv_job *j, int64_t r0, int64_t r
 }
 
 #if XN_HAVE_BF16
-/* The channels-last bf16 outputs of np pixels x two panels from panel0 on, in XZ_BF16_NATIVE with a scale and,
-   `biased`, a bias, integers that need rounding: xz_pair_bf16. */
+/* The channels-last bf16 outputs of np pixels x two panels from panel0 on, in XZ_BF16_NATIVE with a scale:
+   xz_pair_bf16 in pair mode `mode` (xz_pair_mode). */
 XZ_INLINE void xz_conv_pair_rows(const xn_conv_job *j, int64_t g, int64_t panel0, __m512i acc[XZ_MR][XZ_NG],
-                                 const int64_t cls[XZ_MR], int np, int64_t pg0, const int biased)
+                                 const int64_t cls[XZ_MR], int np, int64_t pg0, const int mode)
 {
     const int64_t oc = g * j->Og + 16 * panel0;
     const __m512 kf = _mm512_set1_ps((float)j->K), two = _mm512_set1_ps(2.0f);
@@ -266,17 +266,17 @@ XZ_INLINE void xz_conv_pair_rows(const xn_conv_job *j, int64_t g, int64_t panel0
     for (int h = 0; h < XZ_NG; h++) {
         lanes[h] = xz_lanes(j->Og - 16 * (panel0 + h));
         sv[h] = _mm512_maskz_loadu_ps(lanes[h], j->scale + oc + 16 * h);
-        bv[h] = biased ? _mm512_maskz_loadu_ps(lanes[h], j->bias + oc + 16 * h) : _mm512_setzero_ps();
+        bv[h] = j->bias ? _mm512_maskz_loadu_ps(lanes[h], j->bias + oc + 16 * h) : _mm512_setzero_ps();
     }
     xz_pair_epilogue e;
-    xz_pair_setup(sv[0], sv[1], bv[0], bv[1], biased, &e);
+    xz_pair_setup(sv[0], sv[1], bv[0], bv[1], mode, &e);
     for (int i = 0; i < np; i++) {
         __m512 d[XZ_NG];
         for (int h = 0; h < XZ_NG; h++) {   /* the integer, as in xz_conv_tile */
             const __m512 kc = j->kcorr ? _mm512_maskz_loadu_ps(lanes[h], j->kcorr + cls[i] + oc + 16 * h) : kf;
             d[h] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(acc[i][h]), two, kc);
         }
-        xz_store_pair(j->y, (pg0 + i) * j->O + oc, xz_pair_bf16(d[0], d[1], biased, &e), lanes, j->stream);
+        xz_store_pair(j->y, (pg0 + i) * j->O + oc, xz_pair_bf16(d[0], d[1], mode, &e), lanes, j->stream);
     }
 }
 #endif
@@ -295,11 +295,13 @@ XZ_INLINE void xz_conv_tile(const xn_conv_job *j, const int bf16, int64_t g, int
        integers below 2**24, so the one rounding is exact; a zero is +0.0 as the conversion of an integer 0) */
     const __m512 kf = _mm512_set1_ps((float)j->K), two = _mm512_set1_ps(2.0f);
 #if XN_HAVE_BF16
-    if (bf16 == XZ_BF16_NATIVE && ng == XZ_NG && j->scale && !j->exact && !j->nchw_out) {
-        /* both panels' roundings at once (xz_pair_bf16) */
-        if (j->bias) xz_conv_pair_rows(j, g, panel0, acc, cls, np, pg0, 1);
-        else xz_conv_pair_rows(j, g, panel0, acc, cls, np, pg0, 0);
-        return;
+    if (bf16 == XZ_BF16_NATIVE && ng == XZ_NG && !j->nchw_out) {   /* both panels' roundings at once */
+        switch (xz_pair_mode(j->scale != NULL, j->bias != NULL, j->exact)) {
+        case XZ_PAIR_RSRB: xz_conv_pair_rows(j, g, panel0, acc, cls, np, pg0, XZ_PAIR_RSRB); return;
+        case XZ_PAIR_RS: xz_conv_pair_rows(j, g, panel0, acc, cls, np, pg0, XZ_PAIR_RS); return;
+        case XZ_PAIR_SRB: xz_conv_pair_rows(j, g, panel0, acc, cls, np, pg0, XZ_PAIR_SRB); return;
+        default: break;
+        }
     }
 #endif
     /* NCHW stores 8 consecutive pixels of one image as 8 consecutive floats of each channel plane */
