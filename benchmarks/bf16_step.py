@@ -163,6 +163,7 @@ class Worker:
     taken in the child, around the step only)."""
 
     def __init__(self, context, key: tuple, batch: int, seq: int) -> None:
+        self.key = key
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_worker_main, args=(child, key, batch, seq), daemon=True)
         self.process.start()
@@ -170,7 +171,14 @@ class Worker:
         self._reply()  # built
 
     def _reply(self):
-        reply = self.conn.recv()
+        try:
+            reply = self.conn.recv()
+        except EOFError:  # the child died without a word: killed (out of memory?) or crashed
+            raise RuntimeError(
+                f"The worker process of setup {self.key} ended (exit code {self.process.exitcode}); with 8 setups "
+                "the workers need about 20 GB of memory (fewer --positions / --precisions, or --processes shared, "
+                "need less)."
+            ) from None
         if isinstance(reply, BaseException):
             raise reply
         return reply

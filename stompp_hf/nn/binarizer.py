@@ -323,6 +323,9 @@ class Binarizer(nn.Module):
         and the op's cast, and its backward widens the op's gradient in the window's pass), and the op keeps that
         operand for its backward as it keeps its own cast (no recipe). None, and for a frozen input (whose sign the
         frozen linear node writes in that dtype, `frozen_sign`): `u`'s dtype.
+
+        A continuous input of `u`'s own dtype, with a graph, is the same tensor (and recipe) for sibling binarizers
+        that clip the same `u` to the same bound one after the other (`_SharedClip`).
         """
         compiling = torch.compiler.is_compiling()
         frozen = self.is_frozen(compiling)
