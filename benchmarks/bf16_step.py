@@ -174,6 +174,7 @@ class Worker:
         try:
             reply = self.conn.recv()
         except EOFError:  # the child died without a word: killed (out of memory?) or crashed
+            self.process.join(5)
             raise RuntimeError(
                 f"The worker process of setup {self.key} ended (exit code {self.process.exitcode}); with 8 setups "
                 "the workers need about 20 GB of memory (fewer --positions / --precisions, or --processes shared, "
