@@ -87,7 +87,7 @@ def main() -> None:
     keys = [("FP", None, prec) for prec in precisions]
     keys += [("StoMPP+STE", pos, prec) for pos in positions for prec in precisions]
     if args.processes == "shared":
-        setups = {key: build("minilm", key[0], args.batch, args.seq, key[1] or "middle") for key in keys}
+        setups = {key: build_setup(key, args.batch, args.seq) for key in keys}
     else:  # built one after another (each load is a burst of memory traffic)
         context = multiprocessing.get_context("spawn")  # no fork of a process that runs OpenMP
         setups = {key: Worker(context, key, args.batch, args.seq) for key in keys}
@@ -141,18 +141,25 @@ def run(setups: dict, keys: list[tuple], warmup: int, steps: int, label: str) ->
         # seconds, and a step leaves the caches, and in one process the allocator, to the next)
         for key in round_order(keys, round_):
             setup = setups[key]
-            if isinstance(setup, Worker):
-                seconds, faulted = setup.step()
-            else:
-                before = minor_faults()
-                start = time.perf_counter()
-                one_step(*setup, autocast=AUTOCAST[key[2]])
-                seconds, faulted = time.perf_counter() - start, minor_faults() - before
+            seconds, faulted = setup.step() if isinstance(setup, Worker) else timed_step(setup, key)
             if round_ >= warmup:
                 times[key].append(seconds)
                 faults[key].append(faulted)
         print(f"  {label}: round {round_ + 1}/{warmup + steps}", flush=True)
     return times, faults
+
+
+def build_setup(key: tuple, batch: int, seq: int) -> tuple:
+    """`train_overhead.build` of the setup `key` (rule, position or None, precision)."""
+    return build("minilm", key[0], batch, seq, key[1] or "middle")
+
+
+def timed_step(setup: tuple, key: tuple) -> tuple[float, int]:
+    """Seconds and minor page faults of one `one_step` of `setup` (in `key`'s precision)."""
+    before = minor_faults()
+    start = time.perf_counter()
+    one_step(*setup, autocast=AUTOCAST[key[2]])
+    return time.perf_counter() - start, minor_faults() - before
 
 
 class Worker:
@@ -201,7 +208,7 @@ class Worker:
 
 def _worker_main(conn, key: tuple, batch: int, seq: int) -> None:
     try:
-        setup = build("minilm", key[0], batch, seq, key[1] or "middle")
+        setup = build_setup(key, batch, seq)
         conn.send("built")
     except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
         conn.send(exc)
@@ -215,10 +222,7 @@ def _worker_main(conn, key: tuple, batch: int, seq: int) -> None:
                 torch.set_num_threads(command[1])  # the kernels and fused passes follow torch's thread count
                 conn.send("ok")
             else:
-                before = minor_faults()
-                start = time.perf_counter()
-                one_step(*setup, autocast=AUTOCAST[key[2]])
-                conn.send((time.perf_counter() - start, minor_faults() - before))
+                conn.send(timed_step(setup, key))
         except BaseException as exc:  # noqa: BLE001
             conn.send(exc)
             return

@@ -372,6 +372,20 @@ XZ_INLINE __m512i xz_pair_bf16(__m512 d0, __m512 d1, const int mode, const xz_pa
     return _mm512_permutexvar_epi16(e->order, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
 
+/* The lanes of two panels with `avail` channels from the first on, and the constants of xz_pair_bf16 from their
+   scales and (NULL: none) biases at `scale` and `bias`. */
+XZ_INLINE void xz_pair_load(const float *scale, const float *bias, int64_t avail, const int mode,
+                            __mmask16 lanes[XZ_NG], xz_pair_epilogue *e)
+{
+    __m512 sv[XZ_NG], bv[XZ_NG];
+    for (int h = 0; h < XZ_NG; h++) {
+        lanes[h] = xz_lanes(avail - 16 * h);
+        sv[h] = _mm512_maskz_loadu_ps(lanes[h], scale + 16 * h);
+        bv[h] = bias ? _mm512_maskz_loadu_ps(lanes[h], bias + 16 * h) : _mm512_setzero_ps();
+    }
+    xz_pair_setup(sv[0], sv[1], bv[0], bv[1], mode, e);
+}
+
 /* The pair mode of an epilogue with these operands, or -1 where pairing saves nothing (no scale, or an exact
    integer and no bias: the store's rounding is the only one). */
 static inline int xz_pair_mode(int has_scale, int has_bias, int exact)
@@ -495,20 +509,14 @@ XZ_INLINE void xz_linear_pair_rows(const xz_linear_job *j, int64_t m0, int64_t p
 {
     /* K - 2 * count as one exact multiply-add of floats (integers below 2**24; a zero is +0.0) */
     const __m512 kf = _mm512_set1_ps((float)j->K), two = _mm512_set1_ps(2.0f);
+    const int64_t n = 16 * p0;
     __mmask16 lanes[XZ_NG];
-    __m512 sv[XZ_NG], bv[XZ_NG];
-    for (int h = 0; h < XZ_NG; h++) {
-        const int64_t n = 16 * (p0 + h);
-        lanes[h] = xz_lanes(j->N - n);
-        sv[h] = _mm512_maskz_loadu_ps(lanes[h], j->scale + n);
-        bv[h] = j->bias ? _mm512_maskz_loadu_ps(lanes[h], j->bias + n) : _mm512_setzero_ps();
-    }
     xz_pair_epilogue e;
-    xz_pair_setup(sv[0], sv[1], bv[0], bv[1], mode, &e);
+    xz_pair_load(j->scale + n, j->bias ? j->bias + n : NULL, j->N - n, mode, lanes, &e);
     for (int i = 0; i < mr; i++) {
         const __m512 d0 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(acc[i][0]), two, kf);
         const __m512 d1 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), two, kf);
-        xz_store_pair(j->y, (m0 + i) * j->N + 16 * p0, xz_pair_bf16(d0, d1, mode, &e), lanes, j->stream);
+        xz_store_pair(j->y, (m0 + i) * j->N + n, xz_pair_bf16(d0, d1, mode, &e), lanes, j->stream);
     }
 }
 #endif

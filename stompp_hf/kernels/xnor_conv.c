@@ -262,14 +262,8 @@ XZ_INLINE void xz_conv_pair_rows(const xn_conv_job *j, int64_t g, int64_t panel0
     const int64_t oc = g * j->Og + 16 * panel0;
     const __m512 kf = _mm512_set1_ps((float)j->K), two = _mm512_set1_ps(2.0f);
     __mmask16 lanes[XZ_NG];
-    __m512 sv[XZ_NG], bv[XZ_NG];
-    for (int h = 0; h < XZ_NG; h++) {
-        lanes[h] = xz_lanes(j->Og - 16 * (panel0 + h));
-        sv[h] = _mm512_maskz_loadu_ps(lanes[h], j->scale + oc + 16 * h);
-        bv[h] = j->bias ? _mm512_maskz_loadu_ps(lanes[h], j->bias + oc + 16 * h) : _mm512_setzero_ps();
-    }
     xz_pair_epilogue e;
-    xz_pair_setup(sv[0], sv[1], bv[0], bv[1], mode, &e);
+    xz_pair_load(j->scale + oc, j->bias ? j->bias + oc : NULL, j->Og - 16 * panel0, mode, lanes, &e);
     for (int i = 0; i < np; i++) {
         __m512 d[XZ_NG];
         for (int h = 0; h < XZ_NG; h++) {   /* the integer, as in xz_conv_tile */

@@ -352,8 +352,10 @@ class Binarizer(nn.Module):
             return self._by_state(u, mask_state, scale, bound, None), None, None
         mask = mask_state.as_mask()
         cast = operand_dtype if self.kind == "input" and operand_dtype != u.dtype else None
+        # a continuous input clipped in its own dtype: what a recipe can rebuild, and what siblings may share
+        clipped = mask is False and self.kind == "input" and cast is None
         shared = key = None
-        if mask is False and self.kind == "input" and cast is None and u.requires_grad and torch.is_grad_enabled():
+        if clipped and u.requires_grad and torch.is_grad_enabled():
             # a continuous input with a graph: siblings fed the same input share its clip (`_SharedClip`). Not an
             # autocast operand: autograd would add the siblings' bfloat16 gradients in bfloat16, where a
             # full-precision model adds them in float32 after each op's cast back
@@ -373,7 +375,7 @@ class Binarizer(nn.Module):
             dtype=cast,
         )
         recipe = None
-        if recompute and mask is False and self.kind == "input" and cast is None:
+        if recompute and clipped:
             b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
             recipe = _recipe(u, lambda: clamp_to(u.detach(), b))
             if key is not None and recipe is not None:
