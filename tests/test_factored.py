@@ -179,9 +179,9 @@ def test_in_place_input_modification_is_caught():
 def test_sibling_layers_share_the_passes_over_their_input(state, autocast, monkeypatch):
     """Three layers fed the same tensor (query, key, value) read it once for its sum of |x| and, frozen, once for
     its sign; continuous, they share one clipped tensor (float32): one clip in the forward, one window pass over
-    the sum of their input gradients and one recompute of the clip for their weight gradients in the backward. The
-    same outputs, gradients and betas, bit for bit, as three layers fed three copies of it, which read one each.
-    An in-place change of the input between two layers makes the next one read it again."""
+    the sum of their input gradients in the backward, and the clip kept for their weight gradients (`KeptClip`: no
+    recompute). The same outputs, gradients and betas, bit for bit, as three layers fed three copies of it, which
+    read one each. An in-place change of the input between two layers makes the next one read it again."""
     from stompp_hf.core import functional as F
     from stompp_hf.nn import binarizer
 
@@ -234,8 +234,8 @@ def test_sibling_layers_share_the_passes_over_their_input(state, autocast, monke
     # the input read once for the three layers (a frozen one reads its sign with the sum where it writes a sign:
     # under autocast, or without the kernel product), once each for three copies
     assert (passes_shared[0], passes_apart[0]) == (1, 3)
-    if state == "continuous" and autocast is None:  # one clip, window pass and recompute for the three
-        assert (passes_shared[1:], passes_apart[1:]) == ((1, 1, 1), (3, 3, 3))
+    if state == "continuous" and autocast is None:  # one clip and window pass for the three, the clip kept
+        assert (passes_shared[1:], passes_apart[1:]) == ((1, 1, 0), (3, 3, 0))
     else:  # frozen: no clip; an autocast operand: each layer clips into bf16 and keeps it (no recompute)
         assert passes_shared[1:] == passes_apart[1:] == ((0, 0, 0) if state == "frozen" else (3, 3, 0))
     ys_a, gx_a, gw_a, beta_a = a
@@ -257,10 +257,10 @@ def test_sibling_layers_share_the_passes_over_their_input(state, autocast, monke
 
 
 def test_shared_clip_is_recomputed_once_and_let_go(monkeypatch):
-    """Continuous siblings' shared clip (`SharedRecompute`): the first backward recomputes it once for the three
-    weight gradients and holds nothing afterwards; a second backward over the retained graph recomputes it again,
-    and gives the same gradients again (accumulated: twice the first's); a sibling whose weight needs no gradient
-    saves nothing and takes nothing from the others."""
+    """Continuous siblings' shared clip where their input is held by something else too (`SharedRecompute`): the
+    first backward recomputes it once for the three weight gradients and holds nothing afterwards; a second backward
+    over the retained graph recomputes it again, and gives the same gradients again (accumulated: twice the
+    first's); a sibling whose weight needs no gradient saves nothing and takes nothing from the others."""
     from stompp_hf.core import functional as F
     from stompp_hf.nn import binarizer, recompute
 
@@ -282,6 +282,7 @@ def test_shared_clip_is_recomputed_once_and_let_go(monkeypatch):
     for layer in layers:
         for b in layer.binarizers():
             b.mask.fill(False)
+        layer.input_binarizer.keep_clip = False  # as once a holder of the input was seen
     layers[2].weight.requires_grad_(False)
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)).requires_grad_()
     h = x * 1.0
@@ -298,3 +299,104 @@ def test_shared_clip_is_recomputed_once_and_let_go(monkeypatch):
     for i in range(2):
         assert torch.equal(layers[i].weight.grad, first[0][i] * 2)
     assert torch.equal(x.grad, first[1] * 2)
+
+
+def _continuous_linear(seed: int = 0, fout: int = 32) -> StoMPPLinear:
+    layer = frozen_linear(64, fout)
+    torch.manual_seed(seed)
+    layer.weight.data.normal_()
+    for b in layer.binarizers():
+        b.mask.fill(False)
+    return layer
+
+
+def _counting_recomputes(monkeypatch) -> list[int]:
+    """Patches the continuous clip's recompute to count its calls (one entry per call)."""
+    from stompp_hf.core import functional as F
+    from stompp_hf.nn import binarizer
+
+    calls: list[int] = []
+
+    def clamp_to(u, *a):
+        calls.append(u.numel())
+        return F.clamp_to(u, *a)
+
+    monkeypatch.setattr(binarizer, "clamp_to", clamp_to)
+    return calls
+
+
+def _reference_grads(x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and weight gradients of `_continuous_linear` with the recomputed clip (the path before `KeptClip`)."""
+    layer = _continuous_linear(seed)
+    layer.input_binarizer.keep_clip = False
+    x = x.detach().requires_grad_()
+    (layer(x * 1.0) * torch.linspace(-1, 1, 32)).sum().backward()
+    return x.grad, layer.weight.grad
+
+
+def test_continuous_input_keeps_its_clip_and_lets_the_input_go(monkeypatch):
+    """`KeptClip`: an input nothing else holds is freed with the forward (the layer keeps its clip instead, the one
+    activation-sized tensor a full-precision layer keeps), the backward recomputes nothing, and the gradients are
+    the recomputed path's bit for bit; a second backward over the retained graph reads the kept clip again."""
+    import weakref
+
+    calls = _counting_recomputes(monkeypatch)
+    layer = _continuous_linear()
+    x = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()  # fused: 1 bit a window
+    u = x * 1.0
+    freed = weakref.ref(u)
+    y = layer(u)
+    del u
+    assert freed() is None  # not kept for the backward
+    loss = (y * torch.linspace(-1, 1, 32)).sum()
+    loss.backward(retain_graph=True)
+    assert calls == [] and layer.input_binarizer.keep_clip
+    gx, gw = _reference_grads(x)
+    assert torch.equal(x.grad, gx) and torch.equal(layer.weight.grad, gw)
+    calls.clear()  # the reference's recompute
+    loss.backward()
+    assert calls == [] and torch.equal(layer.weight.grad, 2 * gw)
+
+
+@pytest.mark.parametrize("holder", ["producer", "later consumer", "after the last layer", "caller"])
+def test_kept_clip_gives_way_to_a_recipe_where_the_input_is_held_anyway(holder, monkeypatch):
+    """Where something else holds the input (so the recipe over it costs nothing), the layer keeps no clip beside it:
+    a producer that saved its output (tanh) is seen when the layer saves (a recipe for that forward), a consumer
+    that saved it after the layer at the next binarized layer's forward (the clip let go there, recomputed in the
+    backward), a consumer after the last binarized layer when the input is freed inside the backward, and the
+    caller holding it when the backward reads the clip. In the last three the layer saves a recipe from its next
+    forward on. Gradients equal the recomputed path's throughout; an in-place change of an input the caller holds
+    raises as with a recipe."""
+    calls = _counting_recomputes(monkeypatch)
+    layer, other = _continuous_linear(), _continuous_linear(1)
+    w = torch.randn(5, 64, requires_grad=True)  # so that the consumer saves u for w's gradient
+    x = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()  # fused: 1 bit a window
+    u = torch.tanh(x) if holder == "producer" else x * 1.0
+    y = layer(u)
+    z = nn.functional.linear(u, w) if holder in ("later consumer", "after the last layer") else None
+    if holder == "later consumer":
+        other(torch.randn(4, 64, 64, requires_grad=True) * 1.0)
+    assert layer.input_binarizer.keep_clip is (holder != "later consumer")
+    if holder != "caller":
+        del u
+    loss = (y * torch.linspace(-1, 1, 32)).sum() + (z.sum() if z is not None else 0)
+    loss.backward()
+    assert len(calls) == (holder in ("producer", "later consumer"))  # else the kept clip
+    assert layer.input_binarizer.keep_clip is (holder == "producer")
+    ref_layer = _continuous_linear()
+    ref_layer.input_binarizer.keep_clip = False
+    xr = x.detach().requires_grad_()
+    ur = torch.tanh(xr) if holder == "producer" else xr * 1.0
+    ((ref_layer(ur) * torch.linspace(-1, 1, 32)).sum() + (nn.functional.linear(ur, w).sum() if z is not None else 0)).backward()
+    assert torch.equal(x.grad, xr.grad) and torch.equal(layer.weight.grad, ref_layer.weight.grad)
+    # from now on the layer saves a recipe (a producer's save is seen anew at each forward)
+    calls.clear()
+    layer(x * 1.0).sum().backward()
+    assert len(calls) == (holder != "producer")
+    if holder == "caller":  # an in-place change before the backward raises, as for a recipe or a saved tensor
+        fresh = _continuous_linear()
+        h = x.detach() * 1.0
+        out = fresh(h)
+        h.mul_(-1.0)
+        with pytest.raises(RuntimeError, match="cannot recompute the binarized input"):
+            out.sum().backward()

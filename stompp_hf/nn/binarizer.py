@@ -31,7 +31,7 @@ from ..core.masks import (
     decode_mask_state,
     encode_mask_state,
 )
-from .recompute import SharedRecompute
+from .recompute import KeptClip, SharedRecompute, co_held, inplace_error, settle_unsettled
 
 #: Momentum of the running mean of |x| that sets the activation scale beta.
 ACTIVATION_SCALE_MOMENTUM = 0.1
@@ -187,6 +187,12 @@ class Binarizer(nn.Module):
             self.register_buffer("scale", torch.zeros((), dtype=torch.float32))
         else:
             self.scale = None
+        #: A continuous input keeps its clip for the backward instead of the input (`KeptClip`), until the
+        #: input turns out to be held by something else too; from then on the backward recomputes the clip.
+        self.keep_clip = True
+
+    def _input_shared(self) -> None:
+        self.keep_clip = False
 
     def extra_repr(self) -> str:
         clip = f", clip={self.clip}" if self.kind == "input" and self.clip != 1.0 else ""
@@ -377,9 +383,17 @@ class Binarizer(nn.Module):
         recipe = None
         if recompute and clipped:
             b = torch.as_tensor(bound, dtype=u.dtype, device=u.device).detach()
-            recipe = _recipe(u, lambda: clamp_to(u.detach(), b))
-            if key is not None and recipe is not None:
-                recipe = SharedRecompute(recipe)
+
+            def make(v: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+                return _recipe(v, lambda: clamp_to(v.detach(), b))
+
+            settle_unsettled()  # clips kept before this one whose input something has saved since
+            if self.keep_clip and not u.is_inference() and not co_held(u):
+                recipe = KeptClip(out, u, make, self._input_shared, _in_backward)
+            else:
+                recipe = make(u)
+                if key is not None and recipe is not None:
+                    recipe = SharedRecompute(recipe)
         if key is not None and (recipe is not None or not recompute):
             shared.clips[key] = _SharedClip(out, out._version, recipe)
         return out, None, recipe
@@ -487,11 +501,7 @@ def _recipe(u: torch.Tensor, fn: Callable[[], torch.Tensor]) -> Callable[[], tor
 
     def recompute() -> torch.Tensor:
         if u._version != version:
-            raise RuntimeError(
-                "A binarized layer's input was modified by an inplace operation after the layer used it, so its "
-                f"backward pass cannot recompute the binarized input (version {u._version}, expected {version}). "
-                "Make the inplace operation out of place."
-            )
+            raise inplace_error(u._version, version)
         return fn()
 
     return recompute
