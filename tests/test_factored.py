@@ -387,7 +387,8 @@ def test_kept_clip_gives_way_to_a_recipe_where_the_input_is_held_anyway(holder, 
     ref_layer.input_binarizer.keep_clip = False
     xr = x.detach().requires_grad_()
     ur = torch.tanh(xr) if holder == "producer" else xr * 1.0
-    ((ref_layer(ur) * torch.linspace(-1, 1, 32)).sum() + (nn.functional.linear(ur, w).sum() if z is not None else 0)).backward()
+    ref_loss = (ref_layer(ur) * torch.linspace(-1, 1, 32)).sum()
+    (ref_loss + (nn.functional.linear(ur, w).sum() if z is not None else 0)).backward()
     assert torch.equal(x.grad, xr.grad) and torch.equal(layer.weight.grad, ref_layer.weight.grad)
     # from now on the layer saves a recipe (a producer's save is seen anew at each forward)
     calls.clear()
