@@ -320,7 +320,8 @@ class Binarizer(nn.Module):
         and the scale is returned for the caller to apply to the layer output (`forward(u) == scale * result`);
         otherwise the result is `forward(u)` and the scale None. `recompute()` rebuilds the result bit for bit from
         `u` (None where the result is `u` itself, or the tensor is mid-transition), so the layer can let its op
-        save `u`, which it shares with other layers or keeps anyway, instead of a second activation-sized copy.
+        save `u`, which it shares with other layers or keeps anyway, instead of a second activation-sized copy; for
+        a continuous input that nothing else holds it gives the result itself, kept instead of `u` (`KeptClip`).
         Pass `recompute=False` when no backward can use it (the caller knows that nothing needs a gradient): no
         recipe is built then, and none is ever built with grad disabled (`no_grad`, `inference_mode`).
         `owned_grad`: the result feeds only the caller's op, so the backward may overwrite the gradient it receives
@@ -388,7 +389,7 @@ class Binarizer(nn.Module):
                 return _recipe(v, lambda: clamp_to(v.detach(), b))
 
             settle_unsettled()  # clips kept before this one whose input something has saved since
-            if self.keep_clip and not u.is_inference() and not co_held(u):
+            if self.keep_clip and type(u) is torch.Tensor and not u.is_inference() and not co_held(u):
                 recipe = KeptClip(out, u, make, self._input_shared, _in_backward)
             else:
                 recipe = make(u)
