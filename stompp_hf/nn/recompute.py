@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -126,12 +127,19 @@ class KeptClip(SharedRecompute):
         self.make, self.on_shared = make, on_shared
         # a forward run again inside a backward (gradient checkpointing) frees its inputs there by design
         self.in_backward = (lambda: False) if in_backward() else in_backward
-        self.ref = weakref.ref(u, self._freed)
+        me = weakref.ref(self)  # the callback must not keep this (and its clip) alive while u lives
+
+        def freed(_ref: weakref.ref, finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
+            kept = me()
+            if kept is not None and not finalizing():  # at exit the modules it calls may be gone
+                kept._freed()
+
+        self.ref = weakref.ref(u, freed)
         if _unsettled.clips is None:
             _unsettled.clips = []
         _unsettled.clips.append(weakref.ref(self))
 
-    def _freed(self, _ref: weakref.ref) -> None:
+    def _freed(self) -> None:
         if self.out is not None and self.in_backward():  # an autograd node held u until its backward ran
             self.on_shared()
 
