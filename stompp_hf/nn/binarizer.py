@@ -162,6 +162,11 @@ class Binarizer(nn.Module):
         clip: inputs only: the clip bound in units of the scale (`StoMPPConfig.activation_clip`).
     """
 
+    #: A continuous input keeps its clip for the backward instead of the input (`KeptClip`), until the input turns
+    #: out to be held by something else too; from then on the backward recomputes the clip. A class default, so
+    #: that a module pickled before the attribute existed loads with it.
+    keep_clip: bool = True
+
     def __init__(
         self, rule: str, kind: str, scale_mode: str, shape: tuple[int, ...] | None = None, clip: float = 1.0
     ) -> None:
@@ -187,9 +192,6 @@ class Binarizer(nn.Module):
             self.register_buffer("scale", torch.zeros((), dtype=torch.float32))
         else:
             self.scale = None
-        #: A continuous input keeps its clip for the backward instead of the input (`KeptClip`), until the
-        #: input turns out to be held by something else too; from then on the backward recomputes the clip.
-        self.keep_clip = True
 
     def _input_shared(self) -> None:
         self.keep_clip = False
