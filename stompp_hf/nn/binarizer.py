@@ -85,10 +85,16 @@ class _LastInput(threading.local):
 _last_input = _LastInput()
 
 
+def _trackable(u: torch.Tensor) -> bool:
+    """Whether `u`'s identity, version and holders can be followed: not a tensor subclass, not an inference tensor
+    (no version counter), not under `torch.compile`."""
+    return not torch.compiler.is_compiling() and type(u) is torch.Tensor and not u.is_inference()
+
+
 def _input_passes(u: torch.Tensor) -> _InputPasses | None:
     """The shared passes of input `u` (a fresh record if the last one was another tensor's), or None where `u`
-    cannot be tracked: a tensor subclass, an inference tensor (no version counter), or under `torch.compile`."""
-    if torch.compiler.is_compiling() or type(u) is not torch.Tensor or u.is_inference():
+    cannot be tracked (`_trackable`)."""
+    if not _trackable(u):
         return None
     passes = _last_input.passes
     if passes is None or not passes.holds(u):
@@ -391,7 +397,7 @@ class Binarizer(nn.Module):
                 return _recipe(v, lambda: clamp_to(v.detach(), b))
 
             settle_unsettled()  # clips kept before this one whose input something has saved since
-            if self.keep_clip and type(u) is torch.Tensor and not u.is_inference() and not co_held(u):
+            if self.keep_clip and _trackable(u) and not co_held(u):
                 recipe = KeptClip(out, u, make, self._input_shared, _in_backward)
             else:
                 recipe = make(u)
