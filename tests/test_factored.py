@@ -301,8 +301,8 @@ def test_shared_clip_is_recomputed_once_and_let_go(monkeypatch):
     assert torch.equal(x.grad, first[1] * 2)
 
 
-def _continuous_linear(seed: int = 0, fout: int = 32) -> StoMPPLinear:
-    layer = frozen_linear(64, fout)
+def _continuous_linear(seed: int = 0) -> StoMPPLinear:
+    layer = frozen_linear(64, 32)
     torch.manual_seed(seed)
     layer.weight.data.normal_()
     for b in layer.binarizers():
@@ -403,7 +403,7 @@ def test_kept_clip_gives_way_to_a_recipe_where_the_input_is_held_anyway(holder, 
             out.sum().backward()
 
 
-def test_kept_clip_is_freed_with_its_graph_while_the_input_lives():
+def test_kept_clip_is_freed_with_its_graph_while_the_input_lives(monkeypatch):
     """Nothing but the graph holds a kept clip: with the caller still holding the input (and the cyclic garbage
     collector off), the clip is freed when the backward frees what the graph saved, not at some later collection."""
     import gc
@@ -418,20 +418,19 @@ def test_kept_clip_is_freed_with_its_graph_while_the_input_lives():
         real(self, *a)
         kept.append(weakref.ref(self.out))
 
+    monkeypatch.setattr(recompute.KeptClip, "__init__", init)
     layer, other = _continuous_linear(), _continuous_linear(1)
     x = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
     u = x * 1.0
     enabled = gc.isenabled()
     gc.disable()
     try:
-        recompute.KeptClip.__init__ = init
         y = layer(u)
         other(torch.randn(4, 64, 64) * 1.0)  # another input: the shared-pass cache lets u's clip go
         assert kept[0]() is not None  # the graph holds it
         y.sum().backward()  # which frees what it saved
         assert kept[0]() is None
     finally:
-        recompute.KeptClip.__init__ = real
         if enabled:
             gc.enable()
     assert u.grad_fn is not None  # the input lived throughout
