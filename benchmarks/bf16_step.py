@@ -12,16 +12,22 @@ after it continuous), of its middle stage (blocks 0-2 frozen, block 3 transition
 last stage (every block frozen, the pooler transitioning). Each step of the bf16 setups runs its forward under
 `torch.autocast("cpu", dtype=torch.bfloat16)`, as `Trainer` does with `bf16=True, use_cpu=True`; the weights and the
 optimizer stay fp32. Every setup trains in a process of its own (`--processes per-setup`, the default: one heap per
-model, as in a user's training run: in one shared process, measured on the Xeon without AMX, the FP steps faulted
-in no fresh memory at all, 0 minor faults a step against 43-51 thousand in a process of their own, while the first
-stage's StoMPP+STE steps faulted 20-33 thousand: what the other setups leave in glibc's heap decides how much of its
-memory a step finds mapped), and the setups are stepped round-robin from this process (in a fresh order every
-round: `common.round_order`). Every ratio is the median of the per-round ratios of two steps timed in the same round,
-with its interquartile range and a distribution-free 95% confidence interval of that median. One table per thread count
-(default 1 and 2, measured one after the other): on the 2-vCPU VMs of this project a 2-thread step varies by 10-25%
-from one step to the next, a 1-thread step by 2-4%, so the 1-thread ratios are the precise ones. On a CPU without bf16
-instructions only fp32 is measured (`--precisions` overrides): PyTorch emulates bf16 there, 24x slower per step. This
-is a timing: no accuracy claim rests on it.
+model, as in a user's training run: in one shared process, measured on the Xeon without AMX, the FP steps faulted in no
+fresh memory at all, 0 minor faults a step against 43-51 thousand in a process of their own, while the first stage's
+StoMPP+STE steps faulted 20-33 thousand: what the other setups leave in glibc's heap decides how much of its memory a
+step finds mapped), and the setups are stepped round-robin from this process (in a fresh order every round:
+`common.round_order`). A process keeps its own speed for its life: on the Xeon without AMX, three processes of each
+setup stepped in the same rounds (2 threads, first stage, 31 rounds) put one FP process at 0.969x another (95% CI
+0.913-0.994) and one StoMPP+STE process at 0.955x another (0.916-0.990), and the nine process pairs' StoMPP+STE / FP
+medians spread from 0.979 to 1.072 (1.017 to 1.107 at 1 thread, 17 rounds). One pair of processes, however many rounds,
+measures that pair. So the rounds are split over `--sets` sets of processes (default 4 of 8 timed rounds), built one
+after another, each running every thread count. Every ratio is the median of the per-round ratios of two steps timed in
+the same round, pooled over the sets, with its interquartile range, a 95% confidence interval of that median from a
+two-stage bootstrap (sets, then rounds within them: `common.clustered_median_ci`) and the range of the sets' own
+medians. One table per thread count (default 1 and 2, measured one after the other): on the 2-vCPU VMs of this project
+a 2-thread step varies by 10-25% from one step to the next, a 1-thread step by 2-4%, so the 1-thread ratios are the
+precise ones. On a CPU without bf16 instructions only fp32 is measured (`--precisions` overrides): PyTorch emulates
+bf16 there, 24x slower per step. This is a timing: no accuracy claim rests on it.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import sys
 import time
 
 import torch
-from common import iqr, median_ci, minor_faults, results_header, round_order
+from common import clustered_median_ci, iqr, minor_faults, results_header, round_order
 from train_overhead import build, one_step
 
 from stompp_hf.kernels.cpu import has_native_bf16
@@ -50,8 +56,15 @@ def main() -> None:
     parser.add_argument(
         "--threads", default="1,2", help="comma-separated thread counts, one table each, measured one after another"
     )
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=31)
+    parser.add_argument(
+        "--sets",
+        type=int,
+        default=4,
+        help="sets of worker processes (one process per setup), built one after another; each set runs --warmup "
+        "then --steps rounds at every thread count, and the ratios' confidence intervals count the sets as groups",
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per set and thread count")
+    parser.add_argument("--steps", type=int, default=8, help="timed rounds per set and thread count")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--positions", default=",".join(POSITIONS), help="comma-separated subset of " + str(POSITIONS))
@@ -84,13 +97,10 @@ def main() -> None:
         thread_counts = []
     if not thread_counts or min(thread_counts) < 1:
         parser.error(f"--threads takes comma-separated positive integers, got {args.threads!r}")
+    if args.sets < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--sets and --steps take positive integers, --warmup a non-negative one")
     keys = [("FP", None, prec) for prec in precisions]
     keys += [("StoMPP+STE", pos, prec) for pos in positions for prec in precisions]
-    if args.processes == "shared":
-        setups = {key: build_setup(key, args.batch, args.seq) for key in keys}
-    else:  # built one after another (each load is a burst of memory traffic)
-        context = multiprocessing.get_context("spawn")  # no fork of a process that runs OpenMP
-        setups = {key: Worker(context, key, args.batch, args.seq) for key in keys}
     command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/bf16_step.py", *sys.argv[1:]])
     lines = [
         *results_header(
@@ -98,14 +108,18 @@ def main() -> None:
             command,
             threads=" and ".join(map(str, thread_counts)) + " (a table each)",
         ),
-        f"all-MiniLM-L6-v2, batch {args.batch} x sequence {args.seq}, {args.steps} timed rounds after "
-        f"{args.warmup} warm-up per thread count, {len(keys)} setups interleaved (in a fresh order every round). "
-        "Steps: median (interquartile range) over the rounds, in seconds. Ratios: median of the ratios of two steps "
-        "timed in the same round (interquartile range; 95% confidence interval of the median). Positions: the "
-        "middle of the progression's first, middle and last stage (of 7: one per encoder block, then the pooler). "
-        "Faults: the median of the minor page faults of a step (fresh memory the step touched).",
+        f"all-MiniLM-L6-v2, batch {args.batch} x sequence {args.seq}; {args.sets} set(s) of processes built one "
+        f"after another, each running {args.warmup} warm-up and {args.steps} timed rounds per thread count "
+        f"({args.sets * args.steps} timed rounds in all), {len(keys)} setups interleaved in a fresh order every "
+        "round. Steps: median (interquartile range) over the rounds, in seconds. Ratios: median of the ratios of two "
+        "steps timed in the same round (interquartile range; 95% confidence interval of the median from a two-stage "
+        "bootstrap over the sets and their rounds, which counts each set's own speed; sets: the lowest and highest "
+        "median of one set). Positions: the middle of the progression's first, middle and last stage (of 7: one per "
+        "encoder block, then the pooler). Faults: the median of the minor page faults of a step (fresh memory the "
+        "step touched).",
         "Each setup trains in a process of its own (one heap per model, as a user's training run has), stepped "
-        "from this one; a step is timed in its process."
+        "from this one; a step is timed in its process. A process keeps its speed for its life (its heap, where its "
+        "pages landed): two processes of the same setup differ by a few percent, so every set starts new ones."
         if args.processes == "per-setup"
         else "All setups train in this process and share its heap (`--processes shared`).",
     ]
@@ -114,32 +128,65 @@ def main() -> None:
             "bf16 autocast not measured: this CPU has no bf16 instructions (PyTorch emulates bf16 there; "
             'docs/design.md, "bf16 on CPUs without bf16 instructions").'
         )
+    times: dict[int, dict[tuple, list[list[float]]]] = {t: {key: [] for key in keys} for t in thread_counts}
+    faults: dict[int, dict[tuple, list[list[int]]]] = {t: {key: [] for key in keys} for t in thread_counts}
+    for set_index in range(args.sets):
+        setups = build_set(keys, args.batch, args.seq, args.processes)
+        try:
+            for threads in thread_counts:
+                torch.set_num_threads(threads)  # the kernels and fused passes follow torch's thread count
+                for setup in setups.values():
+                    if isinstance(setup, Worker):
+                        setup.threads(threads)
+                label = f"set {set_index + 1}/{args.sets}, {threads} thread(s)"
+                rounds = args.warmup + args.steps
+                first_round = (set_index * len(thread_counts) + thread_counts.index(threads)) * rounds
+                set_times, set_faults = run(setups, keys, args.warmup, args.steps, label, first_round)
+                for key in keys:
+                    times[threads][key].append(set_times[key])
+                    faults[threads][key].append(set_faults[key])
+        finally:
+            for setup in setups.values():
+                if isinstance(setup, Worker):
+                    setup.close()
     for threads in thread_counts:
-        torch.set_num_threads(threads)  # the kernels and fused passes follow torch's thread count
-        for setup in setups.values():
-            if isinstance(setup, Worker):
-                setup.threads(threads)
-        times, faults = run(setups, keys, args.warmup, args.steps, f"{threads} thread(s)")
-        lines += ["", f"`torch.set_num_threads({threads})`:", "", *table(times, faults, keys, precisions)]
-    for setup in setups.values():
-        if isinstance(setup, Worker):
-            setup.close()
+        rows = table(times[threads], faults[threads], keys, precisions)
+        lines += ["", f"`torch.set_num_threads({threads})`:", "", *rows]
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def run(setups: dict, keys: list[tuple], warmup: int, steps: int, label: str) -> tuple[dict, dict]:
+def build_set(keys: list[tuple], batch: int, seq: int, processes: str) -> dict:
+    """One set of setups: key -> a `Worker` (a process of its own, `processes="per-setup"`) or the tuple of
+    `train_overhead.build` (built in this process, `"shared"`)."""
+    if processes == "shared":
+        return {key: build_setup(key, batch, seq) for key in keys}
+    context = multiprocessing.get_context("spawn")  # no fork of a process that runs OpenMP
+    setups: dict = {}
+    try:
+        for key in keys:  # built one after another (each load is a burst of memory traffic)
+            setups[key] = Worker(context, key, batch, seq)
+    except BaseException:
+        for worker in setups.values():
+            worker.close()
+        raise
+    return setups
+
+
+def run(
+    setups: dict, keys: list[tuple], warmup: int, steps: int, label: str, first_round: int = 0
+) -> tuple[dict, dict]:
     """Step times (seconds) and minor page faults of every setup over `steps` rounds after `warmup`, the setups
-    round-robin in a fresh order every round. `setups`: key -> a `Worker` (its own process) or the tuple of
-    `train_overhead.build` (stepped here)."""
+    round-robin in a fresh order every round (`first_round`: the index of the first, for that order). `setups`:
+    key -> a `Worker` (its own process) or the tuple of `train_overhead.build` (stepped here)."""
     times: dict[tuple, list[float]] = {key: [] for key in keys}
     faults: dict[tuple, list[int]] = {key: [] for key in keys}
     for round_ in range(warmup + steps):
         # a fresh order every round, so no setup always runs after the same one (this VM's speed drifts over
         # seconds, and a step leaves the caches, and in one process the allocator, to the next)
-        for key in round_order(keys, round_):
+        for key in round_order(keys, first_round + round_):
             setup = setups[key]
             seconds, faulted = setup.step() if isinstance(setup, Worker) else timed_step(setup, key)
             if round_ >= warmup:
@@ -202,8 +249,15 @@ class Worker:
         return self._reply()
 
     def close(self) -> None:
-        self.conn.send(("stop",))
-        self.process.join()
+        if self.process.is_alive():
+            try:
+                self.conn.send(("stop",))
+            except (BrokenPipeError, OSError):  # the child is gone already
+                pass
+        self.process.join(60)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
 
 
 def _worker_main(conn, key: tuple, batch: int, seq: int) -> None:
@@ -228,15 +282,30 @@ def _worker_main(conn, key: tuple, batch: int, seq: int) -> None:
             return
 
 
-def table(times: dict[tuple, list[float]], faults: dict, keys: list[tuple], precisions: list[str]) -> list[str]:
+def table(
+    times: dict[tuple, list[list[float]]],
+    faults: dict[tuple, list[list[int]]],
+    keys: list[tuple],
+    precisions: list[str],
+) -> list[str]:
+    """The table of one thread count. `times[key]` and `faults[key]` hold one list per set of processes."""
+
+    def pooled(values: list[list[float]]) -> list[float]:
+        return [v for group in values for v in group]
+
     def step(key: tuple) -> str:
-        return f"{statistics.median(times[key]):.3f} ({iqr(times[key]):.3f}); {statistics.median(faults[key]):,.0f}"
+        seconds = pooled(times[key])
+        return f"{statistics.median(seconds):.3f} ({iqr(seconds):.3f}); {statistics.median(pooled(faults[key])):,.0f}"
 
     def paired(a: tuple, b: tuple) -> str:
-        """Median, interquartile range and 95% confidence interval of the median of the per-round ratios a / b."""
-        ratios = [x / y for x, y in zip(times[a], times[b])]
-        lo, hi = median_ci(ratios)
-        return f"**{statistics.median(ratios):.3f}** ({iqr(ratios):.3f}; {lo:.3f}-{hi:.3f})"
+        """Median and interquartile range of the per-round ratios a / b (rounds of every set), the 95% confidence
+        interval of that median with the sets as groups, and the range of the sets' own medians."""
+        groups = [[x / y for x, y in zip(ta, tb)] for ta, tb in zip(times[a], times[b])]
+        ratios = pooled(groups)
+        lo, hi = clustered_median_ci(groups)
+        own = [statistics.median(g) for g in groups]
+        sets = f"; sets {min(own):.3f}-{max(own):.3f}" if len(groups) > 1 else ""
+        return f"**{statistics.median(ratios):.3f}** ({iqr(ratios):.3f}; {lo:.3f}-{hi:.3f}{sets})"
 
     both = len(precisions) == 2
     header = ["rule", "position", *(f"{p} step (s); faults" for p in precisions)]
