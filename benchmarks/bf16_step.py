@@ -118,8 +118,8 @@ def main() -> None:
         "encoder block, then the pooler). Faults: the median of the minor page faults of a step (fresh memory the "
         "step touched).",
         "Each setup trains in a process of its own (one heap per model, as a user's training run has), stepped "
-        "from this one; a step is timed in its process. A process keeps its speed for its life (its heap, where its "
-        "pages landed): two processes of the same setup differ by a few percent, so every set starts new ones."
+        "from this one; a step is timed in its process. A process keeps its speed for its life: two processes of the "
+        "same setup differ by a few percent, so every set starts new ones."
         if args.processes == "per-setup"
         else "All setups train in this process and share its heap (`--processes shared`).",
     ]

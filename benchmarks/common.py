@@ -127,10 +127,10 @@ def clustered_median_ci(
     groups: list[list[float]], level: float = 0.95, resamples: int = 4000, seed: int = 0
 ) -> tuple[float, float]:
     """A confidence interval (95% by default) of the median of values that come in groups sharing an effect of their
-    own (the rounds timed in one set of worker processes: a process's heap and page placement stay with it for its
-    life, so its steps are faster or slower together). A two-stage bootstrap: the groups drawn with replacement, then
-    the values within each drawn group; the interval holds the middle `level` of the pooled medians (seeded, so a
-    rerun gives the same interval). With one group it is the within-group bootstrap, which ignores the group effect
+    own (the rounds timed in one set of worker processes: a process stays faster or slower than another of the same
+    setup for its whole life, so its steps move together). A two-stage bootstrap: the groups drawn with replacement,
+    then the values within each drawn group; the interval holds the middle `level` of the pooled medians (seeded, so
+    a rerun gives the same interval). With one group it is the within-group bootstrap, which ignores the group effect
     that `median_ci` cannot see either."""
     groups = [list(g) for g in groups if g]
     if not groups:
