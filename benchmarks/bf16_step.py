@@ -49,6 +49,14 @@ from stompp_hf.kernels.cpu import has_native_bf16
 PRECISIONS = ("fp32", "bf16")
 POSITIONS = ("first", "middle", "last")
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+#: glibc malloc settings from the environment that a results file's command repeats
+ALLOCATOR_ENV = (
+    "GLIBC_TUNABLES",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_ARENA_MAX",
+)
 
 
 def main() -> None:
@@ -101,7 +109,10 @@ def main() -> None:
         parser.error("--sets and --steps take positive integers, --warmup a non-negative one")
     keys = [("FP", None, prec) for prec in precisions]
     keys += [("StoMPP+STE", pos, prec) for pos in positions for prec in precisions]
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/bf16_step.py", *sys.argv[1:]])
+    # the allocator's settings change the steps' page faults (the workers inherit them): the command names them
+    allocator = [f"{name}={shlex.quote(os.environ[name])}" for name in ALLOCATOR_ENV if name in os.environ]
+    command = " ".join([*allocator, "HF_HUB_OFFLINE=1 .venv/bin/python"])
+    command += " " + shlex.join(["benchmarks/bf16_step.py", *sys.argv[1:]])
     lines = [
         *results_header(
             "Training step of StoMPP+STE vs full precision, fp32 and bf16 autocast (CPU)",
