@@ -141,6 +141,7 @@ def main() -> None:
         )
     times: dict[int, dict[tuple, list[list[float]]]] = {t: {key: [] for key in keys} for t in thread_counts}
     faults: dict[int, dict[tuple, list[list[int]]]] = {t: {key: [] for key in keys} for t in thread_counts}
+    first_round = 0  # of the next run: every round of the whole benchmark gets an order of its own
     for set_index in range(args.sets):
         setups = build_set(keys, args.batch, args.seq, args.processes)
         try:
@@ -150,9 +151,8 @@ def main() -> None:
                     if isinstance(setup, Worker):
                         setup.threads(threads)
                 label = f"set {set_index + 1}/{args.sets}, {threads} thread(s)"
-                rounds = args.warmup + args.steps
-                first_round = (set_index * len(thread_counts) + thread_counts.index(threads)) * rounds
                 set_times, set_faults = run(setups, keys, args.warmup, args.steps, label, first_round)
+                first_round += args.warmup + args.steps
                 for key in keys:
                     times[threads][key].append(set_times[key])
                     faults[threads][key].append(set_faults[key])
