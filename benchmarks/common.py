@@ -11,13 +11,32 @@ import math
 import os
 import random
 import resource
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
 from stompp_hf.kernels.cpu import describe_cpu
+
+#: glibc malloc settings from the environment that a results file's command repeats: they change how much fresh
+#: memory a step faults in (worker processes inherit them)
+ALLOCATOR_ENV = (
+    "GLIBC_TUNABLES",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_ARENA_MAX",
+)
+
+
+def reproduce_command(script: str) -> str:
+    """The command line of this run for a results file: the allocator settings of the environment (`ALLOCATOR_ENV`),
+    then `script` with this process's arguments."""
+    allocator = [f"{name}={shlex.quote(os.environ[name])}" for name in ALLOCATOR_ENV if name in os.environ]
+    return " ".join([*allocator, "HF_HUB_OFFLINE=1 .venv/bin/python", shlex.join([script, *sys.argv[1:]])])
 
 
 def results_header(title: str, command: str, threads: str | None = None) -> list[str]:

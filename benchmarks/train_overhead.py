@@ -8,9 +8,11 @@ Writes `benchmarks/results/train_overhead.md`. For each model (the packaged all-
 sequence 128, and a BERT-base-sized `BertConfig()` with seeded random weights at `--base-batch` x 128) and each
 rule (FP, vanilla STE, StoMPP and StoMPP+STE with a stage mid-transition, SURGE on STE):
 
-* step time: one optimizer step (forward, backward, AdamW step, `ProgressionController.advance`); the rules are
-  measured in one process, round-robin (one step of each rule per round), after `--warmup` rounds; the table gives
-  medians over `--steps` rounds and ratios to FP and to STE from the same rounds;
+* step time: one optimizer step (forward, backward, AdamW step, `ProgressionController.advance`), each rule in a
+  process of its own (`workers.py`), in `--sets` sets of fresh processes, every rule stepped once a round in a fresh
+  order, `--warmup` untimed rounds then `--steps` (MiniLM) or `--base-steps` (BERT-base-sized) timed ones per set;
+  the table gives medians over the rounds of every set and the ratios to FP and to STE of steps timed in the same
+  round, with a 95% confidence interval that counts each set's own speed, and each step's minor page faults;
 * peak memory: each rule runs `--memory-steps` steps in its own fresh process; the peak resident set size
   (`VmHWM`) of that process, and its ratio to FP's;
 * the mask advance of each step (the soft refresh of the transitioning stage at r = 100), timed inside the step;
@@ -33,7 +35,8 @@ import sys
 import time
 
 import torch
-from common import results_header, vm_status_kib
+from common import iqr, reproduce_command, results_header, vm_status_kib
+from workers import Ratio, Setup, SetupSet, pooled
 
 RULES = {
     "FP": None,
@@ -94,20 +97,18 @@ def one_step(model, optimizer, controller, inputs, autocast: torch.dtype | None 
     return time.perf_counter() - start
 
 
-def time_rules(model_name: str, batch: int, seq: int, warmup: int, steps: int):
-    """Per rule: step times and mask-advance times of the timed rounds."""
-    setups = {rule: build(model_name, rule, batch, seq) for rule in RULES}
-    times: dict[str, list[float]] = {rule: [] for rule in RULES}
-    advances: dict[str, list[float]] = {rule: [] for rule in RULES}
-    for round_ in range(warmup + steps):
-        for rule, setup in setups.items():
-            start = time.perf_counter()
-            advance = one_step(*setup)
-            if round_ >= warmup:
-                times[rule].append(time.perf_counter() - start)
-                advances[rule].append(advance)
-        print(f"  {model_name} round {round_ + 1}/{warmup + steps}", flush=True)
-    return times, advances
+def time_rules(model_name: str, batch: int, seq: int, sets: int, warmup: int, steps: int, threads: int) -> dict:
+    """rule -> one list of `workers.Step`s per set of processes (every rule in a process of its own, `sets` sets of
+    fresh processes built one after another, each running `warmup` untimed and `steps` timed rounds)."""
+    setups = {rule: Setup(model_name, rule, batch, seq) for rule in RULES}
+    samples: dict[str, list[list]] = {rule: [] for rule in RULES}
+    for set_index in range(sets):
+        with SetupSet(setups) as members:
+            members.threads(threads)
+            label = f"{model_name}, set {set_index + 1}/{sets}"
+            for rule, steps_ in members.run(warmup, steps, label, set_index * (warmup + steps)).items():
+                samples[rule].append(steps_)
+    return samples
 
 
 def time_compiled(model_name: str, batch: int, seq: int, rules: list[str], warmup: int, steps: int):
@@ -179,10 +180,13 @@ def refresh_costs(sizes: list[int], rates: list[int], repeats: int) -> dict[tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument(
+        "--sets", type=int, default=4, help="sets of worker processes (a process per rule), built one after another"
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per set")
+    parser.add_argument("--steps", type=int, default=8, help="timed rounds per set (MiniLM)")
     parser.add_argument("--base-batch", type=int, default=8, help="Batch of the BERT-base-sized model.")
-    parser.add_argument("--base-steps", type=int, default=3, help="Timed rounds of the BERT-base-sized model.")
+    parser.add_argument("--base-steps", type=int, default=4, help="Timed rounds per set of the BERT-base-sized model.")
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument(
         "--compile-rules",
@@ -200,52 +204,75 @@ def main() -> None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         peak_memory_child(name, rule, int(batch), int(seq), int(steps))
         return
+    if args.sets < 1 or args.steps < 1 or args.base_steps < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--sets, --steps, --base-steps and --threads take positive integers, --warmup a non-negative one")
     torch.set_num_threads(args.threads)
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_overhead.py " + " ".join(sys.argv[1:])
+    command = reproduce_command("benchmarks/train_overhead.py")
     models = [
         ("minilm", "all-MiniLM-L6-v2", 32, args.steps),
         ("base", "BERT-base-sized", args.base_batch, args.base_steps),
     ]
     lines = [
         *results_header("Training-step overhead of StoMPP", command),
-        f"Machine: {platform.machine()}, {args.threads} threads, no GPU. Step = forward + backward + AdamW step + "
-        "mask advance. Medians of the timed rounds; ratios from the same rounds (rules interleaved). Peak memory = "
-        "peak RSS (`VmHWM`) of a fresh process per rule (model, optimizer state and one step's activations; "
-        "includes the Python / torch baseline), measured twice: with glibc's default allocator settings, whose "
-        "dynamic mmap threshold keeps freed activation blocks in the heap (so the peak RSS also depends on the order "
-        f"of allocations), and with `MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}`, which returns every freed block above "
-        "128 KiB to the OS, so the peak RSS follows the peak of live memory.",
+        " ".join(
+            [
+                f"Machine: {platform.machine()}, {args.threads} threads, no GPU.",
+                "Step = forward + backward + AdamW step + mask advance.",
+                f"Every rule trains in a process of its own, {args.sets} sets of fresh processes built one after",
+                "another (`benchmarks/workers.py`: a process keeps its own speed for its life), the rules",
+                "stepped in a fresh order every round; a step is timed in its process.",
+                "Steps: median (interquartile range) over the timed rounds of every set.",
+                "Ratios: median of the ratios of two steps timed in the same round (interquartile range; 95%",
+                "confidence interval of the median from a two-stage bootstrap over the sets and their rounds; sets:",
+                "the lowest and highest median of one set).",
+                "Faults: the median of the minor page faults of a step.",
+                "Peak memory = peak RSS (`VmHWM`) of a fresh process per rule (model, optimizer state and one step's",
+                "activations; includes the Python / torch baseline), measured twice: with glibc's default allocator",
+                "settings, whose dynamic mmap threshold keeps freed activation blocks in the heap (so the peak RSS",
+                f"also depends on the order of allocations), and with `MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}`,",
+                "which returns every freed block above 128 KiB to the OS, so the peak RSS follows the peak of live",
+                "memory.",
+            ]
+        ),
         "",
     ]
     verdicts = []
     for key, title, batch, steps in models:
         print(f"timing {title}", flush=True)
-        times, advances = time_rules(key, batch, 128, args.warmup, steps)
+        samples = time_rules(key, batch, 128, args.sets, args.warmup, steps, args.threads)
+        times = {rule: [[step.seconds for step in group] for group in groups] for rule, groups in samples.items()}
         memory = {rule: peak_memory(key, rule, batch, 128, args.memory_steps, args.threads) for rule in RULES}
         live = {rule: peak_memory(key, rule, batch, 128, args.memory_steps, args.threads, True) for rule in RULES}
-        fp, ste = statistics.median(times["FP"]), statistics.median(times["STE"])
         lines += [
-            f"## {title}, batch {batch} x sequence 128 ({steps} timed rounds after {args.warmup} warm-up)",
+            f"## {title}, batch {batch} x sequence 128 ({args.sets} sets of {steps} timed rounds, each after "
+            f"{args.warmup} warm-up)",
             "",
-            "| rule | step (s) | / FP | / STE | mask advance (ms) | advance / step | peak RSS, default (MiB) | / FP "
-            "| peak RSS, fixed mmap threshold (MiB) | / FP |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| rule | step (s) | / FP | / STE | faults | mask advance (ms) | advance / step | peak RSS, default (MiB) "
+            "| / FP | peak RSS, fixed mmap threshold (MiB) | / FP |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for rule, samples in times.items():
-            median = statistics.median(samples)
-            advance = statistics.median(advances[rule])
+        medians = {}
+        for rule, groups in samples.items():
+            steps_ = pooled(groups)
+            median = statistics.median(step.seconds for step in steps_)
+            advance = statistics.median(step.advance for step in steps_)
+            faults = statistics.median(step.faults for step in steps_)
+            medians[rule] = median, advance
+            vs_fp, vs_ste = (
+                Ratio.of(times[rule], times[base]).cell() if rule != base else "1" for base in ("FP", "STE")
+            )
             lines.append(
-                f"| {rule} | {median:.3f} | {median / fp:.3f} | {median / ste:.3f} | {1000 * advance:.2f} | "
-                f"{100 * advance / median:.2f}% | {memory[rule]:.0f} | {memory[rule] / memory['FP']:.3f} | "
-                f"{live[rule]:.0f} | {live[rule] / live['FP']:.3f} |"
+                f"| {rule} | {median:.3f} ({iqr([step.seconds for step in steps_]):.3f}) | {vs_fp} | {vs_ste} | "
+                f"{faults:,.0f} | {1000 * advance:.2f} | {100 * advance / median:.2f}% | {memory[rule]:.0f} | "
+                f"{memory[rule] / memory['FP']:.3f} | {live[rule]:.0f} | {live[rule] / live['FP']:.3f} |"
             )
         lines.append("")
         for rule in ("StoMPP", "StoMPP+STE"):
-            step = statistics.median(times[rule])
-            advance = statistics.median(advances[rule])
+            step, advance = medians[rule]
+            vs_fp, vs_ste = Ratio.of(times[rule], times["FP"]), Ratio.of(times[rule], times["STE"])
             checks = [
-                (f"step {step / fp:.3f}x FP", step / fp <= 1.10),
-                (f"{step / ste:.3f}x STE", step / ste <= 1.03),
+                (f"step {vs_fp.median:.3f}x FP (95% CI {vs_fp.lo:.3f}-{vs_fp.hi:.3f})", vs_fp.median <= 1.10),
+                (f"{vs_ste.median:.3f}x STE ({vs_ste.lo:.3f}-{vs_ste.hi:.3f})", vs_ste.median <= 1.03),
                 (f"peak live memory {live[rule] / live['FP']:.3f}x FP", live[rule] / live["FP"] <= 1.05),
                 (f"mask advance {100 * advance / step:.2f}% of a step", advance / step <= 0.01),
             ]
