@@ -1,4 +1,5 @@
-"""The confidence intervals the timing benchmarks print (`benchmarks/common.py`)."""
+"""The confidence intervals and paired ratios the timing benchmarks print (`benchmarks/common.py`,
+`benchmarks/workers.py`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from common import clustered_median_ci, median_ci  # noqa: E402
+from workers import Ratio  # noqa: E402
 
 
 def test_median_ci_takes_the_order_statistics_of_the_binomial_ranks():
@@ -42,3 +44,17 @@ def test_clustered_median_ci_widens_with_the_groups_own_effects():
 def test_clustered_median_ci_needs_a_value():
     with pytest.raises(ValueError, match="at least one value"):
         clustered_median_ci([[], []])
+
+
+def test_ratio_pairs_steps_of_the_same_round_and_pools_the_sets():
+    # set 1: rounds with ratios 2.0 and 2.0; set 2: one round with ratio 3.0 (a slower pair of processes)
+    ratio = Ratio.of([[2.0, 4.0], [3.0]], [[1.0, 2.0], [1.0]])
+    assert (ratio.median, ratio.set_lo, ratio.set_hi, ratio.sets) == (2.0, 2.0, 3.0, 2)
+    assert 2.0 <= ratio.lo <= ratio.hi <= 3.0
+    assert ratio.cell().startswith("**2.000** (") and ratio.cell().endswith("; sets 2.000-3.000)")
+
+
+def test_ratio_of_one_set_names_no_range_of_sets():
+    ratio = Ratio.of([[1.1, 1.2, 1.3]], [[1.0, 1.0, 1.0]])
+    assert ratio.median == pytest.approx(1.2) and ratio.sets == 1
+    assert "sets" not in ratio.cell()
