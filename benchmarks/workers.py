@@ -39,6 +39,7 @@ class Setup(NamedTuple):
     seq: int
     position: str = "middle"
     precision: str = "fp32"
+    compiled: bool = False  # the model under `torch.compile` (inductor): its first step compiles it
 
 
 class Step(NamedTuple):
@@ -50,7 +51,10 @@ class Step(NamedTuple):
 def build_setup(setup: Setup) -> tuple:
     from train_overhead import build  # not at import: train_overhead imports this module
 
-    return build(setup.model, setup.rule, setup.batch, setup.seq, setup.position)
+    model, optimizer, controller, inputs = build(setup.model, setup.rule, setup.batch, setup.seq, setup.position)
+    if setup.compiled:
+        model = torch.compile(model)
+    return model, optimizer, controller, inputs
 
 
 def timed_step(built: tuple, setup: Setup) -> Step:
