@@ -31,7 +31,7 @@ import os
 import statistics
 
 from common import iqr, reproduce_command, results_header
-from workers import Ratio, Setup, SetupSet, pooled
+from workers import Ratio, Setup, pooled, run_sets, values
 
 from stompp_hf.kernels.cpu import has_native_bf16
 
@@ -117,19 +117,9 @@ def main() -> None:
             'docs/design.md, "bf16 on CPUs without bf16 instructions").'
         )
     setups = {key: Setup("minilm", key[0], args.batch, args.seq, key[1] or "middle", key[2]) for key in keys}
-    times: dict[int, dict[tuple, list[list[float]]]] = {t: {key: [] for key in keys} for t in thread_counts}
-    faults: dict[int, dict[tuple, list[list[int]]]] = {t: {key: [] for key in keys} for t in thread_counts}
-    first_round = 0  # of the next run: every round of the whole benchmark gets an order of its own
-    for set_index in range(args.sets):
-        with SetupSet(setups, shared=args.processes == "shared") as members:
-            for threads in thread_counts:
-                members.threads(threads)  # the kernels and fused passes follow torch's thread count
-                label = f"set {set_index + 1}/{args.sets}, {threads} thread(s)"
-                samples = members.run(args.warmup, args.steps, label, first_round)
-                first_round += args.warmup + args.steps
-                for key in keys:
-                    times[threads][key].append([step.seconds for step in samples[key]])
-                    faults[threads][key].append([step.faults for step in samples[key]])
+    samples = run_sets(setups, args.sets, args.warmup, args.steps, thread_counts, shared=args.processes == "shared")
+    times = {t: {key: values(groups, "seconds") for key, groups in by_key.items()} for t, by_key in samples.items()}
+    faults = {t: {key: values(groups, "faults") for key, groups in by_key.items()} for t, by_key in samples.items()}
     for threads in thread_counts:
         rows = table(times[threads], faults[threads], keys, precisions)
         lines += ["", f"`torch.set_num_threads({threads})`:", "", *rows]

@@ -36,7 +36,7 @@ import time
 
 import torch
 from common import iqr, reproduce_command, results_header, vm_status_kib
-from workers import Ratio, Setup, SetupSet, pooled
+from workers import Ratio, Setup, SetupSet, pooled, run_sets, values
 
 RULES = {
     "FP": None,
@@ -101,14 +101,7 @@ def time_rules(model_name: str, batch: int, seq: int, sets: int, warmup: int, st
     """rule -> one list of `workers.Step`s per set of processes (every rule in a process of its own, `sets` sets of
     fresh processes built one after another, each running `warmup` untimed and `steps` timed rounds)."""
     setups = {rule: Setup(model_name, rule, batch, seq) for rule in RULES}
-    samples: dict[str, list[list]] = {rule: [] for rule in RULES}
-    for set_index in range(sets):
-        with SetupSet(setups) as members:
-            members.threads(threads)
-            label = f"{model_name}, set {set_index + 1}/{sets}"
-            for rule, steps_ in members.run(warmup, steps, label, set_index * (warmup + steps)).items():
-                samples[rule].append(steps_)
-    return samples
+    return run_sets(setups, sets, warmup, steps, [threads], label=f"{model_name}, ")[threads]
 
 
 def time_compiled(
@@ -122,17 +115,14 @@ def time_compiled(
         for rule in rules
         for mode in ("eager", "compiled")
     }
-    times: dict[tuple[str, str], list[list[float]]] = {key: [] for key in setups}
     first: dict[str, list[float]] = {rule: [] for rule in rules}
-    for set_index in range(sets):
-        with SetupSet(setups) as members:
-            members.threads(threads)
-            for rule in rules:  # the step that compiles forward and backward
-                first[rule].append(members.step((rule, "compiled")).seconds)
-            label = f"compiled {model_name}, set {set_index + 1}/{sets}"
-            for key, steps_ in members.run(warmup, steps, label, set_index * (warmup + steps)).items():
-                times[key].append([step.seconds for step in steps_])
-    return times, first
+
+    def compile_(members: SetupSet) -> None:
+        for rule in rules:  # the step that compiles forward and backward
+            first[rule].append(members.step((rule, "compiled")).seconds)
+
+    samples = run_sets(setups, sets, warmup, steps, [threads], f"compiled {model_name}, ", before_rounds=compile_)
+    return {key: values(groups, "seconds") for key, groups in samples[threads].items()}, first
 
 
 def peak_memory_child(model_name: str, rule: str, batch: int, seq: int, steps: int) -> None:
@@ -242,7 +232,13 @@ def main() -> None:
     for key, title, batch, steps in models:
         print(f"timing {title}", flush=True)
         samples = time_rules(key, batch, 128, args.sets, args.warmup, steps, args.threads)
-        times = {rule: [[step.seconds for step in group] for group in groups] for rule, groups in samples.items()}
+        times = {rule: values(groups, "seconds") for rule, groups in samples.items()}
+        ratios = {
+            (rule, base): Ratio.of(times[rule], times[base])
+            for rule in RULES
+            for base in ("FP", "STE")
+            if rule != base
+        }
         memory = {rule: peak_memory(key, rule, batch, 128, args.memory_steps, args.threads) for rule in RULES}
         live = {rule: peak_memory(key, rule, batch, 128, args.memory_steps, args.threads, True) for rule in RULES}
         lines += [
@@ -260,9 +256,7 @@ def main() -> None:
             advance = statistics.median(step.advance for step in steps_)
             faults = statistics.median(step.faults for step in steps_)
             medians[rule] = median, advance
-            vs_fp, vs_ste = (
-                Ratio.of(times[rule], times[base]).cell() if rule != base else "1" for base in ("FP", "STE")
-            )
+            vs_fp, vs_ste = (ratios[(rule, base)].cell() if rule != base else "1" for base in ("FP", "STE"))
             lines.append(
                 f"| {rule} | {median:.3f} ({iqr([step.seconds for step in steps_]):.3f}) | {vs_fp} | {vs_ste} | "
                 f"{faults:,.0f} | {1000 * advance:.2f} | {100 * advance / median:.2f}% | {memory[rule]:.0f} | "
@@ -271,7 +265,7 @@ def main() -> None:
         lines.append("")
         for rule in ("StoMPP", "StoMPP+STE"):
             step, advance = medians[rule]
-            vs_fp, vs_ste = Ratio.of(times[rule], times["FP"]), Ratio.of(times[rule], times["STE"])
+            vs_fp, vs_ste = ratios[(rule, "FP")], ratios[(rule, "STE")]
             checks = [
                 (f"step {vs_fp.median:.3f}x FP (95% CI {vs_fp.lo:.3f}-{vs_fp.hi:.3f})", vs_fp.median <= 1.10),
                 (f"{vs_ste.median:.3f}x STE ({vs_ste.lo:.3f}-{vs_ste.hi:.3f})", vs_ste.median <= 1.03),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import multiprocessing
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -189,6 +190,40 @@ class SetupSet:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def run_sets(
+    setups: dict,
+    sets: int,
+    warmup: int,
+    steps: int,
+    thread_counts: Sequence[int],
+    label: str = "",
+    shared: bool = False,
+    before_rounds: Callable[[SetupSet], None] | None = None,
+) -> dict[int, dict]:
+    """thread count -> key -> one list of `Step`s per set: `sets` `SetupSet`s of `setups`, built one after another,
+    each running `warmup` untimed and `steps` timed rounds at every thread count in turn. Every round of the whole run
+    gets an order of its own (`SetupSet.run`'s `first_round` counts on across sets and thread counts).
+    `before_rounds(members)` runs before the rounds of each thread count (a compiled setup's compiling step)."""
+    samples: dict[int, dict] = {threads: {key: [] for key in setups} for threads in thread_counts}
+    first_round = 0
+    for set_index in range(sets):
+        with SetupSet(setups, shared=shared) as members:
+            for threads in thread_counts:
+                members.threads(threads)  # the kernels and fused passes follow torch's thread count
+                if before_rounds is not None:
+                    before_rounds(members)
+                where = f"{label}set {set_index + 1}/{sets}, {threads} thread(s)"
+                for key, steps_ in members.run(warmup, steps, where, first_round).items():
+                    samples[threads][key].append(steps_)
+                first_round += warmup + steps
+    return samples
+
+
+def values(groups: list[list[Step]], field: str) -> list[list]:
+    """One `Step` field (`"seconds"`, `"faults"`, `"advance"`) of every step, grouped as `groups` is."""
+    return [[getattr(step, field) for step in group] for group in groups]
 
 
 def pooled(groups: list[list[float]]) -> list[float]:
